@@ -1,0 +1,97 @@
+"""Sequences and sequence groups: the plain data the block manager and scheduler work on."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "aborted"
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.name.startswith("FINISHED")
+
+
+_seq_ids = itertools.count()
+
+
+def next_seq_id() -> int:
+    return next(_seq_ids)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One token stream: the prompt followed by what has been generated for it."""
+
+    seq_id: int
+    token_ids: list[int]
+    prompt_len: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    # Tokens whose K/V are already in the cache; the rest are computed by the next prefill.
+    num_computed_tokens: int = 0
+    cumulative_logprob: float = 0.0
+    output_logprobs: list[Any] = field(default_factory=list)
+    # Text already handed to the client (for stop strings and streaming deltas).
+    output_text: str = ""
+
+    @classmethod
+    def from_prompt(cls, prompt_ids: list[int]) -> "Sequence":
+        return cls(next_seq_id(), list(prompt_ids), len(prompt_ids))
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append(self, token_id: int, logprob: float = 0.0) -> None:
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+
+    def fork(self) -> "Sequence":
+        """A copy with a fresh id: same tokens, same computed state (the blocks are shared)."""
+        return Sequence(next_seq_id(), list(self.token_ids), self.prompt_len, self.status,
+                        self.num_computed_tokens, self.cumulative_logprob,
+                        list(self.output_logprobs), self.output_text)
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request: a single sequence, n parallel samples, or a beam of width k."""
+
+    request_id: str
+    seqs: list[Sequence]
+    arrival_time: float = field(default_factory=time.monotonic)
+    sampling_params: Any = None
+    # Sequences that left the group (finished beams, pruned candidates) keep their results here.
+    finished_seqs: list[Sequence] = field(default_factory=list)
+    error: str | None = None
+
+    def unfinished_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
+
+    def seqs_with_status(self, status: SequenceStatus) -> list[Sequence]:
+        return [s for s in self.seqs if s.status is status]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.seqs[0].prompt_len
