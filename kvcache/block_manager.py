@@ -253,6 +253,10 @@ class BlockManager:
     def get_device(self, seq: Sequence) -> Device:
         return self._table(seq).device
 
+    def num_group_blocks(self, group: SequenceGroup) -> int:
+        """Distinct device blocks the group holds (what swapping it would move)."""
+        return len(self._unique_blocks(group, Device.DEVICE))
+
     def has_blocks(self, seq: Sequence) -> bool:
         return seq.seq_id in self._tables
 

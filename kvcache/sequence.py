@@ -81,6 +81,10 @@ class SequenceGroup:
     # Sequences that left the group (finished beams, pruned candidates) keep their results here.
     finished_seqs: list[Sequence] = field(default_factory=list)
     error: str | None = None
+    # Scheduler state: prefill still under way, and the leading tokens that the group's
+    # first sequence computes for all of them (its blocks are shared).
+    is_prefilling: bool = True
+    shared_tokens: int = 0
 
     def unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]

@@ -1,0 +1,129 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) over the paged KV cache.
+
+It runs one ragged batch per call: the new tokens of every scheduled sequence concatenated,
+no padding. Each layer writes its new K/V into their cache slots first, then attention reads
+all context (cached and new) through the block tables, so sequences that share cached blocks
+can be computed in the same batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from runtime.config import ModelConfig
+
+
+@dataclass
+class ModelInput:
+    """One iteration's batch. Prefill rows come first, decode rows (one token each) after."""
+
+    token_ids: torch.Tensor          # int64 [T]
+    positions: torch.Tensor          # int64 [T]
+    slot_mapping: torch.Tensor       # int64 [T]
+    num_prefill_tokens: int
+    prefill_block_tables: torch.Tensor     # int32 [S_p, max_blocks]
+    prefill_query_start_loc: torch.Tensor  # int32 [S_p + 1]
+    prefill_context_lens: torch.Tensor     # int32 [S_p]
+    decode_block_tables: torch.Tensor      # int32 [S_d, max_blocks]
+    decode_context_lens: torch.Tensor      # int32 [S_d]
+    logits_indices: torch.Tensor     # int64 rows whose next-token logits are wanted
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.config, self.device, self.dtype = config, device, dtype
+        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        self.embed = w["model.embed_tokens.weight"]
+        self.lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
+        self.norm = w["model.norm.weight"]
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            bias = None
+            if p + "self_attn.q_proj.bias" in w:
+                bias = torch.cat([w[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+            self.layers.append(dict(
+                input_norm=w[p + "input_layernorm.weight"], qkv=qkv, qkv_bias=bias,
+                o=w[p + "self_attn.o_proj.weight"], post_norm=w[p + "post_attention_layernorm.weight"],
+                gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+                down=w[p + "mlp.down_proj.weight"]))
+        self.inv_freq = rope_inv_freq(config).to(device)
+        self.scale = config.head_dim ** -0.5
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * x32.to(x.dtype)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    @staticmethod
+    def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: ModelInput) -> torch.Tensor:
+        p = batch.num_prefill_tokens
+        parts = []
+        if p:
+            parts.append(kernels.paged_attention_prefill(
+                q[:p], kv_cache, layer, batch.prefill_block_tables, batch.prefill_query_start_loc,
+                batch.prefill_context_lens, self.scale))
+        if p < q.shape[0]:
+            parts.append(kernels.paged_attention_decode(
+                q[p:], kv_cache, layer, batch.decode_block_tables, batch.decode_context_lens, self.scale))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.inference_mode()
+    def forward(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Returns float32 logits [len(batch.logits_indices), vocab]."""
+        cfg = self.config
+        num_tokens = batch.token_ids.shape[0]
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        cos, sin = self.rotary(batch.positions)
+        h = F.embedding(batch.token_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = self.rms_norm(h, layer["input_norm"])
+            q, k, v = F.linear(x, layer["qkv"], layer["qkv_bias"]).split([q_size, kv_size, kv_size], -1)
+            q = self.apply_rotary(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = self.apply_rotary(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            kernels.reshape_and_cache(k, v, kv_cache, i, batch.slot_mapping)
+            attn = self.attention(q, kv_cache, i, batch).reshape(num_tokens, q_size)
+            h = h + F.linear(attn, layer["o"])
+            x = self.rms_norm(h, layer["post_norm"])
+            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer["down"])
+        h = self.rms_norm(h[batch.logits_indices], self.norm)
+        return F.linear(h, self.lm_head).float()
