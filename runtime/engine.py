@@ -1,0 +1,215 @@
+"""LLMEngine: requests in, one scheduler iteration and one model call per step, outputs out."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
+from preemption.scheduler import SchedulerOutput
+from runtime.beam_search import BeamSearch
+from runtime.engine_config import EngineConfig, build_engine_parts
+from runtime.loader import LoadedModel
+from runtime.outputs import CompletionOutput, RequestOutput
+from runtime.sampler import SampledToken, sample_batch
+from runtime.sampling_params import SamplingParams
+from runtime.stopping import StopChecker
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = config or EngineConfig()
+        parts = build_engine_parts(self.config, loaded)
+        self.model_config = parts.loaded.config
+        self.tokenizer = parts.loaded.tokenizer
+        self.block_manager, self.cache = parts.block_manager, parts.cache
+        self.scheduler, self.executor, self.cost = parts.scheduler, parts.executor, parts.cost
+        self.groups: dict[str, SequenceGroup] = {}
+        self.beams: dict[str, BeamSearch] = {}
+        self.beam_results: dict[str, list] = {}  # request id -> best hypotheses, once done
+        self.stopping = StopChecker(self.tokenizer, self.model_config)
+        self.started = time.monotonic()
+        self.generated_tokens = 0
+        self.steps = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: send prompt token ids")
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids, params)
+        group = SequenceGroup(request_id, [Sequence.from_prompt(ids)], sampling_params=params)
+        if arrival_time is not None:
+            group.arrival_time = arrival_time
+        if params.use_beam_search:
+            eos = [] if params.ignore_eos else self.model_config.eos_token_ids
+            self.beams[request_id] = BeamSearch(params, len(ids), eos + params.stop_token_ids)
+        self.groups[request_id] = group
+        self.scheduler.add(group)
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        limit = self.model_config.max_position_embeddings
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
+        bm = self.block_manager
+        width = max(params.n, params.beam_width)
+        # Room for the prompt once plus a block per sequence to grow into.
+        need = -(-len(ids) // bm.block_size) + width
+        if need > bm.num_device_blocks - bm.watermark_blocks:
+            raise ValueError(f"the request can never fit in the KV cache: {len(ids)} prompt tokens and "
+                             f"{width} sequences need {need} blocks of {bm.block_size} tokens, "
+                             f"the cache has {bm.num_device_blocks - bm.watermark_blocks}")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        self.scheduler.abort(request_id)
+        self.beams.pop(request_id, None)
+        return self._output(group, {})
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one iteration --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        logits = self.executor.execute(out)
+        self.steps += 1
+        new_tokens: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        self._sample(out, logits, new_tokens)
+        changed = {row.group.request_id: row.group for row in out.scheduled if row.sample}
+        changed.update({g.request_id: g for g in out.rejected})
+        outputs = [self._output(g, new_tokens.get(rid, {})) for rid, g in changed.items()]
+        for group in changed.values():
+            if group.is_finished:
+                self.groups.pop(group.request_id, None)
+                self.beams.pop(group.request_id, None)
+                self.beam_results.pop(group.request_id, None)
+        return outputs
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor,
+                new_tokens: dict[str, dict[int, list[int]]]) -> None:
+        sampling = [row for row in out.scheduled if row.sample]
+        beam_rows: dict[str, list[int]] = defaultdict(list)
+        plain_rows: list[int] = []
+        for i, row in enumerate(sampling):
+            (beam_rows[row.group.request_id] if row.group.request_id in self.beams else plain_rows).append(i)
+        # Parallel samples: a fresh group forks its n sequences off the prompt's logits.
+        draws: list[tuple[Sequence, int]] = []
+        for i in plain_rows:
+            seq, group = sampling[i].seq, sampling[i].group
+            params: SamplingParams = group.sampling_params
+            if len(group.seqs) == 1 and params.n > 1 and not seq.output_ids:
+                for _ in range(params.n - 1):
+                    child = seq.fork()
+                    self.block_manager.fork(seq, child)
+                    group.seqs.append(child)
+                draws += [(s, i) for s in group.seqs]
+            else:
+                draws.append((seq, i))
+        if draws:
+            picked = sample_batch(logits[[i for _, i in draws]],
+                                  [sampling[i].group.sampling_params for _, i in draws],
+                                  [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws])
+            for (seq, i), token in zip(draws, picked):
+                self._append(sampling[i].group, seq, token, new_tokens)
+        for rows in beam_rows.values():
+            group = sampling[rows[0]].group
+            row_of = {id(sampling[i].seq): i for i in rows}
+            ordered = [row_of[id(seq)] for seq in group.unfinished_seqs()]
+            self._beam_step(group, logits[ordered])
+
+    def _append(self, group: SequenceGroup, seq: Sequence, token: SampledToken,
+                new_tokens: dict[str, dict[int, list[int]]]) -> None:
+        seq.append(token.token_id, token.logprob)
+        if group.sampling_params.logprobs is not None:
+            seq.output_logprobs.append(token.top_logprobs or {token.token_id: token.logprob})
+        self.generated_tokens += 1
+        new_tokens[group.request_id][group.seqs.index(seq)].append(token.token_id)
+        status = self.stopping.check(seq, group.sampling_params)
+        if status is not None:
+            self.scheduler.free_seq(seq, status)
+
+    def _beam_step(self, group: SequenceGroup, logits: torch.Tensor) -> None:
+        search = self.beams[group.request_id]
+        parents = group.unfinished_seqs()
+        choices = search.step(logits)
+        if search.done:
+            self.beam_results[group.request_id] = search.finalize()
+            for seq in parents:
+                self.scheduler.free_seq(seq, SequenceStatus.FINISHED_STOPPED)
+            return
+        # New beam i continues parents[choices[i].parent]. The first child of a parent takes
+        # the parent's sequence over; the others fork from it before it changes.
+        first_child: dict[int, int] = {}
+        for i, choice in enumerate(choices):
+            first_child.setdefault(choice.parent, i)
+        beams: list[Sequence] = []
+        for i, choice in enumerate(choices):
+            parent = parents[choice.parent]
+            if first_child[choice.parent] == i:
+                beams.append(parent)
+            else:
+                child = parent.fork()
+                self.block_manager.fork(parent, child)
+                beams.append(child)
+        for index, parent in enumerate(parents):
+            if index not in first_child:
+                self.block_manager.free(parent)  # pruned; its prefix lives on in other beams
+        for beam, choice in zip(beams, choices):
+            beam.token_ids.append(choice.token_id)
+            beam.cumulative_logprob = choice.cum_logprob
+        group.seqs = beams  # the order of the next step's logits rows
+        self.generated_tokens += len(choices)
+
+    # -- outputs and statistics -----------------------------------------------------------------
+    def _output(self, group: SequenceGroup, new_tokens: dict[int, list[int]]) -> RequestOutput:
+        prompt = group.seqs[0].token_ids[: group.prompt_len] if group.seqs else []
+        if group.request_id in self.beams:
+            outputs = self._beam_outputs(group)
+        else:
+            outputs = [self.stopping.completion(i, seq, new_tokens.get(i, []), group.sampling_params)
+                       for i, seq in enumerate(group.seqs)]
+        return RequestOutput(group.request_id, prompt, outputs, group.is_finished, group.error)
+
+    def _beam_outputs(self, group: SequenceGroup) -> list[CompletionOutput]:
+        hypotheses = self.beam_results.get(group.request_id)
+        if not group.is_finished or not hypotheses:
+            return []
+        return [CompletionOutput(i, h.token_ids, self.stopping.decode(h.token_ids), h.cum_logprob, h.finish_reason)
+                for i, h in enumerate(hypotheses)]
+
+    def stats(self) -> dict:
+        s = self.block_manager.stats()
+        sched = self.scheduler
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "queues": {"waiting": len(sched.waiting), "running": len(sched.running), "swapped": len(sched.swapped)},
+            "blocks": {"block_size": s.block_size,
+                       "device": {"total": s.device_blocks_total, "used": s.device_blocks_used},
+                       "cpu": {"total": s.cpu_blocks_total, "used": s.cpu_blocks_used}},
+            "kv_waste": s.waste, "sharing_saved_blocks": s.sharing_saved_blocks, "sharing_saved": s.sharing_saved,
+            "copy_on_write_copies": s.copy_on_write_copies,
+            "preemptions": {"swap": sched.preemptions["swap"], "recompute": sched.preemptions["recompute"]},
+            "blocks_swapped_out": s.blocks_swapped_out, "blocks_swapped_in": s.blocks_swapped_in,
+            "tokens_recomputed": sched.tokens_recomputed,
+            "generated_tokens": self.generated_tokens, "steps": self.steps,
+            "throughput_tokens_per_s": self.generated_tokens / elapsed,
+            "prefill_tokens_per_s": self.cost.prefill_tokens_per_s,
+            "swap_bytes_per_s": self.cost.swap_bytes_per_s,
+        }
