@@ -8,3 +8,22 @@ settings.register_profile("ci", max_examples=400, deadline=None,
 settings.register_profile("dev", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory for tiny random Llama folders, built once per set of arguments."""
+    from models import make_tiny_llama
+
+    built: dict[tuple, str] = {}
+
+    def make(**kwargs) -> str:
+        key = tuple(sorted(kwargs.items()))
+        if key not in built:
+            built[key] = make_tiny_llama(str(tmp_path_factory.mktemp("tiny")), **kwargs)
+        return built[key]
+
+    return make
