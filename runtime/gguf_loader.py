@@ -110,6 +110,8 @@ def gguf_config(reader: GGUFReader, path: str = "") -> ModelConfig:
 def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int, theta: float, path: str) -> dict | None:
     """Recover Llama-3 RoPE scaling, which llama.cpp stores only as per-frequency factors."""
     kind = gguf_value(reader, f"{arch}.rope.scaling.type", "none")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(gguf_value(reader, f"{arch}.rope.scaling.factor"))}
     if kind not in ("none", None):
         raise ValueError(f"{path}: RoPE scaling {kind!r} is not supported")
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)

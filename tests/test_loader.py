@@ -196,6 +196,8 @@ def test_rope_settings_from_config_dict():
     assert config.rope_scaling == {k: v for k, v in llama3.items() if k != "rope_theta"}
     old_style = hf_config({**base, "rope_theta": 1e4, "rope_scaling": {"type": "default"}})
     assert old_style.rope_scaling is None and old_style.rope_theta == 1e4
+    linear = hf_config({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert linear.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ValueError, match="yarn"):
         hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
