@@ -88,7 +88,10 @@ class LLMEngine:
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        logits = self.executor.execute(out)
+        return self.process(out, self.executor.execute(out))
+
+    def process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        """Samples from one iteration's logits; returns the outputs of the requests it changed."""
         self.steps += 1
         new_tokens: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         self._sample(out, logits, new_tokens)
