@@ -98,7 +98,7 @@ def build_gguf_tokenizer(reader: "GGUFReader", source: str = ""
     add_bos = gguf_value(reader, "tokenizer.ggml.add_bos_token", kind == "llama")
     add_eos = gguf_value(reader, "tokenizer.ggml.add_eos_token", False)
     set_bos_eos(backend, special["bos_token"] if add_bos else None,
-                 special["eos_token"] if add_eos else None)
+                special["eos_token"] if add_eos else None)
     eos_tokens = [t for t in (special["eos_token"], token("eot_token_id")) if t is not None]
     return backend, special, eos_tokens, gguf_value(reader, "tokenizer.chat_template")
 

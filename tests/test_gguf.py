@@ -2,17 +2,15 @@
 written here with gguf.GGUFWriter whose expected contents are known exactly."""
 from __future__ import annotations
 
-import json
 import os
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize, quantize
 
-from models import SPECIAL_TOKENS, make_tiny_llama, make_tokenizer
+from gguf_files import QTYPES, gguf_name, gpt2_vocab, sentencepiece_vocab, stored, write_gguf
+from models import make_tiny_llama
 from runtime.gguf_loader import llama3_rope_factors
 from runtime.loader import default_model_path, load_model
 from runtime.tokenizer import Tokenizer
@@ -108,91 +106,6 @@ def test_smollm_chat_template(smollm):
 
 # --- GGUF files written here ---------------------------------------------------------------
 
-BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-         "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-         "mlp.down_proj": "ffn_down"}
-GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-          "lm_head.weight": "output.weight"}
-# One storage type per tensor kind, so every supported writer type is exercised.
-QTYPES = {"token_embd": Q.Q8_0, "attn_norm": Q.F32, "ffn_norm": Q.F32, "output_norm": Q.F32,
-          "attn_q": Q.F16, "attn_k": Q.Q8_0, "attn_v": Q.Q4_0, "attn_output": Q.BF16,
-          "ffn_gate": Q.Q4_1, "ffn_up": Q.F16, "ffn_down": Q.F32, "output": Q.Q8_0}
-
-
-def gguf_name(hf: str) -> str:
-    if hf in GLOBAL:
-        return GLOBAL[hf]
-    _, _, layer, rest = hf.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{BLOCK[module]}.{kind}"
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # As llama.cpp's convert_hf_to_gguf.py writes q_proj/k_proj.
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def stored(w: np.ndarray, qtype: Q) -> np.ndarray:
-    """What a tensor reads back as after being stored with `qtype`."""
-    return w if qtype == Q.F32 else dequantize(quantize(w, qtype), qtype).reshape(w.shape)
-
-
-def write_gguf(path: str, weights: dict[str, np.ndarray], cfg, arch: str = "llama", metadata=None,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> str:
-    w = gguf.GGUFWriter(path, arch)
-    if cfg is not None:
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-        w.add_rope_dimension_count(cfg.head_dim)
-    if metadata is not None:  # tokenizer or other extra keys
-        metadata(w)
-    for name, array in weights.items():
-        gname = gguf_name(name)
-        if name.endswith("q_proj.weight"):
-            array = llama_cpp_permute(array, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            array = llama_cpp_permute(array, cfg.num_key_value_heads)
-        qtype = QTYPES[gname.split(".")[-2]]
-        raw = qtype not in (Q.F32, Q.F16)  # the writer infers F32/F16 from the numpy dtype
-        w.add_tensor(gname, quantize(array, qtype), raw_dtype=qtype if raw else None)
-    for name, array in (extra_tensors or {}).items():
-        w.add_tensor(name, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def gpt2_vocab(pre: str | None):
-    tok = make_tokenizer()
-    model = json.loads(tok.to_str())["model"]
-    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-
-    def add(w: gguf.GGUFWriter) -> None:
-        w.add_tokenizer_model("gpt2")
-        if pre is not None:
-            w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
-        w.add_token_merges(merges)
-        w.add_bos_token_id(0)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(False)
-        w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                            "{% endif %}")
-    return add
-
-
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     folder = make_tiny_llama(str(tmp_path_factory.mktemp("hf")), with_tokenizer=False)
@@ -227,27 +140,6 @@ def test_written_gguf_byte_level_tokenizer(tiny_hf, tmp_path, pre):
     for chat in CHATS:
         expected = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         assert ours.apply_chat_template(chat) == expected
-
-
-def sentencepiece_vocab(w: gguf.GGUFWriter) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    trained = Tokenizer(models.BPE())
-    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    # An ASCII-only corpus: other characters in TEXTS must fall back to byte tokens.
-    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, return x ** 2 # square",
-              "numbers 0 1 2 3 4 5 6 7 8 9 and whitespace runs"]
-    trained.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=120, show_progress=False))
-    pieces = [t for t, _ in sorted(trained.get_vocab().items(), key=lambda kv: kv[1])]
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<tool>"]
-    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [4]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0])
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
 
 
 def test_written_gguf_sentencepiece_tokenizer(tiny_hf, tmp_path):
