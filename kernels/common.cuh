@@ -1,0 +1,107 @@
+// Shared helpers of the pagedkv CUDA sources: storage types, conversions, wide loads.
+//
+// The sources are compiled at run time by NVRTC (cupy.RawModule), so they include no
+// headers at all: half and bfloat16 are handled as raw 16-bit storage and converted with
+// single PTX instructions, which keeps them independent of where cuda_fp16.h lives.
+#ifndef PAGEDKV_COMMON_CUH
+#define PAGEDKV_COMMON_CUH
+
+#define PAGEDKV_NEG_INF (__int_as_float(0xff800000))
+#define PAGEDKV_LOG2E 1.4426950408889634f
+
+// 16-bit storage types; the kernels only ever convert them to and from float.
+struct half_t { unsigned short bits; };
+struct bf16_t { unsigned short bits; };
+
+// Copy units for wide, aligned memory accesses.
+struct alignas(16) pk16 { unsigned int x, y, z, w; };
+struct alignas(8) pk8 { unsigned int x, y; };
+
+// A host build of these sources (the CPU emulation the tests use) supplies its own
+// versions of the three conversions that need PTX.
+#ifndef PAGEDKV_EXTERNAL_CONVERSIONS
+__device__ __forceinline__ float pagedkv_half_bits_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short pagedkv_float_to_half_bits(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ unsigned short pagedkv_float_to_bf16_bits(float f) {
+#if __CUDA_ARCH__ >= 800
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else  // no bf16 conversion instruction before sm_80: round to nearest even by hand
+    const unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
+#endif
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(half_t x) { return pagedkv_half_bits_to_float(x.bits); }
+__device__ __forceinline__ float to_float(bf16_t x) {
+    return __uint_as_float(static_cast<unsigned int>(x.bits) << 16);
+}
+
+__device__ __forceinline__ void store_float(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_float(half_t* p, float x) {
+    p->bits = pagedkv_float_to_half_bits(x);
+}
+__device__ __forceinline__ void store_float(bf16_t* p, float x) {
+    p->bits = pagedkv_float_to_bf16_bits(x);
+}
+
+// Element j of a run of T packed into 32-bit words (little endian, as loaded).
+__device__ __forceinline__ float word_elem(const unsigned int* w, int j, float*) {
+    return __uint_as_float(w[j]);
+}
+__device__ __forceinline__ float word_elem(const unsigned int* w, int j, half_t*) {
+    return pagedkv_half_bits_to_float(static_cast<unsigned short>(w[j >> 1] >> ((j & 1) * 16)));
+}
+__device__ __forceinline__ float word_elem(const unsigned int* w, int j, bf16_t*) {
+    return __uint_as_float((j & 1) ? (w[j >> 1] & 0xffff0000u) : (w[j >> 1] << 16));
+}
+
+// Loads N consecutive elements into floats using the widest access the byte count
+// allows (16, 8 or 4 bytes); the caller guarantees alignment to that width.
+template <typename T, int N>
+__device__ __forceinline__ void load_as_float(const T* __restrict__ src, float (&dst)[N]) {
+    constexpr int BYTES = N * static_cast<int>(sizeof(T));
+    if constexpr (BYTES % 4 != 0) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) dst[j] = to_float(src[j]);
+    } else {
+        unsigned int w[BYTES / 4];
+        if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+            for (int i = 0; i < BYTES / 16; ++i) {
+                const pk16 v = reinterpret_cast<const pk16*>(src)[i];
+                w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+            }
+        } else if constexpr (BYTES % 8 == 0) {
+#pragma unroll
+            for (int i = 0; i < BYTES / 8; ++i) {
+                const pk8 v = reinterpret_cast<const pk8*>(src)[i];
+                w[2 * i] = v.x; w[2 * i + 1] = v.y;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < BYTES / 4; ++i) w[i] = reinterpret_cast<const unsigned int*>(src)[i];
+        }
+#pragma unroll
+        for (int j = 0; j < N; ++j) dst[j] = word_elem(w, j, static_cast<T*>(nullptr));
+    }
+}
+
+// exp2(x - m) where m may be -inf (an empty state): such a state contributes nothing.
+__device__ __forceinline__ float pagedkv_rescale(float x, float m) {
+    return m == PAGEDKV_NEG_INF ? 0.0f : exp2f(x - m);
+}
+
+#endif  // PAGEDKV_COMMON_CUH

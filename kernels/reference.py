@@ -1,0 +1,188 @@
+"""Torch implementations of the cache and attention kernels.
+
+They are the engine's CPU path and the oracle the CUDA kernels are tested against, so they
+are vectorised: K/V are gathered through the block tables with one index operation and the
+attention itself is torch's scaled_dot_product_attention. Half types are computed in fp32.
+
+KV cache layout (one pool): [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim],
+index 0 of dim 2 is K, 1 is V; slot s lives at block s // block_size, offset s % block_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "reshape_and_cache",
+    "paged_attention_decode",
+    "paged_attention_prefill",
+    "copy_blocks",
+    "swap_blocks",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 stays fp32; half types accumulate in fp32.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write token t's K/V ([T, Hkv, D]) into slot slot_mapping[t] of `layer`; slots < 0 are skipped."""
+    block_size = kv_cache.shape[3]
+    slots = slot_mapping.to(device=kv_cache.device, dtype=torch.long)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep.to(key.device)], value[keep.to(value.device)]
+    if slots.numel() == 0:
+        return
+    blocks, offsets = slots // block_size, slots % block_size
+    layer_view = kv_cache[:, layer]  # [num_blocks, 2, block_size, Hkv, D], a view
+    layer_view[:, 0].index_put_((blocks, offsets), key.to(kv_cache.dtype))
+    layer_view[:, 1].index_put_((blocks, offsets), value.to(kv_cache.dtype))
+
+
+def _gather_kv(
+    kv_cache: torch.Tensor, layer: int, tables: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the blocks in `tables` ([..., n]) as [..., n * block_size, Hkv, D]."""
+    layer_view = kv_cache[:, layer]
+    k = layer_view[:, 0][tables]  # [..., n, block_size, Hkv, D]
+    v = layer_view[:, 1][tables]
+    shape = (*tables.shape[:-1], -1, kv_cache.shape[4], kv_cache.shape[5])
+    return k.reshape(shape), v.reshape(shape)
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    causal: bool = False,
+) -> torch.Tensor:
+    """q [N, Hq, Lq, D], k/v [N, Hkv, Lk, D] (Hq a multiple of Hkv) -> [N, Hq, Lq, D]."""
+    dtype = _compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+    )
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence ([B, Hq, D]) over its first context_lens[b] cached tokens."""
+    num_seqs = query.shape[0]
+    if num_seqs == 0:
+        return torch.empty_like(query)
+    device, block_size = kv_cache.device, kv_cache.shape[3]
+    lens = context_lens.to(device=device, dtype=torch.long)
+    max_ctx = max(int(lens.max()), 1)
+    num_blocks = -(-max_ctx // block_size)
+    tables = block_tables[:, :num_blocks].to(device=device, dtype=torch.long)
+    # Table entries past a sequence's last block are padding: read block 0, mask it out.
+    used = torch.arange(num_blocks, device=device) < (lens + block_size - 1).div(
+        block_size, rounding_mode="floor"
+    ).unsqueeze(1)
+    tables = torch.where(used, tables, 0)
+    k, v = _gather_kv(kv_cache, layer, tables)  # [B, num_blocks * block_size, Hkv, D]
+    visible = torch.arange(k.shape[1], device=device) < lens.unsqueeze(1)  # [B, L]
+    out = _sdpa(
+        query.to(device).unsqueeze(2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        visible[:, None, None, :],
+        scale,
+    ).squeeze(2)
+    # A sequence without context has nothing to attend to: zeros, like the CUDA kernel.
+    out = torch.where((lens > 0)[:, None, None], out, 0.0)
+    return out.to(query.dtype)
+
+
+def paged_attention_prefill(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for a ragged batch whose new K/V are already in the cache.
+
+    Sequence s owns query rows query_start_loc[s]:query_start_loc[s+1] at positions
+    context_lens[s] - q_len .. context_lens[s] - 1; position p sees positions 0..p.
+    """
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    ctxs = context_lens.tolist()
+    device, block_size = kv_cache.device, kv_cache.shape[3]
+    single: list[int] = []  # sequences with one new token: batched through decode
+    for s, ctx in enumerate(ctxs):
+        q_len = starts[s + 1] - starts[s]
+        if q_len == 0:
+            continue
+        if q_len > ctx:
+            raise ValueError(f"sequence {s}: {q_len} new tokens but context length {ctx}")
+        if q_len == 1:
+            single.append(s)
+            continue
+        num_blocks = -(-ctx // block_size)
+        tables = block_tables[s, :num_blocks].to(device=device, dtype=torch.long)
+        k, v = _gather_kv(kv_cache, layer, tables)  # [num_blocks * block_size, Hkv, D]
+        k, v = k[:ctx].transpose(0, 1).unsqueeze(0), v[:ctx].transpose(0, 1).unsqueeze(0)
+        q = query[starts[s] : starts[s + 1]].to(device).transpose(0, 1).unsqueeze(0)
+        if q_len == ctx:  # nothing cached before: plain causal (top-left aligned)
+            o = _sdpa(q, k, v, None, scale, causal=True)
+        else:  # query i sits at position ctx - q_len + i
+            pos = torch.arange(ctx - q_len, ctx, device=device)
+            mask = torch.arange(ctx, device=device)[None, :] <= pos[:, None]
+            o = _sdpa(q, k, v, mask, scale)
+        out[starts[s] : starts[s + 1]] = o[0].transpose(0, 1).to(out.dtype)
+    if single:
+        idx = torch.tensor(single, device=block_tables.device)
+        rows = torch.tensor([starts[s] for s in single], device=query.device)
+        out[rows] = paged_attention_decode(
+            query[rows], kv_cache, layer, block_tables[idx], context_lens[idx.to(context_lens.device)], scale
+        ).to(out.device)
+    return out
+
+
+def copy_blocks(kv_cache: torch.Tensor, src_dst: torch.Tensor) -> None:
+    """Copy-on-write: block src_dst[i, 0] (all layers, K and V) onto block src_dst[i, 1]."""
+    if src_dst.numel() == 0:
+        return
+    pairs = src_dst.to(device=kv_cache.device, dtype=torch.long)
+    # Gather first, then scatter: every source is read before any destination is written.
+    kv_cache.index_copy_(0, pairs[:, 1], kv_cache.index_select(0, pairs[:, 0]))
+
+
+def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src_dst: torch.Tensor) -> None:
+    """Block src_dst[i, 0] of src_cache goes to block src_dst[i, 1] of dst_cache.
+
+    Batched: one gather into a staging tensor, (at most) one transfer, one scatter.
+    """
+    if src_cache.shape[1:] != dst_cache.shape[1:] or src_cache.dtype != dst_cache.dtype:
+        raise ValueError(
+            f"swap between incompatible pools {tuple(src_cache.shape)}/{src_cache.dtype} "
+            f"and {tuple(dst_cache.shape)}/{dst_cache.dtype}"
+        )
+    if src_dst.numel() == 0:
+        return
+    src_idx = src_dst[:, 0].to(device=src_cache.device, dtype=torch.long)
+    dst_idx = src_dst[:, 1].to(device=dst_cache.device, dtype=torch.long)
+    staging = src_cache.index_select(0, src_idx)
+    dst_cache.index_copy_(0, dst_idx, staging.to(dst_cache.device))
