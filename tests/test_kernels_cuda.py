@@ -1,0 +1,157 @@
+"""Each CUDA kernel against its torch reference on a real device (skipped without one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import cuda_ops
+from kernels import reference as ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not kernels.cuda_available(), reason="needs a CUDA device and cupy"),
+]
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+def setup(ctx_lens, block_size, hkv, head_dim, dtype, layers=2, seed=0):
+    """Random device cache, disjoint random block tables padded with -1."""
+    g = torch.Generator().manual_seed(seed)
+    need = [math.ceil(c / block_size) for c in ctx_lens]
+    num_blocks = sum(need) + 4
+    device_gen = torch.Generator(device="cuda").manual_seed(seed)
+    cache = torch.randn(num_blocks, layers, 2, block_size, hkv, head_dim, generator=device_gen, device="cuda")
+    cache = cache.to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.full((len(ctx_lens), max(need) + 1), -1, dtype=torch.int32)
+    at = 0
+    for s, n in enumerate(need):
+        tables[s, :n] = perm[at : at + n].int()
+        at += n
+    return cache, tables.cuda(), g
+
+
+def assert_close(got, want, dtype):
+    assert got.dtype == want.dtype and got.shape == want.shape and got.is_cuda
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= TOL[dtype], f"max abs error {err}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16, 32, 256])
+@pytest.mark.parametrize("heads,head_dim", [((8, 8), 128), ((32, 8), 128), ((9, 3), 64), ((8, 2), 96)])
+@pytest.mark.parametrize("split", [None, False, True])
+def test_decode(dtype, block_size, heads, head_dim, split):
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(block_size + hq)
+    ctx_lens = [1, 7, block_size, 513, 2049] + torch.randint(1, 8193, (3,), generator=g).tolist() + [8192]
+    if block_size == 1:
+        ctx_lens = ctx_lens[:6]  # 8192 single-token blocks per sequence: slow to set up, no new path
+    cache, tables, g = setup(ctx_lens, block_size, hkv, head_dim, dtype)
+    query = torch.randn(len(ctx_lens), hq, head_dim, generator=g).to("cuda", dtype)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
+    scale = head_dim**-0.5
+    got = cuda_ops.paged_attention_decode(query, cache, 1, tables, lens, scale, split=split)
+    assert_close(got, ref.paged_attention_decode(query, cache, 1, tables, lens, scale), dtype)
+
+
+def test_decode_small_batch_long_context_picks_split(monkeypatch):
+    """The automatic choice takes the split-K path for one long sequence."""
+    launched = []
+    real = cuda_ops._launcher
+    monkeypatch.setattr(cuda_ops, "_launcher", lambda launch, dev: (launched.append(launch.kernel), real(launch, dev)))
+    cache, tables, g = setup([8192], 16, 8, 128, torch.float16)
+    query = torch.randn(1, 32, 128, generator=g).to("cuda", torch.float16)
+    lens = torch.tensor([8192], dtype=torch.int32, device="cuda")
+    got = kernels.paged_attention_decode(query, cache, 0, tables, lens, 0.088)
+    assert any(k.startswith("paged_attention_reduce") for k in launched)
+    assert_close(got, ref.paged_attention_decode(query, cache, 0, tables, lens, 0.088), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16, 32, 256])
+@pytest.mark.parametrize("split", [None, True])
+def test_prefill(dtype, block_size, split):
+    """Fresh prompts, chunked prefill after a long cached prefix, decode rows, an empty sequence."""
+    seqs = [(300, 300), (4100, 64), (1, 1), (0, 0), (900, 1), (37, 5), (2048, 2048)]  # (context, new)
+    if block_size == 1:
+        seqs = seqs[:6]
+    cache, tables, g = setup([max(c, 1) for c, _ in seqs], block_size, 2, 128, dtype)
+    starts = [0]
+    for _, q_len in seqs:
+        starts.append(starts[-1] + q_len)
+    query = torch.randn(starts[-1], 16, 128, generator=g).to("cuda", dtype)
+    qsl = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    lens = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device="cuda")
+    got = cuda_ops.paged_attention_prefill(query, cache, 1, tables, qsl, lens, 0.1, split=split)
+    assert_close(got, ref.paged_attention_prefill(query, cache, 1, tables, qsl, lens, 0.1), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16, 256])
+def test_reshape_and_cache(dtype, block_size):
+    num_tokens, hkv, d = 300, 4, 128
+    cache = torch.randn(2 * num_tokens // block_size + 2, 3, 2, block_size, hkv, d, device="cuda").to(dtype)
+    want = cache.clone()
+    slots = torch.randperm(cache.shape[0] * block_size, device="cuda")[:num_tokens]
+    slots[::7] = -1
+    qkv = torch.randn(num_tokens, (8 + 2 * hkv) * d, device="cuda").to(dtype)  # fused projection
+    key = qkv[:, 8 * d : (8 + hkv) * d].view(num_tokens, hkv, d)
+    value = qkv[:, (8 + hkv) * d :].view(num_tokens, hkv, d)
+    kernels.reshape_and_cache(key, value, cache, 2, slots)
+    ref.reshape_and_cache(key, value, want, 2, slots)
+    assert torch.equal(cache, want)
+
+
+def test_copy_blocks():
+    cache = torch.randn(64, 4, 2, 16, 8, 128, device="cuda").half()
+    want = cache.clone()
+    pairs = torch.tensor([[1, 40], [1, 41], [63, 0], [7, 8]])
+    kernels.copy_blocks(cache, pairs)
+    ref.copy_blocks(want, pairs)
+    assert torch.equal(cache, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_swap_with_pinned_cpu_pool(dtype):
+    gpu = torch.randn(50, 3, 2, 16, 4, 64, device="cuda").to(dtype)
+    cpu = torch.randn(20, 3, 2, 16, 4, 64).to(dtype).pin_memory()
+    gpu_before, cpu_want = gpu.clone(), cpu.clone()
+    out_map = torch.tensor([[49, 0], [3, 19], [10, 5], [11, 6]])
+    kernels.swap_blocks(gpu, cpu, out_map)
+    torch.cuda.synchronize()
+    ref.swap_blocks(gpu_before.cpu(), cpu_want, out_map)
+    assert torch.equal(cpu, cpu_want)
+    gpu_want = gpu.clone()
+    in_map = torch.tensor([[0, 1], [19, 2], [5, 30], [6, 31]])
+    kernels.swap_blocks(cpu, gpu, in_map)
+    ref.swap_blocks(cpu, gpu_want, in_map)
+    assert torch.equal(gpu, gpu_want)
+    # Pageable host memory is not addressable by kernels: the staged fallback still works.
+    pageable = cpu.clone()
+    kernels.swap_blocks(gpu, pageable, out_map)
+    ref.swap_blocks(gpu.cpu(), cpu_want, out_map)
+    assert torch.equal(pageable, cpu_want)
+
+
+def test_runs_on_current_stream():
+    """A kernel launched under torch.cuda.stream(side) waits for the work queued there."""
+    cache, tables, g = setup([5000], 16, 8, 128, torch.float16)
+    query = torch.randn(1, 8, 128, generator=g).to("cuda", torch.float16)
+    lens = torch.tensor([5000], dtype=torch.int32, device="cuda")
+    want = ref.paged_attention_decode(query, cache, 0, tables, lens, 0.1)
+    late_query = torch.zeros_like(query)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # on another stream the kernel would read zeros
+        late_query.copy_(query)
+        got = kernels.paged_attention_decode(late_query, cache, 0, tables, lens, 0.1)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_close(got, want, torch.float16)
