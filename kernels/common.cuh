@@ -69,34 +69,36 @@ __device__ __forceinline__ float word_elem(const unsigned int* w, int j, bf16_t*
 }
 
 // Loads N consecutive elements into floats using the widest access the byte count
-// allows (16, 8 or 4 bytes); the caller guarantees alignment to that width.
+// allows (16, 8 or 4 bytes); the caller guarantees alignment to that width. The
+// branches are compile-time constants (plain `if`, so any C++ dialect compiles it).
 template <typename T, int N>
 __device__ __forceinline__ void load_as_float(const T* __restrict__ src, float (&dst)[N]) {
     constexpr int BYTES = N * static_cast<int>(sizeof(T));
-    if constexpr (BYTES % 4 != 0) {
+    constexpr int WORDS = BYTES / 4 > 0 ? BYTES / 4 : 1;
+    if (BYTES % 4 != 0) {
 #pragma unroll
         for (int j = 0; j < N; ++j) dst[j] = to_float(src[j]);
-    } else {
-        unsigned int w[BYTES / 4];
-        if constexpr (BYTES % 16 == 0) {
-#pragma unroll
-            for (int i = 0; i < BYTES / 16; ++i) {
-                const pk16 v = reinterpret_cast<const pk16*>(src)[i];
-                w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
-            }
-        } else if constexpr (BYTES % 8 == 0) {
-#pragma unroll
-            for (int i = 0; i < BYTES / 8; ++i) {
-                const pk8 v = reinterpret_cast<const pk8*>(src)[i];
-                w[2 * i] = v.x; w[2 * i + 1] = v.y;
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < BYTES / 4; ++i) w[i] = reinterpret_cast<const unsigned int*>(src)[i];
-        }
-#pragma unroll
-        for (int j = 0; j < N; ++j) dst[j] = word_elem(w, j, static_cast<T*>(nullptr));
+        return;
     }
+    unsigned int w[WORDS];
+    if (BYTES % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < BYTES / 16; ++i) {
+            const pk16 v = reinterpret_cast<const pk16*>(src)[i];
+            w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+        }
+    } else if (BYTES % 8 == 0) {
+#pragma unroll
+        for (int i = 0; i < BYTES / 8; ++i) {
+            const pk8 v = reinterpret_cast<const pk8*>(src)[i];
+            w[2 * i] = v.x; w[2 * i + 1] = v.y;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) w[i] = reinterpret_cast<const unsigned int*>(src)[i];
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) dst[j] = word_elem(w, j, static_cast<T*>(nullptr));
 }
 
 // exp2(x - m) where m may be -inf (an empty state): such a state contributes nothing.
