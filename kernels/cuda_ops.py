@@ -196,7 +196,8 @@ def _attention(query, kv_cache, layer, block_tables, query_start_loc, context_le
 
 def paged_attention_decode(query, kv_cache, layer: int, block_tables, context_lens, scale: float,
                            split: Optional[bool] = None) -> torch.Tensor:
-    """`split` forces (True) or forbids (False) split-K; None chooses by grid size."""
+    """`split` forces (True) or forbids (False) split-K; None chooses by grid size. The
+    kernel trusts its inputs: context_lens[b] <= block_tables.shape[1] * block_size."""
     return _attention(query, kv_cache, layer, block_tables, None, context_lens, scale, split)
 
 
