@@ -122,18 +122,19 @@ class BeamSearch:
         cand += (~just_finished) * _NEG
         merged = torch.cat((self._hyp_scores, cand))
         best = torch.topk(merged, k)[1].tolist()
+        finished, cand_list, cum_list = just_finished.tolist(), cand.tolist(), top_scores.tolist()
         hyps = []
         for j in best:
-            if j < k:
-                hyps.append(self._hyps[j])
-                continue
             c = j - k
-            if not just_finished[c]:
+            if c < 0:  # a kept hypothesis (or an empty slot)
+                hyps.append(self._hyps[j])
+            elif not finished[c]:  # a -1e9 filler; never returned
                 hyps.append(None)
-                continue
-            ids, lps = self._running[parents[c]]
-            hyps.append(Hypothesis(ids + [tokens[c]], lps + [token_lps[c]], float(top_scores[c]),
-                                   float(cand[c]), "length" if tokens[c] not in self.eos else "stop"))
+            else:
+                ids, lps = self._running[parents[c]]
+                reason = "stop" if tokens[c] in self.eos else "length"
+                hyps.append(Hypothesis(ids + [tokens[c]], lps + [token_lps[c]], cum_list[c],
+                                       cand_list[c], reason))
         self._hyp_scores = merged[best]
         self._hyp_finished = torch.cat((self._hyp_finished, just_finished))[best]
         self._hyps = hyps
@@ -145,10 +146,11 @@ class BeamSearch:
             return []
         choices = []
         running = []
+        run_list = running_scores.tolist()
         for j in nxt.tolist():
             ids, lps = self._running[parents[j]]
             running.append((ids + [tokens[j]], lps + [token_lps[j]]))
-            choices.append(BeamChoice(parents[j], tokens[j], token_lps[j], float(running_scores[j])))
+            choices.append(BeamChoice(parents[j], tokens[j], token_lps[j], run_list[j]))
         self._running = running
         return choices
 
