@@ -16,6 +16,16 @@ from runtime.sampling_params import SamplingParams
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The models are tiny: threads only add synchronisation, which stalls badly on a busy
+    # machine. One count for the whole module also keeps both sides' floats identical.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model(seed: int, vocab: int = 160, eos: list[int] = (), eos_bias: float = 0.0):
     """A tiny random Llama; `eos_bias` is added to the EOS logits (a biased lm_head) so that
     beams end often and at many steps."""
