@@ -1,0 +1,102 @@
+"""Replaying a workload against an LLMEngine in real time, recording per-request latencies.
+
+Requests enter the engine when their arrival time has come; between arrivals an idle
+engine sleeps until the next one. Latencies follow the vLLM paper: normalized latency is a
+request's end-to-end time divided by its output length.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tqdm import tqdm
+
+from runtime.engine import LLMEngine
+from runtime.outputs import RequestOutput
+from runtime.sampling_params import SamplingParams
+from tools.workload import WorkloadRequest
+
+
+@dataclass
+class RequestTiming:
+    arrival: float
+    first_token: float | None = None
+    finished: float | None = None
+    output_tokens: int = 0
+
+    @property
+    def latency(self) -> float:
+        return self.finished - self.arrival
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def normalized_latency(self) -> float:
+        return self.latency / max(self.output_tokens, 1)
+
+
+@dataclass
+class ReplayResult:
+    timings: dict[str, RequestTiming]
+    outputs: dict[str, RequestOutput]
+    elapsed: float
+    generated_tokens: int
+    stats: dict  # engine.stats() at the end
+    samples: list = field(default_factory=list)  # whatever on_step returned, one per step
+
+    @property
+    def throughput(self) -> float:
+        return self.generated_tokens / self.elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def replay(engine: LLMEngine, requests: list[WorkloadRequest],
+           params_for: Callable[[WorkloadRequest], SamplingParams],
+           on_step: Callable[[LLMEngine], object] | None = None, desc: str | None = None) -> ReplayResult:
+    """Runs the workload to completion; `desc` shows a progress bar with that label."""
+    pending = sorted(requests, key=lambda r: r.arrival)
+    timings: dict[str, RequestTiming] = {}
+    outputs: dict[str, RequestOutput] = {}
+    samples: list = []
+    tokens_before = engine.generated_tokens
+    bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False, disable=desc is None)
+    start = time.monotonic()
+    while pending or engine.has_unfinished():
+        now = time.monotonic() - start
+        if pending and not engine.has_unfinished() and pending[0].arrival > now:
+            time.sleep(pending[0].arrival - now)
+            now = time.monotonic() - start
+        while pending and pending[0].arrival <= now:
+            request = pending.pop(0)
+            engine.add_request(request.request_id, request.prompt_ids, params_for(request),
+                               arrival_time=start + request.arrival)
+            timings[request.request_id] = RequestTiming(request.arrival)
+        for output in engine.step():
+            timing = timings[output.request_id]
+            now = time.monotonic() - start
+            if timing.first_token is None and (output.finished or any(c.new_token_ids for c in output.outputs)):
+                timing.first_token = now
+            if output.finished:
+                timing.finished = now
+                timing.output_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
+                outputs[output.request_id] = output
+                bar.update(1)
+        if on_step is not None:
+            samples.append(on_step(engine))
+    elapsed = time.monotonic() - start
+    bar.close()
+    return ReplayResult(timings, outputs, elapsed, engine.generated_tokens - tokens_before,
+                        engine.stats(), samples)
