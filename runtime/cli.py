@@ -1,10 +1,11 @@
-"""The `pagedkv` command line: generate now; serve, client, chat and stats with the server."""
+"""The `pagedkv` command line: offline generate; serve, client, chat, stats and keys over ZeroMQ."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
+from runtime.client import ServerError
 from runtime.engine_config import EngineConfig
 from runtime.sampling_params import SamplingParams
 
@@ -68,6 +69,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    from runtime.client import DEFAULT_ADDRESS
+
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server address (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
+    parser.add_argument("--curve-keys", help="key directory from `pagedkv keys` (CurveZMQ)")
+    parser.add_argument("--client-name", default="client", help="which client key pair in --curve-keys")
+
+
+def _add_serve(sub) -> None:
+    from runtime import commands
+
+    serve = sub.add_parser("serve", help="serve the model on a ZeroMQ socket (docs/protocol.md)")
+    EngineConfig.add_arguments(serve)
+    add = serve.add_argument
+    add("--bind", default="tcp://127.0.0.1:5555", help="address to bind; tcp://127.0.0.1:* picks a free port")
+    add("--max-queued", type=int, default=1024, help="waiting requests beyond this get 'overloaded'")
+    add("--max-message-mib", type=float, default=16.0, help="largest message accepted (MiB)")
+    add("--curve-keys", help="key directory from `pagedkv keys`: accept only its authorized clients")
+    add("--insecure", action="store_true", help="allow a non-loopback bind without CurveZMQ")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=commands.cmd_serve)
+
+
+def _add_remote(sub) -> None:
+    from runtime import commands
+
+    client = sub.add_parser("client", help="one-shot requests to a running server")
+    client_sub = client.add_subparsers(dest="client_command", required=True)
+    gen = client_sub.add_parser("generate", help="generate from a prompt")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-ids", type=_parse_ids, help="token ids, e.g. 1,2,3")
+    source.add_argument("--message", help="a user message, sent with the chat template")
+    gen.add_argument("--system", help="a system message before --message")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument("--json", action="store_true", help="print the final reply as JSON")
+    add_sampling_arguments(gen)
+    stats_help = "a table of the server's memory and queues"
+    for parser, func in ((gen, commands.cmd_client_generate),
+                         (client_sub.add_parser("stats", help=stats_help), commands.cmd_stats),
+                         (sub.add_parser("stats", help=stats_help), commands.cmd_stats),
+                         (client_sub.add_parser("health", help="is the server up"), commands.cmd_health)):
+        _add_connection_arguments(parser)
+        parser.set_defaults(func=func)
+        if func is commands.cmd_stats:
+            parser.add_argument("--json", action="store_true", help="the raw numbers as JSON")
+
+    chat = sub.add_parser("chat", help="an interactive chat with a running server, streamed")
+    _add_connection_arguments(chat)
+    chat.add_argument("--system", help="a system message for the conversation")
+    add_sampling_arguments(chat)
+    chat.set_defaults(func=commands.cmd_chat, max_tokens=512)
+
+    keys = sub.add_parser("keys", help="write CurveZMQ key pairs for the server and its clients")
+    keys.add_argument("directory")
+    keys.add_argument("--client", action="append", help="client key pair name (repeatable; default 'client')")
+    keys.set_defaults(func=commands.cmd_keys)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedkv", description="A paged KV-cache LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print outputs and engine stats as JSON")
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+    _add_serve(sub)
+    _add_remote(sub)
     return parser
 
 
@@ -93,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"pagedkv: error: {e}", file=sys.stderr)
         return 2
+    except (ServerError, TimeoutError) as e:
+        print(f"pagedkv: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

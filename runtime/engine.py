@@ -17,11 +17,16 @@ from runtime.sampling_params import SamplingParams
 from runtime.stopping import StopChecker
 
 
+class RequestTooLong(ValueError):
+    """A prompt longer than the model's context, or a request that can never fit in the KV cache."""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = config or EngineConfig()
         parts = build_engine_parts(self.config, loaded)
         self.model_config = parts.loaded.config
+        self.model_source = parts.loaded.source
         self.tokenizer = parts.loaded.tokenizer
         self.block_manager, self.cache = parts.block_manager, parts.cache
         self.scheduler, self.executor, self.cost = parts.scheduler, parts.executor, parts.cost
@@ -56,21 +61,21 @@ class LLMEngine:
         self.scheduler.add(group)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model_config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")
+        limit = self.model_config.max_position_embeddings
+        if len(ids) >= limit:
+            raise RequestTooLong(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
+        vocab = self.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        limit = self.model_config.max_position_embeddings
-        if len(ids) >= limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
         bm = self.block_manager
         width = max(params.n, params.beam_width)
         # Room for the prompt once plus a block per sequence to grow into.
         need = -(-len(ids) // bm.block_size) + width
         if need > bm.num_device_blocks - bm.watermark_blocks:
-            raise ValueError(f"the request can never fit in the KV cache: {len(ids)} prompt tokens and "
+            raise RequestTooLong(f"the request can never fit in the KV cache: {len(ids)} prompt tokens and "
                              f"{width} sequences need {need} blocks of {bm.block_size} tokens, "
                              f"the cache has {bm.num_device_blocks - bm.watermark_blocks}")
 

@@ -1,0 +1,323 @@
+"""The ZeroMQ server: one ROUTER socket in front of one LLMEngine, in one process.
+
+While requests are in flight the loop polls the socket without blocking between engine
+steps; when idle it blocks on the socket (and on a wake-up pipe that signals write to).
+Every request ends with exactly one `final` or `error` reply (docs/protocol.md).
+
+Disconnects: ROUTER_NOTIFY is a draft API that the released libzmq builds leave out, so
+the server watches its socket monitor instead. A message tells which connection (file
+descriptor) it came from; a DISCONNECTED event for that descriptor aborts its client's
+requests.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket as pysocket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jinja2
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from runtime.engine import LLMEngine, RequestTooLong
+from runtime.outputs import RequestOutput
+from runtime.protocol import (ABORTED, BAD_REQUEST, INTERNAL, OVERLOADED, TOO_LONG, Message, ProtocolError,
+                              decode_message, encode, error_reply)
+from runtime.security import is_local_address, secure_server
+from runtime.streaming import TextStream
+
+log = logging.getLogger("pagedkv.server")
+MAX_MESSAGES_PER_ITERATION = 256  # a flood of messages cannot starve the engine
+
+
+@dataclass
+class ServerConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    max_queued: int = 1024          # waiting requests beyond this are refused as overloaded
+    max_message_mib: float = 16.0   # ZMQ_MAXMSGSIZE: larger messages drop their connection
+    curve_keys: str | None = None   # key directory: only clients listed in DIR/authorized
+    insecure: bool = False          # allow a non-loopback bind without CURVE
+
+
+@dataclass
+class InFlight:
+    envelope: list[bytes]  # routing frames of the client
+    client_id: str | int
+    stream: bool
+    stop: list[str]  # stop strings: a stream holds back what could begin one
+    texts: dict[int, TextStream] = field(default_factory=dict)
+
+
+def check_config(config: ServerConfig) -> None:
+    if not config.curve_keys and not config.insecure and not is_local_address(config.bind):
+        raise ValueError(f"refusing to bind {config.bind} without encryption: configure CurveZMQ keys "
+                         "(`pagedkv keys DIR`, then --curve-keys DIR) or pass --insecure")
+    if config.max_queued < 1 or config.max_message_mib <= 0:
+        raise ValueError("max_queued must be >= 1 and max_message_mib > 0")
+
+
+class Server:
+    def __init__(self, engine: LLMEngine, config: ServerConfig) -> None:
+        check_config(config)
+        self.engine, self.config = engine, config
+        self._wake_read, self._wake_write = pysocket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.auth = secure_server(self.context, self.socket, config.curve_keys) if config.curve_keys else None
+        self.socket.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_mib * 2**20))
+        self.socket.setsockopt(zmq.SNDHWM, 0)  # replies are bounded by the requests; never drop one
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        try:
+            self.socket.bind(config.bind)
+        except zmq.ZMQError as e:
+            self.close()
+            raise ValueError(f"cannot bind {config.bind}: {e}") from None
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # Characters per prompt allowed before tokenizing: generous for any tokenizer.
+        self.max_prompt_chars = 32 * engine.model_config.max_position_embeddings
+        self.in_flight: dict[str, InFlight] = {}            # engine request id -> its client
+        self.by_client: dict[tuple[bytes, str | int], str] = {}
+        self.connection_of: dict[bytes, int] = {}              # client identity -> its socket fd
+        self.next_id = 0
+        self.stopping = False
+        self.started = time.monotonic()
+        self.counters = {"messages": 0, "errors": 0, "handle_seconds": 0.0, "step_seconds": 0.0, "steps": 0}
+
+    # -- the loop -------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        self._install_signal_handlers()
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        log.info("serving %s on %s", self.engine.model_source, self.endpoint)
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(0 if self.engine.has_unfinished() else None))
+                if self._wake_read in events:
+                    self._drain_wakeups()
+                if self.monitor in events:
+                    self._drain_monitor()
+                if self.socket in events and not self.stopping:
+                    self._drain_socket()
+                if self.engine.has_unfinished() and not self.stopping:
+                    self._step()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Asks the loop to finish (safe from a signal handler or another thread)."""
+        self.stopping = True
+        try:
+            self._wake_write.send(b"x")
+        except OSError:
+            pass  # the pipe is full: the loop is waking anyway
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.set_wakeup_fd(self._wake_write.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda number, frame: self.stop())
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_read.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain_socket(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_ITERATION):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            started = time.perf_counter()
+            envelope = [f.bytes for f in frames[:-1]]
+            self.connection_of[envelope[0]] = frames[-1].get(zmq.SRCFD)
+            self._handle(envelope, frames[-1].bytes)
+            self.counters["handle_seconds"] += time.perf_counter() - started
+
+    def _drain_monitor(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                fd = int(event["value"])
+                for identity in [i for i, c in self.connection_of.items() if c == fd]:
+                    del self.connection_of[identity]
+                    self._disconnected(identity)
+
+    # -- requests -------------------------------------------------------------------------------
+    def _handle(self, envelope: list[bytes], payload: bytes) -> None:
+        self.counters["messages"] += 1
+        try:
+            msg = decode_message(payload, self.max_prompt_chars)
+            if msg.type == "generate":
+                self._generate(envelope, msg)
+            elif msg.type == "abort":
+                self._abort(envelope, msg.id)
+            elif msg.type == "stats":
+                self._send(envelope, {"type": "final", "id": msg.id, "stats": self.stats()})
+            else:
+                self._send(envelope, {"type": "final", "id": msg.id, "health": self.health()})
+        except ProtocolError as e:
+            self._error(envelope, e.request_id, e.code, e.message)
+        except Exception as e:  # a bug must not take the server down
+            log.exception("internal error while handling a message")
+            self._error(envelope, None, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    def _generate(self, envelope: list[bytes], msg: Message) -> None:
+        key = (envelope[0], msg.id)
+        if key in self.by_client:
+            raise ProtocolError(BAD_REQUEST, f"request id {msg.id!r} is already in flight", msg.id)
+        if len(self.engine.scheduler.waiting) >= self.config.max_queued:
+            raise ProtocolError(OVERLOADED, f"{self.config.max_queued} requests are already waiting; "
+                                "retry later", msg.id)
+        ids = self._prompt_ids(msg)
+        request_id = str(self.next_id)
+        self.next_id += 1
+        try:
+            self.engine.add_request(request_id, ids, msg.params)
+        except RequestTooLong as e:
+            raise ProtocolError(TOO_LONG, str(e), msg.id)
+        except ValueError as e:
+            raise ProtocolError(BAD_REQUEST, str(e), msg.id)
+        self.in_flight[request_id] = InFlight(envelope, msg.id, msg.stream, msg.params.stop)
+        self.by_client[key] = request_id
+
+    def _prompt_ids(self, msg: Message) -> list[int]:
+        if msg.prompt_ids is not None:
+            return msg.prompt_ids
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ProtocolError(BAD_REQUEST, "this model has no tokenizer: send 'prompt_ids'", msg.id)
+        if msg.prompt is not None:
+            return tokenizer.encode(msg.prompt)
+        try:
+            text = tokenizer.apply_chat_template(msg.messages, add_generation_prompt=True)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise ProtocolError(BAD_REQUEST, f"the chat template cannot render these messages: {e}", msg.id)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def _abort(self, envelope: list[bytes], client_id: str | int) -> None:
+        request_id = self.by_client.get((envelope[0], client_id))
+        if request_id is None:
+            log.info("abort of %r: no such request in flight (it may have just finished)", client_id)
+            return
+        self._finish_with_error(request_id, ABORTED, "aborted by the client")
+
+    def _disconnected(self, identity: bytes) -> None:
+        gone = [rid for (peer, _), rid in self.by_client.items() if peer == identity]
+        if gone:
+            log.info("a client disconnected; aborting its %d request(s)", len(gone))
+        for request_id in gone:
+            self._finish_with_error(request_id, ABORTED, "the client disconnected", reply=False)
+
+    def _finish_with_error(self, request_id: str, code: str, message: str, reply: bool = True) -> None:
+        self.engine.abort(request_id)  # frees its blocks now
+        request = self._forget(request_id)
+        if reply:
+            self._error(request.envelope, request.client_id, code, message)
+
+    def _forget(self, request_id: str) -> InFlight:
+        request = self.in_flight.pop(request_id)
+        del self.by_client[(request.envelope[0], request.client_id)]
+        return request
+
+    # -- engine steps and replies ---------------------------------------------------------------
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("the engine step failed; aborting the requests in flight")
+            for request_id in list(self.in_flight):
+                self._finish_with_error(request_id, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            return
+        self.counters["step_seconds"] += time.perf_counter() - started
+        self.counters["steps"] += 1
+        started = time.perf_counter()
+        for output in outputs:
+            if output.request_id in self.in_flight:
+                self._reply(output)
+        self.counters["handle_seconds"] += time.perf_counter() - started
+
+    def _reply(self, output: RequestOutput) -> None:
+        request = self.in_flight[output.request_id]
+        if request.stream:
+            self._send_deltas(request, output)
+        if not output.finished:
+            return
+        self._forget(output.request_id)
+        if output.error:
+            self._error(request.envelope, request.client_id, TOO_LONG, output.error)
+            return
+        self._send(request.envelope, {
+            "type": "final", "id": request.client_id, "prompt_tokens": len(output.prompt_token_ids),
+            "outputs": [{"index": c.index, "token_ids": c.token_ids, "text": c.text,
+                         "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
+                         "logprobs": None if c.logprobs is None else [sorted(d.items()) for d in c.logprobs]}
+                        for c in output.outputs]})
+
+    def _send_deltas(self, request: InFlight, output: RequestOutput) -> None:
+        deltas = []
+        for c in output.outputs:
+            text = request.texts.setdefault(c.index, TextStream(self.engine.stopping.decode, request.stop))
+            if c.finish_reason:  # beam search sends its tokens only here, at the end
+                new_ids = c.token_ids[len(text.token_ids):]
+                text.token_ids += new_ids
+                delta = text.finish(c.text)
+            else:
+                new_ids, delta = c.new_token_ids, text.push(c.new_token_ids)
+            if new_ids or delta:
+                deltas.append({"index": c.index, "token_ids": new_ids, "text": delta})
+        if deltas:
+            self._send(request.envelope, {"type": "token", "id": request.client_id, "outputs": deltas})
+
+    def _send(self, envelope: list[bytes], reply: dict) -> None:
+        try:
+            self.socket.send_multipart([*envelope, encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # a client that stopped reading loses its replies, nobody else
+            log.warning("could not send a reply to a client: %s", e)
+
+    def _error(self, envelope: list[bytes], client_id, code: str, message: str) -> None:
+        self.counters["errors"] += 1
+        log.warning("request %r: %s: %s", client_id, code, message)
+        self._send(envelope, error_reply(client_id, code, message))
+
+    # -- information and shutdown ---------------------------------------------------------------
+    def stats(self) -> dict:
+        c = self.counters
+        return {**self.engine.stats(), "server": {
+            "in_flight": len(self.in_flight), "max_queued": self.config.max_queued,
+            "messages": c["messages"], "errors": c["errors"], "steps": c["steps"],
+            "handle_ms_per_message": 1000 * c["handle_seconds"] / max(c["messages"], 1),
+            "step_ms": 1000 * c["step_seconds"] / max(c["steps"], 1),
+            "uptime_s": time.monotonic() - self.started}}
+
+    def health(self) -> dict:
+        return {"status": "stopping" if self.stopping else "ok", "model": self.engine.model_source,
+                "in_flight": len(self.in_flight), "uptime_s": time.monotonic() - self.started}
+
+    def _shutdown(self) -> None:
+        log.info("shutting down: aborting %d request(s) in flight", len(self.in_flight))
+        for request_id in list(self.in_flight):
+            self._finish_with_error(request_id, ABORTED, "the server is shutting down")
+        self.close()
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close()
+        self.socket.close()  # lingers up to 2 s so that the last replies go out
+        if self.auth is not None:
+            self.auth.stop()
+        self.context.term()
+        self._wake_read.close()
+        self._wake_write.close()
