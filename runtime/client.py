@@ -120,7 +120,7 @@ class Client(_Base):
             finished = True
             raise
         finally:
-            if not finished:
+            if not finished and not self.socket.closed:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:

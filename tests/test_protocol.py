@@ -1,0 +1,63 @@
+"""Protocol parsing and streamed text deltas, without a server."""
+import msgpack
+import pytest
+
+from runtime.protocol import BAD_REQUEST, TOO_LONG, ProtocolError, decode_message
+from runtime.streaming import TextStream
+
+
+def _decode(message, max_chars=1000):
+    return decode_message(msgpack.packb(message), max_chars)
+
+
+def test_generate_message_is_parsed_into_sampling_params():
+    msg = _decode({"type": "generate", "id": 3, "prompt": "hi", "stream": True,
+                   "params": {"max_tokens": 5, "temperature": 0.5, "n": 2, "seed": 1}})
+    assert (msg.type, msg.id, msg.prompt, msg.stream) == ("generate", 3, "hi", True)
+    assert (msg.params.max_tokens, msg.params.temperature, msg.params.n, msg.params.seed) == (5, 0.5, 2, 1)
+
+
+@pytest.mark.parametrize("message, code, request_id, words", [
+    ({"type": "generate", "id": True, "prompt": "x"}, BAD_REQUEST, None, "'id'"),
+    ({"type": "generate", "id": "x" * 300, "prompt": "x"}, BAD_REQUEST, None, "'id'"),
+    ({"type": "generate", "id": 1, "prompt": "x", "params": {"top_p": 0}}, BAD_REQUEST, 1, "top_p"),
+    ({"type": "generate", "id": 1, "prompt": "x", "params": {"max_tokens": "9"}}, BAD_REQUEST, 1, "max_tokens"),
+    ({"type": "generate", "id": 1, "prompt_ids": [1, True]}, BAD_REQUEST, 1, "integers"),
+    ({"type": "generate", "id": 1, "messages": []}, BAD_REQUEST, 1, "messages"),
+    ({"type": "generate", "id": 1, "prompt": "x" * 1001}, TOO_LONG, 1, "1001 characters"),
+    ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x" * 1001}]}, TOO_LONG, 1, "1001"),
+    ({"type": "stats", "id": 1, "verbose": True}, BAD_REQUEST, 1, "verbose"),
+])
+def test_bad_messages_name_what_is_wrong(message, code, request_id, words):
+    with pytest.raises(ProtocolError) as e:
+        _decode(message)
+    assert (e.value.code, e.value.request_id) == (code, request_id)
+    assert words in e.value.message
+
+
+def _byte_decoder(vocab: dict[int, bytes]):
+    return lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_stream_holds_back_an_incomplete_utf8_character():
+    euro = "€".encode()  # three bytes, one token each
+    stream = TextStream(_byte_decoder({1: b"a", 2: euro[:1], 3: euro[1:2], 4: euro[2:], 5: b"b"}), stop=[])
+    assert [stream.push([i]) for i in (1, 2, 3, 4, 5)] == ["a", "", "", "€", "b"]
+    assert stream.finish("a€b") == ""
+
+
+def test_stream_holds_back_what_could_begin_a_stop_string_and_finish_completes_the_text():
+    vocab = {i: c.encode() for i, c in enumerate("abcdefXY", start=1)}
+    stream = TextStream(_byte_decoder(vocab), stop=["XYZ"])
+    deltas = [stream.push([i]) for i in (1, 2, 3, 7, 8)]  # "abcXY": "XY" may begin "XYZ"
+    assert "".join(deltas) == "abc"
+    # The engine stopped on some other condition; the final text includes "XY".
+    assert "".join(deltas) + stream.finish("abcXY") == "abcXY"
+
+
+def test_stream_deltas_concatenate_to_the_decoded_text():
+    vocab = {i: bytes([96 + i]) for i in range(1, 27)}
+    stream = TextStream(_byte_decoder(vocab), stop=["q"])
+    ids = [8, 5, 12, 12, 15]
+    text = "".join(stream.push([i]) for i in ids)
+    assert text + stream.finish("hello") == "hello"
