@@ -1,4 +1,5 @@
 """The ZeroMQ server end to end: a real `pagedkv serve` process, real sockets."""
+import json
 import time
 
 import msgpack
@@ -312,3 +313,40 @@ def test_client_errors_raise_server_error(client):
     with pytest.raises(ServerError) as e:
         client.generate(prompt_ids=[], max_tokens=3)
     assert e.value.code == "bad_request" and "empty" in e.value.message
+
+
+# -- the command line against the server ----------------------------------------------------------
+def test_cli_client_generate_stream_and_json(server, offline, capsys):
+    expected = offline.generate(["hello there"], SamplingParams(max_tokens=8, temperature=0.0),
+                                use_tqdm=False)[0].outputs[0]
+    assert main(["client", "generate", "--address", server.address, "--prompt", "hello there",
+                 "--max-tokens", "8", "--stream"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    assert main(["client", "generate", "--address", server.address, "--prompt", "hello there",
+                 "--max-tokens", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"][0]["token_ids"] == expected.token_ids
+
+
+def test_cli_reports_server_errors(server, capsys):
+    assert main(["client", "generate", "--address", server.address, "--prompt-ids", "1,2,100000"]) == 1
+    assert "bad_request" in capsys.readouterr().err
+
+
+def test_cli_stats_table(server, capsys):
+    assert main(["stats", "--address", server.address]) == 0
+    table = capsys.readouterr().out
+    for row in ("device pool", "cpu swap pool", "KV waste", "sharing saves", "preemptions", "runtime overhead"):
+        assert row in table
+    assert "/ 128" in table  # the device pool's size
+
+
+def test_cli_chat_streams_answers_and_keeps_the_conversation(server, offline, monkeypatch, capsys):
+    lines = iter(["Hi there.", "And then?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--address", server.address, "--max-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    first = offline.chat([{"role": "user", "content": "Hi there."}], SamplingParams(max_tokens=5, temperature=0.0))
+    second = offline.chat([{"role": "user", "content": "Hi there."},
+                           {"role": "assistant", "content": first.outputs[0].text},
+                           {"role": "user", "content": "And then?"}], SamplingParams(max_tokens=5, temperature=0.0))
+    assert out == f"model> {first.outputs[0].text}\nmodel> {second.outputs[0].text}\n"
