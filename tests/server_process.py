@@ -39,9 +39,10 @@ def launch(model_path: str, *args: str, log_path: str, bind: str = "tcp://127.0.
 
 
 @contextmanager
-def running_server(model_path: str, *args: str, log_path: str, startup_timeout: float = 120):
+def running_server(model_path: str, *args: str, log_path: str, bind: str = "tcp://127.0.0.1:*",
+                   startup_timeout: float = 120):
     """Yields a ServerProcess once it prints its address; kills it if the test leaves it running."""
-    process = launch(model_path, *args, log_path=log_path)
+    process = launch(model_path, *args, log_path=log_path, bind=bind)
     try:
         address = None
         deadline = time.monotonic() + startup_timeout

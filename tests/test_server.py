@@ -212,9 +212,12 @@ def test_message_over_the_size_limit_drops_only_that_connection(server):
 # -- a small server: admission control, disconnects, shutdown -------------------------------------
 @pytest.fixture(scope="module")
 def small_server(model_path, tmp_path_factory):
-    log = tmp_path_factory.mktemp("small") / "server.log"
+    """On an ipc:// address, so that transport is covered too."""
+    folder = tmp_path_factory.mktemp("small")
     with running_server(model_path, "--num-device-blocks", "64", "--block-size", "4", "--max-num-seqs", "1",
-                        "--max-queued", "1", log_path=str(log)) as proc:
+                        "--max-queued", "1", log_path=str(folder / "server.log"),
+                        bind=f"ipc://{folder}/pagedkv.sock") as proc:
+        assert proc.address.startswith("ipc://")
         yield proc
 
 
