@@ -36,59 +36,25 @@ def cuda_available() -> bool:
     return True
 
 
-def _impl(*tensors: torch.Tensor):
-    if any(t.is_cuda for t in tensors) and cuda_available():
-        from . import cuda_ops
+def _dispatched(name: str):
+    """The kernel `name`: CUDA when any tensor argument is on a CUDA device, else the reference.
+    Signature and docstring are the reference's, which the CUDA implementation mirrors."""
+    ref = getattr(reference, name)
 
-        return cuda_ops
-    return reference
+    @functools.wraps(ref)
+    def run(*args, **kwargs):
+        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+        if on_cuda and cuda_available():
+            from . import cuda_ops
 
+            return getattr(cuda_ops, name)(*args, **kwargs)
+        return ref(*args, **kwargs)
 
-def reshape_and_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_cache: torch.Tensor,
-    layer: int,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write key/value [T, Hkv, D] of token t into slot slot_mapping[t] (skipped if < 0)."""
-    _impl(kv_cache).reshape_and_cache(key, value, kv_cache, layer, slot_mapping)
+    return run
 
 
-def paged_attention_decode(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    layer: int,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """query [B, Hq, D] attends to the first context_lens[b] tokens of its block table."""
-    return _impl(kv_cache).paged_attention_decode(
-        query, kv_cache, layer, block_tables, context_lens, scale
-    )
-
-
-def paged_attention_prefill(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    layer: int,
-    block_tables: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Causal attention of a ragged batch [T, Hq, D] whose K/V are already cached."""
-    return _impl(kv_cache).paged_attention_prefill(
-        query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale
-    )
-
-
-def copy_blocks(kv_cache: torch.Tensor, src_dst: torch.Tensor) -> None:
-    """Copy whole blocks (all layers, K and V): src_dst[i, 0] onto src_dst[i, 1]."""
-    _impl(kv_cache).copy_blocks(kv_cache, src_dst)
-
-
-def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src_dst: torch.Tensor) -> None:
-    """Block src_dst[i, 0] of src_cache goes to block src_dst[i, 1] of dst_cache, batched."""
-    _impl(src_cache, dst_cache).swap_blocks(src_cache, dst_cache, src_dst)
+reshape_and_cache = _dispatched("reshape_and_cache")
+paged_attention_decode = _dispatched("paged_attention_decode")
+paged_attention_prefill = _dispatched("paged_attention_prefill")
+copy_blocks = _dispatched("copy_blocks")
+swap_blocks = _dispatched("swap_blocks")
