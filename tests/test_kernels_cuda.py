@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import kernels
 from kernels import cuda_ops
 from kernels import reference as ref
+from paged_cases import assert_close, random_paged_cache
+
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,30 +18,6 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
-
-
-def setup(ctx_lens, block_size, hkv, head_dim, dtype, layers=2, seed=0):
-    """Random device cache, disjoint random block tables padded with -1."""
-    g = torch.Generator().manual_seed(seed)
-    need = [math.ceil(c / block_size) for c in ctx_lens]
-    num_blocks = sum(need) + 4
-    device_gen = torch.Generator(device="cuda").manual_seed(seed)
-    cache = torch.randn(num_blocks, layers, 2, block_size, hkv, head_dim, generator=device_gen, device="cuda")
-    cache = cache.to(dtype)
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = torch.full((len(ctx_lens), max(need) + 1), -1, dtype=torch.int32)
-    at = 0
-    for s, n in enumerate(need):
-        tables[s, :n] = perm[at : at + n].int()
-        at += n
-    return cache, tables.cuda(), g
-
-
-def assert_close(got, want, dtype):
-    assert got.dtype == want.dtype and got.shape == want.shape and got.is_cuda
-    err = (got.float() - want.float()).abs().max().item()
-    assert err <= TOL[dtype], f"max abs error {err}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -53,12 +30,12 @@ def test_decode(dtype, block_size, heads, head_dim, split):
     ctx_lens = [1, 7, block_size, 513, 2049] + torch.randint(1, 8193, (3,), generator=g).tolist() + [8192]
     if block_size == 1:
         ctx_lens = ctx_lens[:6]  # 8192 single-token blocks per sequence: slow to set up, no new path
-    cache, tables, g = setup(ctx_lens, block_size, hkv, head_dim, dtype)
+    cache, tables, g = random_paged_cache(ctx_lens, block_size, hkv, head_dim, dtype, device="cuda")
     query = torch.randn(len(ctx_lens), hq, head_dim, generator=g).to("cuda", dtype)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
     scale = head_dim**-0.5
     got = cuda_ops.paged_attention_decode(query, cache, 1, tables, lens, scale, split=split)
-    assert_close(got, ref.paged_attention_decode(query, cache, 1, tables, lens, scale), dtype)
+    assert_close(got, ref.paged_attention_decode(query, cache, 1, tables, lens, scale), TOL[dtype])
 
 
 def test_decode_small_batch_long_context_picks_split(monkeypatch):
@@ -66,12 +43,12 @@ def test_decode_small_batch_long_context_picks_split(monkeypatch):
     launched = []
     real = cuda_ops._launcher
     monkeypatch.setattr(cuda_ops, "_launcher", lambda launch, dev: (launched.append(launch.kernel), real(launch, dev)))
-    cache, tables, g = setup([8192], 16, 8, 128, torch.float16)
+    cache, tables, g = random_paged_cache([8192], 16, 8, 128, torch.float16, device="cuda")
     query = torch.randn(1, 32, 128, generator=g).to("cuda", torch.float16)
     lens = torch.tensor([8192], dtype=torch.int32, device="cuda")
     got = kernels.paged_attention_decode(query, cache, 0, tables, lens, 0.088)
     assert any(k.startswith("paged_attention_reduce") for k in launched)
-    assert_close(got, ref.paged_attention_decode(query, cache, 0, tables, lens, 0.088), torch.float16)
+    assert_close(got, ref.paged_attention_decode(query, cache, 0, tables, lens, 0.088), TOL[torch.float16])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -82,7 +59,7 @@ def test_prefill(dtype, block_size, split):
     seqs = [(300, 300), (4100, 64), (1, 1), (0, 0), (900, 1), (37, 5), (2048, 2048)]  # (context, new)
     if block_size == 1:
         seqs = seqs[:6]
-    cache, tables, g = setup([max(c, 1) for c, _ in seqs], block_size, 2, 128, dtype)
+    cache, tables, g = random_paged_cache([max(c, 1) for c, _ in seqs], block_size, 2, 128, dtype, device="cuda")
     starts = [0]
     for _, q_len in seqs:
         starts.append(starts[-1] + q_len)
@@ -90,7 +67,7 @@ def test_prefill(dtype, block_size, split):
     qsl = torch.tensor(starts, dtype=torch.int32, device="cuda")
     lens = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device="cuda")
     got = cuda_ops.paged_attention_prefill(query, cache, 1, tables, qsl, lens, 0.1, split=split)
-    assert_close(got, ref.paged_attention_prefill(query, cache, 1, tables, qsl, lens, 0.1), dtype)
+    assert_close(got, ref.paged_attention_prefill(query, cache, 1, tables, qsl, lens, 0.1), TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -142,7 +119,7 @@ def test_swap_with_pinned_cpu_pool(dtype):
 
 def test_runs_on_current_stream():
     """A kernel launched under torch.cuda.stream(side) waits for the work queued there."""
-    cache, tables, g = setup([5000], 16, 8, 128, torch.float16)
+    cache, tables, g = random_paged_cache([5000], 16, 8, 128, torch.float16, device="cuda")
     query = torch.randn(1, 8, 128, generator=g).to("cuda", torch.float16)
     lens = torch.tensor([5000], dtype=torch.int32, device="cuda")
     want = ref.paged_attention_decode(query, cache, 0, tables, lens, 0.1)
@@ -154,4 +131,4 @@ def test_runs_on_current_stream():
         late_query.copy_(query)
         got = kernels.paged_attention_decode(late_query, cache, 0, tables, lens, 0.1)
     torch.cuda.current_stream().wait_stream(side)
-    assert_close(got, want, torch.float16)
+    assert_close(got, want, TOL[torch.float16])

@@ -5,16 +5,14 @@ same comparisons on a real device."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from kernels import cuda_ops, emulation
 from kernels import reference as ref
+from paged_cases import assert_close, random_paged_cache
 
 pytestmark = pytest.mark.skipif(emulation.compiler() is None, reason="no C++17 compiler for the emulation")
-
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
@@ -24,26 +22,6 @@ def emulated(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 2)
     monkeypatch.setattr(cuda_ops, "_device_pointer", lambda t: t.data_ptr())
     monkeypatch.setattr(cuda_ops, "PART_SIZE", 32)  # many partitions from short contexts
-
-
-def setup(ctx_lens, block_size, hkv, head_dim, dtype, layers=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    need = [math.ceil(c / block_size) for c in ctx_lens]
-    num_blocks = sum(need) + 3
-    cache = torch.randn(num_blocks, layers, 2, block_size, hkv, head_dim, generator=g).to(dtype)
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = torch.full((len(ctx_lens), max(need) + 1), -1, dtype=torch.int32)
-    at = 0
-    for s, n in enumerate(need):
-        tables[s, :n] = perm[at : at + n].int()
-        at += n
-    return cache, tables, g
-
-
-def assert_close(got, want, dtype):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    err = (got.float() - want.float()).abs().max().item()
-    assert err <= TOL[dtype], f"max abs error {err}"
 
 
 @pytest.mark.parametrize(
@@ -60,11 +38,11 @@ def assert_close(got, want, dtype):
 def test_decode(dtype, block_size, heads, head_dim, split):
     hq, hkv = heads
     ctx_lens = [1, 2 * block_size, 75, 130]
-    cache, tables, g = setup(ctx_lens, block_size, hkv, head_dim, dtype)
+    cache, tables, g = random_paged_cache(ctx_lens, block_size, hkv, head_dim, dtype)
     query = torch.randn(len(ctx_lens), hq, head_dim, generator=g).to(dtype)
     lens = torch.tensor(ctx_lens, dtype=torch.int32)
     got = cuda_ops.paged_attention_decode(query, cache, 1, tables, lens, head_dim**-0.5, split=split)
-    assert_close(got, ref.paged_attention_decode(query, cache, 1, tables, lens, head_dim**-0.5), dtype)
+    assert_close(got, ref.paged_attention_decode(query, cache, 1, tables, lens, head_dim**-0.5), TOL[dtype])
 
 
 @pytest.mark.parametrize(
@@ -76,7 +54,7 @@ def test_prefill_ragged(dtype, block_size, heads, head_dim, split):
     """Fresh prompts, cached prefixes, decode tokens and an empty sequence in one batch."""
     hq, hkv = heads
     seqs = [(1, 1), (40, 40), (70, 11), (0, 0), (9, 1), (33, 2), (5, 5)]  # (context, new tokens)
-    cache, tables, g = setup([max(c, 1) for c, _ in seqs], block_size, hkv, head_dim, dtype)
+    cache, tables, g = random_paged_cache([max(c, 1) for c, _ in seqs], block_size, hkv, head_dim, dtype)
     starts = [0]
     for _, q_len in seqs:
         starts.append(starts[-1] + q_len)
@@ -86,7 +64,7 @@ def test_prefill_ragged(dtype, block_size, heads, head_dim, split):
     wide[..., :head_dim] = query
     args = (cache, 0, tables, torch.tensor(starts, dtype=torch.int32), torch.tensor([c for c, _ in seqs], dtype=torch.int32), 0.2)
     got = cuda_ops.paged_attention_prefill(wide[..., :head_dim], *args, split=split)
-    assert_close(got, ref.paged_attention_prefill(query, *args), dtype)
+    assert_close(got, ref.paged_attention_prefill(query, *args), TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
