@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from kvcache.block_manager import AllocStatus, BlockManager
 from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -176,44 +177,46 @@ class Scheduler:
 
     # -- admission, swapping, preemption ----------------------------------------------------------
     def _admit(self, out: SchedulerOutput) -> None:
-        while self.waiting and self._room(self.waiting[0], out):
-            group = self.waiting[0]
-            status = self.bm.can_allocate(group)
-            if status is AllocStatus.LATER:
-                break
-            self.waiting.pop(0)
-            if status is AllocStatus.NEVER:
-                self._reject(group, out, f"the prompt cannot fit in the KV cache ({len(group.seqs[0])} "
-                                         f"tokens; the cache holds {self.bm.num_device_blocks} blocks of "
-                                         f"{self.bm.block_size} tokens)")
-                continue
-            seqs = group.unfinished_seqs()
-            shared = self.bm.allocate(group)
-            # The lead computes the shared prefix; the others start after it. Identical
-            # sequences still compute their last token each, to get logits of their own.
-            group.shared_tokens = min(shared, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
-            for i, seq in enumerate(seqs):
-                seq.status = SequenceStatus.RUNNING
-                seq.num_computed_tokens = 0 if i == 0 else group.shared_tokens
-            group.is_prefilling = True
-            bisect.insort(self.running, group, key=_arrival)
-            self._schedule_prefill(group, out)
+        self._bring_in(self.waiting, self.bm.can_allocate, self._start, out, lambda group: (
+            f"the prompt cannot fit in the KV cache ({len(group.seqs[0])} tokens; the cache holds "
+            f"{self.bm.num_device_blocks} blocks of {self.bm.block_size} tokens)"))
 
     def _swap_in(self, out: SchedulerOutput) -> None:
-        while self.swapped and self._room(self.swapped[0], out):
-            group = self.swapped[0]
-            status = self.bm.can_swap_in(group)
+        self._bring_in(self.swapped, self.bm.can_swap_in, self._resume, out,
+                       lambda group: "it cannot be swapped back into the KV cache")
+
+    def _bring_in(self, queue: list[SequenceGroup], can: Callable[[SequenceGroup], AllocStatus],
+                  place: Callable[[SequenceGroup, SchedulerOutput], None], out: SchedulerOutput,
+                  never: Callable[[SequenceGroup], str]) -> None:
+        """Moves groups from the head of `queue` to running, in arrival order, while they fit."""
+        while queue and self._room(queue[0], out):
+            group = queue[0]
+            status = can(group)
             if status is AllocStatus.LATER:
                 break
-            self.swapped.pop(0)
+            queue.pop(0)
             if status is AllocStatus.NEVER:
-                self._reject(group, out, "it cannot be swapped back into the KV cache")
+                self._reject(group, out, never(group))
                 continue
-            out.blocks_to_swap_in.update(self.bm.swap_in(group))
             for seq in group.unfinished_seqs():
                 seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, group, key=_arrival)
-            self._schedule_decode(group, out)
+            place(group, out)
+
+    def _start(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        seqs = group.unfinished_seqs()
+        shared = self.bm.allocate(group)
+        # The lead computes the shared prefix; the others start after it. Identical
+        # sequences still compute their last token each, to get logits of their own.
+        group.shared_tokens = min(shared, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
+        for i, seq in enumerate(seqs):
+            seq.num_computed_tokens = 0 if i == 0 else group.shared_tokens
+        group.is_prefilling = True
+        self._schedule_prefill(group, out)
+
+    def _resume(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        out.blocks_to_swap_in.update(self.bm.swap_in(group))
+        self._schedule_decode(group, out)
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         num_blocks = self.bm.num_group_blocks(group)
