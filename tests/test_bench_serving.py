@@ -1,0 +1,90 @@
+"""tools.bench_serving end to end: it starts a server on a tiny model, sends a handful of
+streamed requests at two rates, and writes well-formed CSV, JSON and PNG files."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from tools import bench_serving
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RATES = (10.0, 40.0)
+NUM_REQUESTS = 6
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory):
+    model = tiny_model()
+    docs = tmp_path_factory.mktemp("docs")
+    out = docs / "serving"
+
+    def must_not_write(*args, **kwargs):
+        raise AssertionError("--no-write must leave docs/BENCHMARKS.md alone")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_serving, "write_section", must_not_write)
+        code = bench_serving.main([
+            "--model", model, "--threads", "1", "--rates", ",".join(f"{r:g}" for r in RATES),
+            "--num-requests", str(NUM_REQUESTS), "--prompt-mean", "8", "--output-mean", "6", "--max-prompt", "24",
+            "--max-output", "16", "--seed", "3", "--out", str(out), "--no-write", "--no-progress"])
+    assert code == 0
+    return docs, out
+
+
+@pytest.mark.timeout(180)
+def test_csv(run):
+    _, out = run
+    with open(out / "serving.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["rate"]) for r in rows] == list(RATES)
+    for r in rows:
+        assert int(r["num_requests"]) == int(r["completed"]) == NUM_REQUESTS and int(r["errors"]) == 0
+        for key in ("requests_per_s", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+                    "norm_latency_p50_s", "norm_latency_p99_s", "step_ms", "runtime_ms_per_request",
+                    "runtime_ms_per_message", "health_rtt_p50_ms"):
+            value = float(r[key])
+            assert math.isfinite(value) and value > 0, (key, r[key])
+        assert float(r["ttft_p50_s"]) <= float(r["ttft_p99_s"])
+        assert float(r["norm_latency_p50_s"]) <= float(r["norm_latency_p99_s"])
+        assert 0 < float(r["runtime_share"]) < 1
+        assert int(r["steps"]) > 0
+
+
+@pytest.mark.timeout(180)
+def test_json(run):
+    _, out = run
+    doc = json.loads((out / "serving.json").read_text())
+    assert [r["rate"] for r in doc["rates"]] == list(RATES)
+    assert doc["num_requests"] == NUM_REQUESTS and doc["seed"] == 3
+    assert doc["idle_health_rtt_ms"]["p50"] > 0
+    for rate in RATES:
+        requests = doc["requests"][f"{rate:g}"]
+        assert len(requests) == NUM_REQUESTS
+        for r in requests:
+            assert r["error"] is None and r["output_tokens"] >= 1 and r["ttft_s"] > 0
+            assert r["normalized_latency_s"] > 0
+    # The same requests at every rate: only their arrival times differ.
+    first, second = (doc["requests"][f"{rate:g}"] for rate in RATES)
+    assert [(a["prompt_tokens"], a["output_tokens"]) for a in first] == \
+        [(b["prompt_tokens"], b["output_tokens"]) for b in second]
+
+
+@pytest.mark.timeout(180)
+def test_png_and_section(run, monkeypatch):
+    docs, out = run
+    png = out / "serving.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
+    # The section for docs/BENCHMARKS.md: the table, and the plot linked relative to docs/.
+    with open(out / "serving.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    counts = ("num_requests", "completed", "errors", "steps", "preemptions")
+    results = [bench_serving.RateResult(**{k: int(v) if k in counts else float(v) for k, v in r.items()})
+               for r in rows]
+    meta = json.loads((out / "serving.json").read_text())
+    monkeypatch.setattr(bench_serving, "BENCHMARKS", docs / "BENCHMARKS.md")
+    body = bench_serving.section_body(results, meta, png)
+    assert "![serving latency against request rate](serving/serving.png)" in body
+    assert body.count("\n| ") == 1 + len(RATES) and "0 request(s) failed" in body
