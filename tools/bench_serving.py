@@ -57,8 +57,9 @@ TITLE = "Serving latency (ZeroMQ server, CPU)"
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "serving"
 # ShareGPT's shape (log-normal, sigma 0.9; the vLLM paper's means are 161 prompt and 338
-# output tokens) at about a tenth of its lengths, so that four rates take minutes on 2 cores.
-PROMPT_MEAN, OUTPUT_MEAN, MAX_PROMPT, MAX_OUTPUT = 16, 32, 128, 128
+# output tokens) at about 7% of its lengths, so that the default run (4 rates x 100 requests
+# with the default model) takes 5 to 8 minutes on 2 CPU cores.
+PROMPT_MEAN, OUTPUT_MEAN, MAX_PROMPT, MAX_OUTPUT = 12, 24, 96, 128
 HEALTH_PROBES = 50          # sequential health round trips with the server idle
 HEALTH_INTERVAL = 0.25      # seconds between health probes during a run
 
