@@ -1,8 +1,9 @@
 """Torch implementations of the cache and attention kernels.
 
 They are the engine's CPU path and the oracle the CUDA kernels are tested against, so they
-are vectorised: K/V are gathered through the block tables with one index operation and the
-attention itself is torch's scaled_dot_product_attention. Half types are computed in fp32.
+are vectorised: K/V are gathered through the block tables with one index operation, and the
+attention itself is two batched matmuls around a softmax for decode and torch's
+scaled_dot_product_attention for prefill. Half types are computed in fp32.
 
 KV cache layout (one pool): [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim],
 index 0 of dim 2 is K, 1 is V; slot s lives at block s // block_size, offset s % block_size.
@@ -85,10 +86,10 @@ def paged_attention_decode(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence ([B, Hq, D]) over its first context_lens[b] cached tokens."""
-    num_seqs = query.shape[0]
+    num_seqs, num_heads, head_dim = query.shape
     if num_seqs == 0:
         return torch.empty_like(query)
-    device, block_size = kv_cache.device, kv_cache.shape[3]
+    device, block_size, num_kv_heads = kv_cache.device, kv_cache.shape[3], kv_cache.shape[4]
     lens = context_lens.to(device=device, dtype=torch.long)
     max_ctx = max(int(lens.max()), 1)
     num_blocks = -(-max_ctx // block_size)
@@ -98,15 +99,33 @@ def paged_attention_decode(
         block_size, rounding_mode="floor"
     ).unsqueeze(1)
     tables = torch.where(used, tables, 0)
-    k, v = _gather_kv(kv_cache, layer, tables)  # [B, num_blocks * block_size, Hkv, D]
-    visible = torch.arange(k.shape[1], device=device) < lens.unsqueeze(1)  # [B, L]
-    out = _sdpa(
-        query.to(device).unsqueeze(2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        visible[:, None, None, :],
-        scale,
-    ).squeeze(2)
+    # One gather straight into [2 (K, V), Hkv, B * num_blocks, block_size, D]: each (head,
+    # sequence) pair's keys are then contiguous, the layout attention wants, with no second copy.
+    source = kv_cache[:, layer].permute(1, 3, 0, 2, 4)  # [2, Hkv, num_blocks_total, bs, D], a view
+    kv = torch.empty(
+        (2, num_kv_heads, num_seqs * num_blocks, block_size, head_dim), dtype=kv_cache.dtype, device=device
+    )
+    torch.index_select(source, 2, tables.reshape(-1), out=kv)
+    kv = kv.view(2, num_kv_heads, num_seqs, num_blocks * block_size, head_dim)
+    # Batch over (KV head, sequence); the query heads of a KV head's group are its query rows.
+    # Two batched matmuls around a softmax (faster here than scaled_dot_product_attention).
+    dtype = _compute_dtype(kv.dtype)
+    kv = kv.to(dtype)
+    group, num_keys = num_heads // num_kv_heads, num_blocks * block_size
+    q = query.to(device=device, dtype=dtype).view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)
+    hidden = torch.arange(num_keys, device=device) >= lens.unsqueeze(1)  # [B, L]
+    bias = torch.zeros((1, num_seqs, 1, num_keys), dtype=dtype, device=device).masked_fill_(
+        hidden[None, :, None, :], float("-inf"))
+    scores = torch.baddbmm(
+        bias.expand(num_kv_heads, -1, -1, -1).reshape(num_kv_heads * num_seqs, 1, num_keys),
+        q.reshape(num_kv_heads * num_seqs, group, head_dim),
+        kv[0].view(num_kv_heads * num_seqs, num_keys, head_dim).transpose(1, 2),
+        alpha=scale,
+    )
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.bmm(probs, kv[1].view(num_kv_heads * num_seqs, num_keys, head_dim))  # [Hkv * B, group, D]
+    out = out.view(num_kv_heads, num_seqs, group, head_dim).transpose(0, 1)
+    out = out.reshape(num_seqs, num_heads, head_dim)
     # A sequence without context has nothing to attend to: zeros, like the CUDA kernel.
     out = torch.where((lens > 0)[:, None, None], out, 0.0)
     return out.to(query.dtype)
