@@ -7,7 +7,7 @@ Every request ends with exactly one `final` or `error` reply (docs/protocol.md).
 Disconnects: ROUTER_NOTIFY is a draft API that the released libzmq builds leave out, so
 the server watches its socket monitor instead. A message tells which connection (file
 descriptor) it came from; a DISCONNECTED event for that descriptor aborts its client's
-requests.
+requests (see _drain_socket for why a reused descriptor is never mistaken).
 """
 from __future__ import annotations
 
@@ -141,7 +141,12 @@ class Server:
                 return
             started = time.perf_counter()
             envelope = [f.bytes for f in frames[:-1]]
-            self.connection_of[envelope[0]] = frames[-1].get(zmq.SRCFD)
+            if envelope[0] not in self.connection_of:
+                # A new client. Descriptors are reused at once, so first take in the monitor's
+                # events: a previous owner's DISCONNECTED was sent before its descriptor was
+                # closed, so it is already there and cannot later be taken for this client's.
+                self._drain_monitor()
+                self.connection_of[envelope[0]] = frames[-1].get(zmq.SRCFD)
             self._handle(envelope, frames[-1].bytes)
             self.counters["handle_seconds"] += time.perf_counter() - started
 

@@ -209,6 +209,28 @@ def test_message_over_the_size_limit_drops_only_that_connection(server):
         sock.close()
 
 
+def test_a_new_client_on_a_reused_connection_is_not_taken_for_the_one_that_left(server):
+    """The OS hands a closed descriptor to the next connection at once; the server must not
+    abort the newcomer's requests when the old client's disconnect event arrives late."""
+    busy = _raw(server)
+    try:
+        for trial in range(8):
+            old = _raw(server)
+            old.send(_pack({"type": "health", "id": "old"}))
+            assert _reply(old)["type"] == "final"
+            for i in range(800):  # keeps the server inside long drains of its socket
+                busy.send(_pack({"type": "health", "id": i}))
+            old.close()
+            new = _raw(server)
+            new.send(_pack({**GOOD, "id": f"new{trial}"}))
+            assert _reply(new)["type"] == "final", f"trial {trial}: the newcomer was aborted"
+            new.close()
+            for _ in range(800):
+                _reply(busy)
+    finally:
+        busy.close()
+
+
 # -- a small server: admission control, disconnects, shutdown -------------------------------------
 @pytest.fixture(scope="module")
 def small_server(model_path, tmp_path_factory):

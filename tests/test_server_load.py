@@ -31,7 +31,7 @@ RATE = 150.0            # requests per second, all clients together (Poisson): t
 SEED = 1234
 FIRST_TOKEN = 3         # ids 0-2 are the tiny tokenizer's special tokens
 BLOCK_SIZE = 4
-# 48 blocks of 4 tokens: a few requests' worth, so that running groups get preempted. The
+# 40 blocks of 4 tokens: a few requests' worth, so that running groups get preempted. The
 # swap pool (about 10 blocks of this model) fills up, so auto mode recomputes too.
 SERVER_ARGS = ["--num-device-blocks", "40", "--block-size", str(BLOCK_SIZE), "--swap-space-gib", "0.00002",
                "--max-num-seqs", "32", "--preemption-mode", "auto"]
