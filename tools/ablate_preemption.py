@@ -1,0 +1,211 @@
+"""Swap vs recompute: when does swapping to pinned CPU RAM beat recomputation on this model
+and machine, and does the automatic policy choose well? (The vLLM paper's Fig. 19.)
+
+    python -m tools.ablate_preemption --quick          # a few minutes on a CPU
+    python -m tools.ablate_preemption                  # every block size 1..256, contexts 256..4096
+
+Three parts: micro (swap out + in vs recompute per block size and context), end to end (one
+workload at several request rates in swap, recompute and auto modes, with a verdict per
+rate), and memory (KV waste and memory saved by sharing for parallel sampling and beam
+search). Writes micro.csv, e2e.csv, memory.csv, results.json, micro.png, e2e.png,
+memory.png and summary.md into --out, and a section of docs/BENCHMARKS.md unless --no-write.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from runtime.engine_config import DTYPES, EngineConfig
+from tools.report import BENCHMARKS, machine_description, write_section
+
+SECTION = "Swap vs recompute ablation"
+FULL = dict(block_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256], contexts=[256, 512, 1024, 2048, 4096],
+            rates=[0.25, 0.5, 1.0, 2.0], num_requests=40, prompt_mean=96, output_mean=64,
+            max_prompt=512, max_output=192, repeats=3, memory_requests=24)
+QUICK = dict(block_sizes=[1, 16, 256], contexts=[256, 1024], rates=[0.5, 2.0], num_requests=12,
+             prompt_mean=48, output_mean=24, max_prompt=192, max_output=64, repeats=2,
+             memory_requests=6)
+PARTS = ("micro", "e2e", "memory")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [math.inf if x.strip() in ("inf", "all") else float(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    add("--device", choices=["cuda", "cpu"])
+    add("--dtype", choices=list(DTYPES))
+    add("--quick", action="store_true", help="fewer block sizes, contexts, rates and requests (minutes on a CPU)")
+    add("--out", default="docs/ablation", help="folder for CSV, JSON, PNG and summary.md (default docs/ablation)")
+    add("--block-sizes", type=_ints, help="micro: block sizes, e.g. 1,2,4,...,256")
+    add("--contexts", type=_ints, help="micro: context lengths in tokens, e.g. 256,1024,4096")
+    add("--repeats", type=int, help="micro: swaps (and prefills up to 1024 tokens) per point; the median counts")
+    add("--rates", type=_floats, help="end to end: request rates in req/s ('inf': all at once)")
+    add("--num-requests", type=int, help="end to end: requests in the workload")
+    add("--memory-requests", type=int, help="memory: the first N requests of the workload, at widths 2, 4, 6")
+    add("--prompt-mean", type=float, help="mean prompt length (long-tailed)")
+    add("--output-mean", type=float, help="mean output length (long-tailed)")
+    add("--max-prompt", type=int)
+    add("--max-output", type=int)
+    add("--e2e-block-size", type=int, default=16, help="end to end: block size (default 16)")
+    add("--e2e-blocks", type=int, help="end to end: device KV blocks (default: the largest request alone fits)")
+    add("--skip", action="append", choices=PARTS, default=[], help="leave a part out (repeatable)")
+    add("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 keeps timings steady "
+        "on a machine that other work shares")
+    add("--clock", choices=["wall", "cpu"], default="wall",
+        help="wall: real time (default). cpu: this process's CPU time, and end-to-end replays on a virtual "
+             "clock driven by it: steady figures on a CPU that other work shares (not for --device cuda)")
+    add("--seed", type=int, default=0)
+    add("--no-write", action="store_true", help="leave docs/BENCHMARKS.md alone")
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    s = dict(QUICK if args.quick else FULL)
+    for key in ("block_sizes", "contexts", "rates", "num_requests", "prompt_mean", "output_mean", "max_prompt",
+                "max_output", "repeats", "memory_requests"):
+        if getattr(args, key, None) is not None:
+            s[key] = getattr(args, key)
+    return s
+
+
+def _memory(loaded, engine_args, requests, progress):
+    """Rows from tools.sharing when it is there; (None, why) otherwise."""
+    try:
+        from tools.sharing import measure_sharing
+    except ImportError:
+        return None, "Not measured: tools.sharing is not available in this checkout."
+    return measure_sharing(loaded, requests, widths=(2, 4, 6), engine_args=engine_args, progress=progress), None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from runtime.loader import load_model
+    from tools import ablate_plots, ablate_report
+    from tools.ablate_e2e import WorkloadSpec, build_workload, cache_blocks, measure_e2e, params_for
+    from tools.ablate_micro import measure_micro
+
+    started = time.monotonic()
+    s = _settings(args)
+    progress = not args.no_progress
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine_args = {k: getattr(args, k) for k in ("model", "device", "dtype") if getattr(args, k, None)}
+    base = EngineConfig(**engine_args)
+    device, dtype = base.torch_device(), base.torch_dtype()
+    if args.clock == "cpu" and device.type == "cuda":
+        raise SystemExit("--clock cpu measures CPU time only: GPU work would not count; use --clock wall")
+    timer = time.process_time if args.clock == "cpu" else time.perf_counter
+    loaded = load_model(args.model)
+    name = os.path.basename(loaded.source.rstrip("/"))
+    if device.type == "cuda":
+        transfer = f"pinned host memory over PCIe, {torch.cuda.get_device_name(device)}"
+    else:
+        transfer = "a copy within host RAM: on the CPU, the device pool is host memory too"
+    spec = WorkloadSpec(num_requests=s["num_requests"], prompt_mean=s["prompt_mean"], output_mean=s["output_mean"],
+                        max_prompt=s["max_prompt"], max_output=s["max_output"])
+    warnings: list[str] = []
+
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        start = time.monotonic()
+        result = fn()
+        timings[name] = time.monotonic() - start
+        print(f"{name}: {timings[name]:.0f} s", file=sys.stderr, flush=True)
+        return result
+
+    workload = build_workload(spec, loaded.config.vocab_size, math.inf, args.seed)
+    micro = []
+    if "micro" not in args.skip:
+        micro = timed("micro", lambda: measure_micro(loaded, engine_args, s["block_sizes"], s["contexts"],
+                                                     repeats=s["repeats"], seed=args.seed, progress=progress,
+                                                     timer=timer))
+    e2e, cache_note = [], ""
+    if "e2e" not in args.skip:
+        e2e, found = timed("end to end", lambda: measure_e2e(
+            loaded, engine_args, spec, s["rates"], block_size=args.e2e_block_size, num_blocks=args.e2e_blocks,
+            seed=args.seed, progress=progress, clock=args.clock))
+        warnings += found
+        bs = args.e2e_block_size
+        blocks = args.e2e_blocks or cache_blocks(workload, params_for(spec, args.seed), bs)
+        cache_note = f"{blocks} blocks of {bs} tokens ({blocks * bs} tokens), room for the largest request alone"
+    memory, memory_note = None, None
+    if "memory" not in args.skip:
+        memory, memory_note = timed("memory", lambda: _memory(loaded, engine_args,
+                                                             workload[: s["memory_requests"]], progress))
+    verdict_rows = ablate_report.verdicts(e2e)
+
+    images = {}
+    if micro:
+        ablate_plots.plot_micro(micro, out / "micro.png", device.type)
+        ablate_report.write_csv(out / "micro.csv", micro)
+        images["micro"] = "micro.png"
+    if e2e:
+        ablate_plots.plot_e2e(e2e, out / "e2e.png", device.type)
+        ablate_report.write_csv(out / "e2e.csv", e2e)
+        images["e2e"] = "e2e.png"
+    if memory:
+        ablate_plots.plot_memory(memory, out / "memory.png")
+        ablate_report.write_csv(out / "memory.csv", memory)
+        images["memory"] = "memory.png"
+    meta = {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "model": name,
+            "machine": machine_description(), "quick": args.quick, "threads": torch.get_num_threads(),
+            "clock": args.clock, "transfer": transfer,
+            "repeats": s["repeats"], "settings": {k: v for k, v in s.items() if k != "rates"},
+            "rates": [ablate_report._rate(r) for r in s["rates"]], "seed": args.seed,
+            "workload": (f"{spec.num_requests} requests, prompts long-tailed around {spec.prompt_mean:g} tokens "
+                         f"(at most {spec.max_prompt}), outputs around {spec.output_mean:g} (at most "
+                         f"{spec.max_output}); every {spec.sample_every}th samples n = {spec.sample_n}, every "
+                         f"{spec.beam_every}th is a beam search of width {spec.beam_width}, the rest greedy"),
+            "e2e_cache": cache_note, "memory_note": memory_note,
+            "memory_workload": f"the first {min(s['memory_requests'], len(workload))} requests of that workload",
+            "phase_seconds": timings, "elapsed_s": time.monotonic() - started}
+    ablate_report.write_json(out / "results.json", meta, micro, e2e, verdict_rows, memory, warnings)
+    text = ablate_report.summary(meta, micro, e2e, verdict_rows, memory, warnings, images)
+    (out / "summary.md").write_text(f"# {SECTION}\n\nMachine: {meta['machine']}\n\n{text}\n")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if verdict_rows:
+        print(ablate_report.verdict_table(verdict_rows))
+    print(f"wrote {out}/ (summary.md, results.json, CSV, PNG) in {meta['elapsed_s'] / 60:.1f} min")
+    if not args.no_write:
+        rel = os.path.relpath(out.resolve(), BENCHMARKS.parent)
+        linked = {k: f"{rel}/{v}" for k, v in images.items()}
+        body = ablate_report.summary(meta, micro, e2e, verdict_rows, memory, warnings, linked)
+        write_section(SECTION, body + f"\n\nCSV, JSON and the summary: `{rel}/`.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pagedkv ablate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
