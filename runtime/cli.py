@@ -143,7 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     _add_serve(sub)
     _add_remote(sub)
+    _add_ablate(sub)
     return parser
+
+
+def _add_ablate(sub) -> None:
+    from tools import ablate_preemption  # the CLI is the top layer: it may reach the tools
+
+    ablate = sub.add_parser("ablate", help="swap vs recompute: when each wins, and whether auto chooses well")
+    ablate_preemption.add_arguments(ablate)
+    ablate.set_defaults(func=ablate_preemption.run)
 
 
 def main(argv: list[str] | None = None) -> int:
