@@ -32,7 +32,8 @@ def one_thread():
 # -- the tool, end to end, on a tiny model ------------------------------------------------------
 TINY = ["--block-sizes", "1,4,16", "--contexts", "16,48", "--repeats", "2", "--rates", "50,inf",
         "--num-requests", "7", "--prompt-mean", "12", "--output-mean", "8", "--max-prompt", "40",
-        "--max-output", "20", "--e2e-block-size", "4", "--clock", "cpu", "--threads", "1", "--no-progress"]
+        "--max-output", "20", "--e2e-block-size", "4", "--clock", "cpu", "--threads", "1",
+        "--memory-requests", "4", "--memory-scale", "0.1", "--e2e-repeats", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,7 @@ def test_e2e_csv_and_preemption_invisible(tiny_run):
         assert (int(recompute["preempt_recompute"]) > 0) == (int(recompute["tokens_recomputed"]) > 0)
         for mode in ("swap", "recompute", "auto"):
             row = by[(rate, mode)]
+            assert int(row["requests"]) == 2 * 7  # two replays of the 7 requests, pooled
             assert int(row["errors"]) == 0
             assert int(row["mismatches"]) == 0  # preemption never shows in the tokens
             assert float(row["p50_norm_latency"]) <= float(row["p99_norm_latency"])
@@ -265,15 +267,16 @@ def test_verdicts():
     v = {x.rate: x for x in verdicts(rows)}
     assert sorted(v) == [1.0, 2.0, 4.0, 8.0]
     assert (v[1.0].fastest, v[1.0].best_fixed, v[1.0].met) == ("swap", "swap", True)
-    assert v[1.0].gap == pytest.approx(0.05) and v[1.0].auto_chose == "swap 5, recompute 0"
+    assert v[1.0].gap == pytest.approx(0.05) and v[1.0].auto_chose == "swap 5, recompute 0 (as swap mode)"
     assert (v[2.0].fastest, v[2.0].best_fixed, v[2.0].met) == ("recompute", "recompute", False)
     assert v[2.0].gap == pytest.approx(0.25) and v[2.0].auto_chose == "swap 3, recompute 2"
+    assert v[1.0].same_choices and not v[2.0].same_choices and not v[4.0].same_choices
     assert (v[4.0].fastest, v[4.0].best_fixed, v[4.0].met) == ("auto", "swap", True)
     assert v[4.0].gap == pytest.approx(-0.1)
     assert v[8.0].met and v[8.0].gap == pytest.approx(0.09) and v[8.0].auto_chose == "no preemption"
     table = verdict_table(list(v.values()))
     assert "| 2 | 30.0 | 20.0 | 25.0 | recompute | swap 3, recompute 2 | +25.0% | **no** |" in table
-    assert "| 1 | 10.0 | 20.0 | 10.5 | swap | swap 5, recompute 0 | +5.0% | yes |" in table
+    assert "| 1 | 10.0 | 20.0 | 10.5 | swap | swap 5, recompute 0 (as swap mode) | +5.0% | yes |" in table
 
 
 def test_policy_gap():

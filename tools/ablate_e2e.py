@@ -90,13 +90,15 @@ def cache_blocks(requests: list[WorkloadRequest], params, block_size: int) -> in
     return largest + 2
 
 
-def build_workload(spec: WorkloadSpec, vocab_size: int, rate: float, seed: int) -> list[WorkloadRequest]:
+def build_workload(spec: WorkloadSpec, vocab_size: int, rate: float, seed: int,
+                   arrival_seed: int | None = None) -> list[WorkloadRequest]:
     """The same requests at every rate; only their arrival times change with it. (make_workload
     draws arrivals before lengths from one generator, so its lengths would change with the rate.)"""
     requests = make_workload(spec.num_requests, vocab_size, seed=seed, prompt_mean=spec.prompt_mean,
                              output_mean=spec.output_mean, max_prompt=spec.max_prompt,
                              max_output=spec.max_output, rate=math.inf)
-    arrivals = poisson_arrivals(random.Random(seed + 1), len(requests), rate)
+    rng = random.Random(seed + 1 if arrival_seed is None else arrival_seed)
+    arrivals = poisson_arrivals(rng, len(requests), rate)
     return [replace(r, arrival=t) for r, t in zip(requests, arrivals)]
 
 
@@ -137,9 +139,24 @@ def replay_cpu_clock(engine: LLMEngine, requests: list[WorkloadRequest], params,
     return ReplayResult(timings, outputs, now(), engine.generated_tokens - tokens_before, engine.stats())
 
 
+@dataclass
+class Run:
+    """One replay of the workload in one mode."""
+
+    norm_latencies: list[float]
+    generated_tokens: int
+    elapsed: float
+    preempt_swap: int
+    preempt_recompute: int
+    bytes_swapped: int
+    tokens_recomputed: int
+    errors: int
+    tokens: dict[str, list[list[int]]]  # request id -> every completion's token ids
+    estimates: dict                     # the engine's cost-model estimates at the end
+
+
 def run_point(loaded: LoadedModel, engine_args: dict, requests: list[WorkloadRequest], params,
-              rate: float, mode: str, block_size: int, num_blocks: int, progress: bool = True,
-              clock: str = "wall") -> tuple[E2ERow, dict[str, list[list[int]]]]:
+              mode: str, block_size: int, num_blocks: int, desc: str | None = None, clock: str = "wall") -> Run:
     cfg = loaded.config
     base = EngineConfig(**engine_args)
     spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, base.torch_dtype())
@@ -149,25 +166,35 @@ def run_point(loaded: LoadedModel, engine_args: dict, requests: list[WorkloadReq
                              "swap_space_gib": min(4.0, swap_blocks * spec.bytes_per_block / GIB),
                              "preemption_mode": mode})
     engine = LLMEngine(config, loaded)
-    desc = f"e2e rate {rate:g} {mode}" if progress else None
     if clock == "cpu":
         result = replay_cpu_clock(engine, requests, params, desc)
     else:
         result = replay(engine, requests, params, desc=desc)
-    norm = [t.normalized_latency for t in result.timings.values() if t.finished is not None]
     stats = result.stats
-    row = E2ERow(rate=rate, mode=mode, requests=len(requests),
-                 mean_norm_latency=sum(norm) / len(norm) if norm else float("nan"),
-                 p50_norm_latency=percentile(norm, 50), p99_norm_latency=percentile(norm, 99),
-                 throughput=result.throughput, elapsed_s=result.elapsed,
-                 preempt_swap=stats["preemptions"]["swap"], preempt_recompute=stats["preemptions"]["recompute"],
-                 bytes_swapped=engine.cache.bytes_swapped, tokens_recomputed=stats["tokens_recomputed"],
-                 errors=sum(1 for o in result.outputs.values() if o.error),
-                 extra={"prefill_tokens_per_s": stats["prefill_tokens_per_s"],
-                        "swap_bytes_per_s": stats["swap_bytes_per_s"],
-                        "num_device_blocks": num_blocks, "block_size": block_size})
-    tokens = {rid: [c.token_ids for c in out.outputs] for rid, out in result.outputs.items()}
-    return row, tokens
+    return Run(norm_latencies=[t.normalized_latency for t in result.timings.values() if t.finished is not None],
+               generated_tokens=result.generated_tokens, elapsed=result.elapsed,
+               preempt_swap=stats["preemptions"]["swap"], preempt_recompute=stats["preemptions"]["recompute"],
+               bytes_swapped=engine.cache.bytes_swapped, tokens_recomputed=stats["tokens_recomputed"],
+               errors=sum(1 for o in result.outputs.values() if o.error),
+               tokens={rid: [c.token_ids for c in out.outputs] for rid, out in result.outputs.items()},
+               estimates={"prefill_tokens_per_s": stats["prefill_tokens_per_s"],
+                          "swap_bytes_per_s": stats["swap_bytes_per_s"]})
+
+
+def combine(rate: float, mode: str, runs: list[Run], extra: dict) -> E2ERow:
+    """One row from the repeats of a point: latencies pooled over every request of every repeat,
+    throughput over their total time, counts summed."""
+    norm = [x for run in runs for x in run.norm_latencies]
+    elapsed = sum(run.elapsed for run in runs)
+    return E2ERow(rate=rate, mode=mode, requests=len(norm),
+                  mean_norm_latency=sum(norm) / len(norm) if norm else float("nan"),
+                  p50_norm_latency=percentile(norm, 50), p99_norm_latency=percentile(norm, 99),
+                  throughput=sum(run.generated_tokens for run in runs) / elapsed if elapsed > 0 else 0.0,
+                  elapsed_s=elapsed, preempt_swap=sum(run.preempt_swap for run in runs),
+                  preempt_recompute=sum(run.preempt_recompute for run in runs),
+                  bytes_swapped=sum(run.bytes_swapped for run in runs),
+                  tokens_recomputed=sum(run.tokens_recomputed for run in runs),
+                  errors=sum(run.errors for run in runs), extra={**runs[-1].estimates, **extra})
 
 
 def warm_up(loaded: LoadedModel, engine_args: dict, spec: WorkloadSpec, seed: int) -> None:
@@ -179,28 +206,35 @@ def warm_up(loaded: LoadedModel, engine_args: dict, spec: WorkloadSpec, seed: in
 
 
 def measure_e2e(loaded: LoadedModel, engine_args: dict, spec: WorkloadSpec, rates: list[float],
-                block_size: int = 16, num_blocks: int | None = None, seed: int = 0,
-                progress: bool = True, clock: str = "wall") -> tuple[list[E2ERow], list[str]]:
-    """Rows for every (rate, mode), and warnings (outputs that differ between modes, errors)."""
+                block_size: int = 16, num_blocks: int | None = None, seed: int = 0, progress: bool = True,
+                clock: str = "wall", repeats: int = 1) -> tuple[list[E2ERow], list[str]]:
+    """Rows for every (rate, mode), and warnings (outputs that differ between modes, errors).
+    Each repeat replays the same requests with other Poisson arrival times."""
     params = params_for(spec, seed)
     warm_up(loaded, engine_args, spec, seed)
     rows: list[E2ERow] = []
     warnings: list[str] = []
-    bar = tqdm(total=len(rates) * len(MODES), desc="end to end", unit="run", disable=not progress)
+    bar = tqdm(total=len(rates) * len(MODES) * repeats, desc="end to end", unit="run", disable=not progress)
     for k, rate in enumerate(rates):
-        requests = build_workload(spec, loaded.config.vocab_size, rate, seed)
-        blocks = num_blocks or cache_blocks(requests, params, block_size)
-        outputs: dict[str, dict] = {}
-        order = MODES[k % len(MODES):] + MODES[:k % len(MODES)]  # no mode always runs first
-        point: dict[str, E2ERow] = {}
-        for mode in order:
-            bar.set_postfix(rate=rate, mode=mode)
-            point[mode], outputs[mode] = run_point(loaded, engine_args, requests, params, rate, mode,
-                                                   block_size, blocks, progress, clock)
-            bar.update(1)
+        runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+        mismatches = dict.fromkeys(MODES, 0)
+        for r in range(repeats):
+            requests = build_workload(spec, loaded.config.vocab_size, rate, seed, arrival_seed=seed + 1 + r)
+            blocks = num_blocks or cache_blocks(requests, params, block_size)
+            shift = (k + r) % len(MODES)
+            for mode in MODES[shift:] + MODES[:shift]:  # no mode always runs first
+                bar.set_postfix(rate=rate, mode=mode)
+                desc = f"e2e rate {rate:g} {mode}" if progress else None
+                runs[mode].append(run_point(loaded, engine_args, requests, params, mode, block_size, blocks,
+                                            desc, clock))
+                bar.update(1)
+            reference = runs["swap"][-1].tokens
+            for mode in MODES:
+                mismatches[mode] += sum(1 for rid, toks in runs[mode][-1].tokens.items() if reference.get(rid) != toks)
         for mode in MODES:
-            row = point[mode]
-            row.mismatches = sum(1 for rid, toks in outputs[mode].items() if outputs["swap"].get(rid) != toks)
+            row = combine(rate, mode, runs[mode], {"num_device_blocks": blocks, "block_size": block_size,
+                                                   "repeats": repeats})
+            row.mismatches = mismatches[mode]
             if row.mismatches:
                 warnings.append(f"rate {rate:g}: {row.mismatches} of {row.requests} requests in {mode} mode "
                                 "returned other tokens than in swap mode")
@@ -209,7 +243,3 @@ def measure_e2e(loaded: LoadedModel, engine_args: dict, spec: WorkloadSpec, rate
             rows.append(row)
     bar.close()
     return rows, warnings
-
-
-def rate_label(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"

@@ -24,11 +24,12 @@ from tools.report import BENCHMARKS, machine_description, write_section
 
 SECTION = "Swap vs recompute ablation"
 FULL = dict(block_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256], contexts=[256, 512, 1024, 2048, 4096],
-            rates=[0.25, 0.5, 1.0, 2.0], num_requests=40, prompt_mean=96, output_mean=64,
-            max_prompt=512, max_output=192, repeats=3, memory_requests=24)
-QUICK = dict(block_sizes=[1, 16, 256], contexts=[256, 1024], rates=[0.5, 2.0], num_requests=12,
+            rates=[0.5, 1.0, 2.0, 4.0], num_requests=32, e2e_repeats=2, prompt_mean=96, output_mean=64,
+            max_prompt=512, max_output=192, repeats=3, memory_requests=12,
+            memory_scale=0.5)
+QUICK = dict(block_sizes=[1, 16, 256], contexts=[256, 1024], rates=[0.5, 2.0], num_requests=12, e2e_repeats=1,
              prompt_mean=48, output_mean=24, max_prompt=192, max_output=64, repeats=2,
-             memory_requests=6)
+             memory_requests=6, memory_scale=0.25)
 PARTS = ("micro", "e2e", "memory")
 
 
@@ -52,12 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--repeats", type=int, help="micro: swaps (and prefills up to 1024 tokens) per point; the median counts")
     add("--rates", type=_floats, help="end to end: request rates in req/s ('inf': all at once)")
     add("--num-requests", type=int, help="end to end: requests in the workload")
-    add("--memory-requests", type=int, help="memory: the first N requests of the workload, at widths 2, 4, 6")
+    add("--memory-requests", type=int, help="memory: requests, each run at widths 2, 4, 6")
+    add("--memory-scale", type=float, help="memory: mean lengths as a fraction of ShareGPT's (161 prompt, "
+        "338 output tokens); the ratio of the two is what sets the sharing")
     add("--prompt-mean", type=float, help="mean prompt length (long-tailed)")
     add("--output-mean", type=float, help="mean output length (long-tailed)")
     add("--max-prompt", type=int)
     add("--max-output", type=int)
     add("--e2e-block-size", type=int, default=16, help="end to end: block size (default 16)")
+    add("--e2e-repeats", type=int,
+        help="end to end: replays per point, each with other arrival times; latencies pool over them")
     add("--e2e-blocks", type=int, help="end to end: device KV blocks (default: the largest request alone fits)")
     add("--skip", action="append", choices=PARTS, default=[], help="leave a part out (repeatable)")
     add("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 keeps timings steady "
@@ -73,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> dict:
     s = dict(QUICK if args.quick else FULL)
     for key in ("block_sizes", "contexts", "rates", "num_requests", "prompt_mean", "output_mean", "max_prompt",
-                "max_output", "repeats", "memory_requests"):
+                "max_output", "repeats", "memory_requests", "memory_scale", "e2e_repeats"):
         if getattr(args, key, None) is not None:
             s[key] = getattr(args, key)
     return s
@@ -107,6 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     from tools import ablate_plots, ablate_report
     from tools.ablate_e2e import WorkloadSpec, build_workload, cache_blocks, measure_e2e, params_for
     from tools.ablate_micro import measure_micro
+    from tools.workload import describe, make_workload
 
     started = time.monotonic()
     s = _settings(args)
@@ -148,15 +154,19 @@ def _run(args: argparse.Namespace) -> int:
     if "e2e" not in args.skip:
         e2e, found = timed("end to end", lambda: measure_e2e(
             loaded, engine_args, spec, s["rates"], block_size=args.e2e_block_size, num_blocks=args.e2e_blocks,
-            seed=args.seed, progress=progress, clock=args.clock))
+            seed=args.seed, progress=progress, clock=args.clock, repeats=s["e2e_repeats"]))
         warnings += found
         bs = args.e2e_block_size
         blocks = args.e2e_blocks or cache_blocks(workload, params_for(spec, args.seed), bs)
         cache_note = f"{blocks} blocks of {bs} tokens ({blocks * bs} tokens), room for the largest request alone"
     memory, memory_note = None, None
     if "memory" not in args.skip:
-        memory, memory_note = timed("memory", lambda: _memory(loaded, engine_args,
-                                                             workload[: s["memory_requests"]], progress))
+        k = s["memory_scale"]
+        sharegpt = make_workload(s["memory_requests"], loaded.config.vocab_size, seed=args.seed,
+                                 prompt_mean=161 * k, output_mean=338 * k, max_prompt=max(int(1024 * k), 16),
+                                 max_output=max(int(1024 * k), 16))
+        memory_desc = f"ShareGPT's mean lengths scaled by {k:g} ({describe(sharegpt)})"
+        memory, memory_note = timed("memory", lambda: _memory(loaded, engine_args, sharegpt, progress))
     verdict_rows = ablate_report.verdicts(e2e)
 
     images = {}
@@ -180,9 +190,11 @@ def _run(args: argparse.Namespace) -> int:
             "workload": (f"{spec.num_requests} requests, prompts long-tailed around {spec.prompt_mean:g} tokens "
                          f"(at most {spec.max_prompt}), outputs around {spec.output_mean:g} (at most "
                          f"{spec.max_output}); every {spec.sample_every}th samples n = {spec.sample_n}, every "
-                         f"{spec.beam_every}th is a beam search of width {spec.beam_width}, the rest greedy"),
+                         f"{spec.beam_every}th is a beam search of width {spec.beam_width}, the rest greedy"
+                         + (f"; {s['e2e_repeats']} replays per point with other arrival times, pooled"
+                            if s["e2e_repeats"] > 1 else "")),
             "e2e_cache": cache_note, "memory_note": memory_note,
-            "memory_workload": f"the first {min(s['memory_requests'], len(workload))} requests of that workload",
+            "memory_workload": memory_desc if "memory" not in args.skip else "",
             "phase_seconds": timings, "elapsed_s": time.monotonic() - started}
     ablate_report.write_json(out / "results.json", meta, micro, e2e, verdict_rows, memory, warnings)
     text = ablate_report.summary(meta, micro, e2e, verdict_rows, memory, warnings, images)

@@ -28,12 +28,14 @@ class Verdict:
     auto_recomputes: int
     gap: float            # auto / best fixed - 1 (negative: auto beat both)
     met: bool
+    same_choices: bool    # auto chose the best fixed mode's way every time: its gap is run-to-run variation
 
     @property
     def auto_chose(self) -> str:
         if not self.auto_swaps and not self.auto_recomputes:
             return "no preemption"
-        return f"swap {self.auto_swaps}, recompute {self.auto_recomputes}"
+        text = f"swap {self.auto_swaps}, recompute {self.auto_recomputes}"
+        return text + (f" (as {self.best_fixed} mode)" if self.same_choices else "")
 
 
 def verdicts(e2e_rows, target: float = TARGET_GAP) -> list[Verdict]:
@@ -50,8 +52,10 @@ def verdicts(e2e_rows, target: float = TARGET_GAP) -> list[Verdict]:
         best_fixed = min(("swap", "recompute"), key=lambda m: lat[m])
         gap = lat["auto"] / lat[best_fixed] - 1 if lat[best_fixed] > 0 else 0.0
         auto = modes["auto"]
+        # Auto ran the best mode's policy outright when it chose that way at every preemption.
+        same = auto.preempt_recompute == 0 if best_fixed == "swap" else auto.preempt_swap == 0
         out.append(Verdict(rate, min(lat, key=lat.get), best_fixed, lat["swap"], lat["recompute"], lat["auto"],
-                           auto.preempt_swap, auto.preempt_recompute, gap, gap <= target))
+                           auto.preempt_swap, auto.preempt_recompute, gap, gap <= target, same))
     return out
 
 
@@ -173,7 +177,10 @@ def summary(meta: dict, micro, e2e, verdict_rows, memory, warnings: list[str], i
                   "Best mode by mean normalized latency (end-to-end seconds per output token). "
                   f"Target: auto within {TARGET_GAP:.0%} of the better fixed mode at every rate.",
                   verdict_table(verdict_rows),
-                  f"Target met at {met} of {len(verdict_rows)} rates."]
+                  f"Target met at {met} of {len(verdict_rows)} rates."
+                  + (" Where auto chose the best fixed mode's way at every preemption (\"as ... mode\"), the "
+                     "two ran the same policy, and the gap between them is run-to-run variation." if any(
+                         v.same_choices for v in verdict_rows) else "")]
     if memory:
         parts += ["### Memory: KV waste and sharing",
                   f"![memory saved by sharing]({images['memory']})" if images.get("memory") else "",
