@@ -7,18 +7,18 @@ import logging
 import sys
 
 from runtime.client import Client, ServerError
-from runtime.security import write_keys
+from runtime.security import check_bind, write_keys
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.engine import LLMEngine
     from runtime.engine_config import EngineConfig
-    from runtime.server import Server, ServerConfig, check_config
+    from runtime.server import Server, ServerConfig
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(args.bind, args.max_queued, args.max_message_mib, args.curve_keys, args.insecure)
-    check_config(config)  # before spending seconds on the model
+    check_bind(config.bind, config.curve_keys, config.insecure)  # before spending seconds on the model
     print("pagedkv: loading the model ...", file=sys.stderr, flush=True)
     server = Server(LLMEngine(EngineConfig.from_args(args)), config)
     keys = f" --curve-keys {args.curve_keys}" if args.curve_keys else ""

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgpack
 
+from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 
 # Stable error codes.
@@ -121,3 +122,11 @@ def encode(reply: dict) -> bytes:
 
 def error_reply(request_id: Any, code: str, message: str) -> dict:
     return {"type": "error", "id": request_id, "code": code, "message": message}
+
+
+def final_reply(request_id: Any, output: RequestOutput) -> dict:
+    return {"type": "final", "id": request_id, "prompt_tokens": len(output.prompt_token_ids),
+            "outputs": [{"index": c.index, "token_ids": c.token_ids, "text": c.text,
+                         "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
+                         "logprobs": None if c.logprobs is None else [sorted(d.items()) for d in c.logprobs]}
+                        for c in output.outputs]}

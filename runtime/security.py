@@ -30,6 +30,13 @@ def is_local_address(address: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
+def check_bind(address: str, curve_keys: str | None, insecure: bool) -> None:
+    """Only loopback and ipc:// go without CurveZMQ, unless the operator says --insecure."""
+    if not curve_keys and not insecure and not is_local_address(address):
+        raise ValueError(f"refusing to bind {address} without encryption: configure CurveZMQ keys "
+                         "(`pagedkv keys DIR`, then --curve-keys DIR) or pass --insecure")
+
+
 def write_keys(directory: str | Path, clients: list[str]) -> list[Path]:
     """Creates the server's pair (once) and a pair per client name; returns the files written."""
     root = Path(directory)

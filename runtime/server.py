@@ -16,7 +16,7 @@ import signal
 import socket as pysocket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jinja2
 import zmq
@@ -25,9 +25,9 @@ from zmq.utils.monitor import recv_monitor_message
 from runtime.engine import LLMEngine, RequestTooLong
 from runtime.outputs import RequestOutput
 from runtime.protocol import (ABORTED, BAD_REQUEST, INTERNAL, OVERLOADED, TOO_LONG, Message, ProtocolError,
-                              decode_message, encode, error_reply)
-from runtime.security import is_local_address, secure_server
-from runtime.streaming import TextStream
+                              decode_message, encode, error_reply, final_reply)
+from runtime.security import check_bind, secure_server
+from runtime.streaming import RequestStream
 
 log = logging.getLogger("pagedkv.server")
 MAX_MESSAGES_PER_ITERATION = 256  # a flood of messages cannot starve the engine
@@ -46,22 +46,14 @@ class ServerConfig:
 class InFlight:
     envelope: list[bytes]  # routing frames of the client
     client_id: str | int
-    stream: bool
-    stop: list[str]  # stop strings: a stream holds back what could begin one
-    texts: dict[int, TextStream] = field(default_factory=dict)
-
-
-def check_config(config: ServerConfig) -> None:
-    if not config.curve_keys and not config.insecure and not is_local_address(config.bind):
-        raise ValueError(f"refusing to bind {config.bind} without encryption: configure CurveZMQ keys "
-                         "(`pagedkv keys DIR`, then --curve-keys DIR) or pass --insecure")
-    if config.max_queued < 1 or config.max_message_mib <= 0:
-        raise ValueError("max_queued must be >= 1 and max_message_mib > 0")
+    stream: RequestStream | None  # None: no token replies, only the final one
 
 
 class Server:
     def __init__(self, engine: LLMEngine, config: ServerConfig) -> None:
-        check_config(config)
+        check_bind(config.bind, config.curve_keys, config.insecure)
+        if config.max_queued < 1 or config.max_message_mib <= 0:
+            raise ValueError("max_queued must be >= 1 and max_message_mib > 0")
         self.engine, self.config = engine, config
         self._wake_read, self._wake_write = pysocket.socketpair()
         self._wake_read.setblocking(False)
@@ -194,7 +186,8 @@ class Server:
             raise ProtocolError(TOO_LONG, str(e), msg.id)
         except ValueError as e:
             raise ProtocolError(BAD_REQUEST, str(e), msg.id)
-        self.in_flight[request_id] = InFlight(envelope, msg.id, msg.stream, msg.params.stop)
+        stream = RequestStream(self.engine.stopping.decode, msg.params.stop) if msg.stream else None
+        self.in_flight[request_id] = InFlight(envelope, msg.id, stream)
         self.by_client[key] = request_id
 
     def _prompt_ids(self, msg: Message) -> list[int]:
@@ -256,35 +249,16 @@ class Server:
 
     def _reply(self, output: RequestOutput) -> None:
         request = self.in_flight[output.request_id]
-        if request.stream:
-            self._send_deltas(request, output)
+        deltas = request.stream.deltas(output) if request.stream else None
+        if deltas:
+            self._send(request.envelope, {"type": "token", "id": request.client_id, "outputs": deltas})
         if not output.finished:
             return
         self._forget(output.request_id)
         if output.error:
             self._error(request.envelope, request.client_id, TOO_LONG, output.error)
-            return
-        self._send(request.envelope, {
-            "type": "final", "id": request.client_id, "prompt_tokens": len(output.prompt_token_ids),
-            "outputs": [{"index": c.index, "token_ids": c.token_ids, "text": c.text,
-                         "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
-                         "logprobs": None if c.logprobs is None else [sorted(d.items()) for d in c.logprobs]}
-                        for c in output.outputs]})
-
-    def _send_deltas(self, request: InFlight, output: RequestOutput) -> None:
-        deltas = []
-        for c in output.outputs:
-            text = request.texts.setdefault(c.index, TextStream(self.engine.stopping.decode, request.stop))
-            if c.finish_reason:  # beam search sends its tokens only here, at the end
-                new_ids = c.token_ids[len(text.token_ids):]
-                text.token_ids += new_ids
-                delta = text.finish(c.text)
-            else:
-                new_ids, delta = c.new_token_ids, text.push(c.new_token_ids)
-            if new_ids or delta:
-                deltas.append({"index": c.index, "token_ids": new_ids, "text": delta})
-        if deltas:
-            self._send(request.envelope, {"type": "token", "id": request.client_id, "outputs": deltas})
+        else:
+            self._send(request.envelope, final_reply(request.client_id, output))
 
     def _send(self, envelope: list[bytes], reply: dict) -> None:
         try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from runtime.outputs import RequestOutput
+
 REPLACEMENT = "\ufffd"
 
 
@@ -38,3 +40,26 @@ class TextStream:
             self.sent = final_text
             return delta
         return ""  # cannot happen with prefix-stable decoding; the final message is authoritative
+
+
+class RequestStream:
+    """The text streams of one request's outputs (samples or beams), by output index."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]) -> None:
+        self.decode, self.stop = decode, stop
+        self.texts: dict[int, TextStream] = {}
+
+    def deltas(self, output: RequestOutput) -> list[dict]:
+        """What this step adds to each output: {"index", "token_ids", "text"}, changed ones only."""
+        deltas = []
+        for c in output.outputs:
+            text = self.texts.setdefault(c.index, TextStream(self.decode, self.stop))
+            if c.finish_reason:  # beam search sends its tokens only here, at the end
+                new_ids = c.token_ids[len(text.token_ids):]
+                text.token_ids += new_ids
+                delta = text.finish(c.text)
+            else:
+                new_ids, delta = c.new_token_ids, text.push(c.new_token_ids)
+            if new_ids or delta:
+                deltas.append({"index": c.index, "token_ids": new_ids, "text": delta})
+        return deltas
