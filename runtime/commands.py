@@ -149,8 +149,8 @@ def format_stats(s: dict) -> str:
     ]
     if server:
         rows += [("requests in flight", f"{server['in_flight']} (at most {server['max_queued']} waiting)"),
-                 ("runtime overhead", f"{server['handle_ms_per_message']:.3f} ms per message, "
-                                      f"engine step {server['step_ms']:.2f} ms"),
+                 ("runtime overhead", f"{server['handle_ms_per_message']:.3f} ms per message received "
+                                      f"(its replies included), engine step {server['step_ms']:.2f} ms"),
                  ("uptime", f"{server['uptime_s']:.0f} s")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
