@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -122,6 +123,7 @@ def test_json_summary_and_plots(tiny_run):
     text = (out / "summary.md").read_text()
     assert "| rate (req/s) | swap ms/tok | recompute ms/tok | auto ms/tok | fastest | auto chose |" in text
     assert "![swap vs recompute per block size](micro.png)" in text
+    assert re.search(r"Swapping was faster at [0-6] of 6 points; recomputing took [0-9.]+x to [0-9.]+x", text)
     matplotlib_image = pytest.importorskip("matplotlib.image")
     for name in ("micro.png", "e2e.png", "memory.png"):
         data = (out / name).read_bytes()

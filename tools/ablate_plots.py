@@ -19,7 +19,7 @@ def _pyplot():
 def plot_micro(rows, path: Path, device: str) -> None:
     """Fig. 19a: time vs block size, swap (out + in) solid, recompute dashed, one colour per context."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     contexts = sorted({r.context for r in rows})
     colors = plt.get_cmap("viridis")(
         [i / max(len(contexts) - 1, 1) * 0.85 for i in range(len(contexts))])
@@ -37,7 +37,7 @@ def plot_micro(rows, path: Path, device: str) -> None:
     ax.set_ylabel("time (ms)")
     ax.set_title(f"Swap out + in vs recompute, per context ({device})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines fill the plot
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -59,7 +59,10 @@ def plot_e2e(rows, path: Path, device: str) -> None:
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("normalized latency (ms/token)")
         ax.set_title(f"{title} normalized latency ({device})")
+        if all(x > 0 for x in x_of.values()):
+            ax.set_xscale("log", base=2)
         ax.set_xticks([x_of[r] for r in rates], ["all at once" if r == float("inf") else f"{r:g}" for r in rates])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -97,6 +97,18 @@ def micro_grid(rows: list[MicroRow]) -> str:
     return markdown_table(["block size"] + [f"{c} tokens: swap / recompute ms" for c in contexts], body)
 
 
+def micro_finding(rows: list[MicroRow]) -> str:
+    ratios = [r.ratio for r in rows]
+    lo, hi = min(ratios), max(ratios)
+
+    def x(v: float) -> str:
+        return f"{v:.0f}x" if v >= 10 else f"{v:.2f}x"
+
+    swap_wins = sum(r.faster == "swap" for r in rows)
+    return (f"Swapping was faster at {swap_wins} of {len(rows)} points; recomputing took {x(lo)} to {x(hi)} "
+            "as long as swapping out and back in.")
+
+
 def e2e_table(rows) -> str:
     return markdown_table(
         ["rate (req/s)", "mode", "norm. latency mean / p50 / p99 (ms/tok)", "throughput (tok/s)",
@@ -153,7 +165,8 @@ def write_json(path: Path, meta: dict, micro, e2e, verdict_rows, memory, warning
 def summary(meta: dict, micro, e2e, verdict_rows, memory, warnings: list[str], images: dict[str, str]) -> str:
     """The markdown body: the summary file and the BENCHMARKS.md section. `images` maps
     micro/e2e/memory to the plot paths relative to where the text lives."""
-    threads = f", {meta['threads']} torch threads" if meta["device"] == "cpu" else ""
+    n = meta["threads"]
+    threads = f", {n} torch thread{'s' if n != 1 else ''}" if meta["device"] == "cpu" else ""
     parts = [f"Device: {meta['device']} ({meta['dtype']}{threads}), model: {meta['model']}. "
              f"Run took {meta['elapsed_s'] / 60:.1f} min{' (--quick)' if meta['quick'] else ''}."
              + (" Times are this process's CPU time, and the end-to-end replays run on a virtual clock "
@@ -163,6 +176,7 @@ def summary(meta: dict, micro, e2e, verdict_rows, memory, warnings: list[str], i
         agree = sum(r.policy == r.faster for r in micro)
         parts += ["### Micro: swap out + in vs recompute (Fig. 19a)",
                   f"![swap vs recompute per block size]({images['micro']})", micro_grid(micro),
+                  micro_finding(micro) + " "
                   f"Swap time is the executor moving a group's blocks to the CPU pool and back "
                   f"({meta['transfer']}); recompute time is a prefill of the same tokens. Medians of "
                   f"{meta['repeats']} swaps; prefills repeat as often up to 1024 tokens, once above. "
