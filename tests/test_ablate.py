@@ -155,6 +155,14 @@ def test_no_write_leaves_benchmarks_alone(tiny_model, tmp_path, monkeypatch):
     assert "### Verdict" not in (tmp_path / "summary.md").read_text()
 
 
+def test_clock_choice():
+    resolve = ablate_preemption.resolve_clock
+    assert resolve("auto", "cpu") == "cpu" and resolve("wall", "cpu") == "wall"
+    assert resolve("auto", "cuda") == "wall" and resolve("wall", "cuda") == "wall"
+    with pytest.raises(SystemExit, match="GPU work is not CPU time"):
+        resolve("cpu", "cuda")
+
+
 def test_workload_is_the_same_at_every_rate():
     spec = WorkloadSpec(num_requests=20)
     slow, fast, burst = (build_workload(spec, 1000, rate, seed=3) for rate in (0.5, 8.0, math.inf))
@@ -276,6 +284,9 @@ def test_verdicts():
     assert (v[4.0].fastest, v[4.0].best_fixed, v[4.0].met) == ("auto", "swap", True)
     assert v[4.0].gap == pytest.approx(-0.1)
     assert v[8.0].met and v[8.0].gap == pytest.approx(0.09) and v[8.0].auto_chose == "no preemption"
+    noisy = verdicts([e2e(1.0, "swap", 0.010), e2e(1.0, "recompute", 0.020), e2e(1.0, "auto", 0.012, swaps=4)])[0]
+    assert not noisy.met and noisy.same_choices  # auto swapped every victim, as swap mode: variation
+    assert "| +20.0% | no, variation (same choices as swap) |" in verdict_table([noisy])
     table = verdict_table(list(v.values()))
     assert "| 2 | 30.0 | 20.0 | 25.0 | recompute | swap 3, recompute 2 | +25.0% | **no** |" in table
     assert "| 1 | 10.0 | 20.0 | 10.5 | swap | swap 5, recompute 0 (as swap mode) | +5.0% | yes |" in table

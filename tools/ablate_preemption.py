@@ -1,8 +1,12 @@
 """Swap vs recompute: when does swapping to pinned CPU RAM beat recomputation on this model
 and machine, and does the automatic policy choose well? (The vLLM paper's Fig. 19.)
 
-    python -m tools.ablate_preemption --quick          # a few minutes on a CPU
+    python -m tools.ablate_preemption --quick          # about 2 minutes on a 2-core CPU
     python -m tools.ablate_preemption                  # every block size 1..256, contexts 256..4096
+    python -m tools.ablate_preemption --device cuda    # on a GPU: pinned host memory over PCIe
+
+On a CPU, times are the process's CPU time by default (`--clock`), on one torch thread, so
+that other work on the machine does not distort them; on CUDA they are wall-clock times.
 
 Three parts: micro (swap out + in vs recompute per block size and context), end to end (one
 workload at several request rates in swap, recompute and auto modes, with a verdict per
@@ -27,7 +31,7 @@ FULL = dict(block_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256], contexts=[256, 512, 
             rates=[0.5, 1.0, 2.0, 4.0], num_requests=32, e2e_repeats=2, prompt_mean=96, output_mean=64,
             max_prompt=512, max_output=192, repeats=3, memory_requests=12,
             memory_scale=0.5)
-QUICK = dict(block_sizes=[1, 16, 256], contexts=[256, 1024], rates=[0.5, 2.0], num_requests=12, e2e_repeats=1,
+QUICK = dict(block_sizes=[1, 16, 256], contexts=[256, 1024], rates=[0.5, 2.0], num_requests=12, e2e_repeats=2,
              prompt_mean=48, output_mean=24, max_prompt=192, max_output=64, repeats=2,
              memory_requests=6, memory_scale=0.25)
 PARTS = ("micro", "e2e", "memory")
@@ -65,11 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="end to end: replays per point, each with other arrival times; latencies pool over them")
     add("--e2e-blocks", type=int, help="end to end: device KV blocks (default: the largest request alone fits)")
     add("--skip", action="append", choices=PARTS, default=[], help="leave a part out (repeatable)")
-    add("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 keeps timings steady "
-        "on a machine that other work shares")
-    add("--clock", choices=["wall", "cpu"], default="wall",
-        help="wall: real time (default). cpu: this process's CPU time, and end-to-end replays on a virtual "
-             "clock driven by it: steady figures on a CPU that other work shares (not for --device cuda)")
+    add("--clock", choices=["auto", "wall", "cpu"], default="auto",
+        help="wall: real time. cpu: this process's CPU time, with the end-to-end replays on a virtual clock "
+             "driven by it (idle gaps skipped): figures that other work on the machine does not distort; "
+             "CPU devices only. auto (default): cpu on a CPU device, wall on CUDA")
+    add("--threads", type=int, help="torch CPU threads (default: 1 with the cpu clock, where more threads "
+        "would count their spin-waits as work; torch's choice otherwise)")
     add("--seed", type=int, default=0)
     add("--no-write", action="store_true", help="leave docs/BENCHMARKS.md alone")
     add("--no-progress", action="store_true", help="no progress bars")
@@ -97,12 +102,23 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = argparse.Namespace(**{**vars(args), "clock": resolve_clock(args.clock, args.device)})
+    threads = args.threads or (1 if args.clock == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return _run(args)
     finally:
         torch.set_num_threads(before)
+
+
+def resolve_clock(clock: str, device: str | None) -> str:
+    on_cuda = EngineConfig(device=device).torch_device().type == "cuda"
+    if clock == "auto":
+        return "wall" if on_cuda else "cpu"
+    if clock == "cpu" and on_cuda:
+        raise SystemExit("--clock cpu counts CPU time only, and GPU work is not CPU time: use --clock wall")
+    return clock
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -122,8 +138,6 @@ def _run(args: argparse.Namespace) -> int:
     engine_args = {k: getattr(args, k) for k in ("model", "device", "dtype") if getattr(args, k, None)}
     base = EngineConfig(**engine_args)
     device, dtype = base.torch_device(), base.torch_dtype()
-    if args.clock == "cpu" and device.type == "cuda":
-        raise SystemExit("--clock cpu measures CPU time only: GPU work would not count; use --clock wall")
     timer = time.process_time if args.clock == "cpu" else time.perf_counter
     loaded = load_model(args.model)
     name = os.path.basename(loaded.source.rstrip("/"))
