@@ -42,6 +42,7 @@ from runtime.engine import LLMEngine
 from runtime.engine_config import EngineConfig
 from runtime.loader import LoadedModel, default_model_path, load_model
 from runtime.sampling_params import SamplingParams
+from tools.bench_decode import load_transformers
 from tools.replay import replay
 from tools.report import markdown_table, write_section
 from tools.sharing import measure_sharing, sharing_table
@@ -223,26 +224,6 @@ def run_static(loaded: LoadedModel, requests: list[WorkloadRequest], batch: int,
         raise RuntimeError(f"static batching generated {tokens} tokens, expected {useful_tokens(requests)}")
     pre = engine.scheduler.preemptions
     return WayResult("static batching", tokens, wall, cpu, other, engine.steps, log, pre["swap"] + pre["recompute"])
-
-
-def load_transformers():
-    """transformers' own model from the same GGUF file (its loader, not ours)."""
-    import transformers
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    path = default_model_path()
-    folder, name = os.path.split(path)
-    config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
-    # from_pretrained(gguf_file=...) needs accelerate; this is what it does without it.
-    with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    if unexpected or any(m != "lm_head.weight" for m in missing):
-        raise RuntimeError(f"transformers model: missing {missing}, unexpected {unexpected}")
-    return model.eval()
 
 
 def transformers_generate(model, chunk: list[WorkloadRequest], pad_id: int) -> int:
@@ -451,7 +432,7 @@ def main() -> None:
     print(f"continuous: {cont.throughput(args.clock):.1f} tokens/s ({args.clock})", flush=True)
     static = run_static(loaded, requests, preset.batch, args.clock)
     print(f"static: {static.throughput(args.clock):.1f} tokens/s ({args.clock})", flush=True)
-    model = load_transformers()
+    model = load_transformers(str(default_model_path()))
     pad_id = loaded.config.eos_token_ids[0]
     hf = run_transformers(model, requests, preset.batch, args.seed, pad_id)
     del model
