@@ -11,6 +11,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,13 @@ def tiny_model(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: threads only add synchronisation, which stalls on a busy machine. One
+    count for a whole module also keeps both sides of a comparison's floats identical."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

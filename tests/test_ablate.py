@@ -9,7 +9,6 @@ import math
 import re
 
 import pytest
-import torch
 
 from kvcache.sequence import Sequence, SequenceGroup
 from preemption.policy import CostModel, PreemptionMode, PreemptionPolicy, tokens_to_recompute
@@ -18,16 +17,9 @@ from tools.ablate_e2e import E2ERow, WorkloadSpec, build_workload, params_for
 from tools.ablate_micro import MicroRow, policy_gap
 from tools.ablate_report import verdict_table, verdicts
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: threads only add synchronisation, which stalls on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- the tool, end to end, on a tiny model ------------------------------------------------------
@@ -307,14 +299,14 @@ def test_cpu_clock_replay_jumps_over_idle_time(tiny_model):
     from runtime.engine import LLMEngine
     from runtime.engine_config import EngineConfig
     from runtime.loader import load_model
-    from tools.ablate_e2e import replay_cpu_clock
+    from tools.replay import CpuClock, replay
     from tools.workload import WorkloadRequest
 
     loaded = load_model(tiny_model(num_layers=2, num_heads=4, num_kv_heads=2))
     engine = LLMEngine(EngineConfig(num_device_blocks=64, block_size=4, swap_space_gib=0.0), loaded)
     requests = [WorkloadRequest("req-0", list(range(100, 110)), 5, 0.0),
                 WorkloadRequest("req-1", list(range(200, 212)), 6, 500.0)]
-    result = replay_cpu_clock(engine, requests, params_for(WorkloadSpec(), seed=0))
+    result = replay(engine, requests, params_for(WorkloadSpec(), seed=0), clock=CpuClock())
     first, second = result.timings["req-0"], result.timings["req-1"]
     # The engine sat idle until the second arrival: the clock jumped there instead of sleeping.
     assert first.finished < 500.0 <= second.first_token <= second.finished <= result.elapsed

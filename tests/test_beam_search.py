@@ -13,17 +13,9 @@ import torch
 from runtime.beam_search import BeamSearch
 from runtime.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models are tiny: threads only add synchronisation, which stalls badly on a busy
-    # machine. One count for the whole module also keeps both sides' floats identical.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(seed: int, vocab: int = 160, eos: list[int] = (), eos_bias: float = 0.0):

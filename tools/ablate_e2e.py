@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
@@ -21,7 +20,7 @@ from runtime.engine import LLMEngine
 from runtime.engine_config import EngineConfig
 from runtime.loader import LoadedModel
 from runtime.sampling_params import SamplingParams
-from tools.replay import ReplayResult, RequestTiming, percentile, replay
+from tools.replay import CpuClock, percentile, replay
 from tools.workload import WorkloadRequest, make_workload, poisson_arrivals
 
 MODES = ("swap", "recompute", "auto")
@@ -102,43 +101,6 @@ def build_workload(spec: WorkloadSpec, vocab_size: int, rate: float, seed: int,
     return [replace(r, arrival=t) for r, t in zip(requests, arrivals)]
 
 
-def replay_cpu_clock(engine: LLMEngine, requests: list[WorkloadRequest], params,
-                     desc: str | None = None) -> ReplayResult:
-    """tools.replay.replay on a virtual clock: it advances by the CPU time this process spends,
-    and jumps ahead to the next arrival when the engine is idle (instead of sleeping). On a
-    machine that other work shares, wall-clock latencies measure the neighbours; these measure
-    the engine as if it had its cores to itself. (CPU only: GPU work is not CPU time.)"""
-    pending = sorted(requests, key=lambda r: r.arrival)
-    timings: dict[str, RequestTiming] = {}
-    outputs = {}
-    tokens_before = engine.generated_tokens
-    bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False, disable=desc is None)
-    start, skipped = time.process_time(), 0.0
-
-    def now() -> float:
-        return time.process_time() - start + skipped
-
-    while pending or engine.has_unfinished():
-        if pending and not engine.has_unfinished() and pending[0].arrival > now():
-            skipped += pending[0].arrival - now()
-        clock = now()
-        while pending and pending[0].arrival <= clock:
-            request = pending.pop(0)
-            engine.add_request(request.request_id, request.prompt_ids, params(request), arrival_time=request.arrival)
-            timings[request.request_id] = RequestTiming(request.arrival)
-        for output in engine.step():
-            timing, clock = timings[output.request_id], now()
-            if timing.first_token is None and (output.finished or any(c.new_token_ids for c in output.outputs)):
-                timing.first_token = clock
-            if output.finished:
-                timing.finished = clock
-                timing.output_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
-                outputs[output.request_id] = output
-                bar.update(1)
-    bar.close()
-    return ReplayResult(timings, outputs, now(), engine.generated_tokens - tokens_before, engine.stats())
-
-
 @dataclass
 class Run:
     """One replay of the workload in one mode."""
@@ -166,10 +128,7 @@ def run_point(loaded: LoadedModel, engine_args: dict, requests: list[WorkloadReq
                              "swap_space_gib": min(4.0, swap_blocks * spec.bytes_per_block / GIB),
                              "preemption_mode": mode})
     engine = LLMEngine(config, loaded)
-    if clock == "cpu":
-        result = replay_cpu_clock(engine, requests, params, desc)
-    else:
-        result = replay(engine, requests, params, desc=desc)
+    result = replay(engine, requests, params, desc=desc, clock=CpuClock() if clock == "cpu" else None)
     stats = result.stats
     return Run(norm_latencies=[t.normalized_latency for t in result.timings.values() if t.finished is not None],
                generated_tokens=result.generated_tokens, elapsed=result.elapsed,

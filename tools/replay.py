@@ -63,30 +63,59 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+class WallClock:
+    """Seconds since the replay began; idle gaps are slept through."""
+
+    def __init__(self) -> None:
+        self.origin = time.monotonic()  # engine arrival times are on time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.origin
+
+    def wait_until(self, t: float) -> None:
+        time.sleep(max(t - self.now(), 0.0))
+
+
+class CpuClock:
+    """A virtual clock that advances by this process's CPU time and jumps over idle gaps. On a
+    machine that other work shares, wall-clock latencies measure the neighbours; these measure
+    the engine as if it had its cores to itself. (CPU only: GPU work is not CPU time.)"""
+
+    def __init__(self) -> None:
+        self.origin = 0.0
+        self.start, self.skipped = time.process_time(), 0.0
+
+    def now(self) -> float:
+        return time.process_time() - self.start + self.skipped
+
+    def wait_until(self, t: float) -> None:
+        self.skipped += max(t - self.now(), 0.0)
+
+
 def replay(engine: LLMEngine, requests: list[WorkloadRequest],
            params_for: Callable[[WorkloadRequest], SamplingParams],
-           on_step: Callable[[LLMEngine], object] | None = None, desc: str | None = None) -> ReplayResult:
-    """Runs the workload to completion; `desc` shows a progress bar with that label."""
+           on_step: Callable[[LLMEngine], object] | None = None, desc: str | None = None,
+           clock: WallClock | CpuClock | None = None) -> ReplayResult:
+    """Runs the workload to completion on `clock` (wall time by default); `desc` shows a
+    progress bar with that label."""
+    clock = clock or WallClock()
     pending = sorted(requests, key=lambda r: r.arrival)
     timings: dict[str, RequestTiming] = {}
     outputs: dict[str, RequestOutput] = {}
     samples: list = []
     tokens_before = engine.generated_tokens
     bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False, disable=desc is None)
-    start = time.monotonic()
     while pending or engine.has_unfinished():
-        now = time.monotonic() - start
-        if pending and not engine.has_unfinished() and pending[0].arrival > now:
-            time.sleep(pending[0].arrival - now)
-            now = time.monotonic() - start
+        if pending and not engine.has_unfinished():
+            clock.wait_until(pending[0].arrival)
+        now = clock.now()
         while pending and pending[0].arrival <= now:
             request = pending.pop(0)
             engine.add_request(request.request_id, request.prompt_ids, params_for(request),
-                               arrival_time=start + request.arrival)
+                               arrival_time=clock.origin + request.arrival)
             timings[request.request_id] = RequestTiming(request.arrival)
         for output in engine.step():
-            timing = timings[output.request_id]
-            now = time.monotonic() - start
+            timing, now = timings[output.request_id], clock.now()
             if timing.first_token is None and (output.finished or any(c.new_token_ids for c in output.outputs)):
                 timing.first_token = now
             if output.finished:
@@ -96,7 +125,7 @@ def replay(engine: LLMEngine, requests: list[WorkloadRequest],
                 bar.update(1)
         if on_step is not None:
             samples.append(on_step(engine))
-    elapsed = time.monotonic() - start
+    elapsed = clock.now()
     bar.close()
     return ReplayResult(timings, outputs, elapsed, engine.generated_tokens - tokens_before,
                         engine.stats(), samples)
