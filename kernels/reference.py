@@ -11,6 +11,8 @@ index 0 of dim 2 is K, 1 is V; slot s lives at block s // block_size, offset s %
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.nn.functional as F
 
@@ -77,6 +79,38 @@ def _sdpa(
     )
 
 
+# A decode batch mixes short and long contexts. Padding every row to the longest would read
+# (and, here, copy) far more K/V than the rows hold, most of all under continuous batching.
+# Rows are sorted longest first and their key range cut into a few chunks; a chunk attends
+# only the rows that reach into it, a staircase whose area is close to the K/V held.
+CHUNK_COST_TOKENS = 512  # the fixed cost of one more chunk, in K/V tokens gathered
+
+
+def decode_chunks(blocks_desc: list[int], block_size: int) -> list[tuple[int, int, int]]:
+    """Chunks (rows, first block, end block) for rows sorted by block count, longest first:
+    (n, b0, b1) covers blocks b0..b1-1 of the first n rows, those with more than b0 blocks.
+    Cuts are tried at the lengths of the rows at ranks B/k (k = 2, 4, 8), and at none; the
+    cheapest set in tokens gathered plus CHUNK_COST_TOKENS per chunk wins."""
+    total, num_rows = blocks_desc[0], len(blocks_desc)
+    negated = [-b for b in blocks_desc]  # ascending, for bisect
+
+    def rows_past(block: int) -> int:
+        return bisect.bisect_left(negated, -block)
+
+    def chunks(cuts: list[int]) -> list[tuple[int, int, int]]:
+        edges = [0, *cuts, total]
+        return [(rows_past(b0), b0, b1) for b0, b1 in zip(edges, edges[1:])]
+
+    def cost(plan: list[tuple[int, int, int]]) -> int:
+        return sum(n * (b1 - b0) for n, b0, b1 in plan) * block_size + CHUNK_COST_TOKENS * len(plan)
+
+    plans = [chunks([])]
+    for k in (2, 4, 8):
+        cuts = {blocks_desc[min(num_rows - 1, num_rows * i // k)] for i in range(1, k)} - {0, total}
+        plans.append(chunks(sorted(cuts)))
+    return min(plans, key=cost)
+
+
 def paged_attention_decode(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -87,48 +121,43 @@ def paged_attention_decode(
 ) -> torch.Tensor:
     """One query token per sequence ([B, Hq, D]) over its first context_lens[b] cached tokens."""
     num_seqs, num_heads, head_dim = query.shape
-    if num_seqs == 0:
-        return torch.empty_like(query)
     device, block_size, num_kv_heads = kv_cache.device, kv_cache.shape[3], kv_cache.shape[4]
     lens = context_lens.to(device=device, dtype=torch.long)
-    max_ctx = max(int(lens.max()), 1)
-    num_blocks = -(-max_ctx // block_size)
-    tables = block_tables[:, :num_blocks].to(device=device, dtype=torch.long)
-    # Table entries past a sequence's last block are padding: read block 0, mask it out.
-    used = torch.arange(num_blocks, device=device) < (lens + block_size - 1).div(
-        block_size, rounding_mode="floor"
-    ).unsqueeze(1)
-    tables = torch.where(used, tables, 0)
-    # One gather straight into [2 (K, V), Hkv, B * num_blocks, block_size, D]: each (head,
-    # sequence) pair's keys are then contiguous, the layout attention wants, with no second copy.
-    source = kv_cache[:, layer].permute(1, 3, 0, 2, 4)  # [2, Hkv, num_blocks_total, bs, D], a view
-    kv = torch.empty(
-        (2, num_kv_heads, num_seqs * num_blocks, block_size, head_dim), dtype=kv_cache.dtype, device=device
-    )
-    torch.index_select(source, 2, tables.reshape(-1), out=kv)
-    kv = kv.view(2, num_kv_heads, num_seqs, num_blocks * block_size, head_dim)
-    # Batch over (KV head, sequence); the query heads of a KV head's group are its query rows.
-    # Two batched matmuls around a softmax (faster here than scaled_dot_product_attention).
-    dtype = _compute_dtype(kv.dtype)
-    kv = kv.to(dtype)
-    group, num_keys = num_heads // num_kv_heads, num_blocks * block_size
-    q = query.to(device=device, dtype=dtype).view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)
-    hidden = torch.arange(num_keys, device=device) >= lens.unsqueeze(1)  # [B, L]
-    bias = torch.zeros((1, num_seqs, 1, num_keys), dtype=dtype, device=device).masked_fill_(
-        hidden[None, :, None, :], float("-inf"))
-    scores = torch.baddbmm(
-        bias.expand(num_kv_heads, -1, -1, -1).reshape(num_kv_heads * num_seqs, 1, num_keys),
-        q.reshape(num_kv_heads * num_seqs, group, head_dim),
-        kv[0].view(num_kv_heads * num_seqs, num_keys, head_dim).transpose(1, 2),
-        alpha=scale,
-    )
+    lens, order = torch.sort(lens, descending=True, stable=True)
+    blocks = (lens + block_size - 1).div(block_size, rounding_mode="floor")
+    blocks_desc = blocks.tolist()
+    if num_seqs == 0 or blocks_desc[0] == 0:  # no context: nothing to attend to, zeros like CUDA
+        return torch.zeros_like(query)
+    num_blocks, group = blocks_desc[0], num_heads // num_kv_heads
+    # Table entries past a row's last block are padding: read block 0, mask it out.
+    tables = block_tables.to(device).index_select(0, order)[:, :num_blocks].long()
+    tables = torch.where(torch.arange(num_blocks, device=device) < blocks.unsqueeze(1), tables, 0)
+    hidden = torch.arange(num_blocks * block_size, device=device) >= lens.unsqueeze(1)  # [B, keys]
+    dtype = _compute_dtype(kv_cache.dtype)
+    # Batch over (KV head, row); the query heads of a KV head's group are its query rows.
+    q = query.to(device=device, dtype=dtype).index_select(0, order)
+    q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)  # [Hkv, B, group, D]
+    source = kv_cache[:, layer].permute(1, 3, 0, 2, 4)  # [2, Hkv, blocks, block_size, D], a view
+    scores = torch.full((num_kv_heads, num_seqs, group, num_blocks * block_size), float("-inf"),
+                        dtype=dtype, device=device)
+    chunks, values = decode_chunks(blocks_desc, block_size), []
+    for n, b0, b1 in chunks:
+        k0, k1 = b0 * block_size, b1 * block_size
+        # One gather straight into [2 (K, V), Hkv, n, keys, D]: each (head, row) pair's keys
+        # are contiguous, the layout the batched matmuls want.
+        kv = torch.index_select(source, 2, tables[:n, b0:b1].reshape(-1)).to(dtype)
+        kv = kv.view(2, num_kv_heads * n, k1 - k0, head_dim)
+        s = torch.bmm(q[:, :n].reshape(num_kv_heads * n, group, head_dim), kv[0].transpose(1, 2))
+        s = s.view(num_kv_heads, n, group, k1 - k0).mul_(scale)
+        scores[:, :n, :, k0:k1] = s.masked_fill_(hidden[None, :n, None, k0:k1], float("-inf"))
+        values.append(kv[1])
     probs = torch.softmax(scores, dim=-1)
-    out = torch.bmm(probs, kv[1].view(num_kv_heads * num_seqs, num_keys, head_dim))  # [Hkv * B, group, D]
-    out = out.view(num_kv_heads, num_seqs, group, head_dim).transpose(0, 1)
-    out = out.reshape(num_seqs, num_heads, head_dim)
-    # A sequence without context has nothing to attend to: zeros, like the CUDA kernel.
-    out = torch.where((lens > 0)[:, None, None], out, 0.0)
-    return out.to(query.dtype)
+    out = torch.zeros((num_kv_heads, num_seqs, group, head_dim), dtype=dtype, device=device)
+    for (n, b0, b1), v in zip(chunks, values):
+        p = probs[:, :n, :, b0 * block_size:b1 * block_size].reshape(num_kv_heads * n, group, -1)
+        out[:, :n] += torch.bmm(p, v).view(num_kv_heads, n, group, head_dim)
+    out = out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
+    return torch.empty_like(out).index_copy_(0, order, out).to(query.dtype)
 
 
 def paged_attention_prefill(

@@ -84,6 +84,30 @@ def test_decode_matches_naive(block_size, heads, head_dim, dtype):
         check_close(got[b : b + 1], want, dtype)
 
 
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_decode_long_tailed_batch_in_chunks_matches_naive(block_size):
+    # Many short rows and a few long ones: the rows are cut into several chunks by length.
+    g = torch.Generator().manual_seed(block_size)
+    ctx_lens = [int(x) for x in torch.randint(1, 24, (20,), generator=g)] + [0, 150, 300, 97, 64, 1]
+    blocks = sorted((math.ceil(c / block_size) for c in ctx_lens), reverse=True)
+    chunks = ref.decode_chunks(blocks, block_size)
+    assert len(chunks) > 1
+    assert [b0 for _, b0, _ in chunks] == [0] + [b1 for _, _, b1 in chunks[:-1]]
+    assert chunks[-1][2] == blocks[0]
+    assert all(n == sum(b > b0 for b in blocks) for n, b0, _ in chunks)
+    num_blocks = sum(blocks) + 3
+    cache = make_cache(num_blocks, 2, block_size, 2, 64, torch.float32, seed=3)
+    tables = make_tables(ctx_lens, block_size, num_blocks, seed=block_size)
+    query = torch.randn(len(ctx_lens), 6, 64, generator=g)
+    got = ref.paged_attention_decode(query, cache, 1, tables, torch.tensor(ctx_lens, dtype=torch.int32), 0.125)
+    for b, ctx in enumerate(ctx_lens):
+        if ctx == 0:
+            assert not got[b].any()
+            continue
+        k, v = naive_kv(cache, 1, tables[b], ctx)
+        check_close(got[b : b + 1], naive_attention(query[b : b + 1], [ctx - 1], k, v, 0.125), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32])
