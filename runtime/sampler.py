@@ -1,10 +1,9 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, with reproducible seeds.
 
-Random draws use the exponential race: token = argmax(probs / E) with E_v ~ Exponential(1)
-independent per vocabulary entry, which picks v with probability probs[v]. The E_v come
-from a counter-based generator (splitmix64 of key + v), so a row's draw is a pure function
-of its 64-bit key: computed in one batched pass for all rows, on any device, and unaffected
-by the rest of the batch. A seeded request's key is a hash of (seed, *seed_key); the engine
+Random draws invert the CDF: token = the first v whose cumulative probability exceeds u, with
+u uniform in (0, 1) from splitmix64 of the row's 64-bit key. A row's draw is thus a pure
+function of its key and logits: the rows are drawn together, on any device, unaffected by
+the rest of the batch. A seeded request's key is a hash of (seed, *seed_key); the engine
 passes seed_key = (sample_index, position), so preemption and recomputation give the same
 tokens. Unseeded rows take their key from a process-wide generator.
 
@@ -51,63 +50,13 @@ def draw_key(seed: int | None, seed_key: tuple[int, ...] | None) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def _signed(x: int) -> int:
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-def _shr(x: torch.Tensor, s: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    # Logical shift on int64 (torch's >> is arithmetic).
-    if out is None:
-        return (x >> s) & ((1 << (64 - s)) - 1)
-    return torch.bitwise_right_shift(x, s, out=out).bitwise_and_((1 << (64 - s)) - 1)
-
-
-def _splitmix64_into(keys: torch.Tensor, steps: torch.Tensor, z: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """splitmix64 of keys[:, None] + steps[None, :] written into z ([M, V]), in place."""
-    torch.add(keys[:, None], steps[None, :], out=z)
-    z.bitwise_xor_(_shr(z, 30, tmp)).mul_(_signed(_MIX1))
-    z.bitwise_xor_(_shr(z, 27, tmp)).mul_(_signed(_MIX2))
-    return z.bitwise_xor_(_shr(z, 31, tmp))
-
-
-def _gamma_steps(vocab_size: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(1, vocab_size + 1, dtype=torch.int64, device=device) * _signed(_GAMMA)
-
-
-def splitmix64(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[M] int64 keys -> [M, V] int64: the first V outputs of splitmix64 seeded with each key.
-
-    int64 multiplication wraps modulo 2**64 on every torch backend, which is what we need.
-    """
-    z = torch.empty((keys.shape[0], vocab_size), dtype=torch.int64, device=keys.device)
-    return _splitmix64_into(keys, _gamma_steps(vocab_size, keys.device), z, torch.empty_like(z))
-
-
-# On the CPU the noise is made a few rows at a time, in place, in buffers that stay in cache:
-# a [32, 49152] batch in one piece takes about 20 passes over fresh 12 MiB tensors.
-_CPU_CHUNK_ELEMENTS = 1 << 16
-
-
-def exponential_noise(keys: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[M, V] float32 Exponential(1) samples, a pure function of (key, column)."""
-    key_t = torch.tensor([_signed(k) for k in keys], dtype=torch.int64, device=device)
-    m = key_t.shape[0]
-    out = torch.empty((m, vocab_size), dtype=torch.float32, device=device)
-    if m == 0:
-        return out
-    rows = max(1, _CPU_CHUNK_ELEMENTS // vocab_size) if out.device.type == "cpu" else m
-    rows = min(rows, m)
-    steps = _gamma_steps(vocab_size, device)
-    z = torch.empty((rows, vocab_size), dtype=torch.int64, device=device)
-    tmp = torch.empty_like(z)
-    u = torch.empty((rows, vocab_size), dtype=torch.float64, device=device)
-    for first in range(0, m, rows):
-        n = min(rows, m - first)
-        bits = _shr(_splitmix64_into(key_t[first:first + n], steps, z[:n], tmp[:n]), 11, tmp[:n])  # 53 bits
-        un = u[:n]
-        un.copy_(bits).add_(0.5).mul_(1.0 / (1 << 53))  # in (0, 1), never 0 or 1
-        out[first:first + n].copy_(un.log_().neg_())
-    return out
+def uniform(key: int) -> float:
+    """A double in (0, 1) from 53 bits of splitmix64's first output for seed `key`."""
+    z = (key + _GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    z ^= z >> 31
+    return ((z >> 11) + 0.5) / (1 << 53)
 
 
 def filter_mask(logits: torch.Tensor, params_list: Sequence[SamplingParams]) -> torch.Tensor:
@@ -145,9 +94,14 @@ def _sample_random(logits: torch.Tensor, params_list: Sequence[SamplingParams],
     scaled = logits / temps[:, None]
     if any(0 < p.top_k < logits.shape[1] or p.top_p < 1.0 or p.min_p > 0.0 for p in params_list):
         scaled = scaled.masked_fill(filter_mask(scaled, params_list), float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    noise = exponential_noise(keys, logits.shape[1], logits.device)
-    return probs.div_(noise).argmax(dim=-1)
+    # Inverse CDF: the first token whose cumulative probability exceeds u * total. The target
+    # stays below the total, so it lands on a token of non-zero probability.
+    cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.tensor([uniform(k) for k in keys], dtype=torch.float64, device=logits.device)
+    target = (u[:, None] * total.double()).float()
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
 def sample_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],

@@ -208,21 +208,33 @@ def test_logprobs_are_raw_log_softmax():
         assert list(tok.top_logprobs.values()) == pytest.approx(best.values.tolist(), abs=1e-6)
 
 
-def test_splitmix64_matches_reference_with_wraparound():
+def test_uniform_is_splitmix64_with_wraparound():
     mask = (1 << 64) - 1
 
-    def ref(key: int, i: int) -> int:
-        z = (key + i * 0x9E3779B97F4A7C15) & mask
+    def splitmix64(key: int) -> int:  # the published algorithm, first output
+        z = (key + 0x9E3779B97F4A7C15) & mask
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         return z ^ (z >> 31)
 
     keys = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x123456789ABCDEF0]
-    got = sampler.splitmix64(torch.tensor([sampler._signed(k) for k in keys]), 7)
-    for row, key in enumerate(keys):
-        assert [v & mask for v in got[row].tolist()] == [ref(key, i) for i in range(1, 8)]
-    noise = sampler.exponential_noise([5, 6], 50000, torch.device("cpu"))
-    assert (noise > 0).all() and abs(float(noise.mean()) - 1.0) < 0.02
+    for key in keys:
+        assert sampler.uniform(key) == ((splitmix64(key) >> 11) + 0.5) / 2**53
+    draws = torch.tensor([sampler.uniform(k) for k in range(20000)])
+    assert 0 < float(draws.min()) and float(draws.max()) < 1
+    counts = torch.histc(draws, bins=10, min=0, max=1)
+    assert float(((counts - 2000) ** 2 / 2000).sum()) < 33.7  # chi2, df 9: p < 1e-4
+
+
+def test_draw_never_lands_on_a_zero_probability_token():
+    # The extreme keys give u next to 0 and next to 1: the first and last allowed tokens.
+    logits = torch.full((1, 10), float("-inf"))
+    logits[0, 3] = logits[0, 6] = 0.0
+    low = next(k for k in range(100000) if sampler.uniform(k) < 1e-4)
+    high = next(k for k in range(100000) if sampler.uniform(k) > 1 - 1e-4)
+    params = [SamplingParams(temperature=1.0)]
+    assert sampler._sample_random(logits, params, [low]).tolist() == [3]
+    assert sampler._sample_random(logits, params, [high]).tolist() == [6]
 
 
 def test_batch_checks():
