@@ -83,6 +83,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
+    def free_finished(self) -> None:
+        """Drops the running groups that finished in the last step (their blocks are free)."""
+        self.running = [g for g in self.running if not g.is_finished]
+
     def num_running_seqs(self) -> int:
         return sum(len(g.unfinished_seqs()) for g in self.running)
 

@@ -108,6 +108,7 @@ class LLMEngine:
                 self.groups.pop(group.request_id, None)
                 self.beams.pop(group.request_id, None)
                 self.beam_results.pop(group.request_id, None)
+        self.scheduler.free_finished()
         return outputs
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor,

@@ -51,6 +51,9 @@ def test_short_request_behind_long_ones_finishes_first(loaded):
             if out.finished:
                 finished_at[out.request_id] = step
     assert finished_at["short"] < finished_at["long0"] and finished_at["short"] < finished_at["long1"]
+    # One token per step from the prefill on, and no idle step after the last one.
+    assert step == finished_at["long0"] == 30
+    assert engine.stats()["queues"] == {"waiting": 0, "running": 0, "swapped": 0}
 
 
 def test_finished_blocks_are_reused_at_once_and_no_padding(loaded):
