@@ -7,12 +7,14 @@ KV-cache waste, and the memory that block sharing saves (CPU, default model).
 One fixed-seed workload, every request arriving at t = 0, with ShareGPT-shaped (log-normal,
 long-tailed) prompt and output lengths, scaled down so that the whole run takes minutes on
 a small CPU. Every request generates exactly its drawn output length (ignore_eos). It runs
-three ways, each with at most B sequences in a batch:
+four ways, each with at most B sequences in a batch:
 
 - continuous: the engine with max_num_seqs = B, all requests submitted at once; a finished
   sequence's place is taken by the next request at the very next iteration;
 - static: the same engine, B requests at a time in arrival order, each batch run to
-  completion before the next is admitted;
+  completion before the next is admitted (a finished request leaves its batch);
+- static, fixed shape: the same, but every request of a batch decodes until the batch's
+  longest is done, as a fixed-shape batch does (for reference);
 - transformers: `generate` on left-padded batches of B (max_new_tokens = the batch's
   longest output; only each request's own tokens count).
 
@@ -38,6 +40,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from kernels.reference import decode_chunks
+from runtime.config import ModelConfig
 from runtime.engine import LLMEngine
 from runtime.engine_config import EngineConfig
 from runtime.loader import LoadedModel, default_model_path, load_model
@@ -88,10 +92,10 @@ class StepLog:
     rows: list[int] = field(default_factory=list)
     prefill_tokens: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
-    # Decode attention: K/V tokens the decode rows hold, and what a gather padded to the
-    # batch's longest context reads (what the CPU attention path does).
+    # Decode attention: K/V tokens the decode rows hold, and what the CPU attention path
+    # gathers (whole blocks, in the chunks of `reference.decode_chunks`).
     context_tokens: int = 0
-    padded_tokens: int = 0
+    read_tokens: int = 0
 
     def instrument(self, engine: LLMEngine) -> None:
         execute = engine.executor.execute
@@ -106,8 +110,10 @@ class StepLog:
                 self.prefill_tokens.append(sum(r.end - r.start for r in out.prefills))
                 if out.decodes:
                     lens = [r.end for r in out.decodes]
+                    blocks = sorted((-(-n // block_size) for n in lens), reverse=True)
                     self.context_tokens += sum(lens)
-                    self.padded_tokens += len(lens) * -(-max(lens) // block_size) * block_size
+                    self.read_tokens += block_size * sum(
+                        n * (b1 - b0) for n, b0, b1 in decode_chunks(blocks, block_size))
             return logits
 
         engine.executor.execute = timed
@@ -164,8 +170,8 @@ class WayResult:
 
     @property
     def padding(self) -> float | None:
-        """K/V read by a batch-padded decode gather over the K/V the decode rows hold."""
-        return self.log.padded_tokens / self.log.context_tokens if self.log and self.log.context_tokens else None
+        """K/V the CPU decode attention gathers over the K/V the decode rows hold."""
+        return self.log.read_tokens / self.log.context_tokens if self.log and self.log.context_tokens else None
 
     @property
     def mean_decode_rows(self) -> float | None:
@@ -217,28 +223,38 @@ def run_continuous(loaded: LoadedModel, requests: list[WorkloadRequest], batch: 
     return way, [s for s in result.samples if s[1] > 0]
 
 
-def run_static(loaded: LoadedModel, requests: list[WorkloadRequest], batch: int, clock: str) -> WayResult:
+def run_static(loaded: LoadedModel, requests: list[WorkloadRequest], batch: int, clock: str,
+               fixed_shape: bool = False) -> WayResult:
+    """B requests at a time, each batch run to completion. fixed_shape: every request of a
+    batch decodes until the batch's longest is done, as a batch of fixed shape does in
+    `generate`; only each request's own output length counts."""
     engine = new_engine(loaded, batch)
     log = StepLog(TIMERS[clock])
     log.instrument(engine)
+    own = {r.request_id: r.output_len for r in requests}
     tokens = 0
-    bar = tqdm(total=len(requests), desc="static batching", unit="req", leave=False)
+    name = "static batching, fixed shape" if fixed_shape else "static batching"
+    bar = tqdm(total=len(requests), desc=name, unit="req", leave=False)
     watch = Stopwatch()
     for first in range(0, len(requests), batch):
         chunk = requests[first:first + batch]
+        longest = max(r.output_len for r in chunk)
         for r in chunk:
-            engine.add_request(r.request_id, r.prompt_ids, engine_params(r))
+            params = engine_params(r)
+            if fixed_shape:
+                params = dataclasses.replace(params, max_tokens=longest)
+            engine.add_request(r.request_id, r.prompt_ids, params)
         while engine.has_unfinished():
             for output in engine.step():
                 if output.finished:
-                    tokens += len(output.outputs[0].token_ids)
+                    tokens += min(len(output.outputs[0].token_ids), own[output.request_id])
                     bar.update(1)
     wall, cpu, other = watch.stop()
     bar.close()
     if tokens != useful_tokens(requests):
-        raise RuntimeError(f"static batching generated {tokens} tokens, expected {useful_tokens(requests)}")
+        raise RuntimeError(f"{name} generated {tokens} useful tokens, expected {useful_tokens(requests)}")
     pre = engine.scheduler.preemptions
-    return WayResult("static batching", tokens, wall, cpu, other, engine.steps, log, pre["swap"] + pre["recompute"])
+    return WayResult(name, tokens, wall, cpu, other, engine.steps, log, pre["swap"] + pre["recompute"])
 
 
 def transformers_generate(model, chunk: list[WorkloadRequest], pad_id: int) -> int:
@@ -331,9 +347,29 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def matmul_flops_per_token(config: ModelConfig) -> int:
+    """Multiply-adds x 2 of the linear layers and the LM head for one token."""
+    h, d = config.hidden_size, config.head_dim
+    per_layer = h * (config.num_heads + 2 * config.num_kv_heads) * d + config.num_heads * d * h \
+        + 3 * h * config.intermediate_size
+    return 2 * (config.num_layers * per_layer + config.vocab_size * h)
+
+
+def per_sequence_cost_for(ratio: float, requests: list[WorkloadRequest], batch: int, a: float) -> float:
+    """The per-sequence step cost b at which a + b * rows predicts continuous / static = ratio
+    (0 when even b = 0 falls short); bisection, the prediction falls as b grows."""
+    if static_model_ratio(requests, batch, a, 0.0) < ratio:
+        return 0.0
+    low, high = 0.0, a
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if static_model_ratio(requests, batch, a, mid) >= ratio else (low, mid)
+    return low
+
+
 def throughput_body(ways: list[WayResult], requests: list[WorkloadRequest], preset: Preset, seed: int,
-                    clock: str, fit: tuple[float, float] | None) -> str:
-    cont, static, hf = ways
+                    clock: str, fit: tuple[float, float] | None, config: ModelConfig) -> str:
+    cont, static, fixed, hf = ways
     rate = {w.name: w.throughput(clock) for w in ways}
     vs_static, vs_hf = rate[cont.name] / rate[static.name], rate[cont.name] / rate[hf.name]
     unit = "tokens per CPU second" if clock == "cpu" else "tokens/s"
@@ -347,7 +383,7 @@ def throughput_body(ways: list[WayResult], requests: list[WorkloadRequest], pres
                      "" if w.padding is None else f"{w.padding:.2f}x", "" if share is None else pct(share),
                      "" if w.log is None else w.preemptions,
                      "?" if w.other_load is None else f"{w.other_load:.2f}"])
-    table = markdown_table(["way", "generated tokens", "wall s", "CPU s", unit, "continuous / this",
+    table = markdown_table(["way", "useful tokens", "wall s", "CPU s", unit, "continuous / this",
                             "engine steps", "sequences per decode step (mean)",
                             "decode K/V read / held", "executor share",
                             "preemptions", "other processes (cores)"], rows)
@@ -355,24 +391,29 @@ def throughput_body(ways: list[WayResult], requests: list[WorkloadRequest], pres
         ["continuous / static", f"{vs_static:.2f}x", f">= {TARGET_VS_STATIC:.0f}x",
          "yes" if vs_static >= TARGET_VS_STATIC else "no"],
         ["continuous / transformers", f"{vs_hf:.2f}x", f">= {TARGET_VS_TRANSFORMERS:.0f}x",
-         "yes" if vs_hf >= TARGET_VS_TRANSFORMERS else "no"]])
+         "yes" if vs_hf >= TARGET_VS_TRANSFORMERS else "no"],
+        ["continuous / static, fixed shape (for reference)", f"{rate[cont.name] / rate[fixed.name]:.2f}x",
+         "", ""]])
     clock_text = ("wall time" if clock == "wall" else
                   "this process's CPU time (`--clock cpu`: steady while other work shares the machine)")
     text = [f"Workload: {describe(requests)} (log-normal, sigma 0.9, seed {seed}: ShareGPT's shape at "
             f"prompt mean {preset.prompt_mean:g} / output mean {preset.output_mean:g}, capped at "
             f"{preset.max_prompt} / {preset.max_output}); all arrive at t = 0; every request generates "
             f"exactly its drawn length (ignore_eos), sampling at temperature 1. Model: SmolLM2-135M-Instruct, "
-            f"float32, {torch.get_num_threads()} torch thread(s). Batch bound B = {preset.batch} in all "
-            f"three ways (continuous: max_num_seqs; static: B requests per batch in arrival order, each "
-            f"batch run to completion; transformers: left-padded batches of B, max_new_tokens = the "
-            f"batch's longest output, only each request's own tokens counted).",
+            f"float32, {torch.get_num_threads()} torch thread(s). Batch bound B = {preset.batch} in every "
+            f"way. Continuous: max_num_seqs = B. Static: B requests per batch in arrival order, each batch "
+            f"run to completion; a finished request leaves the batch, so its tail runs fewer rows. Static, "
+            f"fixed shape: the same, but every request of a batch decodes until the batch's longest is "
+            f"done, as a batch of fixed shape does in `generate` and in request-level serving systems; only "
+            f"each request's own tokens count. Transformers: left-padded batches of B, max_new_tokens = the "
+            f"batch's longest output, only each request's own tokens counted.",
             "",
-            f"Throughput = generated tokens / {clock_text}. Executor share: the part of that time spent "
-            f"in the executor (cache operations and the model); the rest is scheduling, sampling and "
-            f"bookkeeping. Decode K/V read / held: the CPU attention path gathers every decode row's "
-            f"K/V padded to the longest context in the batch; this is how much more it reads than the "
-            f"rows hold. Other processes: the CPU time other work took meanwhile, in cores of the "
-            f"machine's {os.cpu_count()}.", "", table, "", targets]
+            f"Throughput = useful generated tokens / {clock_text}. Executor share: the part of that time "
+            f"spent in the executor (cache operations and the model); the rest is scheduling, sampling and "
+            f"bookkeeping. Decode K/V read / held: what the CPU attention path gathers (whole blocks, rows "
+            f"sorted by length and cut into a few chunks) over what the decode rows hold. Other processes: "
+            f"the CPU time other work took meanwhile, in cores of the machine's {os.cpu_count()}.",
+            "", table, "", targets]
     busiest = max((w.other_load or 0.0) for w in ways)
     if busiest > QUIET_CORES and clock == "wall":
         text += ["", f"**Disturbed run:** other processes used up to {busiest:.2f} cores during it; "
@@ -381,27 +422,32 @@ def throughput_body(ways: list[WayResult], requests: list[WorkloadRequest], pres
     if fit is not None and fit[1] > 0:
         a, b = fit
         predicted = static_model_ratio(requests, preset.batch, a, b)
-        text += ["", f"Step cost (least squares over the decode-only steps of both engine runs): executor "
-                 f"= {1e3 * a:.1f} ms + {1e3 * b:.2f} ms per sequence in the batch. With that cost, this "
-                 f"workload's output lengths predict continuous / static = {predicted:.2f}x for the "
-                 f"decode steps alone."]
+        text += ["", f"Step cost (least squares over the decode-only steps of the continuous and static "
+                 f"runs): executor = {1e3 * a:.1f} ms + {1e3 * b:.2f} ms per sequence in the batch. With "
+                 f"that cost, this workload's output lengths predict continuous / static = {predicted:.2f}x "
+                 f"for the decode steps alone."]
         if vs_static < TARGET_VS_STATIC:
-            text += ["", why_static_target_missed(a, b, predicted, cont.padding, static.padding)]
+            text += ["", why_static_target_missed(a, b, predicted, requests, preset.batch, config)]
     return "\n".join(text)
 
 
-def why_static_target_missed(a: float, b: float, predicted: float, cont_padding: float | None,
-                             static_padding: float | None) -> str:
+def why_static_target_missed(a: float, b: float, predicted: float, requests: list[WorkloadRequest],
+                             batch: int, config: ModelConfig) -> str:
+    ceiling = static_model_ratio(requests, batch, a, 0.0)
     text = (f"Why continuous / static stays under {TARGET_VS_STATIC:.0f}x here: a decode step on this CPU "
             f"grows with the batch, {1e3 * a:.1f} ms plus {1e3 * b:.2f} ms for every sequence in it, so "
             f"the tail of a static batch, where few sequences are left, runs cheap steps: an idle slot "
-            f"costs almost nothing, whereas on a GPU a step costs about the same at any batch size and an "
-            f"idle slot is lost throughput. From that cost alone this workload allows {predicted:.2f}x.")
-    if cont_padding and static_padding and cont_padding > static_padding:
-        text += (f" Then the CPU attention path reads every decode row's K/V padded to the longest context "
-                 f"in the batch; continuous batching keeps long-lived and fresh sequences side by side, so "
-                 f"it reads {cont_padding:.2f}x the K/V it holds, static batches {static_padding:.2f}x, "
-                 f"which takes back part of the gain.")
+            f"costs little. On a GPU a step costs about the same at any batch size and an idle slot is "
+            f"lost throughput; with b = 0 these output lengths would allow {ceiling:.2f}x. From the "
+            f"measured cost they allow {predicted:.2f}x.")
+    needed = per_sequence_cost_for(TARGET_VS_STATIC, requests, batch, a)
+    if needed > 0:
+        flops = matmul_flops_per_token(config)
+        text += (f" {TARGET_VS_STATIC:.0f}x would need at most {1e3 * needed:.2f} ms per sequence: the "
+                 f"matrix products alone ({flops / 1e9:.2f} GFLOP per token) at "
+                 f"{flops / needed / 1e9:.0f} GFLOP/s on {torch.get_num_threads()} thread(s), before any "
+                 f"attention, against the {flops / b / 1e9:.0f} GFLOP/s that the whole measured "
+                 f"per-sequence cost amounts to.")
     return text
 
 
@@ -468,13 +514,15 @@ def main() -> None:
     print(f"continuous: {cont.throughput(args.clock):.1f} tokens/s ({args.clock})", flush=True)
     static = run_static(loaded, requests, preset.batch, args.clock)
     print(f"static: {static.throughput(args.clock):.1f} tokens/s ({args.clock})", flush=True)
+    fixed = run_static(loaded, requests, preset.batch, args.clock, fixed_shape=True)
+    print(f"static, fixed shape: {fixed.throughput(args.clock):.1f} tokens/s ({args.clock})", flush=True)
     model = load_transformers(str(default_model_path()))
     pad_id = loaded.config.eos_token_ids[0]
     hf = run_transformers(model, requests, preset.batch, args.seed, pad_id)
     del model
     print(f"transformers: {hf.throughput(args.clock):.1f} tokens/s ({args.clock})", flush=True)
     fit = fit_step_cost([cont.log, static.log])
-    body = throughput_body([cont, static, hf], requests, preset, args.seed, args.clock, fit)
+    body = throughput_body([cont, static, fixed, hf], requests, preset, args.seed, args.clock, fit, loaded.config)
     print("\n" + body + "\n", flush=True)
 
     sim_requests = 40 if args.quick else 200
