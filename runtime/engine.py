@@ -132,7 +132,8 @@ class LLMEngine:
             else:
                 draws.append((seq, i))
         if draws:
-            picked = sample_batch(logits[[i for _, i in draws]],
+            rows = [i for _, i in draws]
+            picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
                                   [sampling[i].group.sampling_params for _, i in draws],
                                   [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws])
             for (seq, i), token in zip(draws, picked):

@@ -115,7 +115,7 @@ def sample_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],
         raise ValueError("beam search requests are driven by BeamSearch, not sample_batch")
     seed_keys = seed_keys if seed_keys is not None else [None] * n
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)  # log-softmax = logits - log_total
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     greedy = [i for i, p in enumerate(params_list) if p.is_greedy]
     rand = [i for i, p in enumerate(params_list) if not p.is_greedy]
@@ -126,14 +126,14 @@ def sample_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],
         idx = torch.tensor(rand, device=logits.device)
         keys = [draw_key(params_list[i].seed, seed_keys[i]) for i in rand]
         tokens[idx] = _sample_random(logits[idx], [params_list[i] for i in rand], keys)
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    chosen = (logits.gather(1, tokens[:, None]) - log_total)[:, 0].tolist()
     token_list = tokens.tolist()
     max_top = max((p.logprobs or 0) for p in params_list)
     top_vals: list[list[float]] = [[] for _ in range(n)]
     top_ids: list[list[int]] = [[] for _ in range(n)]
     if max_top > 0:
-        vals, ids = logprobs.topk(min(max_top, logprobs.shape[1]), dim=-1)
-        top_vals, top_ids = vals.tolist(), ids.tolist()
+        vals, ids = logits.topk(min(max_top, logits.shape[1]), dim=-1)
+        top_vals, top_ids = (vals - log_total).tolist(), ids.tolist()
     out = []
     for i, p in enumerate(params_list):
         top = None
