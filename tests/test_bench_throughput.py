@@ -23,6 +23,8 @@ def test_static_model_ratio_by_hand():
     reqs = requests_with([1, 3])
     for a, b in [(1.0, 1.0), (2.0, 0.5), (1.0, 0.0)]:
         assert bt.static_model_ratio(reqs, 2, a, b) == pytest.approx((3 * a + 4 * b) / (2 * a + 4 * b))
+        # A batch that keeps its shape runs both rows for all three steps.
+        assert bt.static_model_ratio(reqs, 2, a, b, shed_finished=False) == pytest.approx(1.5)
 
 
 def test_static_model_ratio_without_per_sequence_cost_is_longest_over_mean():
@@ -57,14 +59,14 @@ def test_static_ways_on_a_tiny_model(tiny_model):
                          max_prompt=20, max_output=24)
     lens = [r.output_len for r in reqs]
     assert len(set(lens)) > 2  # the batches are ragged
-    static = bt.run_static(loaded, reqs, batch, "cpu")
-    fixed = bt.run_static(loaded, reqs, batch, "cpu", fixed_shape=True)
+    static = bt.run_static(loaded, reqs, batch, "cpu", shed_finished=True)
+    fixed = bt.run_static(loaded, reqs, batch, "cpu")
     useful = sum(lens)
     assert static.tokens == fixed.tokens == useful
     # Either way a batch runs until its longest request is done, one token per step.
     longest = sum(max(lens[i:i + batch]) for i in range(0, len(lens), batch))
     assert static.steps == fixed.steps == longest
-    # A fixed-shape batch keeps every row to the end; a static batch sheds finished ones.
+    # A static batch keeps every row to the end, unless it sheds finished ones.
     decode_rows = [sum(rows) for rows in (static.log.rows, fixed.log.rows)]
     full = sum(len(lens[i:i + batch]) * (max(lens[i:i + batch]) - 1) for i in range(0, len(lens), batch))
     assert decode_rows[1] == full
