@@ -123,24 +123,28 @@ def paged_attention_decode(
     num_seqs, num_heads, head_dim = query.shape
     device, block_size, num_kv_heads = kv_cache.device, kv_cache.shape[3], kv_cache.shape[4]
     lens = context_lens.to(device=device, dtype=torch.long)
-    lens, order = torch.sort(lens, descending=True, stable=True)
     blocks = (lens + block_size - 1).div(block_size, rounding_mode="floor")
-    blocks_desc = blocks.tolist()
-    if num_seqs == 0 or blocks_desc[0] == 0:  # no context: nothing to attend to, zeros like CUDA
+    counts = blocks.tolist()
+    if max(counts, default=0) == 0:  # no context: nothing to attend to, zeros like CUDA
         return torch.zeros_like(query)
-    num_blocks, group = blocks_desc[0], num_heads // num_kv_heads
+    chunks = decode_chunks(sorted(counts, reverse=True), block_size)
+    single = len(chunks) == 1 and chunks[0][0] == num_seqs  # every row in one chunk: no reordering
+    tables = block_tables.to(device)
+    if not single:  # longest first, so that the rows of every chunk come first
+        order = torch.sort(lens, descending=True, stable=True).indices
+        lens, blocks, tables, query = lens[order], blocks[order], tables[order], query[order.to(query.device)]
+    num_blocks, group = chunks[-1][2], num_heads // num_kv_heads
     # Table entries past a row's last block are padding: read block 0, mask it out.
-    tables = block_tables.to(device).index_select(0, order)[:, :num_blocks].long()
+    tables = tables[:, :num_blocks].long()
     tables = torch.where(torch.arange(num_blocks, device=device) < blocks.unsqueeze(1), tables, 0)
     hidden = torch.arange(num_blocks * block_size, device=device) >= lens.unsqueeze(1)  # [B, keys]
     dtype = _compute_dtype(kv_cache.dtype)
     # Batch over (KV head, row); the query heads of a KV head's group are its query rows.
-    q = query.to(device=device, dtype=dtype).index_select(0, order)
-    q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)  # [Hkv, B, group, D]
+    q = query.to(device=device, dtype=dtype).view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)
     source = kv_cache[:, layer].permute(1, 3, 0, 2, 4)  # [2, Hkv, blocks, block_size, D], a view
-    scores = torch.full((num_kv_heads, num_seqs, group, num_blocks * block_size), float("-inf"),
-                        dtype=dtype, device=device)
-    chunks, values = decode_chunks(blocks_desc, block_size), []
+    scores = None if single else torch.full((num_kv_heads, num_seqs, group, num_blocks * block_size),
+                                            float("-inf"), dtype=dtype, device=device)
+    values = []
     for n, b0, b1 in chunks:
         k0, k1 = b0 * block_size, b1 * block_size
         # One gather straight into [2 (K, V), Hkv, n, keys, D]: each (head, row) pair's keys
@@ -149,7 +153,11 @@ def paged_attention_decode(
         kv = kv.view(2, num_kv_heads * n, k1 - k0, head_dim)
         s = torch.bmm(q[:, :n].reshape(num_kv_heads * n, group, head_dim), kv[0].transpose(1, 2))
         s = s.view(num_kv_heads, n, group, k1 - k0).mul_(scale)
-        scores[:, :n, :, k0:k1] = s.masked_fill_(hidden[None, :n, None, k0:k1], float("-inf"))
+        s.masked_fill_(hidden[None, :n, None, k0:k1], float("-inf"))
+        if single:
+            scores = s
+        else:
+            scores[:, :n, :, k0:k1] = s
         values.append(kv[1])
     probs = torch.softmax(scores, dim=-1)
     out = torch.zeros((num_kv_heads, num_seqs, group, head_dim), dtype=dtype, device=device)
@@ -157,7 +165,9 @@ def paged_attention_decode(
         p = probs[:, :n, :, b0 * block_size:b1 * block_size].reshape(num_kv_heads * n, group, -1)
         out[:, :n] += torch.bmm(p, v).view(num_kv_heads, n, group, head_dim)
     out = out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
-    return torch.empty_like(out).index_copy_(0, order, out).to(query.dtype)
+    if not single:
+        out = torch.empty_like(out).index_copy_(0, order, out)
+    return out.to(query.dtype)
 
 
 def paged_attention_prefill(
