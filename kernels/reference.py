@@ -12,6 +12,7 @@ index 0 of dim 2 is K, 1 is V; slot s lives at block s // block_size, offset s %
 from __future__ import annotations
 
 import bisect
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,8 @@ def _sdpa(
 CHUNK_COST_TOKENS = 512  # the fixed cost of one more chunk, in K/V tokens gathered
 
 
-def decode_chunks(blocks_desc: list[int], block_size: int) -> list[tuple[int, int, int]]:
+@functools.lru_cache(maxsize=16)  # every layer of a step asks for the same rows
+def decode_chunks(blocks_desc: tuple[int, ...], block_size: int) -> tuple[tuple[int, int, int], ...]:
     """Chunks (rows, first block, end block) for rows sorted by block count, longest first:
     (n, b0, b1) covers blocks b0..b1-1 of the first n rows, those with more than b0 blocks.
     Cuts are tried at the lengths of the rows at ranks B/k (k = 2, 4, 8), and at none; the
@@ -108,7 +110,7 @@ def decode_chunks(blocks_desc: list[int], block_size: int) -> list[tuple[int, in
     for k in (2, 4, 8):
         cuts = {blocks_desc[min(num_rows - 1, num_rows * i // k)] for i in range(1, k)} - {0, total}
         plans.append(chunks(sorted(cuts)))
-    return min(plans, key=cost)
+    return tuple(min(plans, key=cost))
 
 
 def paged_attention_decode(
@@ -127,7 +129,7 @@ def paged_attention_decode(
     counts = blocks.tolist()
     if max(counts, default=0) == 0:  # no context: nothing to attend to, zeros like CUDA
         return torch.zeros_like(query)
-    chunks = decode_chunks(sorted(counts, reverse=True), block_size)
+    chunks = decode_chunks(tuple(sorted(counts, reverse=True)), block_size)
     single = len(chunks) == 1 and chunks[0][0] == num_seqs  # every row in one chunk: no reordering
     tables = block_tables.to(device)
     if not single:  # longest first, so that the rows of every chunk come first

@@ -89,7 +89,7 @@ def test_decode_long_tailed_batch_in_chunks_matches_naive(block_size):
     # Many short rows and a few long ones: the rows are cut into several chunks by length.
     g = torch.Generator().manual_seed(block_size)
     ctx_lens = [int(x) for x in torch.randint(1, 24, (20,), generator=g)] + [0, 150, 300, 97, 64, 1]
-    blocks = sorted((math.ceil(c / block_size) for c in ctx_lens), reverse=True)
+    blocks = tuple(sorted((math.ceil(c / block_size) for c in ctx_lens), reverse=True))
     chunks = ref.decode_chunks(blocks, block_size)
     assert len(chunks) > 1
     assert [b0 for _, b0, _ in chunks] == [0] + [b1 for _, _, b1 in chunks[:-1]]

@@ -111,7 +111,7 @@ class StepLog:
                 self.prefill_tokens.append(sum(r.end - r.start for r in out.prefills))
                 if out.decodes:
                     lens = [r.end for r in out.decodes]
-                    blocks = sorted((-(-n // block_size) for n in lens), reverse=True)
+                    blocks = tuple(sorted((-(-n // block_size) for n in lens), reverse=True))
                     self.context_tokens += sum(lens)
                     self.read_tokens += block_size * sum(
                         n * (b1 - b0) for n, b0, b1 in decode_chunks(blocks, block_size))
