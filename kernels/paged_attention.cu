@@ -15,16 +15,6 @@
 #define PAGEDKV_ATTN_WARPS 4
 #define PAGEDKV_ATTN_THREADS (PAGEDKV_ATTN_WARPS * 32)
 
-// Sequence owning query row `row`: the last s with query_start_loc[s] <= row.
-__device__ __forceinline__ int pagedkv_find_seq(const int* __restrict__ qsl, int num_seqs, int row) {
-    int lo = 0, hi = num_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (qsl[mid] <= row) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 template <typename T, int D, int LPT, int ROWS, int GROUP>
 __global__ void __launch_bounds__(PAGEDKV_ATTN_THREADS) paged_attention_kernel(
     T* __restrict__ out,                      // [num_rows, Hq, D], when not split
