@@ -105,13 +105,21 @@ def time_us(fn: Callable[[], object], repeats: int, inner: int = 10) -> float:
     return statistics.median(samples)
 
 
+SDPA_FALLBACKS: list[str] = []  # shapes where the flash backend refused and torch chose
+
+
 def sdpa(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    """q [B, Hq, L, D], k/v [B, Hkv, S, D] with the flash backend (GQA included)."""
+    """q [B, Hq, L, D], k/v [B, Hkv, S, D] with the flash backend (GQA included) where it
+    takes the shapes, else torch's own choice (recorded in SDPA_FALLBACKS)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    except RuntimeError:
+        SDPA_FALLBACKS.append(f"{tuple(q.shape)} x {tuple(k.shape)} causal={causal}")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 def paged_cache(batch: int, ctx: int, block_size: int, hkv: int, d: int, dtype: torch.dtype):
@@ -220,7 +228,9 @@ def summary(meta: dict, decode: list[DecodeRow], prefill: list[PrefillRow], swap
             r.paged_over_sdpa] for r in prefill]
     return (f"{meta['heads']} query heads, {meta['kv_heads']} KV heads, head dim {meta['head_dim']}; median of "
             f"{meta['repeats']} CUDA-event timings. SDPA: torch scaled_dot_product_attention, flash backend, on "
-            f"contiguous K/V of the same shapes, measured in the same run.\n\n"
+            f"contiguous K/V of the same shapes, measured in the same run"
+            + (f" (torch's own backend where flash refused: {'; '.join(meta['sdpa_not_flash'])})"
+               if meta.get("sdpa_not_flash") else "") + ".\n\n"
             f"Decode, one query token per sequence; bandwidth = bytes of K and V read / kernel time; "
             f"peak {peak}. Targets (batch >= 16 or context >= 8k): >= 80% of peak and SDPA time / paged "
             f">= 0.85.\n\n"
@@ -282,6 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta = {"device": name, "memory_gib": round(total), "torch": torch.__version__, "peak_gbs": args.peak_gbs,
             "mode": mode, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
             "repeats": args.repeats, "date": started.date().isoformat(),
+            "sdpa_not_flash": sorted(set(SDPA_FALLBACKS)),
             "seconds": round((datetime.datetime.now() - started).total_seconds(), 1)}
     text = summary(meta, decode, prefill, swap)
     print(text)
