@@ -35,9 +35,14 @@ class ModelExecutor:
             max_blocks = min(-(-model.config.max_position_embeddings // self.block_size), cache.num_device_blocks)
             self.graphs = DecodeGraphs(model, cache.device_cache, max_num_seqs, max_blocks)
             started = time.perf_counter()
-            self.graphs.capture()
-            log.info("captured %d decode graphs (batch %s) in %.1f s", len(self.graphs.buckets),
-                     self.graphs.buckets, time.perf_counter() - started)
+            try:
+                self.graphs.capture()
+            except Exception as e:  # a kernel that cannot be captured costs speed, not correctness
+                log.warning("decode CUDA graphs could not be captured, running eagerly: %s", e)
+                self.graphs = None
+            else:
+                log.info("captured %d decode graphs (batch %s) in %.1f s", len(self.graphs.buckets),
+                         self.graphs.buckets, time.perf_counter() - started)
 
     def _sync(self) -> None:
         if torch.device(self.device).type == "cuda":
