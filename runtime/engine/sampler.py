@@ -78,31 +78,37 @@ class SamplingPlan:
     max_top: int  # the most top logprobs any row asked for
 
 
+def _row(p: SamplingParams, vocab: int) -> tuple[float, float, float, float, float]:
+    """(greedy, temperature, top_k, top_p, min_p) of one row; greedy rows get neutral values:
+    their random draw is computed and thrown away."""
+    if p.is_greedy:
+        return 1.0, 1.0, vocab, float("inf"), 0.0
+    return (0.0, p.temperature, p.top_k if 0 < p.top_k < vocab else vocab,
+            p.top_p if p.top_p < 1.0 else float("inf"), p.min_p)
+
+
 def plan_batch(params_list: Sequence[SamplingParams], seed_keys: Sequence[tuple[int, ...] | None] | None,
                vocab: int) -> SamplingPlan:
     n = len(params_list)
     if any(p.use_beam_search for p in params_list):
         raise ValueError("beam search requests are driven by BeamSearch, not sample_batch")
     seed_keys = seed_keys if seed_keys is not None else [None] * n
-    greedy = np.array([p.is_greedy for p in params_list], dtype=bool)
-    rand = [p for p in params_list if not p.is_greedy]
-    # Greedy rows get neutral values: their random draw is computed and thrown away.
-    temps = np.array([1.0 if g else p.temperature for p, g in zip(params_list, greedy)], dtype=np.float32)
-    ks = np.array([p.top_k if not g and 0 < p.top_k < vocab else vocab for p, g in zip(params_list, greedy)],
-                  dtype=np.int64)
-    ps = np.array([p.top_p if not g and p.top_p < 1.0 else float("inf") for p, g in zip(params_list, greedy)],
-                  dtype=np.float32)
-    mins = np.array([0.0 if g else p.min_p for p, g in zip(params_list, greedy)], dtype=np.float32)
+    rows: dict[int, tuple] = {}  # one request's rows share a SamplingParams: convert it once
+    table = np.array([rows.get(id(p)) or rows.setdefault(id(p), _row(p, vocab)) for p in params_list],
+                     dtype=np.float64).reshape(n, 5)
+    greedy = table[:, 0] > 0
+    rand = ~greedy
     # Keys in row order of the random rows: unseeded rows consume the global generator so.
     keys = np.zeros(n, dtype=np.uint64)
-    for i, (p, g) in enumerate(zip(params_list, greedy)):
-        if not g:
-            keys[i] = draw_key(p.seed, seed_keys[i])
-    arrays = {"temperature": temps, "top_k": ks, "top_p": ps, "min_p": mins, "key": keys.view(np.int64),
-              "greedy": greedy.view(np.uint8)}
-    return SamplingPlan(list(params_list), arrays, bool(greedy.any()), bool(rand),
-                        any(0 < p.top_k < vocab for p in rand), any(p.top_p < 1.0 for p in rand),
-                        any(p.min_p > 0.0 for p in rand), max((p.logprobs or 0) for p in params_list))
+    for i in np.flatnonzero(rand).tolist():
+        keys[i] = draw_key(params_list[i].seed, seed_keys[i])
+    # float64 -> float32 rounds as Python float -> float32 does.
+    arrays = {"temperature": table[:, 1].astype(np.float32), "top_k": table[:, 2].astype(np.int64),
+              "top_p": table[:, 3].astype(np.float32), "min_p": table[:, 4].astype(np.float32),
+              "key": keys.view(np.int64), "greedy": greedy.view(np.uint8)}
+    return SamplingPlan(list(params_list), arrays, bool(greedy.any()), bool(rand.any()),
+                        bool((table[rand, 2] < vocab).any()), bool((table[rand, 3] < np.inf).any()),
+                        bool((table[rand, 4] > 0.0).any()), max((p.logprobs or 0) for p in params_list))
 
 
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
