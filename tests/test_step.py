@@ -170,3 +170,48 @@ def test_graph_replay_equals_eager_forward_on_the_same_inputs(loaded):
         checked += 1
         engine.process(out, replayed)
     assert checked == 5
+
+
+@pytest.mark.gpu
+@cuda
+def test_cupy_kernels_launch_on_the_current_stream_and_are_captured():
+    """A graph captured on a side stream holds the CuPy kernels: capturing runs nothing, each
+    replay runs them on the inputs of that moment (compared with the torch references)."""
+    import kernels
+    from kernels import reference
+
+    dev, dtype = torch.device("cuda"), torch.float16
+    cache = torch.zeros(6, 1, 2, 4, 2, 64, device=dev, dtype=dtype)  # 6 blocks of 4 tokens, 2 KV heads
+    key, value = (torch.zeros(3, 2, 64, device=dev, dtype=dtype) for _ in range(2))
+    slots = torch.tensor([1, 6, -1], device=dev)
+    query = torch.zeros(2, 4, 64, device=dev, dtype=dtype)
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5]], device=dev, dtype=torch.int32)
+    lens = torch.tensor([7, 12], device=dev, dtype=torch.int32)
+
+    def step():
+        kernels.reshape_and_cache(key, value, cache, 0, slots)
+        return kernels.paged_attention_decode(query, cache, 0, tables, lens, 0.125)
+
+    step()  # compiles the kernels outside the capture
+    cache.zero_()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert not cache.any()
+    for seed in range(2):
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        before = torch.randn(cache.shape, generator=gen, device=dev).to(dtype)
+        cache.copy_(before)
+        for t in (key, value, query):
+            t.copy_(torch.randn(t.shape, generator=gen, device=dev))
+        lens.copy_(torch.tensor([5 + seed, 12 - seed]))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = before.clone()
+        reference.reshape_and_cache(key, value, expected, 0, slots)
+        assert torch.equal(cache, expected)
+        ref = reference.paged_attention_decode(query, expected, 0, tables, lens, 0.125)
+        torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
