@@ -22,8 +22,13 @@ MIX = [SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load_model(tiny_model(num_layers=2, num_heads=4, num_kv_heads=2))
+def model_path(tiny_model):
+    return tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_path):
+    return load_model(model_path)
 
 
 def make_llm(loaded, **kwargs) -> LLM:
@@ -215,3 +220,24 @@ def test_cupy_kernels_launch_on_the_current_stream_and_are_captured():
         assert torch.equal(cache, expected)
         ref = reference.paged_attention_decode(query, expected, 0, tables, lens, 0.125)
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@cuda
+def test_greedy_and_beams_on_the_gpu_equal_transformers_on_the_gpu(loaded, model_path):
+    """Device sampling and the device beam top-k, through CUDA graphs, float32 (no TF32)."""
+    transformers = pytest.importorskip("transformers")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).cuda().eval()
+    llm = make_llm(loaded, device="cuda", dtype="float32")
+    greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)
+    beams = llm.generate(PROMPTS[:3], SamplingParams(max_tokens=6, beam_width=3, n=3), use_tqdm=False)
+    for prompt, result in zip(PROMPTS, greedy):
+        ref = hf.generate(torch.tensor([prompt], device="cuda"), do_sample=False, max_new_tokens=10,
+                          min_new_tokens=10, pad_token_id=0)
+        assert result.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+    for prompt, result in zip(PROMPTS[:3], beams):
+        ref = hf.generate(torch.tensor([prompt], device="cuda"), do_sample=False, num_beams=3,
+                          num_return_sequences=3, max_new_tokens=6, pad_token_id=-1)
+        assert [c.token_ids for c in result.outputs] == [[t for t in row[len(prompt):].tolist() if t != -1]
+                                                         for row in ref]
