@@ -30,9 +30,11 @@ class LLMEngine:
         self.tokenizer = parts.loaded.tokenizer
         self.block_manager, self.cache = parts.block_manager, parts.cache
         self.scheduler, self.executor, self.cost = parts.scheduler, parts.executor, parts.cost
+        self.profile = self.executor.profile
         self.groups: dict[str, SequenceGroup] = {}
         self.beams: dict[str, BeamSearch] = {}
         self.beam_results: dict[str, list] = {}  # request id -> best hypotheses, once done
+        self.streaming: set[str] = set()  # requests that get an output every step, not only the last
         self.stopping = StopChecker(self.tokenizer, self.model_config)
         self.started = time.monotonic()
         self.generated_tokens = 0
@@ -45,7 +47,9 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, stream: bool = True) -> None:
+        """`stream`: `step` returns this request's output whenever it changes; otherwise only
+        once, when it finishes."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -58,6 +62,8 @@ class LLMEngine:
             eos = [] if params.ignore_eos else self.model_config.eos_token_ids
             self.beams[request_id] = BeamSearch(params, len(ids), eos + params.stop_token_ids)
         self.groups[request_id] = group
+        if stream:
+            self.streaming.add(request_id)
         self.scheduler.add(group)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -85,6 +91,7 @@ class LLMEngine:
             return None
         self.scheduler.abort(request_id)
         self.beams.pop(request_id, None)
+        self.streaming.discard(request_id)
         return self._output(group, {})
 
     def has_unfinished(self) -> bool:
@@ -92,23 +99,32 @@ class LLMEngine:
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.profile.begin()
         out = self.scheduler.schedule()
-        return self.process(out, self.executor.execute(out))
+        self.profile.mark("schedule")
+        outputs = self.process(out, self.executor.execute(out))
+        self.profile.end("prefill" if out.prefills else "decode")
+        return outputs
 
     def process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
-        """Samples from one iteration's logits; returns the outputs of the requests it changed."""
+        """Samples from one iteration's logits; returns the outputs of the requests it changed
+        that stream or finished."""
         self.steps += 1
         new_tokens: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         self._sample(out, logits, new_tokens)
+        self.profile.mark("sample")
         changed = {row.group.request_id: row.group for row in out.scheduled if row.sample}
         changed.update({g.request_id: g for g in out.rejected})
-        outputs = [self._output(g, new_tokens.get(rid, {})) for rid, g in changed.items()]
+        outputs = [self._output(g, new_tokens.get(rid, {})) for rid, g in changed.items()
+                   if g.is_finished or rid in self.streaming]
         for group in changed.values():
             if group.is_finished:
                 self.groups.pop(group.request_id, None)
                 self.beams.pop(group.request_id, None)
                 self.beam_results.pop(group.request_id, None)
+                self.streaming.discard(group.request_id)
         self.scheduler.free_finished()
+        self.profile.mark("outputs")
         return outputs
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor,
@@ -135,14 +151,34 @@ class LLMEngine:
             rows = [i for _, i in draws]
             picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
                                   [sampling[i].group.sampling_params for _, i in draws],
-                                  [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws])
+                                  [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws],
+                                  self.executor.staging)
             for (seq, i), token in zip(draws, picked):
                 self._append(sampling[i].group, seq, token, new_tokens)
-        for rows in beam_rows.values():
-            group = sampling[rows[0]].group
-            row_of = {id(sampling[i].seq): i for i in rows}
-            ordered = [row_of[id(seq)] for seq in group.unfinished_seqs()]
-            self._beam_step(group, logits[ordered])
+        if beam_rows:
+            self._beam_steps([sampling[rows[0]].group for rows in beam_rows.values()], beam_rows, sampling, logits)
+
+    def _beam_steps(self, groups: list[SequenceGroup], beam_rows: dict[str, list[int]],
+                    sampling: list, logits: torch.Tensor) -> None:
+        """Every beam group's top-k on the device, from one log-softmax; one copy brings the
+        candidates of all groups to the host."""
+        ordered: list[int] = []
+        for group in groups:
+            row_of = {id(sampling[i].seq): i for i in beam_rows[group.request_id]}
+            ordered += [row_of[id(seq)] for seq in group.unfinished_seqs()]
+        logprobs = torch.log_softmax(logits[ordered].float(), dim=-1)
+        parts, start = [], 0
+        for group in groups:
+            count = len(group.unfinished_seqs())
+            scores, idx, lps = self.beams[group.request_id].candidates(logprobs[start:start + count])
+            parts.append(torch.stack([scores.double(), idx.double(), lps.double()]))
+            start += count
+        host = torch.cat(parts, dim=1).cpu()
+        start = 0
+        for group, part in zip(groups, parts):
+            scores, idx, lps = host[:, start:start + part.shape[1]]
+            start += part.shape[1]
+            self._beam_step(group, scores.float(), idx.long().tolist(), lps.tolist(), logits.shape[-1])
 
     def _append(self, group: SequenceGroup, seq: Sequence, token: SampledToken,
                 new_tokens: dict[str, dict[int, list[int]]]) -> None:
@@ -155,10 +191,11 @@ class LLMEngine:
         if status is not None:
             self.scheduler.free_seq(seq, status)
 
-    def _beam_step(self, group: SequenceGroup, logits: torch.Tensor) -> None:
+    def _beam_step(self, group: SequenceGroup, scores: torch.Tensor, idx: list[int], lps: list[float],
+                   vocab: int) -> None:
         search = self.beams[group.request_id]
         parents = group.unfinished_seqs()
-        choices = search.step(logits)
+        choices = search.advance(scores, idx, lps, vocab)
         if search.done:
             self.beam_results[group.request_id] = search.finalize()
             for seq in parents:
@@ -222,4 +259,5 @@ class LLMEngine:
             "throughput_tokens_per_s": self.generated_tokens / elapsed,
             "prefill_tokens_per_s": self.cost.prefill_tokens_per_s,
             "swap_bytes_per_s": self.cost.swap_bytes_per_s,
+            **({"step_profile_ms": self.profile.summary()} if self.profile.enabled else {}),
         }
