@@ -71,12 +71,13 @@ class ModelExecutor:
             decode_context_lens=ints([r.end for r in decodes], torch.int32),
             logits_indices=ints(logits_indices))
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Float32 logits, one row per scheduled sequence that samples, in `out.scheduled` order."""
+    def execute(self, out: SchedulerOutput, batch: ModelInput | None = None) -> torch.Tensor:
+        """Float32 logits, one row per scheduled sequence that samples, in `out.scheduled` order.
+        `batch`: `prepare(out)` when the caller made it already."""
         self.apply_cache_ops(out)
         if out.is_empty:
             return torch.empty(0, self.model.config.vocab_size)
-        batch = self.prepare(out)
+        batch = batch or self.prepare(out)
         start = time.perf_counter()
         logits = self.model.forward(batch, self.cache.device_cache)
         self._sync()
@@ -86,3 +87,6 @@ class ModelExecutor:
             share = batch.num_prefill_tokens / batch.token_ids.shape[0]
             self.cost.observe_prefill(batch.num_prefill_tokens, seconds * share)
         return logits.cpu()
+
+    def close(self) -> None:
+        """Releases what the executor holds beyond memory (tensor-parallel workers); idempotent."""
