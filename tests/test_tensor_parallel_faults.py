@@ -55,6 +55,20 @@ def test_a_killed_spawned_worker_fails_the_engine_within_seconds(path):
         llm.close()
 
 
+def test_a_worker_that_fails_to_load_fails_the_engine(path, tmp_path):
+    # Rank 0 has its model; the worker is sent to load a folder without weights.
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    started = time.monotonic()
+    with pytest.raises(WorkerFailure, match=r"worker rank 1 failed: FileNotFoundError: .*no \*\.safetensors"):
+        LLM(str(empty), loaded=load_model(path), tensor_parallel_size=2, **LARGE)
+    assert time.monotonic() - started < 60
+    llm = LLM(path, tensor_parallel_size=2, **LARGE)  # the process can build a group again
+    assert tokens(llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3), use_tqdm=False))
+    llm.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

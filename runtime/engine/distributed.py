@@ -75,6 +75,7 @@ class ParallelGroup:
     compute: object                 # the torch.distributed group of the model's collectives
     control: object                 # the torch.distributed group of the step broadcast
     workers: list[BaseProcess] = field(default_factory=list)  # rank 0 of a spawned group
+    store: dist.Store | None = None  # a spawned group's rendezvous store: workers leave their errors there
     failed: str | None = None       # why the group broke; every later step fails with it
 
     def __post_init__(self) -> None:
@@ -105,7 +106,10 @@ class ParallelGroup:
     def agree_min(self, *values: int) -> list[int]:
         """The smallest of each value over all ranks (block counts every rank can hold)."""
         t = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        except Exception as e:  # a rank that failed to load its shard
+            raise self.fail(e) from e
         return t.tolist()
 
     # -- liveness ---------------------------------------------------------------------------------
@@ -113,6 +117,22 @@ class ParallelGroup:
         """'rank 1 exited with code -9, ...' for spawned workers that are gone; '' otherwise."""
         return ", ".join(f"rank {i + 1} exited with code {p.exitcode}" for i, p in enumerate(self.workers)
                          if p.exitcode is not None)
+
+    def leave_error(self, error: BaseException) -> None:
+        """A worker's last word before it fails: its error, for rank 0 to name."""
+        if self.store is not None:
+            try:
+                self.store.set(f"error/{self.rank}", f"{type(error).__name__}: {error}"[:500])
+            except Exception:
+                pass  # rank 0 (the store's host) is gone too
+
+    def worker_errors(self) -> str:
+        """'rank 1 failed: FileNotFoundError: ...' for the workers that left an error."""
+        if self.store is None:
+            return ""
+        keys = [f"error/{rank}" for rank in range(1, self.world_size)]
+        return "; ".join(f"rank {key[6:]} failed: {self.store.get(key).decode()}" for key in keys
+                         if self.store.check([key]))
 
     def check(self) -> None:
         """Raises WorkerFailure when the group broke before or a spawned worker is gone."""
@@ -125,23 +145,29 @@ class ParallelGroup:
 
     def fail(self, error: BaseException) -> WorkerFailure:
         """Marks the group broken by `error` (raised in a collective) and says what happened."""
-        time.sleep(0.2)  # let a worker that is dying finish, so that its exit code can be named
-        dead = self.dead_workers()
-        self.failed = (f"tensor-parallel worker {dead}" if dead else
+        deadline = time.monotonic() + 1.0  # a dying worker: give it a moment to be named
+        while not self.dead_workers() and any(p.is_alive() for p in self.workers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        said, dead = self.worker_errors(), self.dead_workers()
+        self.failed = (f"tensor-parallel worker {said}" if said else f"tensor-parallel worker {dead}" if dead else
                        f"a tensor-parallel collective failed ({type(error).__name__}: {str(error)[:300]})")
         return WorkerFailure(f"{self.failed}; the engine cannot continue: restart it")
 
     # -- teardown ---------------------------------------------------------------------------------
     def close(self, stop_workers: bool = True) -> None:
-        """Rank 0 tells the workers to stop (an empty step), waits a little for them and leaves."""
+        """Rank 0 tells the workers to stop (an empty step) and waits a little for them; workers
+        of a broken group, or told nothing (`stop_workers` False: they may be mid-collective),
+        are killed at once. Then the process leaves the group."""
         atexit.unregister(self.close)
-        if stop_workers and self.rank == 0 and self.failed is None and dist.is_initialized():
+        told = stop_workers and self.rank == 0 and self.failed is None and dist.is_initialized()
+        if told:
             try:
                 self.channel.send(b"")
             except Exception:
-                pass  # a worker already gone: nothing more to tell it
+                told = False  # a worker already gone: nothing more to tell them
         for process in self.workers:
-            process.join(5)
+            if told:
+                process.join(5)
             if process.exitcode is None:
                 process.kill()
                 process.join(5)
@@ -167,7 +193,7 @@ def join_group(rendezvous: Rendezvous, device: torch.device, timeout_s: float,
         dist.init_process_group("gloo", store=store, rank=r.rank, world_size=r.world_size, timeout=FOREVER)
     backend = "nccl" if device.type == "cuda" else "gloo"
     compute = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    group = ParallelGroup(r, device, compute, dist.group.WORLD)
+    group = ParallelGroup(r, device, compute, dist.group.WORLD, store=store)
     atexit.register(group.close)  # workers stop with the program even if nobody closes the engine
     return group
 

@@ -30,7 +30,7 @@ class LLMEngine:
             parts = build_engine_parts(self.config, loaded, group)
         except BaseException:
             if group is not None:
-                group.close()
+                group.close(stop_workers=False)  # they may be waiting in a collective
             raise
         self.model_config = parts.loaded.config
         self.model_source = parts.loaded.source

@@ -76,5 +76,8 @@ def run_worker(config: EngineConfig, rendezvous: Rendezvous, store=None) -> None
                 continue
             message = StepMessage.decode(payload, group.device)
             executor.execute(message, message.batch)
+    except Exception as e:
+        group.leave_error(e)
+        raise
     finally:
         group.close()
