@@ -80,6 +80,7 @@ class ParallelGroup:
 
     def __post_init__(self) -> None:
         self.channel = StepChannel(self.control)
+        self.closed = False
 
     @property
     def rank(self) -> int:
@@ -159,6 +160,9 @@ class ParallelGroup:
         of a broken group, or told nothing (`stop_workers` False: they may be mid-collective),
         are killed at once. Then the process leaves the group."""
         atexit.unregister(self.close)
+        if self.closed:
+            return  # never leave a group that a later engine of this process has joined
+        self.closed = True
         told = stop_workers and self.rank == 0 and self.failed is None and dist.is_initialized()
         if told:
             try:
@@ -172,6 +176,7 @@ class ParallelGroup:
                 process.kill()
                 process.join(5)
         self.workers = []
+        self.failed = self.failed or "the tensor-parallel group was closed"
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -191,8 +196,12 @@ def join_group(rendezvous: Rendezvous, device: torch.device, timeout_s: float,
         dist.init_process_group("gloo", init_method="env://", rank=r.rank, world_size=r.world_size, timeout=FOREVER)
     else:
         dist.init_process_group("gloo", store=store, rank=r.rank, world_size=r.world_size, timeout=FOREVER)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    compute = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    try:
+        compute = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                 timeout=timedelta(seconds=timeout_s))
+    except BaseException:
+        dist.destroy_process_group()
+        raise
     group = ParallelGroup(r, device, compute, dist.group.WORLD, store=store)
     atexit.register(group.close)  # workers stop with the program even if nobody closes the engine
     return group
