@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -10,10 +11,13 @@ from kvcache.block_manager import BlockManager
 from kvcache.cache_engine import GIB, CacheEngine, CacheSpec
 from preemption.policy import MODES, CostModel, PreemptionPolicy
 from preemption.scheduler import Scheduler, SchedulerConfig
+from runtime.engine.distributed import ParallelGroup
 from runtime.engine.executor import ModelExecutor
+from runtime.engine.parallel_executor import TensorParallelExecutor
 from runtime.engine.profile import StepProfile
 from runtime.models.llama import LlamaModel
 from runtime.models.loader import LoadedModel, load_model
+from runtime.models.parallel import WeightShard
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,6 +38,8 @@ class EngineConfig:
     watermark: float = 0.01
     enforce_eager: bool = False           # no CUDA graphs for decode steps (they are only used on CUDA)
     profile_steps: bool = False           # time each step's phases (synchronising the device)
+    tensor_parallel_size: int = 1         # ranks that split the model (Megatron); rank 0 is this process
+    distributed_timeout_s: float = 30.0   # how long a collective waits for the other ranks
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -48,6 +54,10 @@ class EngineConfig:
             raise ValueError("kv_cache_gib must be > 0 and swap_space_gib >= 0")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -75,6 +85,10 @@ class EngineConfig:
         add("--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs")
         add("--profile-steps", action="store_true",
             help="time each step's phases (schedule, cache ops, prepare, forward, sample, outputs)")
+        add("--tensor-parallel-size", type=int, default=1,
+            help="ranks that split the model (default 1); workers are spawned here, or started by torchrun")
+        add("--distributed-timeout-s", type=float, default=30.0,
+            help="seconds a tensor-parallel collective waits for the other ranks (default 30)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":
@@ -101,22 +115,51 @@ def _num_device_blocks(config: EngineConfig, spec: CacheSpec, device: torch.devi
     return spec.blocks_for_bytes(config.kv_cache_gib * GIB)
 
 
-def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineParts:
+def _load(config: EngineConfig, loaded: LoadedModel | None, shard: WeightShard | None) -> LoadedModel:
+    """The model, or this rank's shard of it (cut from `loaded` when that holds all of it)."""
+    if loaded is None:
+        return load_model(config.model, shard=shard)
+    if shard is None or loaded.shard == shard:
+        return loaded
+    if loaded.shard is not None:
+        raise ValueError(f"the loaded model holds rank {loaded.shard.rank}'s shard, not rank {shard.rank}'s")
+    return dataclasses.replace(loaded, weights=shard.split(loaded.weights), shard=shard)
+
+
+def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
+                   group: ParallelGroup | None = None) -> tuple[LoadedModel, ModelExecutor]:
+    """The model (this rank's shard of it in a tensor-parallel `group`), its KV pools and the
+    executor: what every rank builds. Ranks agree on the smallest pools any of them can hold."""
     device, dtype = config.torch_device(), config.torch_dtype()
-    loaded = loaded or load_model(config.model)
+    world = 1 if group is None else group.world_size
+    if group is not None:
+        device = group.device
+    loaded = _load(config, loaded, None if group is None else WeightShard(group.rank, world))
     cfg = loaded.config
-    model = LlamaModel(cfg, loaded.weights, device, dtype)
-    spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, dtype)
+    model = LlamaModel(cfg, loaded.weights, device, dtype, None if group is None else group.model_parallel())
+    spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads // world, cfg.head_dim, config.block_size, dtype)
     num_device = _num_device_blocks(config, spec, device)
+    num_cpu = spec.blocks_for_bytes(config.swap_space_gib * GIB)
+    if group is not None:
+        num_device, num_cpu = group.agree_min(num_device, num_cpu)
     if num_device < 1:
         raise ValueError("no memory is left for the KV cache: lower the model size or raise the budget")
-    num_cpu = spec.blocks_for_bytes(config.swap_space_gib * GIB)
     cache = CacheEngine(spec, num_device, num_cpu, device)
-    bm = BlockManager(config.block_size, num_device, num_cpu, config.watermark)
-    cost = CostModel()
-    policy = PreemptionPolicy(config.preemption_mode, cost, spec.bytes_per_block)
+    profile = StepProfile(config.profile_steps, device)
+    if group is not None and group.rank == 0:
+        return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile)
+    # Decode graphs capture no collectives: tensor-parallel ranks run eagerly.
+    eager = config.enforce_eager or group is not None
+    return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile)
+
+
+def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
+                       group: ParallelGroup | None = None) -> EngineParts:
+    """Rank 0's parts: the executor, and the scheduler and block manager that plan for all ranks."""
+    loaded, executor = build_executor(config, loaded, group)
+    cache, cost = executor.cache, executor.cost
+    bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark)
+    policy = PreemptionPolicy(config.preemption_mode, cost, cache.spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                           config.preemption_mode), bm, policy)
-    executor = ModelExecutor(model, cache, cost, config.max_num_seqs, config.enforce_eager,
-                             StepProfile(config.profile_steps, device))
     return EngineParts(loaded, bm, cache, scheduler, executor, cost)

@@ -69,20 +69,21 @@ class ModelExecutor:
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         return self.upload(host_inputs(out, self.block_size))
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, batch: ModelInput | None = None) -> torch.Tensor:
         """Float32 logits on the model's device, one row per scheduled sequence that samples,
-        in `out.scheduled` order."""
+        in `out.scheduled` order. `batch`: `prepare(out)` when the caller made it already."""
         self.apply_cache_ops(out)
         self.profile.mark("cache ops")
         if out.is_empty:
             return torch.empty(0, self.model.config.vocab_size)
-        inputs = host_inputs(out, self.block_size)
-        if self.graphs is not None and self.graphs.fits(inputs):
-            self.profile.mark("prepare")
-            logits = self.graphs.run(inputs)
-            self.profile.mark("forward")
-            return logits
-        batch = self.upload(inputs)
+        if batch is None:
+            inputs = host_inputs(out, self.block_size)
+            if self.graphs is not None and self.graphs.fits(inputs):
+                self.profile.mark("prepare")
+                logits = self.graphs.run(inputs)
+                self.profile.mark("forward")
+                return logits
+            batch = self.upload(inputs)
         self.profile.mark("prepare")
         start = time.perf_counter()
         logits = self.model.forward(batch, self.cache.device_cache)
@@ -94,3 +95,6 @@ class ModelExecutor:
             self.cost.observe_prefill(batch.num_prefill_tokens, seconds * share)
         self.profile.mark("forward")
         return logits
+
+    def close(self) -> None:
+        """Releases what the executor holds beyond memory (tensor-parallel workers); idempotent."""

@@ -21,6 +21,10 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args), loaded)
         self._counter = 0
 
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any."""
+        self.engine.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -14,6 +14,7 @@ from runtime.engine.outputs import CompletionOutput, RequestOutput
 from runtime.engine.sampler import SampledToken, sample_batch
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.stopping import StopChecker
+from runtime.engine.worker import start_tensor_parallel
 from runtime.models.loader import LoadedModel
 
 
@@ -24,7 +25,13 @@ class RequestTooLong(ValueError):
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = config or EngineConfig()
-        parts = build_engine_parts(self.config, loaded)
+        group = start_tensor_parallel(self.config, loaded)  # None for one rank
+        try:
+            parts = build_engine_parts(self.config, loaded, group)
+        except BaseException:
+            if group is not None:
+                group.close(stop_workers=False)  # they may be waiting in a collective
+            raise
         self.model_config = parts.loaded.config
         self.model_source = parts.loaded.source
         self.tokenizer = parts.loaded.tokenizer
@@ -96,6 +103,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        self.executor.close()
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

