@@ -60,7 +60,8 @@ def _pack(value: Any) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
     t = value.detach().cpu().contiguous()
-    return (str(t.dtype).removeprefix("torch."), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # empty views may have stride 0
+    return (str(t.dtype).removeprefix("torch."), tuple(t.shape), raw)
 
 
 def _unpack(value: Any, device: torch.device) -> Any:
