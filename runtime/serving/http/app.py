@@ -181,7 +181,7 @@ class Gateway:
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [(await self.model_info()).card()]})
 
-    async def model(self, request: Request) -> Response:
+    async def model_card(self, request: Request) -> Response:
         info = await self.model_info()
         if request.path_params["model"] not in (info.name, info.root):
             raise ApiError(404, f"the model `{request.path_params['model']}` does not exist",
@@ -304,7 +304,7 @@ def build_app(config: ApiConfig) -> Starlette:
     async def chat(request: Request) -> Response:
         return await gateway.generate(request, chat=True)
 
-    routes = [Route("/v1/models", gateway.models), Route("/v1/models/{model:path}", gateway.model),
+    routes = [Route("/v1/models", gateway.models), Route("/v1/models/{model:path}", gateway.model_card),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/health", gateway.health), Route("/metrics", gateway.scrape)]

@@ -37,6 +37,14 @@ def _ranked(entry: list[list], texts: dict[int, str]) -> list[tuple[str, float]]
     return [(texts.get(t, ""), lp) for t, lp in sorted(entry, key=lambda pair: (-pair[1], pair[0]))]
 
 
+def _by_text(ranked: list[tuple[str, float]]) -> dict[str, float]:
+    """Completions key top logprobs by text: of tokens that read the same, the likeliest stays."""
+    top: dict[str, float] = {}
+    for text, logprob in ranked:
+        top.setdefault(text, logprob)
+    return top
+
+
 class _Format:
     object = chunk_object = id_prefix = ""
 
@@ -100,7 +108,7 @@ class CompletionFormat(_Format):
         self.offsets[index] = offset  # a stream's next chunk goes on from here
         return {"tokens": tokens,
                 "token_logprobs": [dict(map(tuple, entry))[t] for entry, t in zip(logprobs, token_ids)],
-                "top_logprobs": [dict(_ranked(entry, texts)) for entry in logprobs],
+                "top_logprobs": [_by_text(_ranked(entry, texts)) for entry in logprobs],
                 "text_offset": offsets}
 
 
