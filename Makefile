@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 serve: $(STAMP)
-	$(VENV)/bin/pagedkv serve $(SERVE_ARGS)
+	$(VENV)/bin/pagedkv serve --http-port 8000 $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

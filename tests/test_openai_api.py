@@ -8,10 +8,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from urllib.parse import urlparse
 
 import httpx
@@ -535,3 +539,95 @@ def test_429_when_the_engine_is_overloaded(model_path, tmp_path):
                     with pytest.raises(openai.RateLimitError):
                         client.completions.create(model=os.path.basename(model_path), prompt=PROMPT, max_tokens=4)
         assert wait_until(lambda: idle(engine) == IDLE) and idle(engine) == IDLE
+
+
+# -- the README's examples ---------------------------------------------------------------------------
+README_URL, README_MODEL = "http://127.0.0.1:8000", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def readme_curl_commands() -> list[list[str]]:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Serve it over HTTP", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("curl "):
+                commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+def run_curl(argv: list[str]) -> str:
+    """With curl when it is installed, else the same request through urllib."""
+    if shutil.which("curl"):
+        out = subprocess.run([*argv, "--silent", "--show-error", "--fail"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, (argv, out.stderr)
+        return out.stdout
+    url, headers, data, args = None, {}, None, iter(argv[1:])
+    for arg in args:
+        if arg == "-H":
+            name, _, value = next(args).partition(":")
+            headers[name.strip()] = value.strip()
+        elif arg == "-d":
+            data = next(args).encode()
+        elif not arg.startswith("-"):
+            url = arg
+    request = urllib.request.Request(url, data=data, headers=headers)
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read().decode()
+
+
+def test_readme_curl_examples_work(url, model):
+    commands = readme_curl_commands()
+    assert len(commands) == 5
+    for argv in commands:
+        argv = [a.replace(README_URL, url).replace(README_MODEL, model) for a in argv]
+        out = run_curl(argv)
+        if '"stream": true' in " ".join(argv):
+            assert out.rstrip().endswith("data: [DONE]") and '"chat.completion.chunk"' in out
+        elif argv[1].endswith("/metrics"):
+            assert "pagedkv:num_requests_running" in out
+        else:
+            body = json.loads(out)
+            assert "error" not in body and (body.get("choices") or body.get("data") or body["status"] == "ok")
+
+
+def test_readme_openai_block_works(url, offline):
+    from test_readme import python_blocks, run_block
+
+    printed = run_block(python_blocks()[2].replace(README_URL, url))
+    chat = chat_reference(offline, [{"role": "user", "content": "Name three rivers."}], max_tokens=32,
+                          temperature=0.0)
+    completion = reference(offline, "The capital of France is", max_tokens=8, temperature=0.0)
+    assert printed == f"{chat.outputs[0].text}\n{completion.outputs[0].text}\n"
+
+
+def test_the_gateway_does_not_import_torch():
+    code = "import sys, runtime.serving.http.app, runtime.cli.api; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # exited, perhaps not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_the_gateway_leaves_with_its_engine_process(model_path, tmp_path, how):
+    with running_http_server(model_path, "--num-device-blocks", "64", log_path=str(tmp_path / "server.log")) \
+            as (proc, url):
+        pid = proc.process.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            [gateway] = [int(c) for c in f.read().split()]
+        assert httpx.get(f"{url}/health", timeout=60).status_code == 200
+        if how == "sigterm":
+            assert proc.terminate() == 0
+        else:
+            proc.process.kill()
+            proc.process.wait(30)
+        assert wait_until(lambda: _gone(gateway)), f"the gateway {gateway} outlived its engine process"

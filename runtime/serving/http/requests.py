@@ -153,6 +153,9 @@ def parse(body: Any, chat: bool, max_model_len: int | None) -> Job:
         if beam_width == 1:  # a beam of one is greedy decoding
             params["temperature"] = 0.0
     if beam_width is not None and beam_width > 1:
+        if chat and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            # Beams end at max_tokens, not at the end of the model's context.
+            raise bad_request("beam search needs 'max_tokens' (or 'max_completion_tokens')", "max_tokens")
         params.update(beam_width=beam_width, n=n)
         best_of = None
     else:
