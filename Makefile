@@ -44,7 +44,7 @@ bench-gpu:
 	cat $(RESULTS)/exit-codes.txt; ! grep -qv ': 0$$' $(RESULTS)/exit-codes.txt
 
 serve: $(STAMP)
-	$(VENV)/bin/pagedkv serve $(SERVE_ARGS)
+	$(VENV)/bin/pagedkv serve --http-port 8000 $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -80,6 +80,7 @@ class SequenceGroup:
     request_id: str
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # set once, when it first runs: its queue time ends
     sampling_params: Any = None
     # Sequences that left the group (finished beams, pruned candidates) keep their results here.
     finished_seqs: list[Sequence] = field(default_factory=list)

@@ -8,6 +8,7 @@ arrival order while the cache and the budgets allow.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -209,6 +210,8 @@ class Scheduler:
 
     def _start(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         seqs = group.unfinished_seqs()
+        if group.first_scheduled_time is None:
+            group.first_scheduled_time = time.monotonic()
         shared = self.bm.allocate(group)
         # The lead computes the shared prefix; the others start after it. Identical
         # sequences still compute their last token each, to get logits of their own.

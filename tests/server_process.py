@@ -60,3 +60,44 @@ def running_server(model_path: str, *args: str, log_path: str, bind: str = "tcp:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def read_http_url(process: subprocess.Popen, log_path: str, timeout: float = 120) -> str:
+    """The base URL that `pagedkv api` (alone or started by `serve --http-port`) prints."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        match = re.search(r"HTTP API on (\S+)", line)
+        if match:
+            return match.group(1)
+    process.kill()
+    raise RuntimeError(f"the HTTP API did not start:\n{open(log_path).read()}")
+
+
+@contextmanager
+def running_http_server(model_path: str, *args: str, log_path: str):
+    """`pagedkv serve --http-port 0`: yields (ServerProcess, the HTTP API's base URL)."""
+    with running_server(model_path, "--http-port", "0", *args, log_path=log_path) as server:
+        yield server, read_http_url(server.process, log_path)
+
+
+@contextmanager
+def running_gateway(address: str, *args: str, log_path: str):
+    """`pagedkv api` alone, in front of the engine at `address`: yields (process, base URL)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "api", "--address", address,
+                                    "--port", "0", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=log, text=True)
+    try:
+        yield process, read_http_url(process, log_path)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)

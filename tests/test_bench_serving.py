@@ -81,10 +81,33 @@ def test_png_and_section(run, monkeypatch):
     with open(out / "serving.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     counts = ("num_requests", "completed", "errors", "steps", "preemptions")
-    results = [bench_serving.RateResult(**{k: int(v) if k in counts else float(v) for k, v in r.items()})
-               for r in rows]
+    results = [bench_serving.RateResult(**{k: v if k == "path" else int(v) if k in counts else float(v)
+                                           for k, v in r.items()}) for r in rows]
     meta = json.loads((out / "serving.json").read_text())
     monkeypatch.setattr(bench_serving, "BENCHMARKS", docs / "BENCHMARKS.md")
     body = bench_serving.section_body(results, meta, png)
     assert "![serving latency against request rate](serving/serving.png)" in body
     assert body.count("\n| ") == 1 + len(RATES) and "0 request(s) failed" in body
+
+
+@pytest.mark.timeout(240)
+def test_http_mode_runs_both_paths_in_one_run(tiny_model, tmp_path):
+    """--http: one server with its gateway; each rate through ZeroMQ and then over HTTP, same requests."""
+    out = tmp_path / "serving"
+    code = bench_serving.main([
+        "--model", tiny_model(), "--threads", "1", "--rates", "20", "--num-requests", "5", "--prompt-mean", "8",
+        "--output-mean", "6", "--max-prompt", "24", "--max-output", "16", "--seed", "3", "--out", str(out),
+        "--no-write", "--no-progress", "--http"])
+    assert code == 0
+    with open(out / "serving_http.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == ["zmq", "http"]
+    for r in rows:
+        assert int(r["completed"]) == 5 and int(r["errors"]) == 0
+        assert math.isfinite(float(r["tpot_p50_s"])) and float(r["tpot_p50_s"]) > 0
+    doc = json.loads((out / "serving_http.json").read_text())
+    zmq, http = doc["requests"]["20"], doc["requests"]["http 20"]
+    assert [r["output_tokens"] for r in zmq] == [r["output_tokens"] for r in http]  # the same work
+    results = [bench_serving.RateResult(**{k: v if k == "path" else int(v) if k in ("num_requests", "completed",
+               "errors", "steps", "preemptions") else float(v) for k, v in r.items()}) for r in rows]
+    assert "- 20 req/s: p50 TPOT" in bench_serving.gateway_overhead(results)

@@ -16,7 +16,8 @@ ALLOWED = {
     "runtime.models": {"kernels"},
     "runtime.engine": {"runtime.models", "preemption", "kvcache", "kernels"},
     "runtime.serving": {"runtime.engine", "runtime.models", "kvcache"},
-    "runtime.cli": {"runtime.serving", "runtime.engine", "runtime.models", "runtime.cli"},
+    "runtime.serving.http": {"runtime.serving", "runtime.engine"},  # the gateway: the client, never the server
+    "runtime.cli": {"runtime.serving", "runtime.serving.http", "runtime.engine", "runtime.models", "runtime.cli"},
     "runtime": {"runtime.engine", "runtime.serving"},
     "pagedkv": {"runtime"},
 }

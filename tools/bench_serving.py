@@ -22,7 +22,12 @@ msgpack): once with the server idle, and during each rate's run (where a health 
 also waits for the engine step in progress).
 
 Writes serving.csv, serving.json and serving.png into --out, and the section TITLE of
-docs/BENCHMARKS.md unless --no-write. Take the lock when recording figures, so that no
+docs/BENCHMARKS.md unless --no-write.
+
+--http starts the server with its OpenAI-compatible gateway (`serve --http-port`) and sends each
+rate's requests twice, through the ZeroMQ client and then as streamed `/v1/completions` over HTTP,
+so that the gateway's cost shows next to the direct path in one run (p50 time per output token
+of each); files serving_http.*, section HTTP_TITLE. Take the lock when recording figures, so that no
 other benchmark shares the CPU:
 
     flock /tmp/pagedkv-bench.lock .venv/bin/python -m tools.bench_serving
@@ -54,6 +59,7 @@ from tools.report import BENCHMARKS, markdown_table, write_section
 from tools.workload import WorkloadRequest, describe, make_workload
 
 TITLE = "Serving latency (ZeroMQ server, CPU)"
+HTTP_TITLE = "Serving latency: HTTP gateway vs ZeroMQ (CPU)"
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "serving"
 # ShareGPT's shape (log-normal, sigma 0.9; the vLLM paper's means are 161 prompt and 338
@@ -115,10 +121,15 @@ class RateResult:
     health_rtt_p50_ms: float       # health round trips during the run
     health_rtt_p99_ms: float
     preemptions: int
+    path: str = "zmq"              # "zmq": the AsyncClient; "http": the OpenAI API of the gateway
     timings: list[RequestTiming] = field(default_factory=list, repr=False)
 
     def row(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "timings"}
+
+    @property
+    def key(self) -> str:
+        return f"{self.rate:g}" if self.path == "zmq" else f"{self.path} {self.rate:g}"
 
 
 def parse_rates(text: str) -> list[float]:
@@ -144,10 +155,11 @@ def vocab_size_of(model: str | None) -> int:
 # -- the server --------------------------------------------------------------------------------
 @contextmanager
 def started_server(model: str | None, server_args: list[str], threads: int | None = None,
-                   startup_timeout: float = 300):
-    """Starts `pagedkv serve` on a free loopback port; yields its address; SIGTERM at the end."""
+                   startup_timeout: float = 300, http: bool = False):
+    """Starts `pagedkv serve` on a free loopback port (and its HTTP API on another, if asked);
+    yields (ZeroMQ address, HTTP base URL or None); SIGTERM at the end."""
     command = [sys.executable, "-m", "runtime.cli.main", "serve", "--bind", "tcp://127.0.0.1:*",
-               *(["--model", model] if model else []), *server_args]
+               *(["--model", model] if model else []), *(["--http-port", "0"] if http else []), *server_args]
     log = tempfile.NamedTemporaryFile("w+", prefix="pagedkv-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1",
@@ -160,10 +172,14 @@ def started_server(model: str | None, server_args: list[str], threads: int | Non
                 break  # the server exited
             match = re.search(r"serving .* on (\S+)", line)
             address = match.group(1) if match else None
-        if address is None:
+        url = None
+        while http and address is not None and url is None and time.monotonic() < deadline:
+            match = re.search(r"HTTP API on (\S+)", process.stdout.readline() or "exited")
+            url = match.group(1) if match else None
+        if address is None or (http and url is None):
             log.seek(0)
             raise RuntimeError(f"the server did not start ({shlex.join(command)}):\n{log.read()[-4000:]}")
-        yield address
+        yield address, url
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -177,8 +193,8 @@ def started_server(model: str | None, server_args: list[str], threads: int | Non
 
 
 # -- one rate ----------------------------------------------------------------------------------
-async def send_request(client: AsyncClient, request: WorkloadRequest, timing: RequestTiming, start: float,
-                       timeout: float, bar: tqdm) -> None:
+async def send_zmq(client: AsyncClient, request: WorkloadRequest, timing: RequestTiming, start: float,
+                   timeout: float, bar: tqdm) -> None:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, start + request.arrival - loop.time()))
     timing.sent = time.perf_counter()
@@ -203,6 +219,44 @@ async def send_request(client: AsyncClient, request: WorkloadRequest, timing: Re
     bar.update(1)
 
 
+async def send_http(http: "httpx.AsyncClient", url: str, request: WorkloadRequest, timing: RequestTiming,
+                    start: float, timeout: float, bar: tqdm) -> None:
+    """The same request as an OpenAI streamed completion. Chunks carry text, not token counts:
+    the first and last chunks with text time the first and last tokens, and the usage chunk
+    (stream_options.include_usage) counts the tokens."""
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, start + request.arrival - loop.time()))
+    body = {"prompt": request.prompt_ids, "max_tokens": request.output_len, "ignore_eos": True, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    timing.sent = time.perf_counter()
+    try:
+        async with http.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                now = time.perf_counter()
+                timing.replies += 1
+                if line == "data: [DONE]":
+                    timing.final = now
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    if math.isnan(timing.first_token):
+                        timing.first_token = now
+                    timing.last_token = now
+                if chunk.get("usage"):
+                    timing.tokens = chunk["usage"]["completion_tokens"]
+    except (httpx.HTTPError, RuntimeError) as e:
+        timing.error = str(e)
+    bar.update(1)
+
+
 async def probe_health(client: AsyncClient, rtts: list[float], stop: asyncio.Event, interval: float) -> None:
     """Health round trips every `interval` seconds until `stop` is set."""
     while not stop.is_set():
@@ -223,17 +277,22 @@ def server_counters(stats: dict) -> dict:
 
 
 async def run_rate(address: str, rate: float, workload: list[WorkloadRequest], timeout: float,
-                   progress: bool) -> RateResult:
-    async with AsyncClient(address, timeout=timeout) as client, AsyncClient(address, timeout=timeout) as prober:
+                   progress: bool, url: str | None = None) -> RateResult:
+    """One rate's run through the ZeroMQ client, or through the HTTP API at `url`."""
+    import httpx
+
+    async with AsyncClient(address, timeout=timeout) as client, AsyncClient(address, timeout=timeout) as prober, \
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=None)) as http:
         before = server_counters(await client.stats())
         timings = [RequestTiming(r.request_id, len(r.prompt_ids), r.output_len, r.arrival) for r in workload]
         rtts: list[float] = []
         stop = asyncio.Event()
         health = asyncio.create_task(probe_health(prober, rtts, stop, HEALTH_INTERVAL))
-        with tqdm(total=len(workload), desc=f"rate {rate:g}/s", unit="req", disable=not progress) as bar:
+        path = "http" if url else "zmq"
+        with tqdm(total=len(workload), desc=f"{path} rate {rate:g}/s", unit="req", disable=not progress) as bar:
             start = asyncio.get_running_loop().time()
-            await asyncio.gather(*(send_request(client, r, t, start, timeout, bar)
-                                   for r, t in zip(workload, timings)))
+            await asyncio.gather(*(send_http(http, url, r, t, start, timeout, bar) if url else
+                                   send_zmq(client, r, t, start, timeout, bar) for r, t in zip(workload, timings)))
         stop.set()
         await health
         after = server_counters(await client.stats())
@@ -263,7 +322,7 @@ async def run_rate(address: str, rate: float, workload: list[WorkloadRequest], t
                                                 + len(rtts) + 1, 1),
         runtime_share=runtime_ms / (runtime_ms + step_ms) if runtime_ms + step_ms > 0 else math.nan,
         health_rtt_p50_ms=1000 * p(rtts, 50), health_rtt_p99_ms=1000 * p(rtts, 99),
-        preemptions=delta["preemptions"], timings=timings)
+        preemptions=delta["preemptions"], path="http" if url else "zmq", timings=timings)
 
 
 async def idle_health_rtts(address: str, count: int) -> list[float]:
@@ -285,9 +344,9 @@ async def warm_up(address: str, vocab_size: int, timeout: float) -> None:
 
 
 # -- output ------------------------------------------------------------------------------------
-def write_files(out: Path, results: list[RateResult], meta: dict) -> dict[str, Path]:
+def write_files(out: Path, results: list[RateResult], meta: dict, stem: str = "serving") -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "serving.csv", "json": out / "serving.json", "png": out / "serving.png"}
+    paths = {kind: out / f"{stem}.{kind}" for kind in ("csv", "json", "png")}
     rows = [r.row() for r in results]
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -297,7 +356,7 @@ def write_files(out: Path, results: list[RateResult], meta: dict) -> dict[str, P
     def finite(x):
         return None if isinstance(x, float) and not math.isfinite(x) else x
 
-    requests = {f"{r.rate:g}": [{k: finite(v) for k, v in {
+    requests = {r.key: [{k: finite(v) for k, v in {
         "id": t.request_id, "prompt_tokens": t.prompt_tokens, "output_tokens": t.tokens,
         "arrival_s": t.arrival, "ttft_s": t.ttft, "tpot_s": t.tpot,
         "normalized_latency_s": t.normalized_latency, "error": t.error}.items()} for t in r.timings]
@@ -314,12 +373,16 @@ def plot(results: list[RateResult], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = [r.rate for r in results]
+    rates = sorted({r.rate for r in results})
+    routes = list(dict.fromkeys(r.path for r in results))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, (name, key, unit) in zip((left, right), (("normalized latency", "norm_latency", "s/token"),
                                                      ("time to first token", "ttft", "s"))):
-        ax.plot(rates, [getattr(r, f"{key}_p50_s") for r in results], "o-", label="p50")
-        ax.plot(rates, [getattr(r, f"{key}_p99_s") for r in results], "s--", label="p99")
+        for route in routes:
+            mine = [r for r in results if r.path == route]
+            label = "" if len(routes) == 1 else f"{route} "
+            ax.plot([r.rate for r in mine], [getattr(r, f"{key}_p50_s") for r in mine], "o-", label=f"{label}p50")
+            ax.plot([r.rate for r in mine], [getattr(r, f"{key}_p99_s") for r in mine], "s--", label=f"{label}p99")
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(f"{name} ({unit})")
         ax.set_title(name)
@@ -340,7 +403,10 @@ def table(results: list[RateResult]) -> str:
     def pair(p50: float, p99: float, scale: float = 1.0) -> str:
         return f"{scale * p50:.3g} / {scale * p99:.3g}"
 
-    rows = [[f"{r.rate:g}", f"{r.requests_per_s:.2f}", f"{r.output_tokens_per_s:.1f}",
+    paths = len({r.path for r in results}) > 1
+    if paths:
+        header.insert(1, "path")
+    rows = [[f"{r.rate:g}", *([r.path] if paths else []), f"{r.requests_per_s:.2f}", f"{r.output_tokens_per_s:.1f}",
              pair(r.ttft_p50_s, r.ttft_p99_s), pair(r.tpot_p50_s, r.tpot_p99_s, 1000),
              pair(r.norm_latency_p50_s, r.norm_latency_p99_s), f"{r.step_ms:.1f}",
              f"{r.runtime_ms_per_request:.2f}", f"{r.runtime_ms_per_message:.3f}", f"{100 * r.runtime_share:.1f}%",
@@ -374,11 +440,46 @@ p99 {idle['p99']:.2f} ms with the server idle ({HEALTH_PROBES} probes); during a
 one probe every {HEALTH_INTERVAL:g} s) it also waits for the engine step in progress."""
 
 
+def gateway_overhead(results: list[RateResult]) -> str:
+    """Per rate, p50 TPOT through the HTTP gateway against the ZeroMQ path (the issue's target: +5% at most)."""
+    lines = []
+    for rate in sorted({r.rate for r in results}):
+        by_path = {r.path: r for r in results if r.rate == rate}
+        if {"zmq", "http"} <= by_path.keys():
+            zmq, http = by_path["zmq"].tpot_p50_s, by_path["http"].tpot_p50_s
+            lines.append(f"- {rate:g} req/s: p50 TPOT {1000 * zmq:.1f} ms over ZeroMQ, {1000 * http:.1f} ms over "
+                         f"HTTP ({100 * (http / zmq - 1):+.1f}%)")
+    return "\n".join(lines)
+
+
+def http_section_body(results: list[RateResult], meta: dict, png: Path) -> str:
+    relative = os.path.relpath(png, BENCHMARKS.parent)
+    errors = sum(r.errors for r in results)
+    return f"""\
+Model: {meta['model']}, served by `pagedkv serve --http-port` ({meta['server']}): one engine, reached
+at each rate first through the ZeroMQ `AsyncClient` (path zmq), then through the OpenAI-compatible
+gateway (`pagedkv api`, a process of its own) as streamed `/v1/completions` over HTTP (path http).
+Per rate: {meta['workload']}; Poisson arrivals (seed {meta['seed']}; the same requests on both paths
+and at every rate), greedy, each request generating exactly its drawn length (ignore_eos). Over HTTP,
+the first and last chunks with text time the first and last tokens and the usage chunk counts
+them; the runtime columns are the engine server's own counters. {errors} request(s) failed.
+
+Time per output token, p50, gateway against ZeroMQ:
+
+{gateway_overhead(results)}
+
+{table(results)}
+
+![serving latency against request rate, both paths]({relative})"""
+
+
 def print_summary(results: list[RateResult], meta: dict) -> None:
     print(f"\n{TITLE}: {meta['model']}; {meta['workload']}")
     print(table(results))
     idle = meta["idle_health_rtt_ms"]
     print(f"health round trip, server idle: p50 {idle['p50']:.2f} ms, p99 {idle['p99']:.2f} ms")
+    if any(r.path == "http" for r in results):
+        print(gateway_overhead(results))
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -390,7 +491,8 @@ def server_description(args: argparse.Namespace) -> str:
     return f"{options}, {f'OMP_NUM_THREADS={threads}' if threads else 'default torch threads'}"
 
 
-async def bench(address: str, args: argparse.Namespace, vocab_size: int) -> tuple[list[RateResult], dict]:
+async def bench(address: str, args: argparse.Namespace, vocab_size: int,
+                url: str | None = None) -> tuple[list[RateResult], dict]:
     await warm_up(address, vocab_size, args.timeout)
     idle = await idle_health_rtts(address, HEALTH_PROBES)
     async with AsyncClient(address, timeout=60) as client:
@@ -401,6 +503,8 @@ async def bench(address: str, args: argparse.Namespace, vocab_size: int) -> tupl
                                  output_mean=args.output_mean, max_prompt=args.max_prompt,
                                  max_output=args.max_output, rate=rate)
         results.append(await run_rate(address, rate, workload, args.timeout, not args.no_progress))
+        if url:  # the same requests through the gateway, right after
+            results.append(await run_rate(address, rate, workload, args.timeout, not args.no_progress, url))
     meta = {"model": os.path.basename(str(health.get("model"))), "seed": args.seed,
             "num_requests": args.num_requests, "rates_requested": args.rates,
             "workload": describe(workload),
@@ -432,24 +536,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for CSV, JSON and PNG")
     parser.add_argument("--no-write", action="store_true", help="leave docs/BENCHMARKS.md as it is")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--http", action="store_true",
+                        help="start the server with its HTTP gateway and run every rate through both paths, "
+                        f"ZeroMQ and HTTP (files serving_http.*, section '{HTTP_TITLE}')")
     args = parser.parse_args(argv)
     if args.num_requests < 1:
         parser.error("--num-requests must be >= 1")
     if args.address and (args.server_args or args.threads):
         parser.error("--server-args and --threads are for the server this tool starts, not for --address")
+    if args.address and args.http:
+        parser.error("--http starts its own server (engine and gateway); leave out --address")
     vocab_size = args.vocab_size or vocab_size_of(args.model)
 
     if args.address:
         results, meta = asyncio.run(bench(args.address, args, vocab_size))
     else:
-        with started_server(args.model, args.server_args, args.threads) as address:
-            results, meta = asyncio.run(bench(address, args, vocab_size))
-    paths = write_files(args.out, results, meta)
+        with started_server(args.model, args.server_args, args.threads, http=args.http) as (address, url):
+            results, meta = asyncio.run(bench(address, args, vocab_size, url))
+    paths = write_files(args.out, results, meta, "serving_http" if args.http else "serving")
     print_summary(results, meta)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if not args.no_write:
-        write_section(TITLE, section_body(results, meta, paths["png"]))
-        print(f"wrote the section '{TITLE}' of {BENCHMARKS}")
+        title, body = (HTTP_TITLE, http_section_body) if args.http else (TITLE, section_body)
+        write_section(title, body(results, meta, paths["png"]))
+        print(f"wrote the section '{title}' of {BENCHMARKS}")
     return 1 if any(r.errors for r in results) else 0
 
 

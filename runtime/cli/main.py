@@ -6,7 +6,7 @@ import argparse
 import importlib.metadata
 import sys
 
-from runtime.cli import offline, remote
+from runtime.cli import api, offline, remote
 from runtime.cli.args import add_connection_arguments, add_sampling_arguments, parse_ids
 from runtime.engine.config import EngineConfig
 from runtime.serving.client import ServerError
@@ -24,6 +24,7 @@ def _add_serve(sub) -> None:
     add("--curve-keys", help="key directory from `pagedkv keys`: accept only its authorized clients")
     add("--insecure", action="store_true", help="allow a non-loopback bind without CurveZMQ")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    api.add_serve_arguments(serve)
     serve.set_defaults(func=remote.cmd_serve)
 
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(gen)
     gen.set_defaults(func=offline.cmd_generate)
     _add_serve(sub)
+    api.add_api_parser(sub)
     _add_remote(sub)
     _add_plugins(sub)
     return parser

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 
+from runtime.cli import api
 from runtime.cli.args import sampling_params_from_args
 from runtime.serving.client import Client, ServerError
 from runtime.serving.security import check_bind, write_keys
@@ -20,13 +21,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(args.bind, args.max_queued, args.max_message_mib, args.curve_keys, args.insecure)
     check_bind(config.bind, config.curve_keys, config.insecure)  # before spending seconds on the model
+    api.check_serve_arguments(args)
     print("pagedkv: loading the model ...", file=sys.stderr, flush=True)
     server = Server(LLMEngine(EngineConfig.from_args(args)), config)
     keys = f" --curve-keys {args.curve_keys}" if args.curve_keys else ""
     print(f"pagedkv: serving {server.engine.model_source} on {server.endpoint}\n"
           f"try:     pagedkv client generate --address {server.endpoint}{keys} "
           f"--prompt 'The capital of France is' --max-tokens 8", flush=True)
-    server.serve_forever()
+    gateway = api.start_gateway(args, server.endpoint)
+    try:
+        server.serve_forever()
+    finally:
+        api.stop_gateway(gateway)
     print("pagedkv: stopped", file=sys.stderr)
     return 0
 

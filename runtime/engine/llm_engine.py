@@ -195,7 +195,8 @@ class LLMEngine:
                 new_tokens: dict[str, dict[int, list[int]]]) -> None:
         seq.append(token.token_id, token.logprob)
         if group.sampling_params.logprobs is not None:
-            seq.output_logprobs.append(token.top_logprobs or {token.token_id: token.logprob})
+            # The sampled token's own logprob is always there, as in vLLM: up to logprobs + 1 entries.
+            seq.output_logprobs.append({**(token.top_logprobs or {}), token.token_id: token.logprob})
         self.generated_tokens += 1
         new_tokens[group.request_id][group.seqs.index(seq)].append(token.token_id)
         status = self.stopping.check(seq, group.sampling_params)
@@ -243,7 +244,8 @@ class LLMEngine:
         else:
             outputs = [self.stopping.completion(i, seq, new_tokens.get(i, []), group.sampling_params)
                        for i, seq in enumerate(group.seqs)]
-        return RequestOutput(group.request_id, prompt, outputs, group.is_finished, group.error)
+        queued = None if group.first_scheduled_time is None else group.first_scheduled_time - group.arrival_time
+        return RequestOutput(group.request_id, prompt, outputs, group.is_finished, group.error, queued)
 
     def _beam_outputs(self, group: SequenceGroup) -> list[CompletionOutput]:
         hypotheses = self.beam_results.get(group.request_id)

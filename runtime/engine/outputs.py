@@ -23,3 +23,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: str | None = None
+    queue_time: float | None = None  # seconds from arrival to first scheduling, once scheduled

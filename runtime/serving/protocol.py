@@ -6,7 +6,7 @@ code, a readable message and the request id when one could be read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -124,9 +124,24 @@ def error_reply(request_id: Any, code: str, message: str) -> dict:
     return {"type": "error", "id": request_id, "code": code, "message": message}
 
 
-def final_reply(request_id: Any, output: RequestOutput) -> dict:
-    return {"type": "final", "id": request_id, "prompt_tokens": len(output.prompt_token_ids),
-            "outputs": [{"index": c.index, "token_ids": c.token_ids, "text": c.text,
-                         "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
-                         "logprobs": None if c.logprobs is None else [sorted(d.items()) for d in c.logprobs]}
-                        for c in output.outputs]}
+def final_reply(request_id: Any, output: RequestOutput, token_text: Callable[[int], str] | None = None) -> dict:
+    """token_text (one token id -> its text) adds `token_texts` for the ids in the logprobs."""
+    reply = {"type": "final", "id": request_id, "prompt_tokens": len(output.prompt_token_ids),
+             "queue_s": output.queue_time,
+             "outputs": [{"index": c.index, "token_ids": c.token_ids, "text": c.text,
+                          "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
+                          "logprobs": logprob_lists(c.logprobs)} for c in output.outputs]}
+    if token_text is not None:
+        for out, c in zip(reply["outputs"], output.outputs):
+            if c.logprobs is not None:
+                out["token_texts"] = token_texts(c.logprobs, token_text)
+    return reply
+
+
+def logprob_lists(logprobs: list[dict[int, float]] | None) -> list[list[tuple[int, float]]] | None:
+    return None if logprobs is None else [sorted(d.items()) for d in logprobs]
+
+
+def token_texts(logprobs: list[dict[int, float]], token_text: Callable[[int], str]) -> dict[int, str]:
+    """The text of every token id that the logprobs name (each token decoded alone)."""
+    return {t: token_text(t) for d in logprobs for t in d}

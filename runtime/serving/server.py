@@ -188,7 +188,8 @@ class Server:
             raise ProtocolError(TOO_LONG, str(e), msg.id)
         except ValueError as e:
             raise ProtocolError(BAD_REQUEST, str(e), msg.id)
-        stream = RequestStream(self.engine.stopping.decode, msg.params.stop) if msg.stream else None
+        token_text = self._token_text if msg.params.logprobs is not None else None
+        stream = RequestStream(self.engine.stopping.decode, msg.params.stop, token_text) if msg.stream else None
         self.in_flight[request_id] = InFlight(envelope, msg.id, stream)
         self.by_client[key] = request_id
 
@@ -260,7 +261,12 @@ class Server:
         if output.error:
             self._error(request.envelope, request.client_id, TOO_LONG, output.error)
         else:
-            self._send(request.envelope, final_reply(request.client_id, output))
+            self._send(request.envelope, final_reply(request.client_id, output, self._token_text))
+
+    def _token_text(self, token_id: int) -> str:
+        """One token's text, special tokens included (for logprobs)."""
+        tokenizer = self.engine.tokenizer
+        return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else ""
 
     def _send(self, envelope: list[bytes], reply: dict) -> None:
         try:
@@ -285,6 +291,7 @@ class Server:
 
     def health(self) -> dict:
         return {"status": "stopping" if self.stopping else "ok", "model": self.engine.model_source,
+                "max_model_len": self.engine.model_config.max_position_embeddings,
                 "in_flight": len(self.in_flight), "uptime_s": time.monotonic() - self.started}
 
     def _shutdown(self) -> None:

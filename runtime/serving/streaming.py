@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from runtime.engine.outputs import RequestOutput
+from runtime.serving.protocol import logprob_lists, token_texts
 
 REPLACEMENT = "\ufffd"
 
@@ -45,8 +46,10 @@ class TextStream:
 class RequestStream:
     """The text streams of one request's outputs (samples or beams), by output index."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str],
+                 token_text: Callable[[int], str] | None = None) -> None:
         self.decode, self.stop = decode, stop
+        self.token_text = token_text  # with logprobs: adds them, and their tokens' texts, to each delta
         self.texts: dict[int, TextStream] = {}
 
     def deltas(self, output: RequestOutput) -> list[dict]:
@@ -62,4 +65,8 @@ class RequestStream:
                 new_ids, delta = c.new_token_ids, text.push(c.new_token_ids)
             if new_ids or delta:
                 deltas.append({"index": c.index, "token_ids": new_ids, "text": delta})
+                if c.logprobs is not None and self.token_text is not None:
+                    end = len(text.token_ids)
+                    new = c.logprobs[end - len(new_ids):end]
+                    deltas[-1].update(logprobs=logprob_lists(new), token_texts=token_texts(new, self.token_text))
         return deltas

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway (`pagedkv api`): an ASGI app that talks to the engine over ZeroMQ."""

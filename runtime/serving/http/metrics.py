@@ -1,0 +1,126 @@
+"""Prometheus metrics under vLLM's names with a `pagedkv:` prefix, so that vLLM dashboards port by
+renaming. Two sources (docs/openai_api.md has the table):
+
+- the engine, read from its `stats` reply at each scrape: queue lengths, cache usage,
+  preemptions, prefix cache queries and hits; the same figures for every gateway of an engine;
+- this gateway, for the requests it handles: token counters, finished requests, and the
+  latency histograms (time to first token and inter-token latency of streamed requests,
+  end-to-end latency and queue time of all).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+disable_created_metrics()  # no `_created` series next to each counter, as vLLM
+
+PREFIX = "pagedkv:"
+# vLLM's buckets.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0]
+LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+
+class EngineCollector:
+    """Turns the engine's last `stats` reply into metric families when the registry is read."""
+
+    def __init__(self) -> None:
+        self.stats: dict | None = None
+        self.model = ""
+
+    def collect(self):
+        s = self.stats
+        if not s:
+            return
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric([self.model], value)
+            return family
+
+        q, blocks = s["queues"], s["blocks"]
+        yield gauge("num_requests_running", "Requests in the running queue (engine).", q["running"])
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled (engine).", q["waiting"])
+        yield gauge("num_requests_swapped", "Requests swapped out to the CPU pool (engine).", q["swapped"])
+        for name, pool in (("kv_cache_usage_perc", "device"), ("cpu_cache_usage_perc", "cpu")):
+            total = blocks[pool]["total"]
+            yield gauge(name, f"Fraction of the {pool} KV blocks in use, 0 to 1 (engine).",
+                        blocks[pool]["used"] / total if total else 0.0)
+        preemptions = CounterMetricFamily(PREFIX + "num_preemptions", "Preemptions since the engine started, "
+                                          "by mode (engine).", labels=[*labels, "mode"])
+        for mode, count in s["preemptions"].items():
+            preemptions.add_metric([self.model, mode], count)
+        yield preemptions
+        prefix = s.get("prefix_cache")  # {"queries": tokens, "hits": tokens} once the engine has one
+        if isinstance(prefix, dict) and {"queries", "hits"} <= prefix.keys():
+            for key in ("queries", "hits"):
+                family = CounterMetricFamily(PREFIX + f"prefix_cache_{key}",
+                                             f"Prefix cache {key}, in tokens (engine).", labels=labels)
+                family.add_metric([self.model], prefix[key])
+                yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.engine = EngineCollector()
+        self.registry.register(self.engine)
+        r, model = self.registry, ["model_name"]
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of the requests this gateway "
+                                     "served.", model, registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated for the requests this "
+                                         "gateway served.", model, registry=r)
+        self.request_success = Counter(PREFIX + "request_success", "Requests this gateway finished, by finish "
+                                       "reason.", [*model, "finished_reason"], registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to the first token of streamed "
+                              "requests, seen by this gateway.", model, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between successive token replies of "
+                             "streamed requests, seen by this gateway.", model, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "End-to-end latency of the requests this "
+                             "gateway served.", model, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram(PREFIX + "request_queue_time_seconds", "Time requests waited before they first "
+                               "ran (engine's figure, for this gateway's requests).", model,
+                               buckets=LATENCY_BUCKETS, registry=r)
+
+    def render(self, model: str, stats: dict | None) -> bytes:
+        """The exposition text; engine metrics only when its `stats` reply came."""
+        self.engine.model, self.engine.stats = model, stats
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self.engine.stats = None
+
+
+@dataclass
+class RequestTimer:
+    """One engine request's timings, observed when it ends."""
+
+    metrics: Metrics
+    model: str
+    started: float = field(default_factory=time.perf_counter)
+    last: float | None = None  # the previous token reply
+
+    def token_reply(self) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.labels(self.model).observe(now - self.started)
+        else:
+            self.metrics.itl.labels(self.model).observe(now - self.last)
+        self.last = now
+
+    def final(self, reply: dict) -> None:
+        m, model = self.metrics, self.model
+        m.e2e.labels(model).observe(time.perf_counter() - self.started)
+        if reply.get("queue_s") is not None:
+            m.queue.labels(model).observe(reply["queue_s"])
+        m.prompt_tokens.labels(model).inc(reply["prompt_tokens"])
+        m.generation_tokens.labels(model).inc(sum(len(o["token_ids"]) for o in reply["outputs"]))
+        reasons = [o["finish_reason"] for o in reply["outputs"]]
+        m.request_success.labels(model, "length" if "length" in reasons else "stop").inc()
