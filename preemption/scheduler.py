@@ -74,7 +74,12 @@ class Scheduler:
         self.running: list[SequenceGroup] = []
         self.swapped: list[SequenceGroup] = []
         self.preemptions: Counter[str] = Counter()
-        self.tokens_recomputed = 0
+        self.tokens_recomputed = 0      # computed tokens that preemption by recompute dropped
+        # Prefix cache, counted on a request's first admission only: prompt tokens looked up
+        # and found cached. What a recomputed group finds again is counted apart.
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.recompute_cached_tokens = 0
 
     # -- queues ---------------------------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
@@ -159,6 +164,7 @@ class Scheduler:
         rows = out.decodes if end - start == 1 else out.prefills
         rows.append(ScheduledSeq(seq, group, start, end, end == len(seq), self.bm.get_block_table(seq)))
         seq.num_computed_tokens = end
+        self.bm.cache_computed(seq)  # written by the end of this step: later requests may share them
         out.num_batched_tokens += end - start
 
     def _schedule_prefill(self, group: SequenceGroup, out: SchedulerOutput) -> None:
@@ -209,12 +215,22 @@ class Scheduler:
 
     def _start(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         seqs = group.unfinished_seqs()
-        shared = self.bm.allocate(group)
+        alloc = self.bm.allocate(group)
         # The lead computes the shared prefix; the others start after it. Identical
         # sequences still compute their last token each, to get logits of their own.
-        group.shared_tokens = min(shared, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
-        for i, seq in enumerate(seqs):
-            seq.num_computed_tokens = 0 if i == 0 else group.shared_tokens
+        # Whatever the prefix cache holds is not computed again.
+        group.shared_tokens = min(alloc.shared_tokens, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
+        saved = 0
+        for i, (seq, cached) in enumerate(zip(seqs, alloc.computed_tokens)):
+            base = 0 if i == 0 else group.shared_tokens
+            seq.num_computed_tokens = max(base, cached)
+            saved += seq.num_computed_tokens - base
+        if group.recomputing:
+            self.recompute_cached_tokens += saved
+        else:
+            self.prefix_queried_tokens += len(seqs[0])
+            self.prefix_hit_tokens += alloc.computed_tokens[0]
+        group.recomputing = False
         group.is_prefilling = True
         self._schedule_prefill(group, out)
 
@@ -224,7 +240,7 @@ class Scheduler:
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         num_blocks = self.bm.num_group_blocks(group)
-        mode = self.policy.choose(group, num_blocks, self.bm.can_swap_out(group))
+        mode = self.policy.choose(group, num_blocks, self.bm.can_swap_out(group), self.bm.num_kept_tokens(group))
         if mode is PreemptionMode.SWAP:
             out.blocks_to_swap_out.update(self.bm.swap_out(group))
             for seq in group.unfinished_seqs():
@@ -235,7 +251,7 @@ class Scheduler:
                 self.tokens_recomputed += seq.num_computed_tokens
                 self.bm.free(seq)
                 seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
-            group.is_prefilling = True
+            group.is_prefilling, group.recomputing = True, True
             bisect.insort(self.waiting, group, key=_arrival)
         self.preemptions[mode.value] += 1
         out.preempted.append((group, mode))
