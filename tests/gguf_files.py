@@ -8,7 +8,6 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
-
 from models import SPECIAL_TOKENS, make_tokenizer
 
 BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+
 def random_paged_cache(ctx_lens: list[int], block_size: int, hkv: int, head_dim: int, dtype: torch.dtype,
                        layers: int = 2, seed: int = 0, device: str = "cpu"):
     """A random cache with a few spare blocks, and disjoint random block tables padded with -1.

@@ -33,7 +33,7 @@ class ServerProcess:
 def launch(model_path: str, *args: str, log_path: str, bind: str = "tcp://127.0.0.1:*") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model", model_path,
+        return subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "serve", "--model", model_path,
                                  "--bind", bind, *args], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=log, text=True)
 

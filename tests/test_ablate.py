@@ -296,9 +296,9 @@ def test_policy_gap():
 
 
 def test_cpu_clock_replay_jumps_over_idle_time(tiny_model):
-    from runtime.engine import LLMEngine
-    from runtime.engine_config import EngineConfig
-    from runtime.loader import load_model
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.llm_engine import LLMEngine
+    from runtime.models.loader import load_model
     from tools.replay import CpuClock, replay
     from tools.workload import WorkloadRequest
 

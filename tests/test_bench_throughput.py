@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from runtime.loader import load_model
+from runtime.models.loader import load_model
 from tools import bench_throughput as bt
 from tools.workload import WorkloadRequest, make_workload
 

@@ -3,11 +3,11 @@ sharing, beam search against transformers, and errors."""
 import pytest
 import torch
 
-from runtime.engine import LLMEngine
-from runtime.engine_config import EngineConfig
-from runtime.llm import LLM
-from runtime.loader import load_model
-from runtime.sampling_params import SamplingParams
+from runtime.engine.config import EngineConfig
+from runtime.engine.llm import LLM
+from runtime.engine.llm_engine import LLMEngine
+from runtime.engine.sampling_params import SamplingParams
+from runtime.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,12 +8,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from gguf_files import QTYPES, gguf_name, gpt2_vocab, sentencepiece_vocab, stored, write_gguf
 from models import make_tiny_llama
-from runtime.gguf_loader import llama3_rope_factors
-from runtime.loader import default_model_path, load_model
-from runtime.tokenizer import Tokenizer
+
+from runtime.models.gguf_loader import llama3_rope_factors
+from runtime.models.loader import default_model_path, load_model
+from runtime.models.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_cases import assert_close, random_paged_cache
 
 import kernels
-from kernels import cuda_ops
-from kernels import reference as ref
-from paged_cases import assert_close, random_paged_cache
+from kernels import cuda_ops, reference as ref
 
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from kvcache.sequence import SequenceStatus
-from runtime.engine import LLMEngine
-from runtime.engine_config import EngineConfig
-from runtime.loader import load_model
+from runtime.engine.config import EngineConfig
+from runtime.engine.llm_engine import LLMEngine
+from runtime.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,8 +2,8 @@
 import msgpack
 import pytest
 
-from runtime.protocol import BAD_REQUEST, TOO_LONG, ProtocolError, decode_message
-from runtime.streaming import TextStream
+from runtime.serving.protocol import BAD_REQUEST, TOO_LONG, ProtocolError, decode_message
+from runtime.serving.streaming import TextStream
 
 
 def _decode(message, max_chars=1000):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from runtime import sampler
-from runtime.sampler import SampledToken, sample_batch, sample_next, set_global_seed
-from runtime.sampling_params import SamplingParams
+from runtime.engine import sampler
+from runtime.engine.sampler import SampledToken, sample_batch, sample_next, set_global_seed
+from runtime.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs,field,words", [

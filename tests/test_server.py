@@ -5,12 +5,12 @@ import time
 import msgpack
 import pytest
 import zmq
-
-from runtime.cli import main
-from runtime.client import Client, ServerError
-from runtime.llm import LLM
-from runtime.sampling_params import SamplingParams
 from server_process import running_server
+
+from runtime.cli.main import main
+from runtime.engine.llm import LLM
+from runtime.engine.sampling_params import SamplingParams
+from runtime.serving.client import Client, ServerError
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = [5, 17, 42, 99, 7, 300, 12]

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import msgpack
 import pytest
 import torch
-
-from runtime.client import AsyncClient, Client, ServerError
-from runtime.llm import LLM
-from runtime.sampling_params import SamplingParams
 from server_process import running_server
+
+from runtime.engine.llm import LLM
+from runtime.engine.sampling_params import SamplingParams
+from runtime.serving.client import AsyncClient, Client, ServerError
 
 NUM_REQUESTS = 400
 NUM_CLIENTS = 16

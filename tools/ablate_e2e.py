@@ -16,10 +16,7 @@ from dataclasses import dataclass, field, replace
 from tqdm import tqdm
 
 from kvcache.cache_engine import GIB, CacheSpec
-from runtime.engine import LLMEngine
-from runtime.engine_config import EngineConfig
-from runtime.loader import LoadedModel
-from runtime.sampling_params import SamplingParams
+from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams
 from tools.replay import CpuClock, percentile, replay
 from tools.workload import WorkloadRequest, make_workload, poisson_arrivals
 

@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from kvcache.cache_engine import GIB, CacheSpec
 from kvcache.sequence import Sequence, SequenceGroup
+from pagedkv import EngineConfig, LoadedModel
 from preemption.policy import PreemptionPolicy
 from preemption.scheduler import SchedulerOutput
-from runtime.engine_config import EngineConfig, EngineParts, build_engine_parts
-from runtime.loader import LoadedModel
+from runtime.engine.config import EngineParts, build_engine_parts
 from tools.workload import FIRST_PLAIN_TOKEN
 
 

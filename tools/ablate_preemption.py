@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.engine_config import DTYPES, EngineConfig
+from pagedkv import EngineConfig
+from runtime.engine.config import DTYPES
 from tools.report import BENCHMARKS, machine_description, write_section
 
 SECTION = "Swap vs recompute ablation"
@@ -124,7 +125,7 @@ def resolve_clock(clock: str, device: str | None) -> str:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from runtime.loader import load_model
+    from pagedkv import load_model
     from tools import ablate_plots, ablate_report
     from tools.ablate_e2e import WorkloadSpec, build_workload, cache_blocks, measure_e2e, params_for
     from tools.ablate_micro import measure_micro
@@ -224,6 +225,13 @@ def _run(args: argparse.Namespace) -> int:
         body = ablate_report.summary(meta, micro, e2e, verdict_rows, memory, warnings, linked)
         write_section(SECTION, body + f"\n\nCSV, JSON and the summary: `{rel}/`.")
     return 0
+
+
+def register(subparsers) -> None:
+    """`pagedkv ablate`: the CLI finds this through the `pagedkv.commands` entry point."""
+    ablate = subparsers.add_parser("ablate", help="swap vs recompute: when each wins, and whether auto chooses well")
+    add_arguments(ablate)
+    ablate.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,8 +45,7 @@ def prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> torch.Tensor:
 # -- ours -------------------------------------------------------------------------------------------
 
 def engine_for(loaded, batch: int, prompt_len: int, steps: int):
-    from runtime.engine import LLMEngine
-    from runtime.engine_config import EngineConfig
+    from pagedkv import EngineConfig, LLMEngine
 
     block_size = 16
     per_seq = -(-(prompt_len + steps + 1) // block_size) + 1
@@ -59,7 +58,7 @@ def engine_for(loaded, batch: int, prompt_len: int, steps: int):
 def run_ours(engine, ids: torch.Tensor, steps: int) -> tuple[dict[str, list[float]], torch.Tensor]:
     """One generation of `steps` tokens per request: per-decode-step timings (seconds) and the
     generated tokens [B, steps]."""
-    from runtime.sampling_params import SamplingParams
+    from pagedkv import SamplingParams
 
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
     tag = f"r{time.monotonic_ns()}"
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
 
-    from runtime.loader import default_model_path, load_model
+    from pagedkv import default_model_path, load_model
 
     path = args.model or default_model_path()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runtime.client import AsyncClient, ServerError
+from pagedkv import AsyncClient, ServerError
 from tools.replay import percentile
 from tools.report import BENCHMARKS, markdown_table, write_section
 from tools.workload import WorkloadRequest, describe, make_workload
@@ -130,13 +130,13 @@ def parse_rates(text: str) -> list[float]:
 
 def vocab_size_of(model: str | None) -> int:
     """The model's vocabulary size, read from its config without loading its weights."""
-    from runtime.loader import default_model_path
+    from pagedkv import default_model_path
 
     path = model or default_model_path()
     if os.path.isdir(path):
         with open(os.path.join(path, "config.json")) as f:
             return int(json.load(f)["vocab_size"])
-    from runtime.gguf_loader import gguf_config, open_gguf
+    from runtime.models.gguf_loader import gguf_config, open_gguf
 
     return gguf_config(open_gguf(path), path).vocab_size
 
@@ -146,7 +146,7 @@ def vocab_size_of(model: str | None) -> int:
 def started_server(model: str | None, server_args: list[str], threads: int | None = None,
                    startup_timeout: float = 300):
     """Starts `pagedkv serve` on a free loopback port; yields its address; SIGTERM at the end."""
-    command = [sys.executable, "-m", "runtime.cli", "serve", "--bind", "tcp://127.0.0.1:*",
+    command = [sys.executable, "-m", "runtime.cli.main", "serve", "--bind", "tcp://127.0.0.1:*",
                *(["--model", model] if model else []), *server_args]
     log = tempfile.NamedTemporaryFile("w+", prefix="pagedkv-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,

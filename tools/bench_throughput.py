@@ -42,11 +42,8 @@ import torch
 from tqdm import tqdm
 
 from kernels.reference import decode_chunks
-from runtime.config import ModelConfig
-from runtime.engine import LLMEngine
-from runtime.engine_config import EngineConfig
-from runtime.loader import LoadedModel, default_model_path, load_model
-from runtime.sampling_params import SamplingParams
+from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams, default_model_path, load_model
+from runtime.models.config import ModelConfig
 from tools.bench_decode import load_transformers
 from tools.replay import replay
 from tools.report import markdown_table, write_section

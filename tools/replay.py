@@ -12,9 +12,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from runtime.engine import LLMEngine
-from runtime.outputs import RequestOutput
-from runtime.sampling_params import SamplingParams
+from pagedkv import LLMEngine, RequestOutput, SamplingParams
 from tools.workload import WorkloadRequest
 
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from runtime.engine import LLMEngine
-from runtime.engine_config import EngineConfig
-from runtime.loader import LoadedModel
-from runtime.sampling_params import SamplingParams
+from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams
 from tools.replay import replay
 from tools.workload import WorkloadRequest
 

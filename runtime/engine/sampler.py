@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from runtime.sampling_params import SamplingParams
+from runtime.engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15

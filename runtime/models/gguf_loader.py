@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from runtime.config import ModelConfig
+from runtime.models.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

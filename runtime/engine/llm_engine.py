@@ -8,13 +8,13 @@ import torch
 
 from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 from preemption.scheduler import SchedulerOutput
-from runtime.beam_search import BeamSearch
-from runtime.engine_config import EngineConfig, build_engine_parts
-from runtime.loader import LoadedModel
-from runtime.outputs import CompletionOutput, RequestOutput
-from runtime.sampler import SampledToken, sample_batch
-from runtime.sampling_params import SamplingParams
-from runtime.stopping import StopChecker
+from runtime.engine.beam_search import BeamSearch
+from runtime.engine.config import EngineConfig, build_engine_parts
+from runtime.engine.outputs import CompletionOutput, RequestOutput
+from runtime.engine.sampler import SampledToken, sample_batch
+from runtime.engine.sampling_params import SamplingParams
+from runtime.engine.stopping import StopChecker
+from runtime.models.loader import LoadedModel
 
 
 class RequestTooLong(ValueError):

@@ -6,14 +6,15 @@ import json
 import logging
 import sys
 
-from runtime.client import Client, ServerError
-from runtime.security import check_bind, write_keys
+from runtime.cli.args import sampling_params_from_args
+from runtime.serving.client import Client, ServerError
+from runtime.serving.security import check_bind, write_keys
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runtime.engine import LLMEngine
-    from runtime.engine_config import EngineConfig
-    from runtime.server import Server, ServerConfig
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.llm_engine import LLMEngine
+    from runtime.serving.server import Server, ServerConfig
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -35,8 +36,6 @@ def connect(args: argparse.Namespace) -> Client:
 
 
 def cmd_client_generate(args: argparse.Namespace) -> int:
-    from runtime.cli import sampling_params_from_args
-
     params = sampling_params_from_args(args).to_dict()
     source = {"prompt": args.prompt} if args.prompt is not None else {"prompt_ids": args.prompt_ids}
     if args.message:
@@ -66,8 +65,6 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat: each answer streams in; /reset forgets the conversation, /exit leaves."""
-    from runtime.cli import sampling_params_from_args
-
     params = sampling_params_from_args(args).to_dict()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("pagedkv chat: type a message; /reset starts over, /exit (or Ctrl-D) leaves.", file=sys.stderr)

@@ -22,12 +22,14 @@ import jinja2
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from runtime.engine import LLMEngine, RequestTooLong
-from runtime.outputs import RequestOutput
-from runtime.protocol import (ABORTED, BAD_REQUEST, INTERNAL, OVERLOADED, TOO_LONG, Message, ProtocolError,
-                              decode_message, encode, error_reply, final_reply)
-from runtime.security import check_bind, secure_server
-from runtime.streaming import RequestStream
+from runtime.engine.llm_engine import LLMEngine, RequestTooLong
+from runtime.engine.outputs import RequestOutput
+from runtime.serving.protocol import (
+    ABORTED, BAD_REQUEST, INTERNAL, OVERLOADED, TOO_LONG, Message, ProtocolError, decode_message, encode, error_reply,
+    final_reply
+)
+from runtime.serving.security import check_bind, secure_server
+from runtime.serving.streaming import RequestStream
 
 log = logging.getLogger("pagedkv.server")
 MAX_MESSAGES_PER_ITERATION = 256  # a flood of messages cannot starve the engine

@@ -16,7 +16,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from runtime.security import secure_client
+from runtime.serving.security import secure_client
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 

@@ -8,11 +8,11 @@ from typing import Sequence as Seq
 
 from tqdm import tqdm
 
-from runtime.engine import LLMEngine
-from runtime.engine_config import EngineConfig
-from runtime.loader import LoadedModel
-from runtime.outputs import RequestOutput
-from runtime.sampling_params import SamplingParams
+from runtime.engine.config import EngineConfig
+from runtime.engine.llm_engine import LLMEngine
+from runtime.engine.outputs import RequestOutput
+from runtime.engine.sampling_params import SamplingParams
+from runtime.models.loader import LoadedModel
 
 
 class LLM:

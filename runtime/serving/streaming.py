@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from runtime.outputs import RequestOutput
+from runtime.engine.outputs import RequestOutput
 
 REPLACEMENT = "\ufffd"
 

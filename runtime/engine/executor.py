@@ -9,7 +9,7 @@ import torch
 from kvcache.cache_engine import CacheEngine
 from preemption.policy import CostModel
 from preemption.scheduler import ScheduledSeq, SchedulerOutput
-from runtime.model import LlamaModel, ModelInput
+from runtime.models.llama import LlamaModel, ModelInput
 
 
 def _block_tables(rows: list[ScheduledSeq], block_size: int, device: torch.device) -> torch.Tensor:

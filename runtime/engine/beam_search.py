@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.sampling_params import SamplingParams
+from runtime.engine.sampling_params import SamplingParams
 
 _NEG = -1.0e9  # transformers' "impossible" score
 

@@ -10,9 +10,9 @@ from kvcache.block_manager import BlockManager
 from kvcache.cache_engine import GIB, CacheEngine, CacheSpec
 from preemption.policy import MODES, CostModel, PreemptionPolicy
 from preemption.scheduler import Scheduler, SchedulerConfig
-from runtime.executor import ModelExecutor
-from runtime.loader import LoadedModel, load_model
-from runtime.model import LlamaModel
+from runtime.engine.executor import ModelExecutor
+from runtime.models.llama import LlamaModel
+from runtime.models.loader import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken
-from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import AddedToken, Tokenizer as BackendTokenizer
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -68,7 +67,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader: "GGUFReader", source: str = "") -> "Tokenizer":
         """Built from a GGUF file's tokenizer.ggml.* metadata (no tokenizer.json needed)."""
-        from runtime.gguf_tokenizer import build_gguf_tokenizer
+        from runtime.models.gguf_tokenizer import build_gguf_tokenizer
 
         backend, special, eos_tokens, template = build_gguf_tokenizer(reader, source)
         return cls(backend, special_tokens=special, eos_tokens=eos_tokens, chat_template=template,

@@ -10,8 +10,8 @@ from typing import Any
 
 import msgpack
 
-from runtime.outputs import RequestOutput
-from runtime.sampling_params import SamplingParams
+from runtime.engine.outputs import RequestOutput
+from runtime.engine.sampling_params import SamplingParams
 
 # Stable error codes.
 BAD_REQUEST, TOO_LONG, OVERLOADED, ABORTED, INTERNAL = "bad_request", "too_long", "overloaded", "aborted", "internal"

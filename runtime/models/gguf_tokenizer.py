@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
-from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import AddedToken, Regex, Tokenizer as BackendTokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from runtime.gguf_loader import gguf_value
+from runtime.models.gguf_loader import gguf_value
 
 if TYPE_CHECKING:
     from gguf import GGUFReader

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from kvcache.sequence import Sequence, SequenceStatus
-from runtime.config import ModelConfig
-from runtime.outputs import CompletionOutput
-from runtime.sampling_params import SamplingParams
-from runtime.tokenizer import Tokenizer
+from runtime.engine.outputs import CompletionOutput
+from runtime.engine.sampling_params import SamplingParams
+from runtime.models.config import ModelConfig
+from runtime.models.tokenizer import Tokenizer
 
 
 class StopChecker:

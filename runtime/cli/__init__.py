@@ -1,0 +1,1 @@
+"""The `pagedkv` command line."""

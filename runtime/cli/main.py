@@ -1,0 +1,109 @@
+"""The `pagedkv` command line: offline generate; serve, client, chat, stats and keys over ZeroMQ;
+subcommands that other installed packages register (entry point group `pagedkv.commands`)."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+
+from runtime.cli import offline, remote
+from runtime.cli.args import add_connection_arguments, add_sampling_arguments, parse_ids
+from runtime.engine.config import EngineConfig
+from runtime.serving.client import ServerError
+
+PLUGIN_GROUP = "pagedkv.commands"
+
+
+def _add_serve(sub) -> None:
+    serve = sub.add_parser("serve", help="serve the model on a ZeroMQ socket (docs/protocol.md)")
+    EngineConfig.add_arguments(serve)
+    add = serve.add_argument
+    add("--bind", default="tcp://127.0.0.1:5555", help="address to bind; tcp://127.0.0.1:* picks a free port")
+    add("--max-queued", type=int, default=1024, help="waiting requests beyond this get 'overloaded'")
+    add("--max-message-mib", type=float, default=16.0, help="largest message accepted (MiB)")
+    add("--curve-keys", help="key directory from `pagedkv keys`: accept only its authorized clients")
+    add("--insecure", action="store_true", help="allow a non-loopback bind without CurveZMQ")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=remote.cmd_serve)
+
+
+def _add_remote(sub) -> None:
+    client = sub.add_parser("client", help="one-shot requests to a running server")
+    client_sub = client.add_subparsers(dest="client_command", required=True)
+    gen = client_sub.add_parser("generate", help="generate from a prompt")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-ids", type=parse_ids, help="token ids, e.g. 1,2,3")
+    source.add_argument("--message", help="a user message, sent with the chat template")
+    gen.add_argument("--system", help="a system message before --message")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument("--json", action="store_true", help="print the final reply as JSON")
+    add_sampling_arguments(gen)
+    stats_help = "a table of the server's memory and queues"
+    for parser, func in ((gen, remote.cmd_client_generate),
+                         (client_sub.add_parser("stats", help=stats_help), remote.cmd_stats),
+                         (sub.add_parser("stats", help=stats_help), remote.cmd_stats),
+                         (client_sub.add_parser("health", help="is the server up"), remote.cmd_health)):
+        add_connection_arguments(parser)
+        parser.set_defaults(func=func)
+        if func is remote.cmd_stats:
+            parser.add_argument("--json", action="store_true", help="the raw numbers as JSON")
+
+    chat = sub.add_parser("chat", help="an interactive chat with a running server, streamed")
+    add_connection_arguments(chat)
+    chat.add_argument("--system", help="a system message for the conversation")
+    add_sampling_arguments(chat)
+    chat.set_defaults(func=remote.cmd_chat, max_tokens=512)
+
+    keys = sub.add_parser("keys", help="write CurveZMQ key pairs for the server and its clients")
+    keys.add_argument("directory")
+    keys.add_argument("--client", action="append", help="client key pair name (repeatable; default 'client')")
+    keys.set_defaults(func=remote.cmd_keys)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedkv", description="A paged KV-cache LLM inference engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate from one or more prompts, offline")
+    EngineConfig.add_arguments(gen)
+    source = gen.add_argument_group("prompts (at least one)")
+    source.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    source.add_argument("--prompt-ids", action="append", type=parse_ids, help="token ids, e.g. 1,2,3 (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
+    gen.add_argument("--json", action="store_true", help="print outputs and engine stats as JSON")
+    add_sampling_arguments(gen)
+    gen.set_defaults(func=offline.cmd_generate)
+    _add_serve(sub)
+    _add_remote(sub)
+    _add_plugins(sub)
+    return parser
+
+
+def _add_plugins(sub) -> None:
+    """Subcommands registered by other installed packages (tools/ registers `ablate`): the CLI
+    finds them by entry point, so the product never imports the tools folder itself."""
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            register = entry.load()
+        except ImportError:  # a registered package that is not importable here: leave it out
+            continue
+        register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate" and not (args.prompt or args.prompt_ids):
+        parser.error("generate needs --prompt or --prompt-ids")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"pagedkv: error: {e}", file=sys.stderr)
+        return 2
+    except (ServerError, TimeoutError) as e:
+        print(f"pagedkv: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Llama-family model, its config, loaders (safetensors, GGUF) and tokenizers."""

@@ -1,0 +1,1 @@
+"""Serving over ZeroMQ: server, clients, wire protocol, security, streaming."""
