@@ -80,6 +80,7 @@ class Scheduler:
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
         self.recompute_cached_tokens = 0
+        self.prefill_tokens_computed = 0  # tokens of prompts (and recomputed outputs) run through the model
 
     # -- queues ---------------------------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
@@ -168,6 +169,11 @@ class Scheduler:
         out.num_batched_tokens += end - start
 
     def _schedule_prefill(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        before = out.num_batched_tokens
+        self._schedule_prefill_rows(group, out)
+        self.prefill_tokens_computed += out.num_batched_tokens - before
+
+    def _schedule_prefill_rows(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         budget = self.config.max_num_batched_tokens - out.num_batched_tokens
         seqs = group.unfinished_seqs()
         lead = seqs[0]

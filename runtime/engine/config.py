@@ -31,6 +31,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     preemption_mode: str = "auto"
     watermark: float = 0.01
+    enable_prefix_caching: bool = True    # share computed prompt blocks across requests
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -69,6 +70,8 @@ class EngineConfig:
         add("--max-num-seqs", type=int, default=256)
         add("--max-num-batched-tokens", type=int, default=4096)
         add("--preemption-mode", choices=list(MODES), default="auto")
+        add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+            help="reuse the KV blocks of prompt prefixes computed before (default on)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":
@@ -106,7 +109,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         raise ValueError("no memory is left for the KV cache: lower the model size or raise the budget")
     num_cpu = spec.blocks_for_bytes(config.swap_space_gib * GIB)
     cache = CacheEngine(spec, num_device, num_cpu, device)
-    bm = BlockManager(config.block_size, num_device, num_cpu, config.watermark)
+    bm = BlockManager(config.block_size, num_device, num_cpu, config.watermark, config.enable_prefix_caching)
     cost = CostModel()
     policy = PreemptionPolicy(config.preemption_mode, cost, spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
