@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Device(enum.Enum):
@@ -16,8 +16,7 @@ class BlockAllocatorError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class CachedBlock:
+class CachedBlock(NamedTuple):
     """What a cached block holds: its chained hash and, to rule out collisions, its token ids."""
 
     block_hash: bytes

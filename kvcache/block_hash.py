@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Iterator
 
 from kvcache.sequence import Sequence
 
@@ -15,18 +16,18 @@ def block_hash(parent: bytes, token_ids: tuple[int, ...] | list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
-def block_tokens(seq: Sequence, index: int, block_size: int) -> tuple[int, ...]:
-    return tuple(seq.token_ids[index * block_size:(index + 1) * block_size])
+def full_blocks(seq: Sequence, start: int, stop: int, block_size: int) -> Iterator[tuple[bytes, tuple[int, ...]]]:
+    """(hash, token ids) of the sequence's full blocks start..stop-1.
 
-
-def full_block_hashes(seq: Sequence, num_blocks: int, block_size: int) -> list[bytes]:
-    """The hashes of the sequence's first `num_blocks` blocks, which must be full.
-
-    They are kept on the sequence and extended as it grows: tokens are only ever appended, so
-    a full block's hash never changes, and a sequence preempted by recompute keeps them.
+    The hashes are kept on the sequence and extended as it grows: tokens are only ever
+    appended, so a full block's hash never changes, and a sequence preempted by recompute
+    keeps them.
     """
-    hashes = seq.block_hashes
-    while len(hashes) < num_blocks:
-        parent = hashes[-1] if hashes else ROOT
-        hashes.append(block_hash(parent, block_tokens(seq, len(hashes), block_size)))
-    return hashes
+    hashes, ids = seq.block_hashes, seq.token_ids
+    for index in range(min(start, len(hashes)), stop):
+        tokens = tuple(ids[index * block_size:(index + 1) * block_size])
+        if index == len(hashes):
+            hashes.append(block_hash(hashes[-1] if hashes else ROOT, tokens))
+        if index >= start:
+            yield hashes[index], tokens
+

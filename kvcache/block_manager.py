@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from collections import Counter
 
 from kvcache.allocator import BlockAllocator, Device
-from kvcache.block_hash import block_tokens, full_block_hashes
+from kvcache.block_hash import full_blocks
 from kvcache.sequence import Sequence, SequenceGroup
 
 
@@ -168,8 +168,8 @@ class BlockManager:
             return []
         pool, bs = self.pools[Device.DEVICE], self.block_size
         hits: list[int] = []
-        for index in range((len(seq) - 1) // bs):
-            block = pool.lookup(full_block_hashes(seq, index + 1, bs)[index], block_tokens(seq, index, bs))
+        for block_hash, tokens in full_blocks(seq, 0, (len(seq) - 1) // bs, bs):
+            block = pool.lookup(block_hash, tokens)
             if block is None:
                 break
             hits.append(block)
@@ -180,14 +180,16 @@ class BlockManager:
         whose K/V are written by the end of the current step) to the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        table = self._table(seq, Device.DEVICE)
-        bs = self.block_size
-        full = min(seq.num_computed_tokens, len(seq)) // bs
-        if full <= table.num_hashed:
+        table = self._tables.get(seq.seq_id)
+        if table is None or table.device is not Device.DEVICE:
+            table = self._table(seq, Device.DEVICE)  # raises the error that says why
+        full = seq.num_computed_tokens // self.block_size
+        if full <= table.num_hashed:  # the common case: called every step, a block fills rarely
             return
-        pool, hashes = self.pools[Device.DEVICE], full_block_hashes(seq, full, bs)
-        for index in range(table.num_hashed, full):
-            pool.cache(table.blocks[index], hashes[index], block_tokens(seq, index, bs))
+        pool, blocks = self.pools[Device.DEVICE], table.blocks
+        for index, (block_hash, tokens) in enumerate(full_blocks(seq, table.num_hashed, full, self.block_size),
+                                                     table.num_hashed):
+            pool.cache(blocks[index], block_hash, tokens)
         table.num_hashed = full
 
     def num_kept_tokens(self, group: SequenceGroup) -> int:

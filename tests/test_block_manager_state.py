@@ -13,7 +13,7 @@ import hypothesis.strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvcache.allocator import Device
-from kvcache.block_hash import full_block_hashes
+from kvcache.block_hash import ROOT, block_hash
 from kvcache.block_manager import AllocStatus, BlockManager, BlockManagerError
 from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -25,7 +25,10 @@ PROMPTS = st.builds(lambda head, tail: head + tail, HEADS, st.lists(TOKENS, max_
 
 def chain_hash(prefix: tuple[int, ...], block_size: int) -> bytes:
     """The chained hash of a full prefix, computed afresh from its tokens."""
-    return full_block_hashes(Sequence(-1, list(prefix), len(prefix)), len(prefix) // block_size, block_size)[-1]
+    digest = ROOT
+    for start in range(0, len(prefix), block_size):
+        digest = block_hash(digest, prefix[start:start + block_size])
+    return digest
 
 
 class BlockManagerMachine(RuleBasedStateMachine):

@@ -3,7 +3,7 @@ the evictable LRU list, exact admission, swapping, and the recompute cost that k
 import pytest
 
 from kvcache.allocator import BlockAllocator, Device
-from kvcache.block_hash import ROOT, block_hash, full_block_hashes
+from kvcache.block_hash import ROOT, block_hash, full_blocks
 from kvcache.block_manager import AllocStatus, BlockManager
 from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 from preemption.policy import CostModel, PreemptionMode, PreemptionPolicy
@@ -34,10 +34,11 @@ SYSTEM = list(range(100, 112))  # 3 full blocks of 4
 # -- hashes --------------------------------------------------------------------------------------
 def test_hashes_are_chained_on_the_parent():
     a, b = Sequence.from_prompt([1, 2, 3, 4, 5, 6, 7, 8]), Sequence.from_prompt([9, 2, 3, 4, 5, 6, 7, 8])
-    ha, hb = full_block_hashes(a, 2, 4), full_block_hashes(b, 2, 4)
+    ha, hb = [h for h, _ in full_blocks(a, 0, 2, 4)], [h for h, _ in full_blocks(b, 0, 2, 4)]
     assert ha[0] == block_hash(ROOT, (1, 2, 3, 4)) and ha[1] == block_hash(ha[0], (5, 6, 7, 8))
     assert ha[0] != hb[0] and ha[1] != hb[1]  # same tokens, different prefix
-    assert full_block_hashes(a.fork(), 2, 4) == ha
+    assert a.block_hashes == ha and a.fork().block_hashes == ha  # kept, and a fork keeps them
+    assert list(full_blocks(a, 1, 2, 4)) == [(ha[1], (5, 6, 7, 8))]
 
 
 def test_lookup_checks_the_token_ids():
