@@ -1,7 +1,7 @@
 """Prefix caching on and off, side by side in one run: prefill tokens computed, time to first
 token and throughput (CPU, or the GPU when there is one).
 
-    python -m tools.bench_prefix [--quick] [--update-docs] [--out out/bench_prefix]
+    python -m tools.bench_prefix [--quick] [--update-docs] [--out out/bench_prefix] [--repeats 3]
                                  [--threads N] [--clock auto|wall|cpu] [--seed 0] [--model PATH]
 
 Workloads (tools.prefix_workloads; random token ids, greedy, every request generates exactly
@@ -12,7 +12,7 @@ its output length):
   (every earlier message and answer) plus a new message of 16-64 tokens, 32-token answers;
   a conversation's next turn arrives when its previous answer is complete;
 - no shared prefix: 100 random prompts (long-tailed lengths, mean 128), 32 output tokens: what
-  caching costs when nothing hits. Runs alternate off and on, three times each.
+  caching costs when nothing hits. Runs alternate off and on, `--repeats` times each.
 
 Every run uses a fresh engine with the default settings (block size 16, 1 GiB of KV cache on
 a CPU) but for prefix caching. Times are this process's CPU time on one torch thread on a CPU
@@ -76,9 +76,9 @@ def run_once(loaded: LoadedModel, engine_args: dict, workload: Workload, caching
         raise RuntimeError(f"{workload.name}: a request failed or did not finish")
     ttft = [t.time_to_first_token for t in result.timings.values()]
     cache = result.stats["prefix_cache"]
-    return Run(workload.name, caching, len(result.outputs), sum(len(o.prompt_token_ids) for o in result.outputs.values()),
-               cache["prefill_tokens_computed"], cache["hit_rate"], percentile(ttft, 50), percentile(ttft, 99),
-               result.throughput, result.elapsed,
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in result.outputs.values())
+    return Run(workload.name, caching, len(result.outputs), prompt_tokens, cache["prefill_tokens_computed"],
+               cache["hit_rate"], percentile(ttft, 50), percentile(ttft, 99), result.throughput, result.elapsed,
                {rid: o.outputs[0].token_ids for rid, o in result.outputs.items()})
 
 
@@ -140,15 +140,16 @@ def report(runs: list[Run], description: str) -> str:
                         markdown_table(["target", "measured", "goal", "met"], targets)])
 
 
-def workloads_for(vocab_size: int, quick: bool, seed: int) -> tuple[list[Workload], Workload, int]:
+def workloads_for(vocab_size: int, quick: bool, seed: int) -> tuple[list[Workload], Workload]:
     if quick:  # seconds, for tests and a first look
         shared = shared_system_prompt(12, vocab_size, 64, (4, 12), 8, seed)
         chats: Chats = multi_turn_chats(3, 3, vocab_size, (4, 12), 8, seed)
-        return [Workload(SHARED, shared), Workload(CHAT, chats.first_turns, chats.follow_up)], \
-            Workload(NONE, no_shared_prefix(8, vocab_size, 24, 8, seed)), 1
+        return ([Workload(SHARED, shared), Workload(CHAT, chats.first_turns, chats.follow_up)],
+                Workload(NONE, no_shared_prefix(8, vocab_size, 24, 8, seed)))
     chats = multi_turn_chats(16, 6, vocab_size, seed=seed)
-    return [Workload(SHARED, shared_system_prompt(200, vocab_size, seed=seed)),
-            Workload(CHAT, chats.first_turns, chats.follow_up)], Workload(NONE, no_shared_prefix(100, vocab_size, seed=seed)), 3
+    return ([Workload(SHARED, shared_system_prompt(200, vocab_size, seed=seed)),
+             Workload(CHAT, chats.first_turns, chats.follow_up)],
+            Workload(NONE, no_shared_prefix(100, vocab_size, seed=seed)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny workloads (seconds)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int,
+                        help="off/on pairs of the no-shared-prefix run (default 3, 1 with --quick)")
     parser.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with the cpu clock)")
     parser.add_argument("--out", type=Path, default=Path("out/bench_prefix"), help="folder for results.json")
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     loaded = load_model(args.model)
     engine_args = {"model": args.model, "device": args.device}
-    workloads, overhead, repeats = workloads_for(loaded.config.vocab_size, args.quick, args.seed)
+    workloads, overhead = workloads_for(loaded.config.vocab_size, args.quick, args.seed)
+    repeats = args.repeats or (1 if args.quick else 3)
     runs = measure(loaded, engine_args, workloads, overhead, repeats, clock)
     device = EngineConfig(device=args.device).torch_device()
     description = (f"Model: {Path(loaded.source).name}, on {device.type}, {torch.get_num_threads()} torch thread(s); "
