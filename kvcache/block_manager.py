@@ -303,9 +303,14 @@ class BlockManager:
         self._tables[child.seq_id] = _Table(child, table.device, list(table.blocks), table.num_hashed)
 
     def free(self, seq: Sequence) -> None:
-        table = self._tables.pop(seq.seq_id, None)
+        table = self._tables.get(seq.seq_id)
         if table is None:
             raise BlockManagerError(f"sequence {seq.seq_id} has no blocks to free")
+        if table.device is Device.DEVICE:
+            # Blocks filled by decoding are offered to the cache here, once, rather than every
+            # step: a chat's next turn or a recomputed group finds them when they are done.
+            self.cache_computed(seq)
+        del self._tables[seq.seq_id]
         pool = self.pools[table.device]
         # Tail first: on the evictable list, a prefix's last blocks then go before its head.
         for block in reversed(table.blocks):

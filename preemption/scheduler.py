@@ -165,7 +165,10 @@ class Scheduler:
         rows = out.decodes if end - start == 1 else out.prefills
         rows.append(ScheduledSeq(seq, group, start, end, end == len(seq), self.bm.get_block_table(seq)))
         seq.num_computed_tokens = end
-        self.bm.cache_computed(seq)  # written by the end of this step: later requests may share them
+        if group.is_prefilling:
+            # Written by the end of this step: later requests (even in this step) may share
+            # them. Decoded blocks are offered when the sequence frees them.
+            self.bm.cache_computed(seq)
         out.num_batched_tokens += end - start
 
     def _schedule_prefill(self, group: SequenceGroup, out: SchedulerOutput) -> None:

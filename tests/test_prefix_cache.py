@@ -357,3 +357,18 @@ def test_a_recomputed_group_finds_its_own_blocks_and_they_are_not_prefix_hits():
     for group in list(sched.running) + list(sched.waiting):
         sched.finish(group, SequenceStatus.FINISHED_ABORTED)
     assert sched.bm.num_free_device_blocks == 6
+
+
+def test_decoded_blocks_are_cached_when_the_sequence_is_freed():
+    sched = make_scheduler()
+    a = request([1, 2, 3, 4, 5, 6], "a", 0.0)
+    sched.add(a)
+    for _ in range(4):                         # prefill, then decodes: 10 tokens, 9 computed
+        step(sched)
+    seq = a.seqs[0]
+    assert seq.num_computed_tokens == 9 and sched.bm.stats().cached_blocks == 1  # decoding adds none
+    sched.finish(a, SequenceStatus.FINISHED_STOPPED)
+    assert sched.bm.stats().cached_blocks == 2  # the block that decoding filled, on the way out
+    sched.free_finished()
+    sched.add(request(seq.token_ids + [7, 7], "b", 1.0))  # the next turn of a chat
+    assert [(r.start, r.end) for r in step(sched).prefills] == [(8, 12)]
