@@ -1,7 +1,10 @@
-"""A pool of fixed-size physical blocks with reference counts and an O(1) free list."""
+"""A pool of fixed-size physical blocks with reference counts, an O(1) free list, and the
+prefix cache: full blocks indexed by content hash, kept (evictable) after their last user."""
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
+from typing import NamedTuple
 
 
 class Device(enum.Enum):
@@ -13,8 +16,20 @@ class BlockAllocatorError(RuntimeError):
     pass
 
 
+class CachedBlock(NamedTuple):
+    """What a cached block holds: its chained hash and, to rule out collisions, its token ids."""
+
+    block_hash: bytes
+    token_ids: tuple[int, ...]
+
+
 class BlockAllocator:
-    """Hands out block numbers 0..num_blocks-1; a block is free again when its count drops to 0."""
+    """Hands out block numbers 0..num_blocks-1.
+
+    A block whose count drops to 0 is free again. If it is in the prefix cache it keeps its
+    hash and contents on the evictable list (least recently freed first) and still counts as
+    free: `allocate` takes never-used and uncached blocks first, and evicts only when none is left.
+    """
 
     def __init__(self, device: Device, num_blocks: int) -> None:
         if num_blocks < 0:
@@ -24,19 +39,32 @@ class BlockAllocator:
         self.ref_counts = [0] * num_blocks
         # Popping from the end hands out low block numbers first.
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._by_hash: dict[bytes, int] = {}
+        self.cached: dict[int, CachedBlock] = {}  # block -> contents (read-only outside)
+        self.num_evicted = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return len(self._evictable)
 
     def allocate(self) -> int:
-        if not self._free:
+        if self._free:
+            block = self._free.pop()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            self._uncache(block)
+            self.num_evicted += 1
+        else:
             raise BlockAllocatorError(f"out of {self.device.value} blocks ({self.num_blocks} in the pool)")
-        block = self._free.pop()
         self.ref_counts[block] = 1
         return block
 
@@ -45,14 +73,55 @@ class BlockAllocator:
             raise BlockAllocatorError(f"{self.device.value} block {block} is free; cannot share it")
         self.ref_counts[block] += 1
 
-    def free(self, block: int) -> None:
-        """Drops one reference; the block returns to the free list when none is left."""
+    def free(self, block: int, keep_cached: bool = True) -> None:
+        """Drops one reference. With none left, a cached block becomes evictable (unless
+        `keep_cached` is False, which drops its cache entry) and any other block is free."""
         count = self.ref_counts[block]
         if count <= 0:
             raise BlockAllocatorError(f"double free of {self.device.value} block {block}")
         self.ref_counts[block] = count - 1
         if count == 1:
-            self._free.append(block)
+            if not keep_cached:
+                self._uncache(block)
+            if block in self.cached:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
+
+    # -- prefix cache ----------------------------------------------------------------------------
+    def lookup(self, block_hash: bytes, token_ids: tuple[int, ...]) -> int | None:
+        """The cached block with this hash and these tokens, or None."""
+        block = self._by_hash.get(block_hash)
+        if block is None or self.cached[block].token_ids != token_ids:
+            return None
+        return block
+
+    def acquire(self, block: int) -> None:
+        """One more reference to a cached block (a hit), taking it off the evictable list."""
+        if self.ref_counts[block] == 0:
+            del self._evictable[block]
+        self.ref_counts[block] += 1
+
+    def cache(self, block: int, block_hash: bytes, token_ids: tuple[int, ...]) -> None:
+        """Indexes a full, in-use block by its contents. A block with the same contents that
+        is cached already stays the one that hits; this one is then simply not cached."""
+        if self.ref_counts[block] <= 0:
+            raise BlockAllocatorError(f"{self.device.value} block {block} is free; cannot cache it")
+        if block_hash not in self._by_hash and block not in self.cached:
+            self._by_hash[block_hash] = block
+            self.cached[block] = CachedBlock(block_hash, token_ids)
+
+    def _uncache(self, block: int) -> None:
+        entry = self.cached.pop(block, None)
+        if entry is not None:
+            del self._by_hash[entry.block_hash]
 
     def free_block_ids(self) -> set[int]:
-        return set(self._free)
+        return set(self._free) | set(self._evictable)
+
+    def evictable_block_ids(self) -> list[int]:
+        """Evictable blocks, the next to be evicted first."""
+        return list(self._evictable)
+
+    def hash_table(self) -> dict[bytes, int]:
+        return dict(self._by_hash)

@@ -4,14 +4,23 @@ Semantics follow vLLM's block manager: a group's prompt is mapped once and share
 sequences (reference counts), `fork` shares a parent's blocks with a child, the block that
 receives a new token is copied first when it is shared (copy-on-write), and a group is
 swapped between the device pool and the bounded CPU pool as a whole, each shared block
-moving once and staying shared. Pure Python: nothing heavier than the standard library.
+moving once and staying shared.
+
+Prefix caching shares blocks across requests: once its tokens are computed, every full
+device block is indexed by a hash chained on its parent's, and `allocate` maps the longest
+cached prefix of each sequence onto those blocks. A cached block no sequence holds keeps its
+contents until the allocator needs it back (see BlockAllocator). Pure Python: nothing
+heavier than the standard library.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
+from collections import Counter
+
 from kvcache.allocator import BlockAllocator, Device
+from kvcache.block_hash import full_blocks
 from kvcache.sequence import Sequence, SequenceGroup
 
 
@@ -30,6 +39,30 @@ class _Table:
     seq: Sequence
     device: Device
     blocks: list[int]
+    num_hashed: int = 0  # leading blocks already offered to the prefix cache
+
+
+@dataclass
+class Allocation:
+    """What `allocate` mapped: the group's shared head and each sequence's cached head."""
+
+    shared_tokens: int          # leading tokens stored once for the whole group
+    computed_tokens: list[int]  # per unfinished sequence: leading tokens whose K/V are cached
+
+
+@dataclass
+class _Plan:
+    num_shared: int            # blocks at the head stored once for every sequence
+    shared_tokens: int
+    shared_hits: list[int]     # cached blocks at the head of the shared part
+    own_hits: list[list[int]]  # per sequence, cached blocks right after the shared part
+    num_new: int               # blocks to take from the free pool
+    num_revived: int           # hits on evictable blocks: they stop counting as free
+    num_total: int             # blocks the group holds once mapped (what an empty cache needs)
+
+    @property
+    def need(self) -> int:
+        return self.num_new + self.num_revived
 
 
 @dataclass
@@ -45,6 +78,9 @@ class BlockStats:
     copy_on_write_copies: int
     blocks_swapped_out: int
     blocks_swapped_in: int
+    cached_blocks: int = 0     # device blocks in the prefix cache (in use or evictable)
+    evictable_blocks: int = 0  # of those, the ones no sequence holds (counted as free)
+    evicted_blocks: int = 0    # cached blocks reused for other contents so far
 
     @property
     def waste(self) -> float:
@@ -63,7 +99,7 @@ class BlockStats:
 
 class BlockManager:
     def __init__(self, block_size: int, num_device_blocks: int, num_cpu_blocks: int,
-                 watermark: float = 0.01) -> None:
+                 watermark: float = 0.01, enable_prefix_caching: bool = True) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not 0.0 <= watermark < 1.0:
@@ -72,6 +108,7 @@ class BlockManager:
         self.num_device_blocks = num_device_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self.watermark_blocks = int(watermark * num_device_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
         self.pools = {Device.DEVICE: BlockAllocator(Device.DEVICE, num_device_blocks),
                       Device.CPU: BlockAllocator(Device.CPU, num_cpu_blocks)}
         self._tables: dict[int, _Table] = {}
@@ -92,11 +129,13 @@ class BlockManager:
                                     f"not the {device.value} pool")
         return table
 
-    def _status(self, num_blocks: int) -> AllocStatus:
-        if self.num_device_blocks - num_blocks < self.watermark_blocks:
-            return AllocStatus.NEVER
-        if self.pools[Device.DEVICE].num_free_blocks - num_blocks >= self.watermark_blocks:
+    def _status(self, need: int, total: int) -> AllocStatus:
+        """OK if `need` free blocks can go now with the watermark kept back; NEVER if the
+        `total` blocks would not fit even in an empty cache; LATER otherwise."""
+        if self.pools[Device.DEVICE].num_free_blocks - need >= self.watermark_blocks:
             return AllocStatus.OK
+        if self.num_device_blocks - total < self.watermark_blocks:
+            return AllocStatus.NEVER
         return AllocStatus.LATER
 
     def _shared_prefix_blocks(self, seqs: list[Sequence]) -> tuple[int, int]:
@@ -121,17 +160,75 @@ class BlockManager:
             seen.update(dict.fromkeys(self._table(seq, device).blocks))
         return list(seen)
 
+    # -- prefix cache ----------------------------------------------------------------------------
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached device blocks holding the sequence's leading full blocks, up to the first
+        miss. The block of the last token never counts: that token is computed for its logits."""
+        if not self.enable_prefix_caching:
+            return []
+        pool, bs = self.pools[Device.DEVICE], self.block_size
+        hits: list[int] = []
+        for block_hash, tokens in full_blocks(seq, 0, (len(seq) - 1) // bs, bs):
+            block = pool.lookup(block_hash, tokens)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Offers the sequence's full blocks among its first `num_computed_tokens` tokens (those
+        whose K/V are written by the end of the current step) to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables.get(seq.seq_id)
+        if table is None or table.device is not Device.DEVICE:
+            table = self._table(seq, Device.DEVICE)  # raises the error that says why
+        full = seq.num_computed_tokens // self.block_size
+        if full <= table.num_hashed:  # the common case: called every step, a block fills rarely
+            return
+        pool, blocks = self.pools[Device.DEVICE], table.blocks
+        for index, (block_hash, tokens) in enumerate(full_blocks(seq, table.num_hashed, full, self.block_size),
+                                                     table.num_hashed):
+            pool.cache(blocks[index], block_hash, tokens)
+        table.num_hashed = full
+
+    def num_kept_tokens(self, group: SequenceGroup) -> int:
+        """Leading tokens of the group's first sequence whose cached blocks other requests hold
+        as well: they stay cached when the group lets go of its blocks (recompute finds them)."""
+        seqs = group.unfinished_seqs()
+        pool = self.pools[Device.DEVICE]
+        held = Counter(b for s in seqs for b in self._table(s, Device.DEVICE).blocks)
+        kept = 0
+        for block in self._table(seqs[0]).blocks[: len(seqs[0]) // self.block_size]:
+            if block not in pool.cached or pool.ref_counts[block] <= held[block]:
+                break
+            kept += 1
+        return kept * self.block_size
+
     # -- admission and allocation ---------------------------------------------------------
-    def _blocks_to_allocate(self, seqs: list[Sequence]) -> int:
-        shared, _ = self._shared_prefix_blocks(seqs)
-        return shared + sum(self._num_blocks(len(s)) - shared for s in seqs)
+    def _plan(self, seqs: list[Sequence]) -> _Plan:
+        num_shared, shared_tokens = self._shared_prefix_blocks(seqs)
+        hits = [self._cached_prefix(s) for s in seqs]
+        # The shared part is one set of blocks, so it hits only as far as every sequence does;
+        # a sequence's own blocks hit only after a fully cached shared part (a prefix chain).
+        shared_hits = hits[0][: min(num_shared, *(len(h) for h in hits))]
+        full = len(shared_hits) == num_shared
+        own_hits = [h[num_shared:] if full else [] for h in hits]
+        own_total = [self._num_blocks(len(s)) - num_shared for s in seqs]
+        pool = self.pools[Device.DEVICE]
+        revived = {b for b in shared_hits if pool.ref_counts[b] == 0}
+        revived.update(b for own in own_hits for b in own if pool.ref_counts[b] == 0)
+        num_new = num_shared - len(shared_hits) + sum(t - len(o) for t, o in zip(own_total, own_hits))
+        return _Plan(num_shared, shared_tokens, shared_hits, own_hits, num_new, len(revived),
+                     num_shared + sum(own_total))
 
     def can_allocate(self, group: SequenceGroup) -> AllocStatus:
-        return self._status(self._blocks_to_allocate(group.unfinished_seqs()))
+        plan = self._plan(group.unfinished_seqs())
+        return self._status(plan.need, plan.num_total)
 
-    def allocate(self, group: SequenceGroup) -> int:
-        """Maps every unfinished sequence's tokens; returns how many leading tokens of each
-        sit in blocks shared by the whole group (they need computing only once)."""
+    def allocate(self, group: SequenceGroup) -> Allocation:
+        """Maps every unfinished sequence's tokens, reusing cached blocks for the longest
+        cached prefix of each; returns what is shared and what is computed already."""
         seqs = group.unfinished_seqs()
         if not seqs:
             raise BlockManagerError(f"request {group.request_id} has no unfinished sequence")
@@ -139,19 +236,30 @@ class BlockManager:
             if seq.seq_id in self._tables:
                 raise BlockManagerError(f"sequence {seq.seq_id} already has blocks")
         pool = self.pools[Device.DEVICE]
-        need = self._blocks_to_allocate(seqs)
-        if need > pool.num_free_blocks:
-            raise BlockManagerError(f"request {group.request_id} needs {need} blocks, "
+        plan = self._plan(seqs)
+        if plan.need > pool.num_free_blocks:
+            raise BlockManagerError(f"request {group.request_id} needs {plan.need} blocks, "
                                     f"{pool.num_free_blocks} are free")
-        num_shared, shared_tokens = self._shared_prefix_blocks(seqs)
-        shared = [pool.allocate() for _ in range(num_shared)]
-        for block in shared:
+        # Hits first, so that taking new blocks cannot evict them.
+        for block in plan.shared_hits:
+            for _ in seqs:
+                pool.acquire(block)
+        for own in plan.own_hits:
+            for block in own:
+                pool.acquire(block)
+        shared = list(plan.shared_hits)
+        for _ in range(plan.num_shared - len(shared)):
+            block = pool.allocate()
             for _ in range(len(seqs) - 1):
                 pool.incref(block)
-        for seq in seqs:
-            own = [pool.allocate() for _ in range(self._num_blocks(len(seq)) - num_shared)]
-            self._tables[seq.seq_id] = _Table(seq, Device.DEVICE, shared + own)
-        return shared_tokens
+            shared.append(block)
+        computed = []
+        for seq, own in zip(seqs, plan.own_hits):
+            new = [pool.allocate() for _ in range(self._num_blocks(len(seq)) - plan.num_shared - len(own))]
+            hashed = len(plan.shared_hits) + len(own)
+            self._tables[seq.seq_id] = _Table(seq, Device.DEVICE, shared + own + new, hashed)
+            computed.append(hashed * self.block_size)
+        return Allocation(plan.shared_tokens, computed)
 
     # -- decoding ----------------------------------------------------------------------------
     def _blocks_to_append(self, table: _Table) -> int:
@@ -192,14 +300,20 @@ class BlockManager:
         pool = self.pools[table.device]
         for block in table.blocks:
             pool.incref(block)
-        self._tables[child.seq_id] = _Table(child, table.device, list(table.blocks))
+        self._tables[child.seq_id] = _Table(child, table.device, list(table.blocks), table.num_hashed)
 
     def free(self, seq: Sequence) -> None:
-        table = self._tables.pop(seq.seq_id, None)
+        table = self._tables.get(seq.seq_id)
         if table is None:
             raise BlockManagerError(f"sequence {seq.seq_id} has no blocks to free")
+        if table.device is Device.DEVICE:
+            # Blocks filled by decoding are offered to the cache here, once, rather than every
+            # step: a chat's next turn or a recomputed group finds them when they are done.
+            self.cache_computed(seq)
+        del self._tables[seq.seq_id]
         pool = self.pools[table.device]
-        for block in table.blocks:
+        # Tail first: on the evictable list, a prefix's last blocks then go before its head.
+        for block in reversed(table.blocks):
             pool.free(block)
 
     # -- swapping ----------------------------------------------------------------------------
@@ -208,7 +322,8 @@ class BlockManager:
 
     def can_swap_in(self, group: SequenceGroup) -> AllocStatus:
         # Room for the blocks plus one new block per sequence, so that all can grow at once.
-        return self._status(len(self._unique_blocks(group, Device.CPU)) + len(group.unfinished_seqs()))
+        need = len(self._unique_blocks(group, Device.CPU)) + len(group.unfinished_seqs())
+        return self._status(need, need)
 
     def swap_out(self, group: SequenceGroup) -> dict[int, int]:
         """Moves the group to the CPU pool; returns {device_block: cpu_block}."""
@@ -226,6 +341,8 @@ class BlockManager:
                                     f"{self.pools[Device.DEVICE].num_free_blocks} are free")
         mapping = self._move(group, Device.CPU, Device.DEVICE)
         self.blocks_swapped_in += len(mapping)
+        for seq in group.unfinished_seqs():
+            self.cache_computed(seq)  # fresh device blocks: hashed again
         return mapping
 
     def _move(self, group: SequenceGroup, src: Device, dst: Device) -> dict[int, int]:
@@ -240,9 +357,10 @@ class BlockManager:
                     target = mapping[block] = dst_pool.allocate()
                 else:
                     dst_pool.incref(target)
-                src_pool.free(block)
+                # A block that leaves the device leaves the prefix cache with its last holder.
+                src_pool.free(block, keep_cached=False)
                 moved.append(target)
-            table.blocks, table.device = moved, dst
+            table.blocks, table.device, table.num_hashed = moved, dst, 0
         return mapping
 
     # -- queries -------------------------------------------------------------------------------
@@ -283,4 +401,5 @@ class BlockManager:
         return BlockStats(self.block_size, device.num_blocks, device.num_used_blocks,
                           cpu.num_blocks, cpu.num_used_blocks,
                           device.num_used_blocks * self.block_size, sum(filled.values()), logical,
-                          self.cow_copies, self.blocks_swapped_out, self.blocks_swapped_in)
+                          self.cow_copies, self.blocks_swapped_out, self.blocks_swapped_in,
+                          len(device.cached), device.num_evictable_blocks, device.num_evicted)

@@ -46,6 +46,8 @@ class Sequence:
     output_logprobs: list[Any] = field(default_factory=list)
     # Text already handed to the client (for stop strings and streaming deltas).
     output_text: str = ""
+    # Chained content hashes of the leading full blocks (prefix caching), filled as needed.
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @classmethod
     def from_prompt(cls, prompt_ids: list[int]) -> "Sequence":
@@ -70,7 +72,7 @@ class Sequence:
         """A copy with a fresh id: same tokens, same computed state (the blocks are shared)."""
         return Sequence(next_seq_id(), list(self.token_ids), self.prompt_len, self.status,
                         self.num_computed_tokens, self.cumulative_logprob,
-                        list(self.output_logprobs), self.output_text)
+                        list(self.output_logprobs), self.output_text, list(self.block_hashes))
 
 
 @dataclass(eq=False)
@@ -89,6 +91,9 @@ class SequenceGroup:
     # first sequence computes for all of them (its blocks are shared).
     is_prefilling: bool = True
     shared_tokens: int = 0
+    # Preempted by recompute and not yet back: the cache hits it then finds are its own
+    # blocks, not prefix-cache hits.
+    recomputing: bool = False
 
     def unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]

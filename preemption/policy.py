@@ -1,7 +1,8 @@
 """Which way to preempt a victim: swap its blocks to the CPU pool, or free them and recompute.
 
 The cost model compares the two with throughputs the executor measures as it runs: recompute
-costs a prefill of the group's tokens; swap costs moving its unique blocks out and back.
+costs a prefill of the group's tokens that the prefix cache will not hold when it returns;
+swap costs moving its unique blocks out and back.
 """
 from __future__ import annotations
 
@@ -57,12 +58,15 @@ class PreemptionPolicy:
             raise ValueError(f"preemption_mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode, self.cost, self.bytes_per_block = mode, cost, bytes_per_block
 
-    def choose(self, group: SequenceGroup, num_unique_blocks: int, can_swap: bool) -> PreemptionMode:
+    def choose(self, group: SequenceGroup, num_unique_blocks: int, can_swap: bool,
+               cached_tokens: int = 0) -> PreemptionMode:
+        """`cached_tokens`: leading tokens that stay cached after the group frees its blocks
+        (other requests hold them), which recompute does not compute again."""
         # A group still in prefill has little to lose and no decode state to restore.
         if group.is_prefilling or not can_swap or self.mode == "recompute":
             return PreemptionMode.RECOMPUTE
         if self.mode == "swap":
             return PreemptionMode.SWAP
         swap = self.cost.swap_seconds(num_unique_blocks * self.bytes_per_block)
-        recompute = self.cost.recompute_seconds(tokens_to_recompute(group))
+        recompute = self.cost.recompute_seconds(max(tokens_to_recompute(group) - cached_tokens, 0))
         return PreemptionMode.SWAP if swap < recompute else PreemptionMode.RECOMPUTE

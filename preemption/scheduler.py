@@ -75,7 +75,13 @@ class Scheduler:
         self.running: list[SequenceGroup] = []
         self.swapped: list[SequenceGroup] = []
         self.preemptions: Counter[str] = Counter()
-        self.tokens_recomputed = 0
+        self.tokens_recomputed = 0      # computed tokens that preemption by recompute dropped
+        # Prefix cache, counted on a request's first admission only: prompt tokens looked up
+        # and found cached. What a recomputed group finds again is counted apart.
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.recompute_cached_tokens = 0
+        self.prefill_tokens_computed = 0  # tokens of prompts (and recomputed outputs) run through the model
 
     # -- queues ---------------------------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
@@ -160,9 +166,18 @@ class Scheduler:
         rows = out.decodes if end - start == 1 else out.prefills
         rows.append(ScheduledSeq(seq, group, start, end, end == len(seq), self.bm.get_block_table(seq)))
         seq.num_computed_tokens = end
+        if group.is_prefilling:
+            # Written by the end of this step: later requests (even in this step) may share
+            # them. Decoded blocks are offered when the sequence frees them.
+            self.bm.cache_computed(seq)
         out.num_batched_tokens += end - start
 
     def _schedule_prefill(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        before = out.num_batched_tokens
+        self._schedule_prefill_rows(group, out)
+        self.prefill_tokens_computed += out.num_batched_tokens - before
+
+    def _schedule_prefill_rows(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         budget = self.config.max_num_batched_tokens - out.num_batched_tokens
         seqs = group.unfinished_seqs()
         lead = seqs[0]
@@ -212,12 +227,22 @@ class Scheduler:
         seqs = group.unfinished_seqs()
         if group.first_scheduled_time is None:
             group.first_scheduled_time = time.monotonic()
-        shared = self.bm.allocate(group)
+        alloc = self.bm.allocate(group)
         # The lead computes the shared prefix; the others start after it. Identical
         # sequences still compute their last token each, to get logits of their own.
-        group.shared_tokens = min(shared, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
-        for i, seq in enumerate(seqs):
-            seq.num_computed_tokens = 0 if i == 0 else group.shared_tokens
+        # Whatever the prefix cache holds is not computed again.
+        group.shared_tokens = min(alloc.shared_tokens, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
+        saved = 0
+        for i, (seq, cached) in enumerate(zip(seqs, alloc.computed_tokens)):
+            base = 0 if i == 0 else group.shared_tokens
+            seq.num_computed_tokens = max(base, cached)
+            saved += seq.num_computed_tokens - base
+        if group.recomputing:
+            self.recompute_cached_tokens += saved
+        else:
+            self.prefix_queried_tokens += len(seqs[0])
+            self.prefix_hit_tokens += alloc.computed_tokens[0]
+        group.recomputing = False
         group.is_prefilling = True
         self._schedule_prefill(group, out)
 
@@ -227,7 +252,7 @@ class Scheduler:
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         num_blocks = self.bm.num_group_blocks(group)
-        mode = self.policy.choose(group, num_blocks, self.bm.can_swap_out(group))
+        mode = self.policy.choose(group, num_blocks, self.bm.can_swap_out(group), self.bm.num_kept_tokens(group))
         if mode is PreemptionMode.SWAP:
             out.blocks_to_swap_out.update(self.bm.swap_out(group))
             for seq in group.unfinished_seqs():
@@ -238,7 +263,7 @@ class Scheduler:
                 self.tokens_recomputed += seq.num_computed_tokens
                 self.bm.free(seq)
                 seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
-            group.is_prefilling = True
+            group.is_prefilling, group.recomputing = True, True
             bisect.insort(self.waiting, group, key=_arrival)
         self.preemptions[mode.value] += 1
         out.preempted.append((group, mode))

@@ -69,7 +69,7 @@ def test_watermark_keeps_blocks_back_and_never_for_too_long_prompt():
 def test_prompt_is_shared_by_all_sequences_of_a_group():
     bm = BlockManager(block_size=4, num_device_blocks=10, num_cpu_blocks=0, watermark=0.0)
     g = group_of(list(range(10)), n=3)  # 3 blocks, the last partial
-    assert bm.allocate(g) == 10
+    assert bm.allocate(g).shared_tokens == 10
     tables = [bm.get_block_table(s) for s in g.seqs]
     assert tables[0] == tables[1] == tables[2] and len(tables[0]) == 3
     assert all(refs(bm, b) == 3 for b in tables[0])
@@ -84,7 +84,7 @@ def test_allocate_diverged_group_shares_the_full_blocks_of_the_common_prefix():
     prompt = list(range(6))
     a, b = Sequence(1, prompt + [7, 8, 9], 6), Sequence(2, prompt + [7, 5], 6)
     g = SequenceGroup("g", [a, b])
-    assert bm.allocate(g) == 4                      # common prefix 7 tokens -> 1 full block
+    assert bm.allocate(g).shared_tokens == 4        # common prefix 7 tokens -> 1 full block
     ta, tb = bm.get_block_table(a), bm.get_block_table(b)
     assert ta[0] == tb[0] and refs(bm, ta[0]) == 2
     assert len(ta) == 3 and len(tb) == 2 and not set(ta[1:]) & set(tb[1:])

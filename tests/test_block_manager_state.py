@@ -1,8 +1,11 @@
-"""Property-based test: random allocate / append / fork / free / swap / recompute sequences
-against a model of the KV memory, with the block manager's invariants checked after every step.
+"""Property-based test: random allocate / append / fork / free / swap / recompute sequences,
+with prefix caching on or off, against a model of the KV memory, with the block manager's
+invariants checked after every step.
 
-Each slot of the fake memory holds the token id written there; every sequence must read back
-exactly its own tokens through its block table after any copy-on-write copies and swaps.
+Each slot of the fake memory holds what real K/V depend on: the whole prefix up to and
+including its token. Every sequence must read back exactly its own prefixes through its block
+table after any copy-on-write copies, swaps, cache hits and evictions, and a prefix-cache hit
+may skip writing only what the memory already holds.
 """
 from collections import Counter
 
@@ -10,28 +13,51 @@ import hypothesis.strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvcache.allocator import Device
-from kvcache.block_manager import AllocStatus, BlockManager
+from kvcache.block_hash import ROOT, block_hash
+from kvcache.block_manager import AllocStatus, BlockManager, BlockManagerError
 from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 
 TOKENS = st.integers(min_value=0, max_value=50)
+# A few shared heads make cache hits (and evictions of them) frequent.
+HEADS = st.sampled_from([[], [1, 2, 3, 4, 5, 6, 7, 8], [9] * 8, list(range(20, 32))])
+PROMPTS = st.builds(lambda head, tail: head + tail, HEADS, st.lists(TOKENS, max_size=14)).filter(bool)
+
+
+def chain_hash(prefix: tuple[int, ...], block_size: int) -> bytes:
+    """The chained hash of a full prefix, computed afresh from its tokens."""
+    digest = ROOT
+    for start in range(0, len(prefix), block_size):
+        digest = block_hash(digest, prefix[start:start + block_size])
+    return digest
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([1, 2, 3, 4, 8]),
                 num_device=st.integers(4, 40), num_cpu=st.integers(0, 24),
-                watermark=st.sampled_from([0.0, 0.1]))
-    def setup(self, block_size, num_device, num_cpu, watermark):
-        self.bm = BlockManager(block_size, num_device, num_cpu, watermark)
+                watermark=st.sampled_from([0.0, 0.1]), caching=st.sampled_from([True, True, False]))
+    def setup(self, block_size, num_device, num_cpu, watermark, caching):
+        self.bm = BlockManager(block_size, num_device, num_cpu, watermark, enable_prefix_caching=caching)
         self.memory = {Device.DEVICE: [[None] * block_size for _ in range(num_device)],
                        Device.CPU: [[None] * block_size for _ in range(num_cpu)]}
         self.groups: list[SequenceGroup] = []
         self.counter = 0
 
     # -- helpers ----------------------------------------------------------------------------
+    @property
+    def device_pool(self):
+        return self.bm.pools[Device.DEVICE]
+
     def write(self, seq, position):
         bs = self.bm.block_size
         block = self.bm.get_block_table(seq)[position // bs]
-        self.memory[self.bm.get_device(seq)][block][position % bs] = seq.token_ids[position]
+        self.memory[self.bm.get_device(seq)][block][position % bs] = tuple(seq.token_ids[: position + 1])
+
+    def compute(self, seq, start):
+        """A prefill or decode of positions start.. of the sequence, as the executor does it."""
+        for pos in range(start, len(seq)):
+            self.write(seq, pos)
+        seq.num_computed_tokens = len(seq)
+        self.bm.cache_computed(seq)
 
     def groups_on(self, device):
         return [g for g in self.groups if self.bm.get_device(g.unfinished_seqs()[0]) is device]
@@ -43,27 +69,60 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for src, dst in mapping:
             self.memory[dst_dev][dst] = list(self.memory[src_dev][src])
 
+    def cached_prefixes(self):
+        """Full prefixes that cached device blocks hold, read from the memory model."""
+        if not self.bm.enable_prefix_caching:
+            return set()
+        return {self.memory[Device.DEVICE][b][-1] for b in self.device_pool.cached}
+
+    def allocate(self, group):
+        """Allocates the group; checks the free-block accounting against the hits it got."""
+        pool, bs = self.device_pool, self.bm.block_size
+        seqs = group.unfinished_seqs()
+        refs_before, free_before = list(pool.ref_counts), self.bm.num_free_device_blocks
+        alloc = self.bm.allocate(group)
+        hit_blocks = {b for s, done in zip(seqs, alloc.computed_tokens)
+                      for b in self.bm.get_block_table(s)[: done // bs]}
+        total = len({b for s in seqs for b in self.bm.get_block_table(s)})
+        revived = sum(1 for b in hit_blocks if refs_before[b] == 0)
+        assert free_before - self.bm.num_free_device_blocks == total - len(hit_blocks) + revived
+        return alloc
+
     # -- rules ------------------------------------------------------------------------------
-    @rule(prompt=st.lists(TOKENS, min_size=1, max_size=30), n=st.integers(1, 4))
+    @rule(prompt=PROMPTS, n=st.integers(1, 4))
     def add_request(self, prompt, n):
         first = Sequence.from_prompt(prompt)
         group = SequenceGroup(f"r{self.counter}", [first] + [first.fork() for _ in range(n - 1)])
         self.counter += 1
         status = self.bm.can_allocate(group)
         need = -(-len(prompt) // self.bm.block_size)
-        if status is AllocStatus.NEVER:
-            assert self.bm.num_device_blocks - need < self.bm.watermark_blocks
+        held = self.cached_prefixes()
+        if status is not AllocStatus.OK:
+            assert (status is AllocStatus.NEVER) == (self.bm.num_device_blocks - need < self.bm.watermark_blocks)
+            # Exact: mapping it now would dip under the watermark (or not fit at all).
+            try:
+                self.allocate(group)
+            except BlockManagerError:
+                return
+            assert self.bm.num_free_device_blocks < self.bm.watermark_blocks
+            for seq in group.seqs:
+                self.bm.free(seq)
             return
-        if status is AllocStatus.LATER:
-            assert self.bm.num_free_device_blocks - need < self.bm.watermark_blocks
-            return
-        free_before = self.bm.num_free_device_blocks
-        assert self.bm.allocate(group) == len(prompt)
-        assert self.bm.num_free_device_blocks == free_before - need  # the prompt is stored once
+        alloc = self.allocate(group)
+        assert self.bm.num_free_device_blocks >= self.bm.watermark_blocks
+        assert alloc.shared_tokens == len(prompt)  # the prompt is stored once
+        assert len(set(alloc.computed_tokens)) == 1
+        done, bs = alloc.computed_tokens[0], self.bm.block_size
+        assert done % bs == 0 and done <= len(prompt) - 1
+        if not self.bm.enable_prefix_caching:
+            assert done == 0
+        # The longest cached prefix: the first block it did not hit (before the last token)
+        # was not cached. The blocks it hit are checked by reading them back.
+        if done + bs <= len(prompt) - 1:
+            assert tuple(prompt[: done + bs]) not in held
         self.groups.append(group)
         for seq in group.seqs:
-            for pos in range(len(seq)):
-                self.write(seq, pos)
+            self.compute(seq, done)
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data(), token=TOKENS)
@@ -88,8 +147,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 assert src != dst and dst not in before
             self.copy_blocks(Device.DEVICE, Device.DEVICE, pairs)
             block = self.bm.get_block_table(seq)[(len(seq) - 1) // self.bm.block_size]
-            assert self.bm.pools[Device.DEVICE].ref_counts[block] == 1  # never write a shared block
-            self.write(seq, len(seq) - 1)
+            assert self.device_pool.ref_counts[block] == 1  # never write a shared block
+            assert block not in self.device_pool.cached      # nor a cached one
+            self.compute(seq, len(seq) - 1)
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data())
@@ -118,15 +178,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if not groups:
             return
         group = data.draw(st.sampled_from(groups))
-        unique = {b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s)}
+        held = Counter(b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s))
+        unique = set(held)
         if not self.bm.can_swap_out(group):
             assert len(unique) > self.bm.num_free_cpu_blocks
             return
+        # Blocks that other requests hold too (cache hits) stay on the device for them.
+        released = {b for b in unique if self.device_pool.ref_counts[b] == held[b]}
         free_dev, free_cpu = self.bm.num_free_device_blocks, self.bm.num_free_cpu_blocks
         mapping = self.bm.swap_out(group)
         assert set(mapping) == unique and len(set(mapping.values())) == len(unique)
-        assert self.bm.num_free_device_blocks == free_dev + len(unique)
+        assert self.bm.num_free_device_blocks == free_dev + len(released)
         assert self.bm.num_free_cpu_blocks == free_cpu - len(unique)
+        assert not released & set(self.device_pool.cached)  # they left the prefix cache
         self.copy_blocks(Device.DEVICE, Device.CPU, mapping.items())
 
     @precondition(lambda self: self.live_seqs())
@@ -146,7 +210,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data())
     def recompute(self, data):
-        """Preemption by recomputation: drop the group's blocks, map it again, rewrite all."""
+        """Preemption by recomputation: drop the group's blocks, map it again, and compute
+        what the prefix cache does not hold (the group's own blocks, unless evicted)."""
         group = data.draw(st.sampled_from(self.groups))
         for seq in group.unfinished_seqs():
             self.bm.free(seq)
@@ -155,12 +220,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 seq.status = SequenceStatus.FINISHED_ABORTED
             self.groups.remove(group)
             return
-        shared = self.bm.allocate(group)
-        first = group.unfinished_seqs()[0]
-        for seq in group.unfinished_seqs():
-            assert seq.token_ids[:shared] == first.token_ids[:shared]
-            for pos in range(len(seq)):
-                self.write(seq, pos)
+        seqs = group.unfinished_seqs()
+        alloc = self.allocate(group)
+        first = seqs[0]
+        for seq, done in zip(seqs, alloc.computed_tokens):
+            assert seq.token_ids[: alloc.shared_tokens] == first.token_ids[: alloc.shared_tokens]
+            self.compute(seq, done)
 
     # -- invariants -------------------------------------------------------------------------
     @invariant()
@@ -171,11 +236,33 @@ class BlockManagerMachine(RuleBasedStateMachine):
             expected = Counter(b for s in self.live_seqs() if self.bm.get_device(s) is device
                                for b in self.bm.get_block_table(s))
             free = pool.free_block_ids()
-            assert pool.num_free_blocks == len(free)  # no block twice on the free list
+            assert pool.num_free_blocks == len(free)  # no block twice on the free lists
             for block in range(pool.num_blocks):
                 assert pool.ref_counts[block] == expected.get(block, 0)
                 assert (block in free) == (expected.get(block, 0) == 0)
             assert pool.num_used_blocks + pool.num_free_blocks == pool.num_blocks
+
+    @invariant()
+    def cached_blocks_hold_what_their_hash_says(self):
+        if not hasattr(self, "bm"):
+            return
+        pool, bs = self.device_pool, self.bm.block_size
+        table = pool.hash_table()
+        assert len(table) == len(pool.cached)  # each cached block once in the hash table
+        if not self.bm.enable_prefix_caching:
+            assert not table
+        for block, entry in pool.cached.items():
+            assert table[entry.block_hash] == block
+            slots = self.memory[Device.DEVICE][block]
+            prefix = slots[-1]
+            assert prefix is not None and len(prefix) % bs == 0
+            assert [slot[-1] for slot in slots] == list(entry.token_ids) == list(prefix[-bs:])
+            assert all(slot == prefix[: len(prefix) - bs + i + 1] for i, slot in enumerate(slots))
+            assert entry.block_hash == chain_hash(prefix, bs)
+        evictable = pool.evictable_block_ids()
+        assert all(pool.ref_counts[b] == 0 and b in pool.cached for b in evictable)
+        assert set(evictable) == {b for b in pool.cached if pool.ref_counts[b] == 0}
+        assert not self.bm.pools[Device.CPU].cached
 
     @invariant()
     def every_sequence_reads_back_its_tokens(self):
@@ -186,7 +273,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             table = self.bm.get_block_table(seq)
             assert len(table) == -(-len(seq) // bs)
             memory = self.memory[self.bm.get_device(seq)]
-            assert [memory[table[i // bs]][i % bs] for i in range(len(seq))] == seq.token_ids
+            assert [memory[table[i // bs]][i % bs] for i in range(len(seq))] == \
+                [tuple(seq.token_ids[: i + 1]) for i in range(len(seq))]
 
     def teardown(self):
         if not hasattr(self, "bm"):

@@ -120,6 +120,18 @@ def test_stats_and_health(client):
     assert stats["server"]["messages"] >= 2
 
 
+def test_stats_count_prefix_cache_hits(client):
+    prompt = [411, 412, 413, 414, 415, 416, 417, 418, 419]  # 2 full blocks of 4 and a token; unused elsewhere
+    before = client.stats()["prefix_cache"]
+    for _ in range(2):
+        client.generate(prompt_ids=prompt, max_tokens=2)
+    after = client.stats()["prefix_cache"]
+    assert after["enabled"]
+    assert after["queried_tokens"] - before["queried_tokens"] == 18
+    assert after["hit_tokens"] - before["hit_tokens"] == 8  # the second request's 2 full blocks
+    assert after["hit_rate"] == pytest.approx(after["hit_tokens"] / after["queried_tokens"])
+
+
 # -- bad input: every case gets an error reply (where an id can be read) and the server goes on --
 def _raw(server):
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -360,7 +372,8 @@ def test_cli_reports_server_errors(server, capsys):
 def test_cli_stats_table(server, capsys):
     assert main(["stats", "--address", server.address]) == 0
     table = capsys.readouterr().out
-    for row in ("device pool", "cpu swap pool", "KV waste", "sharing saves", "preemptions", "runtime overhead"):
+    for row in ("device pool", "cpu swap pool", "KV waste", "sharing saves", "preemptions", "prefix cache",
+                "hit rate", "runtime overhead"):
         assert row in table
     assert "/ 128" in table  # the device pool's size
 

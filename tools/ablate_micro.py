@@ -58,7 +58,10 @@ def _parts(loaded: LoadedModel, engine_args: dict, block_size: int, max_context:
     config = EngineConfig(**{**engine_args, "block_size": block_size, "num_device_blocks": blocks,
                              "swap_space_gib": (blocks + 1) * spec.bytes_per_block / GIB,
                              "max_num_batched_tokens": max_context, "watermark": 0.0,
-                             "preemption_mode": "auto"})
+                             "preemption_mode": "auto",
+                             # The same prompt is prefilled again and again: recompute is
+                             # measured on tokens that are computed, not found in the cache.
+                             "enable_prefix_caching": False})
     return build_engine_parts(config, loaded)
 
 

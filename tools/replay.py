@@ -1,11 +1,14 @@
 """Replaying a workload against an LLMEngine in real time, recording per-request latencies.
 
 Requests enter the engine when their arrival time has come; between arrivals an idle
-engine sleeps until the next one. Latencies follow the vLLM paper: normalized latency is a
-request's end-to-end time divided by its output length.
+engine sleeps until the next one. A closed loop (a chat's next turn) is a follow-up request
+that arrives the moment the request before it finishes. Latencies follow the vLLM paper:
+normalized latency is a request's end-to-end time divided by its output length.
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -93,11 +96,15 @@ class CpuClock:
 def replay(engine: LLMEngine, requests: list[WorkloadRequest],
            params_for: Callable[[WorkloadRequest], SamplingParams],
            on_step: Callable[[LLMEngine], object] | None = None, desc: str | None = None,
-           clock: WallClock | CpuClock | None = None) -> ReplayResult:
+           clock: WallClock | CpuClock | None = None,
+           follow_up: Callable[[WorkloadRequest, RequestOutput], WorkloadRequest | None] | None = None,
+           ) -> ReplayResult:
     """Runs the workload to completion on `clock` (wall time by default); `desc` shows a
-    progress bar with that label."""
+    progress bar with that label. `follow_up(request, output)` may return the request that
+    the finished one leads to; it arrives at once."""
     clock = clock or WallClock()
     pending = sorted(requests, key=lambda r: r.arrival)
+    sent: dict[str, WorkloadRequest] = {}
     timings: dict[str, RequestTiming] = {}
     outputs: dict[str, RequestOutput] = {}
     samples: list = []
@@ -109,6 +116,7 @@ def replay(engine: LLMEngine, requests: list[WorkloadRequest],
         now = clock.now()
         while pending and pending[0].arrival <= now:
             request = pending.pop(0)
+            sent[request.request_id] = request
             engine.add_request(request.request_id, request.prompt_ids, params_for(request),
                                arrival_time=clock.origin + request.arrival)
             timings[request.request_id] = RequestTiming(request.arrival)
@@ -121,6 +129,10 @@ def replay(engine: LLMEngine, requests: list[WorkloadRequest],
                 timing.output_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
                 outputs[output.request_id] = output
                 bar.update(1)
+                nxt = follow_up(sent[output.request_id], output) if follow_up else None
+                if nxt is not None:
+                    bisect.insort(pending, dataclasses.replace(nxt, arrival=now), key=lambda r: r.arrival)
+                    bar.total += 1
         if on_step is not None:
             samples.append(on_step(engine))
     elapsed = clock.now()

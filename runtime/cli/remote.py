@@ -127,6 +127,13 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefix_cache(p: dict | None) -> str:
+    if not p or not p["enabled"]:
+        return "off"
+    return (f"{100 * p['hit_rate']:.1f}% hit rate ({p['hit_tokens']} of {p['queried_tokens']} prompt tokens), "
+            f"{p['cached_blocks']} blocks cached ({p['evictable_blocks']} evictable), {p['evicted_blocks']} evicted")
+
+
 def format_stats(s: dict) -> str:
     blocks, server = s["blocks"], s.get("server", {})
 
@@ -147,6 +154,7 @@ def format_stats(s: dict) -> str:
         ("preemptions", f"{pre['swap']} by swap, {pre['recompute']} by recompute"),
         ("blocks swapped", f"{s['blocks_swapped_out']} out, {s['blocks_swapped_in']} in"),
         ("tokens recomputed", str(s["tokens_recomputed"])),
+        ("prefix cache", _prefix_cache(s.get("prefix_cache"))),
         ("generated", f"{s['generated_tokens']} tokens in {s['steps']} steps "
                       f"({s['throughput_tokens_per_s']:.1f} tokens/s since start)"),
     ]

@@ -40,6 +40,7 @@ class EngineConfig:
     profile_steps: bool = False           # time each step's phases (synchronising the device)
     tensor_parallel_size: int = 1         # ranks that split the model (Megatron); rank 0 is this process
     distributed_timeout_s: float = 30.0   # how long a collective waits for the other ranks
+    enable_prefix_caching: bool = True    # share computed prompt blocks across requests
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -89,6 +90,8 @@ class EngineConfig:
             help="ranks that split the model (default 1); workers are spawned here, or started by torchrun")
         add("--distributed-timeout-s", type=float, default=30.0,
             help="seconds a tensor-parallel collective waits for the other ranks (default 30)")
+        add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+            help="reuse the KV blocks of prompt prefixes computed before (default on)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":
@@ -158,7 +161,8 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     """Rank 0's parts: the executor, and the scheduler and block manager that plan for all ranks."""
     loaded, executor = build_executor(config, loaded, group)
     cache, cost = executor.cache, executor.cost
-    bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark)
+    bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark,
+                      config.enable_prefix_caching)
     policy = PreemptionPolicy(config.preemption_mode, cost, cache.spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                           config.preemption_mode), bm, policy)

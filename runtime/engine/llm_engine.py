@@ -254,6 +254,15 @@ class LLMEngine:
         return [CompletionOutput(i, h.token_ids, self.stopping.decode(h.token_ids), h.cum_logprob, h.finish_reason)
                 for i, h in enumerate(hypotheses)]
 
+    def _prefix_cache_stats(self, s) -> dict:
+        sched = self.scheduler
+        queried, hit = sched.prefix_queried_tokens, sched.prefix_hit_tokens
+        return {"enabled": self.block_manager.enable_prefix_caching,
+                "queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else 0.0,
+                "cached_blocks": s.cached_blocks, "evictable_blocks": s.evictable_blocks,
+                "evicted_blocks": s.evicted_blocks, "recompute_cached_tokens": sched.recompute_cached_tokens,
+                "prefill_tokens_computed": sched.prefill_tokens_computed}
+
     def stats(self) -> dict:
         s = self.block_manager.stats()
         sched = self.scheduler
@@ -268,6 +277,7 @@ class LLMEngine:
             "preemptions": {"swap": sched.preemptions["swap"], "recompute": sched.preemptions["recompute"]},
             "blocks_swapped_out": s.blocks_swapped_out, "blocks_swapped_in": s.blocks_swapped_in,
             "tokens_recomputed": sched.tokens_recomputed,
+            "prefix_cache": self._prefix_cache_stats(s),
             "generated_tokens": self.generated_tokens, "steps": self.steps,
             "throughput_tokens_per_s": self.generated_tokens / elapsed,
             "prefill_tokens_per_s": self.cost.prefill_tokens_per_s,
