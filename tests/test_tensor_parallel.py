@@ -161,7 +161,7 @@ def test_preemption_is_invisible_and_every_rank_follows_the_plan(tp, mode):
     results = llm.generate(PROMPTS, WORKLOAD, use_tqdm=False)
     assert tokens(results) == tokens(reference)
     preemptions = {k: v - before[k] for k, v in llm.engine.stats()["preemptions"].items()}
-    assert preemptions[mode] >= 3 and preemptions[{"swap": "recompute", "recompute": "swap"}[mode]] == 0
+    assert preemptions[mode] >= 1 and preemptions[{"swap": "recompute", "recompute": "swap"}[mode]] == 0
     bm = llm.engine.block_manager
     assert bm.num_free_device_blocks == bm.num_device_blocks and bm.num_free_cpu_blocks == bm.num_cpu_blocks
     # One rank with the same blocks gets the same plans; each rank's pool must then hold its
