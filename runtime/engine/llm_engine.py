@@ -1,8 +1,10 @@
 """LLMEngine: requests in, one scheduler iteration and one model call per step, outputs out."""
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
+from typing import Callable
 
 import torch
 
@@ -10,12 +12,14 @@ from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 from preemption.scheduler import SchedulerOutput
 from runtime.engine.beam_search import BeamSearch
 from runtime.engine.config import EngineConfig, build_engine_parts
-from runtime.engine.outputs import CompletionOutput, RequestOutput
+from runtime.engine.outputs import FAILED, REJECTED, CompletionOutput, RequestOutput
+from runtime.engine.quote import quote
 from runtime.engine.sampler import SampledToken, sample_batch
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.stopping import StopChecker
 from runtime.models.loader import LoadedModel
 
+log = logging.getLogger("pagedkv.engine")
 
 class RequestTooLong(ValueError):
     """A prompt longer than the model's context, or a request that can never fit in the KV cache."""
@@ -33,6 +37,7 @@ class LLMEngine:
         self.groups: dict[str, SequenceGroup] = {}
         self.beams: dict[str, BeamSearch] = {}
         self.beam_results: dict[str, list] = {}  # request id -> best hypotheses, once done
+        self.failed: set[str] = set()  # requests that failed in a step (not rejected at admission)
         self.stopping = StopChecker(self.tokenizer, self.model_config)
         self.started = time.monotonic()
         self.generated_tokens = 0
@@ -85,6 +90,7 @@ class LLMEngine:
             return None
         self.scheduler.abort(request_id)
         self.beams.pop(request_id, None)
+        self.beam_results.pop(request_id, None)
         return self._output(group, {})
 
     def has_unfinished(self) -> bool:
@@ -108,6 +114,7 @@ class LLMEngine:
                 self.groups.pop(group.request_id, None)
                 self.beams.pop(group.request_id, None)
                 self.beam_results.pop(group.request_id, None)
+                self.failed.discard(group.request_id)
         self.scheduler.free_finished()
         return outputs
 
@@ -132,17 +139,54 @@ class LLMEngine:
             else:
                 draws.append((seq, i))
         if draws:
-            rows = [i for _, i in draws]
-            picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
-                                  [sampling[i].group.sampling_params for _, i in draws],
-                                  [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws])
-            for (seq, i), token in zip(draws, picked):
-                self._append(sampling[i].group, seq, token, new_tokens)
+            self._sample_plain(sampling, draws, logits, new_tokens)
         for rows in beam_rows.values():
             group = sampling[rows[0]].group
             row_of = {id(sampling[i].seq): i for i in rows}
             ordered = [row_of[id(seq)] for seq in group.unfinished_seqs()]
-            self._beam_step(group, logits[ordered])
+            self._guarded(group, lambda: self._beam_step(group, logits[ordered]))
+
+    def _sample_plain(self, sampling: list, draws: list[tuple[Sequence, int]], logits: torch.Tensor,
+                      new_tokens: dict[str, dict[int, list[int]]]) -> None:
+        """All plain draws in one batch; if that fails, group by group, so that the group whose
+        data broke it ends alone (seeded draws do not depend on the batch)."""
+        try:
+            picked: list[SampledToken] | None = self._draw(sampling, draws, logits)
+        except Exception:
+            picked = None
+        by_group: dict[int, list[int]] = defaultdict(list)  # id(group) -> positions in draws
+        for k, (_, i) in enumerate(draws):
+            by_group[id(sampling[i].group)].append(k)
+
+        def finish(positions: list[int]) -> None:
+            part = [draws[k] for k in positions]
+            tokens = [picked[k] for k in positions] if picked is not None else self._draw(sampling, part, logits)
+            for (seq, i), token in zip(part, tokens):
+                self._append(sampling[i].group, seq, token, new_tokens)
+
+        for positions in by_group.values():
+            self._guarded(sampling[draws[positions[0]][1]].group, lambda: finish(positions))
+
+    def _draw(self, sampling: list, draws: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[SampledToken]:
+        rows = [i for _, i in draws]
+        picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
+                              [sampling[i].group.sampling_params for _, i in draws],
+                              [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws])
+        vocab = logits.shape[-1]
+        bad = [t.token_id for t in picked if not 0 <= t.token_id < vocab]
+        if bad:  # what bad parameters (or logits) give instead of an exception
+            raise ValueError(f"the sampler picked token id {bad[0]}, outside the vocabulary [0, {vocab})")
+        return picked
+
+    def _guarded(self, group: SequenceGroup, work: Callable[[], None]) -> None:
+        """Runs one group's part of a step; an exception there ends that group alone, with an error."""
+        try:
+            work()
+        except Exception as e:
+            log.exception("request %s failed in this step; the others go on", quote(group.request_id))
+            self.failed.add(group.request_id)
+            self.scheduler.finish(group, SequenceStatus.FINISHED_ERROR,
+                                  f"the request failed while sampling: {type(e).__name__}: {quote(str(e))}")
 
     def _append(self, group: SequenceGroup, seq: Sequence, token: SampledToken,
                 new_tokens: dict[str, dict[int, list[int]]]) -> None:
@@ -195,11 +239,12 @@ class LLMEngine:
         else:
             outputs = [self.stopping.completion(i, seq, new_tokens.get(i, []), group.sampling_params)
                        for i, seq in enumerate(group.seqs)]
-        return RequestOutput(group.request_id, prompt, outputs, group.is_finished, group.error)
+        code = (FAILED if group.request_id in self.failed else REJECTED) if group.error else None
+        return RequestOutput(group.request_id, prompt, outputs, group.is_finished, group.error, code)
 
     def _beam_outputs(self, group: SequenceGroup) -> list[CompletionOutput]:
         hypotheses = self.beam_results.get(group.request_id)
-        if not group.is_finished or not hypotheses:
+        if not group.is_finished or not hypotheses:  # running, aborted or failed
             return []
         return [CompletionOutput(i, h.token_ids, self.stopping.decode(h.token_ids), h.cum_logprob, h.finish_reason)
                 for i, h in enumerate(hypotheses)]
