@@ -1,5 +1,7 @@
 """What fuzzing the server found, each reproduced against a real `pagedkv serve` process: bad
 input gets a short `error` reply with the request's id, and hurts no other request."""
+import json
+import shutil
 import threading
 import time
 
@@ -8,6 +10,7 @@ import pytest
 import zmq
 from server_process import running_server
 
+from runtime.cli.main import main
 from runtime.engine.llm import LLM
 from runtime.engine.sampling_params import SamplingParams
 from runtime.serving.client import Client, ServerError
@@ -17,9 +20,16 @@ PROMPT = [5, 17, 42, 99, 7, 300, 12]
 LONG = {"max_tokens": 150, "temperature": 0.0, "ignore_eos": True}
 
 
+SHIPPED = {"temperature": 0.7, "top_k": 5}  # the model's own sampling settings
+
+
 @pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return tiny_model()
+def model_path(tiny_model, tmp_path_factory):
+    """The tiny model with a generation_config.json that asks for sampling."""
+    folder = tmp_path_factory.mktemp("shipped") / "model"
+    shutil.copytree(tiny_model(), folder)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, **SHIPPED}))
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +260,32 @@ def test_a_failed_model_step_aborts_the_batch_says_why_and_the_next_requests_are
             server.stop()
             thread.join(30)
     assert "injected device fault" in caplog.text
+
+
+def test_chat_samples_with_the_models_own_settings(server, offline, monkeypatch, capsys):
+    """`chat` leaves greedy decoding to those who ask: unset flags take the settings the model
+    ships (generation_config.json here), which the server reports in `health`."""
+    with Client(server.address, timeout=30) as client:
+        assert client.health()["sampling_defaults"] == SHIPPED
+    lines = iter(["Hi there.", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--address", server.address, "--max-tokens", "6", "--seed", "2"]) == 0
+    expected = offline.chat([{"role": "user", "content": "Hi there."}], SamplingParams(max_tokens=6, seed=2, **SHIPPED))
+    assert capsys.readouterr().out == f"model> {expected.outputs[0].text}\n"
+
+
+def test_async_client_refuses_an_id_already_in_flight_without_sending_it(server):
+    import asyncio
+
+    from runtime.serving.client import AsyncClient
+
+    async def scenario():
+        async with AsyncClient(server.address, timeout=60) as client:
+            first = asyncio.ensure_future(client.generate(prompt_ids=PROMPT, request_id="same", **LONG))
+            await asyncio.sleep(0.2)
+            with pytest.raises(ValueError, match="already in flight"):
+                await client.generate(prompt_ids=PROMPT, request_id="same", max_tokens=2)
+            return await first
+
+    final = asyncio.run(scenario())
+    assert final["type"] == "final" and len(final["outputs"][0]["token_ids"]) == LONG["max_tokens"]

@@ -32,6 +32,7 @@ class LLMEngine:
         self.model_config = parts.loaded.config
         self.model_source = parts.loaded.source
         self.tokenizer = parts.loaded.tokenizer
+        self.sampling_defaults = parts.loaded.sampling_defaults  # what the model ships, for clients
         self.block_manager, self.cache = parts.block_manager, parts.cache
         self.scheduler, self.executor, self.cost = parts.scheduler, parts.executor, parts.cost
         self.groups: dict[str, SequenceGroup] = {}

@@ -315,6 +315,7 @@ class Server:
 
     def health(self) -> dict:
         return {"status": "stopping" if self.stopping else "ok", "model": self.engine.model_source,
+                "sampling_defaults": self.engine.sampling_defaults,
                 "in_flight": len(self.in_flight), "uptime_s": time.monotonic() - self.started}
 
     def _shutdown(self) -> None:
