@@ -2,9 +2,10 @@
 peak and against torch's scaled_dot_product_attention on contiguous K/V of the same size,
 plus the bandwidth of swap_blocks between the device pool and a pinned CPU pool.
 
-    python -m tools.bench_attention [--quick] [--peak-gbs 3350] [--no-write]
+    python -m tools.bench_attention [--quick] [--peak-gbs 3350] [--out DIR] [--update-docs]
 
-Writes the table to docs/BENCHMARKS.md, section "Paged attention kernel (GPU)".
+Writes the table into --out (a fresh folder unless named), and with --update-docs into
+docs/BENCHMARKS.md, section "Paged attention kernel (GPU)".
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from tools.report import markdown_table, write_section
+from tools.report import add_output_arguments, markdown_table, output_folder, publish
 
 TITLE = "Paged attention kernel (GPU)"
 PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIE": 2000.0, "H100 NVL": 3900.0,
@@ -113,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--swap-blocks", type=int, default=None, help="blocks in each pool for the swap test")
-    p.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    add_output_arguments(p)
     args = p.parse_args(argv)
     if not kernels.cuda_available():
         print("bench_attention: no CUDA device (or cupy is not installed): nothing to measure, skipped.")
@@ -145,9 +146,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             + (f"\n\nSkipped (do not fit in GPU memory): {', '.join(skipped)}." if skipped else "")
             + "\n\n" + bench_swap(args, dtype) + ".")
     print(body)
-    if not args.no_write:
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        write_section(TITLE, body, machine=f"{name}, {total:.0f} GiB, torch {torch.__version__}")
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    publish(TITLE, body, output_folder(args, "bench_attention"), args.update_docs,
+            machine=f"{name}, {total:.0f} GiB, torch {torch.__version__}")
     return 0
 
 

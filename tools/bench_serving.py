@@ -1,7 +1,7 @@
 """Serving latency of the ZeroMQ server under Poisson arrivals, at several request rates.
 
     python -m tools.bench_serving [--address ADDR | --model PATH] [--rates 1,2,4,8]
-        [--num-requests N] [--seed S] [--out docs/serving] [--no-write]
+        [--num-requests N] [--seed S] [--out DIR] [--update-docs]
 
 Without --address it starts `pagedkv serve` on a free loopback port (the default model
 unless --model names another), and stops it with SIGTERM at the end. For every rate, one
@@ -21,11 +21,11 @@ the client-side round trip of `health` requests, which touch no engine (pure soc
 msgpack): once with the server idle, and during each rate's run (where a health request
 also waits for the engine step in progress).
 
-Writes serving.csv, serving.json and serving.png into --out, and the section TITLE of
-docs/BENCHMARKS.md unless --no-write. Take the lock when recording figures, so that no
-other benchmark shares the CPU:
+Writes serving.csv, serving.json, serving.png and the section TITLE into --out (a fresh folder
+unless named), and with --update-docs into docs/serving/ and docs/BENCHMARKS.md. Take the lock
+when recording figures, so that no other benchmark shares the CPU:
 
-    flock /tmp/pagedkv-bench.lock .venv/bin/python -m tools.bench_serving
+    flock /tmp/pagedkv-bench.lock .venv/bin/python -m tools.bench_serving --update-docs
 """
 from __future__ import annotations
 
@@ -50,12 +50,11 @@ from tqdm import tqdm
 
 from pagedkv import AsyncClient, ServerError
 from tools.replay import percentile
-from tools.report import BENCHMARKS, markdown_table, write_section
+from tools.report import BENCHMARKS, add_output_arguments, markdown_table, output_folder, publish
 from tools.workload import WorkloadRequest, describe, make_workload
 
 TITLE = "Serving latency (ZeroMQ server, CPU)"
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "docs" / "serving"
 # ShareGPT's shape (log-normal, sigma 0.9; the vLLM paper's means are 161 prompt and 338
 # output tokens) at about 7% of its lengths, so that the default run (4 rates x 100 requests
 # with the default model) takes 5 to 8 minutes on 2 CPU cores.
@@ -348,8 +347,9 @@ def table(results: list[RateResult]) -> str:
     return markdown_table(header, rows)
 
 
-def section_body(results: list[RateResult], meta: dict, png: Path) -> str:
-    relative = os.path.relpath(png, BENCHMARKS.parent)
+def section_body(results: list[RateResult], meta: dict, png: Path, folder: Path) -> str:
+    """The section, its figure linked relative to `folder` (where the section is written)."""
+    relative = os.path.relpath(png.resolve(), folder.resolve())
     errors = sum(r.errors for r in results)
     idle = meta["idle_health_rtt_ms"]
     return f"""\
@@ -429,8 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt", type=int, default=MAX_PROMPT)
     parser.add_argument("--max-output", type=int, default=MAX_OUTPUT)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each reply")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for CSV, JSON and PNG")
-    parser.add_argument("--no-write", action="store_true", help="leave docs/BENCHMARKS.md as it is")
+    add_output_arguments(parser, "serving")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.num_requests < 1:
@@ -444,12 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with started_server(args.model, args.server_args, args.threads) as address:
             results, meta = asyncio.run(bench(address, args, vocab_size))
-    paths = write_files(args.out, results, meta)
+    out = output_folder(args, "bench_serving", "serving")
+    paths = write_files(out, results, meta)
     print_summary(results, meta)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if not args.no_write:
-        write_section(TITLE, section_body(results, meta, paths["png"]))
-        print(f"wrote the section '{TITLE}' of {BENCHMARKS}")
+    publish(TITLE, section_body(results, meta, paths["png"], out), out, args.update_docs,
+            docs_body=section_body(results, meta, paths["png"], BENCHMARKS.parent))
     return 1 if any(r.errors for r in results) else 0
 
 

@@ -1,7 +1,7 @@
 """Throughput of continuous batching against static batching and transformers' `generate`,
 KV-cache waste, and the memory that block sharing saves (CPU, default model).
 
-    python -m tools.bench_throughput [--quick] [--no-write] [--num-requests 200] [--seed 0]
+    python -m tools.bench_throughput [--quick] [--update-docs] [--num-requests 200] [--seed 0]
                                      [--batch 32] [--threads N] [--clock wall|cpu]
 
 One fixed-seed workload, every request arriving at t = 0, with ShareGPT-shaped (log-normal,
@@ -26,7 +26,8 @@ engine runs time the executor per step, which separates the model from the engin
 work and gives the step-cost model that explains the ratios. The continuous run samples the
 block manager after every step (KV waste). Sharing: `tools.sharing` on a smaller workload.
 
-Writes two sections of docs/BENCHMARKS.md (see TITLE_THROUGHPUT and TITLE_MEMORY).
+Writes two sections (see TITLE_THROUGHPUT and TITLE_MEMORY) into --out (a fresh folder unless
+named), and with --update-docs into docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams, defaul
 from runtime.models.config import ModelConfig
 from tools.bench_decode import load_transformers
 from tools.replay import replay
-from tools.report import markdown_table, write_section
+from tools.report import add_output_arguments, markdown_table, output_folder, publish
 from tools.sharing import measure_sharing, sharing_table
 from tools.workload import WorkloadRequest, describe, make_workload
 
@@ -494,7 +495,7 @@ def memory_body(waste: list[tuple[float, int, int]], batch: int, sim: tuple[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few dozen short requests (about 2 minutes)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md")
+    add_output_arguments(parser)
     parser.add_argument("--num-requests", type=int, help="requests in the throughput workload")
     parser.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
     parser.add_argument("--batch", type=int, help="B: the batch bound of all three ways")
@@ -545,9 +546,9 @@ def main() -> None:
     memory = memory_body(waste, preset.batch, sim, sim_requests, rows, sharing_requests)
     print(memory, flush=True)
     print(f"\ntotal {time.monotonic() - started:.0f} s", flush=True)
-    if not args.no_write:
-        write_section(TITLE_THROUGHPUT, body)
-        write_section(TITLE_MEMORY, memory)
+    out = output_folder(args, "bench_throughput")
+    publish(TITLE_THROUGHPUT, body, out, args.update_docs)
+    publish(TITLE_MEMORY, memory, out, args.update_docs)
 
 
 if __name__ == "__main__":
