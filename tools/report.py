@@ -14,7 +14,8 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 HEADER = ("# Benchmarks\n\nMeasured figures, newest run of each benchmark. Every section names the "
-          "machine, the date and the command that produced it; rerun that command to refresh it.\n")
+          "machine, the date and the command that produced it; rerun that command with `--update-docs` to refresh it "
+          "(without it, results go to a fresh folder the tool names and the repository is left as it is).\n")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, docs_folder: str | None = None) -> None:
