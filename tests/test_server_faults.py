@@ -179,14 +179,22 @@ def test_a_client_that_sends_and_closes_at_once_is_aborted(server):
     """Failure 7: 34 of 40 such requests ran to completion."""
     clients, max_tokens = 12, 1500
     with Client(server.address, timeout=60) as observer:
-        before = _idle(observer)["generated_tokens"]
+        stats = _idle(observer)
+        before, seen = stats["generated_tokens"], stats["server"]["messages"]
         for i in range(clients):
             sock = zmq.Context.instance().socket(zmq.DEALER)
             sock.connect(server.address)
             sock.send(_pack({"type": "generate", "id": i, "prompt_ids": PROMPT,
                              "params": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0}}))
             sock.close(linger=2000)  # sends what is queued, then closes: no delay in between
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the server has received all of them
+            stats = observer.stats()
+            seen += 1  # this stats request itself
+            if stats["server"]["messages"] - seen >= clients:
+                break
+            time.sleep(0.05)
+        assert stats["server"]["messages"] - seen == clients
         stats = _idle(observer, timeout=240)
     generated = stats["generated_tokens"] - before
     assert generated < clients * max_tokens / 4, f"{generated} tokens generated for clients that had gone"

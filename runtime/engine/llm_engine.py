@@ -21,6 +21,7 @@ from runtime.models.loader import LoadedModel
 
 log = logging.getLogger("pagedkv.engine")
 
+
 class RequestTooLong(ValueError):
     """A prompt longer than the model's context, or a request that can never fit in the KV cache."""
 

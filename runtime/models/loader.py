@@ -198,7 +198,7 @@ def _read_json(file: str, required: bool) -> dict[str, Any]:
         with open(file, encoding="utf-8") as f:
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+        raise ValueError(f"{file}: not valid JSON ({e}); fix or replace the file") from None
 
 
 def _as_list(value: Any) -> list[int]:

@@ -152,6 +152,7 @@ class Server:
                 self._drain_monitor()
                 fd = frames[-1].get(zmq.SRCFD)
                 if fd in self.closed_fds:
+                    self.counters["messages"] += 1
                     log.info("a client closed its connection before its request was read; dropping it")
                     continue
                 self.connection_of[envelope[0]] = fd
