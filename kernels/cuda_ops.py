@@ -23,8 +23,10 @@ from . import reference
 SOURCE_DIR = Path(__file__).resolve().parent
 DTYPE_NAMES = {torch.float32: "float", torch.float16: "half_t", torch.bfloat16: "bf16_t"}
 UNIT_NAMES = {16: "pk16", 8: "pk8", 4: "unsigned int", 2: "unsigned short"}
+MMA_DTYPES = (torch.float16, torch.bfloat16)  # served by the tensor-core kernel on sm_80+
 ATTN_THREADS = 128  # PAGEDKV_ATTN_THREADS in paged_attention.cu
-PART_SIZE = 512  # keys per split-K partition
+PART_SIZE = 64  # shortest split-K partition, in keys
+SPLIT_CTAS_PER_SM = 4  # split-K when the grid has fewer CTAs than this per SM
 NO_SPLIT = 1 << 30  # part_size that puts every key in partition 0
 MAX_HEAD_DIM = 256  # bounded by the kernel's shared memory
 
@@ -135,14 +137,60 @@ def reshape_and_cache(key, value, kv_cache, layer: int, slot_mapping) -> None:
 
 
 def attention_config(head_dim: int, element_size: int, group: int) -> tuple[int, int, int]:
-    """(lanes per key, max rows per CTA, query heads per CTA) for the attention kernel.
+    """(lanes per key, max rows per CTA, query heads per CTA) for the scalar attention kernel.
 
     A key's head vector is split over LPT lanes so that each reads ~16 bytes; a CTA holds
     at most 32 // VEC rows (registers), and its heads must share one KV head."""
     lpt = min(32, 1 << max(0, math.ceil(math.log2(max(1, head_dim * element_size // 16)))))
     rows_max = max(1, min(8, 32 // (head_dim // lpt)))
-    heads = max(h for h in range(1, min(group, rows_max) + 1) if group % h == 0)
-    return lpt, rows_max, heads
+    return lpt, rows_max, _heads_per_cta(group, rows_max)
+
+
+def _heads_per_cta(group: int, rows: int) -> int:
+    """The most query heads of one KV head's group (a divisor of it) that fit in `rows`."""
+    return max(h for h in range(1, min(group, rows) + 1) if group % h == 0)
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """Tiling of paged_attention_mma_kernel: a WM x WN grid of warps, 16 rows per warp row."""
+    wm: int  # warps along the rows (query tokens x heads)
+    wn: int  # warps along the keys of a tile
+    heads: int  # query heads per CTA (a divisor of the GQA group)
+    q_tile: int  # query tokens per CTA
+    block_n: int  # keys per K/V tile (two stages of K and V fill ~32 KiB of shared memory)
+
+
+def mma_config(head_dim: int, group: int, decode: bool) -> MmaConfig:
+    """Prefill: 4 warps stacked along 64 rows share every tile. Decode: one token per
+    sequence, so the CTA's rows are its heads (at most 16) and its warps split the keys."""
+    block_n = min(64, 16 << max(0, int(math.log2(max(1, 256 // head_dim)))))
+    if decode:
+        return MmaConfig(1, min(4, block_n // 16), _heads_per_cta(group, 16), 1, block_n)
+    heads = _heads_per_cta(group, 64)
+    return MmaConfig(4, 1, heads, 64 // heads, block_n)
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_capable(device: torch.device) -> bool:
+    """mma.m16n8k16 for fp16 and bf16, ldmatrix and cp.async need sm_80."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _split_plan(split: Optional[bool], base_ctas: int, max_keys: int, device: torch.device) -> int:
+    """Keys per split-K partition (NO_SPLIT for none). Automatic (None): split when the grid
+    has fewer than SPLIT_CTAS_PER_SM CTAs per SM, into about as many partitions as make it
+    up, no shorter than PART_SIZE keys; True: partitions of PART_SIZE keys."""
+    if split is False:
+        return NO_SPLIT
+    part = PART_SIZE
+    if split is None:
+        target = SPLIT_CTAS_PER_SM * _sm_count(device)
+        if base_ctas >= target:
+            return NO_SPLIT
+        keys = -(-max_keys * base_ctas // target)  # ceil: the keys that make up `target` CTAs
+        part = max(PART_SIZE, -(-keys // 16) * 16)
+    return part if max_keys > part else NO_SPLIT
 
 
 def _attention(query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale, split):
@@ -157,38 +205,48 @@ def _attention(query, kv_cache, layer, block_tables, query_start_loc, context_le
         raise ValueError("kv_cache must be 16-byte aligned")
     device, out_dtype = kv_cache.device, query.dtype
     q = query.to(device=device, dtype=kv_cache.dtype)
-    q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(num_rows, num_q_heads, head_dim, dtype=kv_cache.dtype, device=device)
     if num_rows == 0:
         return out.to(out_dtype)
     tables = block_tables.to(device=device, dtype=torch.int32).contiguous()
     lens = context_lens.to(device=device, dtype=torch.int32).contiguous()
     qsl = None if query_start_loc is None else query_start_loc.to(device=device, dtype=torch.int32).contiguous()
-    lpt, rows_max, group = attention_config(head_dim, kv_cache.element_size(), num_q_heads // num_kv_heads)
-    q_tile = 1 if qsl is None else rows_max // group
-    num_tiles, head_groups = -(-num_rows // q_tile), num_q_heads // group
+    group = num_q_heads // num_kv_heads
+    dtype_name = DTYPE_NAMES[kv_cache.dtype]
+    if kv_cache.dtype in MMA_DTYPES and _mma_capable(device):
+        cfg = mma_config(head_dim, group, qsl is None)
+        # Q fragments are read as pairs of elements: 4-byte aligned rows.
+        if q.stride(-1) != 1 or q.stride(0) % 2 or q.stride(1) % 2 or q.data_ptr() % 4:
+            q = q.contiguous()
+        heads, q_tile, threads = cfg.heads, cfg.q_tile, 32 * cfg.wm * cfg.wn
+        source = "paged_attention_mma.cu"
+        kernel = (f"paged_attention_mma_kernel<{dtype_name}, {head_dim}, {cfg.wm}, {cfg.wn}, {heads}, "
+                  f"{q_tile}, {cfg.block_n}>")
+    else:  # fp32, or a GPU without the sm_80 tensor-core instructions
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        lpt, rows_max, heads = attention_config(head_dim, kv_cache.element_size(), group)
+        q_tile, threads = (1 if qsl is None else rows_max // heads), ATTN_THREADS
+        source = "paged_attention.cu"
+        kernel = f"paged_attention_kernel<{dtype_name}, {head_dim}, {lpt}, {q_tile * heads}, {heads}>"
+    num_tiles, head_groups = -(-num_rows // q_tile), num_q_heads // heads
     # The table width bounds every context without a device->host sync.
-    parts = max(1, -(-(tables.shape[1] * block_size) // PART_SIZE))
-    if split is None:  # split-K when the plain grid would leave the GPU underfilled
-        split = parts > 1 and num_tiles * head_groups < 2 * _sm_count(device)
-    parts = parts if split else 1
+    max_keys = tables.shape[1] * block_size
+    part_size = _split_plan(split, num_tiles * head_groups, max_keys, device)
+    parts = 1 if part_size == NO_SPLIT else -(-max_keys // part_size)
     part_acc = part_ml = None
-    if split:
+    if parts > 1:
         part_acc = torch.empty(num_rows, num_q_heads, parts, head_dim, dtype=torch.float32, device=device)
         part_ml = torch.empty(num_rows, num_q_heads, parts, 2, dtype=torch.float32, device=device)
     num_seqs = lens.shape[0]
-    dtype_name = DTYPE_NAMES[kv_cache.dtype]
-    kernel = f"paged_attention_kernel<{dtype_name}, {head_dim}, {lpt}, {q_tile * group}, {group}>"
     args = (_ptr(out), _ptr(part_acc), _ptr(part_ml), _ptr(q), _i64(q.stride(0)), _i64(q.stride(1)),
             _ptr(kv_cache), _i64(kv_cache.stride(0)), _i64(layer * kv_cache.stride(1)), _i64(kv_cache.stride(2)),
             _i32(block_size), _i32(num_kv_heads), _ptr(tables), _i64(tables.stride(0)), _ptr(qsl), _ptr(lens),
-            _i32(num_rows), _i32(num_seqs), _i32(num_q_heads), _i32(PART_SIZE if split else NO_SPLIT),
+            _i32(num_rows), _i32(num_seqs), _i32(num_q_heads), _i32(part_size),
             np.float32(scale * math.log2(math.e)))
-    grid = (num_tiles, head_groups, parts)
-    _launcher(Launch("paged_attention.cu", kernel, grid, (ATTN_THREADS, 1, 1), args), device)
-    if split:
+    _launcher(Launch(source, kernel, (num_tiles, head_groups, parts), (threads, 1, 1), args), device)
+    if parts > 1:
         args = (_ptr(out), _ptr(part_acc), _ptr(part_ml), _ptr(qsl), _ptr(lens), _i32(num_seqs),
-                _i32(num_q_heads), _i32(head_dim), _i32(parts), _i32(PART_SIZE))
+                _i32(num_q_heads), _i32(head_dim), _i32(parts), _i32(part_size))
         kernel = f"paged_attention_reduce<{dtype_name}>"
         _launcher(Launch("paged_attention.cu", kernel, (num_rows, num_q_heads, 1), (128, 1, 1), args), device)
     return out.to(out_dtype)
@@ -196,8 +254,8 @@ def _attention(query, kv_cache, layer, block_tables, query_start_loc, context_le
 
 def paged_attention_decode(query, kv_cache, layer: int, block_tables, context_lens, scale: float,
                            split: Optional[bool] = None) -> torch.Tensor:
-    """`split` forces (True) or forbids (False) split-K; None chooses by grid size. The
-    kernel trusts its inputs: context_lens[b] <= block_tables.shape[1] * block_size."""
+    """`split` forces (True: partitions of PART_SIZE keys) or forbids (False) split-K; None
+    chooses by grid size. The kernel trusts its inputs: context_lens[b] <= block_tables.shape[1] * block_size."""
     return _attention(query, kv_cache, layer, block_tables, None, context_lens, scale, split)
 
 

@@ -22,7 +22,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
-#define PAGEDKV_EXTERNAL_CONVERSIONS
+#define PAGEDKV_HOST_EMULATION
 
 using std::max;
 using std::min;
@@ -85,6 +85,82 @@ inline unsigned short pagedkv_float_to_bf16_bits(float f) {
     return static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // nearest even
 }
 
+// Warp-collective PTX (ldmatrix, mma): every lane deposits its operands, the warp meets
+// at a barrier, each lane computes its own result from all 32 deposits, and the warp meets
+// again before the buffer is reused.
+inline unsigned char emu_deposit[32][32][64];  // [warp][lane][bytes]
+
+template <typename P>
+void emu_warp_share(const P& mine, P (&all)[32]) {
+    static_assert(sizeof(P) <= 64, "deposit too wide");
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    std::memcpy(emu_deposit[warp][lane], &mine, sizeof(P));
+    emu_wait(EMU_AT_WARP_BARRIER);
+    for (unsigned i = 0; i < 32; ++i) std::memcpy(&all[i], emu_deposit[warp][i], sizeof(P));
+    emu_wait(EMU_AT_WARP_BARRIER);
+}
+
+typedef unsigned long long smem_addr_t;  // on the host a shared address is a plain pointer
+inline smem_addr_t smem_addr(const void* p) { return reinterpret_cast<smem_addr_t>(p); }
+
+// cp.async has no asynchrony to model here: blocks run their threads one at a time.
+inline void cp_async16(smem_addr_t dst, const void* src, int src_bytes) {
+    if (src_bytes == 16) std::memcpy(reinterpret_cast<void*>(dst), src, 16);
+    else std::memset(reinterpret_cast<void*>(dst), 0, 16);
+}
+inline void cp_async_commit() {}
+template <int N> void cp_async_wait() {}
+
+template <bool TRANS>
+void ldmatrix_x4(unsigned int (&r)[4], smem_addr_t row_addr) {
+    smem_addr_t rows[32];
+    emu_warp_share(row_addr, rows);
+    const unsigned lane = threadIdx.x % 32;
+    auto at = [&](unsigned m, unsigned row, unsigned col) {
+        unsigned short v;
+        std::memcpy(&v, reinterpret_cast<const unsigned short*>(rows[8 * m + row]) + col, 2);
+        return static_cast<unsigned int>(v);
+    };
+    for (unsigned m = 0; m < 4; ++m) {
+        const unsigned a = lane / 4, b = 2 * (lane % 4);
+        r[m] = TRANS ? (at(m, b, a) | at(m, b + 1, a) << 16) : (at(m, a, b) | at(m, a, b + 1) << 16);
+    }
+}
+
+struct half_t;  // defined in common.cuh; the overloads only need their names
+struct bf16_t;
+
+inline float emu_elem(unsigned int word, unsigned half, half_t*) {
+    return pagedkv_half_bits_to_float(static_cast<unsigned short>(word >> (16 * half)));
+}
+inline float emu_elem(unsigned int word, unsigned half, bf16_t*) {
+    return __uint_as_float(half ? (word & 0xffff0000u) : (word << 16));
+}
+
+// m16n8k16 with the PTX fragment layouts: lane l = 4 g + t holds A (g, 2t..2t+1) in a0,
+// (g + 8, ..) in a1, (g, 8 + 2t..) in a2, (g + 8, 8 + 2t..) in a3; B (k 2t..2t+1, n g) in
+// b0 and (k 8 + 2t.., n g) in b1; C/D (g, 2t..2t+1) in d0, d1 and (g + 8, ..) in d2, d3.
+template <typename T>
+void mma_16816(float (&d)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1, T*) {
+    struct Ops { unsigned int a[4], b[2]; };
+    Ops ops[32];
+    emu_warp_share(Ops{{a[0], a[1], a[2], a[3]}, {b0, b1}}, ops);
+    auto A = [&](unsigned row, unsigned k) {
+        const Ops& o = ops[4 * (row % 8) + (k % 8) / 2];
+        return emu_elem(o.a[(row >= 8) + 2 * (k >= 8)], k % 2, static_cast<T*>(nullptr));
+    };
+    auto B = [&](unsigned k, unsigned n) {
+        const Ops& o = ops[4 * n + (k % 8) / 2];
+        return emu_elem(o.b[k >= 8], k % 2, static_cast<T*>(nullptr));
+    };
+    const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float acc = d[i];
+        for (unsigned k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        d[i] = acc;
+    }
+}
 // Calls kernel(args...) where args[i] points at the i-th argument's bytes, like
 // cuLaunchKernel's kernelParams.
 template <typename... A, std::size_t... I>

@@ -1,7 +1,8 @@
 // Paged attention over the block-major KV cache
 // [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim].
 //
-// One kernel serves decode and (chunked) prefill. A CTA owns up to ROWS "rows": QT
+// The scalar kernel: decode and (chunked) prefill for fp32, and for every dtype on GPUs
+// older than sm_80; fp16/bf16 on sm_80+ run paged_attention_mma.cu. A CTA owns up to ROWS "rows": QT
 // consecutive query tokens of one sequence times GROUP query heads that share one KV
 // head, so every K/V vector it loads is used ROWS times. Its 4 warps walk the keys of
 // one partition; inside a warp, sub-groups of LPT lanes each take one key (a lane holds
@@ -14,16 +15,6 @@
 
 #define PAGEDKV_ATTN_WARPS 4
 #define PAGEDKV_ATTN_THREADS (PAGEDKV_ATTN_WARPS * 32)
-
-// Sequence owning query row `row`: the last s with query_start_loc[s] <= row.
-__device__ __forceinline__ int pagedkv_find_seq(const int* __restrict__ qsl, int num_seqs, int row) {
-    int lo = 0, hi = num_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (qsl[mid] <= row) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
 
 template <typename T, int D, int LPT, int ROWS, int GROUP>
 __global__ void __launch_bounds__(PAGEDKV_ATTN_THREADS) paged_attention_kernel(
@@ -208,7 +199,7 @@ __global__ void __launch_bounds__(PAGEDKV_ATTN_THREADS) paged_attention_kernel(
     }
 }
 
-// Combines the split-K partials of one (row, head): grid (num_rows, Hq).
+// Combines the split-K partials of one (row, head), of either attention kernel: grid (num_rows, Hq).
 template <typename T>
 __global__ void __launch_bounds__(128) paged_attention_reduce(
     T* __restrict__ out, const float* __restrict__ part_acc, const float* __restrict__ part_ml,

@@ -19,8 +19,11 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        return self in _FINISHED
 
+
+# A set lookup, not a name test: the scheduler asks this of every sequence every step.
+_FINISHED = frozenset(s for s in SequenceStatus if s.name.startswith("FINISHED"))
 
 _seq_ids = itertools.count()
 
@@ -57,7 +60,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        return self.status in _FINISHED
 
     def append(self, token_id: int, logprob: float = 0.0) -> None:
         self.token_ids.append(token_id)

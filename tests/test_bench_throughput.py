@@ -72,3 +72,25 @@ def test_static_ways_on_a_tiny_model(tiny_model):
     assert decode_rows[1] == full
     assert decode_rows[0] == useful - len(reqs)  # every token after the first is one decode row
     assert static.preemptions == fixed.preemptions == 0
+
+
+def test_gpu_benchmark_path_runs_on_the_cpu(tmp_path):
+    """The GPU benchmark's code (random model of a named shape, the engine run, decode-step
+    times, the profile, the results folder), on the CPU with a tiny shape."""
+    import argparse
+    import json
+
+    from tools.throughput_gpu import NEW_TOKENS, main_gpu, random_model, workload
+
+    loaded, model = random_model("tiny", torch.device("cpu"), torch.float32)
+    assert loaded.config.num_kv_heads == 2 and loaded.weights["lm_head.weight"].shape == (512, 64)
+    assert all(r.output_len == NEW_TOKENS for r in workload(5, 512, 0))
+    args = argparse.Namespace(device="cpu", model=None, random_model="tiny", seed=0, num_requests=3, quick=False,
+                              enforce_eager=False, out=str(tmp_path), update_docs=False, no_transformers=True,
+                              decode_batches="1,2", static_requests=0)
+    main_gpu(args)
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    assert result["ways"][0]["tokens"] == 3 * NEW_TOKENS
+    assert set(result["decode_step_ms"]) == {"1", "2"}
+    text = (tmp_path / "throughput.md").read_text()
+    assert "skipped (--no-transformers)" in text and "forward" in text

@@ -17,31 +17,61 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (query heads, KV heads), head dim: MHA, GQA groups 3, 4, 16 and 32 (MQA: two CTAs share the
+# group in decode), head dims 64, 96, 128, 256.
+HEADS = [((8, 8), 128), ((32, 8), 128), ((9, 3), 64), ((8, 2), 96), ((16, 1), 128), ((32, 1), 64), ((4, 2), 256)]
+
+
+@pytest.fixture
+def launched(monkeypatch) -> list[str]:
+    """Names of the kernels launched during the test."""
+    names: list[str] = []
+    real = cuda_ops._launcher
+    monkeypatch.setattr(cuda_ops, "_launcher", lambda launch, dev: (names.append(launch.kernel), real(launch, dev)))
+    return names
+
+
+def check_path(launched: list[str], dtype: torch.dtype, split) -> None:
+    """fp16/bf16 run on the tensor cores (sm_80+), fp32 on the scalar kernel; split-K
+    launches the reduce kernel exactly when asked (None: either)."""
+    tensor_cores = dtype != torch.float32 and torch.cuda.get_device_capability() >= (8, 0)
+    want = "paged_attention_mma_kernel<" if tensor_cores else "paged_attention_kernel<"
+    assert launched[0].startswith(want), launched
+    if split is not None:
+        assert any(k.startswith("paged_attention_reduce") for k in launched) == split, launched
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [1, 16, 32, 256])
-@pytest.mark.parametrize("heads,head_dim", [((8, 8), 128), ((32, 8), 128), ((9, 3), 64), ((8, 2), 96)])
+@pytest.mark.parametrize("block_size", [1, 16, 32, 128])
+@pytest.mark.parametrize("heads,head_dim", HEADS)
 @pytest.mark.parametrize("split", [None, False, True])
-def test_decode(dtype, block_size, heads, head_dim, split):
+def test_decode(launched, dtype, block_size, heads, head_dim, split):
     hq, hkv = heads
     g = torch.Generator().manual_seed(block_size + hq)
     ctx_lens = [1, 7, block_size, 513, 2049] + torch.randint(1, 8193, (3,), generator=g).tolist() + [8192]
-    if block_size == 1:
-        ctx_lens = ctx_lens[:6]  # 8192 single-token blocks per sequence: slow to set up, no new path
     cache, tables, g = random_paged_cache(ctx_lens, block_size, hkv, head_dim, dtype, device="cuda")
     query = torch.randn(len(ctx_lens), hq, head_dim, generator=g).to("cuda", dtype)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
     scale = head_dim**-0.5
     got = cuda_ops.paged_attention_decode(query, cache, 1, tables, lens, scale, split=split)
+    check_path(launched, dtype, split)
     assert_close(got, ref.paged_attention_decode(query, cache, 1, tables, lens, scale), TOL[dtype])
 
 
-def test_decode_small_batch_long_context_picks_split(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,ctx", [(1, 512), (16, 8192), (256, 1024)])
+def test_decode_bench_shapes(launched, dtype, batch, ctx):
+    """The benchmark's shapes (32 query heads, 8 KV heads, block size 16), automatic split."""
+    cache, tables, g = random_paged_cache([ctx] * batch, 16, 8, 128, dtype, layers=1, device="cuda")
+    query = torch.randn(batch, 32, 128, generator=g).to("cuda", dtype)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    got = kernels.paged_attention_decode(query, cache, 0, tables, lens, 0.088)
+    check_path(launched, dtype, None)
+    assert_close(got, ref.paged_attention_decode(query, cache, 0, tables, lens, 0.088), TOL[dtype])
+
+
+def test_decode_small_batch_long_context_picks_split(launched):
     """The automatic choice takes the split-K path for one long sequence."""
-    launched = []
-    real = cuda_ops._launcher
-    monkeypatch.setattr(cuda_ops, "_launcher", lambda launch, dev: (launched.append(launch.kernel), real(launch, dev)))
     cache, tables, g = random_paged_cache([8192], 16, 8, 128, torch.float16, device="cuda")
     query = torch.randn(1, 32, 128, generator=g).to("cuda", torch.float16)
     lens = torch.tensor([8192], dtype=torch.int32, device="cuda")
@@ -51,21 +81,23 @@ def test_decode_small_batch_long_context_picks_split(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [1, 16, 32, 256])
-@pytest.mark.parametrize("split", [None, True])
-def test_prefill(dtype, block_size, split):
+@pytest.mark.parametrize("block_size", [1, 16, 128, 256])
+@pytest.mark.parametrize("heads,head_dim", [((16, 2), 128), ((8, 8), 64), ((12, 4), 96), ((32, 1), 128)])
+@pytest.mark.parametrize("split", [None, False, True])
+def test_prefill(launched, dtype, block_size, heads, head_dim, split):
     """Fresh prompts, chunked prefill after a long cached prefix, decode rows, an empty sequence."""
+    hq, hkv = heads
     seqs = [(300, 300), (4100, 64), (1, 1), (0, 0), (900, 1), (37, 5), (2048, 2048)]  # (context, new)
-    if block_size == 1:
-        seqs = seqs[:6]
-    cache, tables, g = random_paged_cache([max(c, 1) for c, _ in seqs], block_size, 2, 128, dtype, device="cuda")
+    cache, tables, g = random_paged_cache([max(c, 1) for c, _ in seqs], block_size, hkv, head_dim, dtype,
+                                          device="cuda")
     starts = [0]
     for _, q_len in seqs:
         starts.append(starts[-1] + q_len)
-    query = torch.randn(starts[-1], 16, 128, generator=g).to("cuda", dtype)
+    query = torch.randn(starts[-1], hq, head_dim, generator=g).to("cuda", dtype)
     qsl = torch.tensor(starts, dtype=torch.int32, device="cuda")
     lens = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device="cuda")
     got = cuda_ops.paged_attention_prefill(query, cache, 1, tables, qsl, lens, 0.1, split=split)
+    check_path(launched, dtype, split)
     assert_close(got, ref.paged_attention_prefill(query, cache, 1, tables, qsl, lens, 0.1), TOL[dtype])
 
 

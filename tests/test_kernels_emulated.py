@@ -15,12 +15,35 @@ pytestmark = pytest.mark.skipif(emulation.compiler() is None, reason="no C++17 c
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
+LAUNCHED: list[str] = []
+
+
+def _record_and_emulate(launch, device):
+    LAUNCHED.append(launch.kernel)
+    emulation.launch(launch, device)
+
+
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
-    monkeypatch.setattr(cuda_ops, "_launcher", emulation.launch)
+    LAUNCHED.clear()
+    monkeypatch.setattr(cuda_ops, "_launcher", _record_and_emulate)
     monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 2)
+    monkeypatch.setattr(cuda_ops, "_mma_capable", lambda device: True)  # an sm_80+ device
     monkeypatch.setattr(cuda_ops, "_device_pointer", lambda t: t.data_ptr())
     monkeypatch.setattr(cuda_ops, "PART_SIZE", 32)  # many partitions from short contexts
+
+
+def kernel_path(monkeypatch, dtype, mma: bool) -> str:
+    """Selects the tensor-core kernel (fp16/bf16 on sm_80+) or the scalar one, and names
+    the kernel that the launches must show."""
+    if not mma:
+        monkeypatch.setattr(cuda_ops, "_mma_capable", lambda device: False)
+    return "paged_attention_mma_kernel<" if mma else "paged_attention_kernel<"
+
+
+def check_launches(kernel: str, split: bool) -> None:
+    assert LAUNCHED[0].startswith(kernel), LAUNCHED
+    assert any(k.startswith("paged_attention_reduce") for k in LAUNCHED) == split, LAUNCHED
 
 
 @pytest.mark.parametrize(
@@ -31,26 +54,38 @@ def emulated(monkeypatch):
         (torch.float32, 32, (8, 1), 64),
         (torch.float16, 8, (3, 3), 96),
         (torch.bfloat16, 4, (4, 1), 256),
+        (torch.float16, 128, (16, 1), 64),
+        (torch.bfloat16, 2, (32, 1), 32),
     ],
 )
 @pytest.mark.parametrize("split", [False, True])
-def test_decode(dtype, block_size, heads, head_dim, split):
+@pytest.mark.parametrize("mma", [True, False])
+def test_decode(monkeypatch, dtype, block_size, heads, head_dim, split, mma):
+    if mma and dtype == torch.float32:
+        pytest.skip("fp32 has no tensor-core path")
+    kernel = kernel_path(monkeypatch, dtype, mma)
     hq, hkv = heads
     ctx_lens = [1, 2 * block_size, 75, 130]
     cache, tables, g = random_paged_cache(ctx_lens, block_size, hkv, head_dim, dtype)
     query = torch.randn(len(ctx_lens), hq, head_dim, generator=g).to(dtype)
     lens = torch.tensor(ctx_lens, dtype=torch.int32)
     got = cuda_ops.paged_attention_decode(query, cache, 1, tables, lens, head_dim**-0.5, split=split)
+    check_launches(kernel, split)
     assert_close(got, ref.paged_attention_decode(query, cache, 1, tables, lens, head_dim**-0.5), TOL[dtype])
 
 
 @pytest.mark.parametrize(
     "dtype,block_size,heads,head_dim",
-    [(torch.float16, 16, (4, 2), 64), (torch.float32, 1, (2, 2), 128), (torch.bfloat16, 32, (6, 3), 64)],
+    [(torch.float16, 16, (4, 2), 64), (torch.float32, 1, (2, 2), 128), (torch.bfloat16, 32, (6, 3), 64),
+     (torch.float16, 1, (8, 8), 128), (torch.bfloat16, 128, (32, 2), 32)],
 )
 @pytest.mark.parametrize("split", [False, True])
-def test_prefill_ragged(dtype, block_size, heads, head_dim, split):
+@pytest.mark.parametrize("mma", [True, False])
+def test_prefill_ragged(monkeypatch, dtype, block_size, heads, head_dim, split, mma):
     """Fresh prompts, cached prefixes, decode tokens and an empty sequence in one batch."""
+    if mma and dtype == torch.float32:
+        pytest.skip("fp32 has no tensor-core path")
+    kernel = kernel_path(monkeypatch, dtype, mma)
     hq, hkv = heads
     seqs = [(1, 1), (40, 40), (70, 11), (0, 0), (9, 1), (33, 2), (5, 5)]  # (context, new tokens)
     cache, tables, g = random_paged_cache([max(c, 1) for c, _ in seqs], block_size, hkv, head_dim, dtype)
@@ -63,6 +98,7 @@ def test_prefill_ragged(dtype, block_size, heads, head_dim, split):
     wide[..., :head_dim] = query
     args = (cache, 0, tables, torch.tensor(starts, dtype=torch.int32), torch.tensor([c for c, _ in seqs], dtype=torch.int32), 0.2)
     got = cuda_ops.paged_attention_prefill(wide[..., :head_dim], *args, split=split)
+    check_launches(kernel, split)
     assert_close(got, ref.paged_attention_prefill(query, *args), TOL[dtype])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,9 +233,14 @@ def test_draw_never_lands_on_a_zero_probability_token():
     logits[0, 3] = logits[0, 6] = 0.0
     low = next(k for k in range(100000) if sampler.uniform(k) < 1e-4)
     high = next(k for k in range(100000) if sampler.uniform(k) > 1 - 1e-4)
-    params = [SamplingParams(temperature=1.0)]
-    assert sampler._sample_random(logits, params, [low]).tolist() == [3]
-    assert sampler._sample_random(logits, params, [high]).tolist() == [6]
+    plan = sampler.plan_batch([SamplingParams(temperature=1.0)], None, 10)
+
+    def draw(key: int) -> int:
+        plan.arrays["key"] = np.array([key], dtype=np.uint64).view(np.int64)
+        return int(sampler.sample_on_device(logits, sampler.Staging(logits.device).upload(plan.arrays), plan)[0, 0])
+
+    assert draw(low) == 3
+    assert draw(high) == 6
 
 
 def test_batch_checks():

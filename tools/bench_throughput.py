@@ -4,6 +4,13 @@ KV-cache waste, and the memory that block sharing saves (CPU, default model).
     python -m tools.bench_throughput [--quick] [--update-docs] [--num-requests 200] [--seed 0]
                                      [--batch 32] [--threads N] [--clock wall|cpu]
 
+On CUDA (`--device cuda`, the default where CUDA is) it runs the GPU benchmark of
+tools/throughput_gpu.py instead: pagedkv against transformers' `generate_batch` and static
+`generate` on a random model of a named shape, plus decode-step times:
+
+    python -m tools.bench_throughput --device cuda --random-model llama-1b [--quick]
+                                     [--num-requests 256] [--enforce-eager] [--out DIR] [--update-docs]
+
 One fixed-seed workload, every request arriving at t = 0, with ShareGPT-shaped (log-normal,
 long-tailed) prompt and output lengths, scaled down so that the whole run takes minutes on
 a small CPU. Every request generates exactly its drawn output length (ignore_eos). It runs
@@ -49,6 +56,7 @@ from tools.bench_decode import load_transformers
 from tools.replay import replay
 from tools.report import add_output_arguments, markdown_table, output_folder, publish
 from tools.sharing import measure_sharing, sharing_table
+from tools.throughput_gpu import SHAPES, main_gpu
 from tools.workload import WorkloadRequest, describe, make_workload
 
 TITLE_THROUGHPUT = "Throughput: continuous vs static batching vs transformers (CPU)"
@@ -503,7 +511,22 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(TIMERS), default="wall",
                         help="time throughput by wall time (default) or by this process's CPU time, which "
                              "stays steady when other work shares the machine (use it with --threads 1)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda runs the GPU benchmark (tools/throughput_gpu.py)")
+    parser.add_argument("--random-model", choices=sorted(SHAPES), default="llama-1b",
+                        help="GPU benchmark: a random model of this shape, built in memory")
+    parser.add_argument("--model", help="GPU benchmark: a Hugging Face folder instead of a random model")
+    parser.add_argument("--enforce-eager", action="store_true", help="GPU benchmark: no CUDA graphs")
+    parser.add_argument("--no-transformers", action="store_true", help="GPU benchmark: pagedkv figures only")
+    parser.add_argument("--static-requests", type=int, default=128,
+                        help="GPU benchmark: requests for transformers' static generate (default 128; 0: all)")
+    parser.add_argument("--decode-batches", default="1,32,256", help="GPU benchmark: batch sizes of the decode-step "
+                        "times (default 1,32,256)")
     args = parser.parse_args()
+    if args.device == "cuda":
+        args.out = output_folder(args, "bench_throughput")  # throughput.md and throughput.json go there
+        main_gpu(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = QUICK if args.quick else FULL

@@ -93,23 +93,37 @@ class BeamSearch:
     def step(self, logits: torch.Tensor) -> list[BeamChoice]:
         """Advance one token. `logits` [len(running beams), V], rows in the order of the
         previous step's choices (one row, the prompt's, on the first step)."""
+        logprobs = torch.log_softmax(logits.detach().float(), dim=-1)
+        top_scores, top_idx, token_lps = self.candidates(logprobs)
+        return self.advance(top_scores.cpu(), top_idx.tolist(), token_lps.tolist(), logits.shape[-1])
+
+    def candidates(self, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device half of a step: from the log-softmax of the running beams' logits, the
+        top continuations' float32 scores, their flat indices (beam * V + token) and token
+        logprobs, on the logits' device, best first."""
         if self.done:
             raise RuntimeError("beam search is already done")
-        if logits.shape[0] != len(self._running):
-            raise ValueError(f"expected {len(self._running)} logits rows, got {logits.shape[0]}")
-        k, vocab = self.num_beams, logits.shape[-1]
-        logprobs = torch.log_softmax(logits.detach().to("cpu", torch.float32), dim=-1)
+        if logprobs.shape[0] != len(self._running):
+            raise ValueError(f"expected {len(self._running)} logits rows, got {logprobs.shape[0]}")
+        k, vocab = self.num_beams, logprobs.shape[-1]
         first = self.cur_len == self.prompt_len
         rows = logprobs.expand(k, vocab) if first else logprobs
-        scores = (rows + self._running_scores[:, None]).reshape(-1)
+        running = self._running_scores.to(logprobs.device, non_blocking=True)
+        scores = (rows + running[:, None]).reshape(-1)
         top_scores, top_idx = torch.topk(scores, min(self.beams_to_keep, scores.numel()))
-        parents = (top_idx // vocab).tolist()
-        tokens = (top_idx % vocab).tolist()
-        if first:  # transformers' k prompt rows are identical copies of ours
-            parents = [0] * len(parents)
+        # transformers' k prompt rows are identical copies of ours: every parent is row 0.
+        parents = torch.zeros_like(top_idx) if first else top_idx // vocab
+        return top_scores, top_idx, logprobs[parents, top_idx % vocab]
+
+    def advance(self, top_scores: torch.Tensor, top_idx: list[int], token_lps: list[float],
+                vocab: int) -> list[BeamChoice]:
+        """The host half of a step, from `candidates`' results (top_scores a float32 CPU tensor)."""
+        k = self.num_beams
+        first = self.cur_len == self.prompt_len
+        parents = [0] * len(top_idx) if first else [i // vocab for i in top_idx]
+        tokens = [i % vocab for i in top_idx]
         at_max = self.cur_len + 1 >= self.max_length
         hits = torch.tensor([at_max or t in self.eos for t in tokens], dtype=torch.bool)
-        token_lps = logprobs[parents, tokens].tolist()
 
         # Running beams for the next step: the best k that did not just finish.
         running_scores = top_scores + hits.to(torch.float32) * _NEG

@@ -39,6 +39,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     preemption_mode: str = "auto"
     watermark: float = 0.01
+    enforce_eager: bool = False           # no CUDA graphs for decode steps (they are only used on CUDA)
+    profile_steps: bool = False           # time each step's phases (synchronising the device)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -89,6 +91,9 @@ class EngineConfig:
         add("--max-num-batched-tokens", type=int, default=4096, help="tokens in one batch at most")
         add("--preemption-mode", choices=list(MODES), default="auto",
             help="how to preempt when blocks run out: per victim by a cost model (auto), or always one way")
+        add("--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs")
+        add("--profile-steps", action="store_true",
+            help="time each step's phases (schedule, cache ops, prepare, forward, sample, outputs)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":
@@ -148,6 +153,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
     from preemption.policy import CostModel, PreemptionPolicy
     from preemption.scheduler import Scheduler, SchedulerConfig
     from runtime.engine.executor import ModelExecutor
+    from runtime.engine.profile import StepProfile
     from runtime.models.llama import LlamaModel
     from runtime.models.loader import load_model
 
@@ -167,4 +173,6 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
     policy = PreemptionPolicy(config.preemption_mode, cost, spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                           config.preemption_mode), bm, policy)
-    return EngineParts(loaded, bm, cache, scheduler, ModelExecutor(model, cache, cost), cost)
+    executor = ModelExecutor(model, cache, cost, config.max_num_seqs, config.enforce_eager,
+                             StepProfile(config.profile_steps, device))
+    return EngineParts(loaded, bm, cache, scheduler, executor, cost)

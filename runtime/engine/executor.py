@@ -1,33 +1,51 @@
 """The model executor: carries out the scheduler's cache operations, runs the model once on
-the whole ragged batch, and measures the throughputs the preemption cost model needs."""
+the whole ragged batch, and measures the throughputs the preemption cost model needs.
+
+Inputs are built with numpy and go up in one copy; decode steps replay a CUDA graph on
+CUDA (unless enforce_eager); the logits stay on the device for the sampler."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from kvcache.cache_engine import CacheEngine
 from preemption.policy import CostModel
-from preemption.scheduler import ScheduledSeq, SchedulerOutput
+from preemption.scheduler import SchedulerOutput
+from runtime.engine.cuda_graphs import DecodeGraphs
+from runtime.engine.inputs import HostInputs, host_inputs
+from runtime.engine.profile import StepProfile
+from runtime.engine.staging import Staging
 from runtime.models.llama import LlamaModel, ModelInput
 
-
-def _block_tables(rows: list[ScheduledSeq], block_size: int, device: torch.device) -> torch.Tensor:
-    """Padded [len(rows), max_blocks] int32 table, each row cut to the blocks it reads."""
-    tables = [row.block_table[: -(-row.end // block_size)] for row in rows]
-    width = max((len(t) for t in tables), default=0)
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    return torch.tensor(padded, dtype=torch.int32, device=device).view(len(rows), width)
+log = logging.getLogger(__name__)
 
 
 class ModelExecutor:
-    def __init__(self, model: LlamaModel, cache: CacheEngine, cost: CostModel) -> None:
+    def __init__(self, model: LlamaModel, cache: CacheEngine, cost: CostModel, max_num_seqs: int = 256,
+                 enforce_eager: bool = False, profile: StepProfile | None = None) -> None:
         self.model, self.cache, self.cost = model, cache, cost
         self.device = model.device
         self.block_size = cache.spec.block_size
+        self.staging = Staging(self.device)
+        self.profile = profile or StepProfile(False, self.device)
+        self.graphs: DecodeGraphs | None = None
+        if torch.device(self.device).type == "cuda" and not enforce_eager:
+            max_blocks = min(-(-model.config.max_position_embeddings // self.block_size), cache.num_device_blocks)
+            self.graphs = DecodeGraphs(model, cache.device_cache, max_num_seqs, max_blocks)
+            started = time.perf_counter()
+            try:
+                self.graphs.capture()
+            except Exception as e:  # a kernel that cannot be captured costs speed, not correctness
+                log.warning("decode CUDA graphs could not be captured, running eagerly: %s", e)
+                self.graphs = None
+            else:
+                log.info("captured %d decode graphs (batch %s) in %.1f s", len(self.graphs.buckets),
+                         self.graphs.buckets, time.perf_counter() - started)
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
+        if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def apply_cache_ops(self, out: SchedulerOutput) -> None:
@@ -39,50 +57,40 @@ class ModelExecutor:
         self.cost.observe_swap(self.cache.bytes_swapped - before_bytes, self.cache.swap_seconds - before_s)
         self.cache.copy(out.blocks_to_copy)
 
-    def prepare(self, out: SchedulerOutput) -> ModelInput:
-        rows, bs, dev = out.scheduled, self.block_size, self.device
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        for row in rows:
-            table = row.block_table
-            token_ids += row.seq.token_ids[row.start:row.end]
-            span = range(row.start, row.end)
-            positions += span
-            slots += [table[p // bs] * bs + p % bs for p in span]
-            if row.sample:
-                logits_indices.append(len(token_ids) - 1)
-        prefills, decodes = out.prefills, out.decodes
-        starts = [0]
-        for row in prefills:
-            starts.append(starts[-1] + row.end - row.start)
-
-        def ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev)
-
+    def upload(self, inputs: HostInputs) -> ModelInput:
+        t = self.staging.upload(inputs.arrays())
         return ModelInput(
-            token_ids=ints(token_ids), positions=ints(positions), slot_mapping=ints(slots),
-            num_prefill_tokens=starts[-1],
-            prefill_block_tables=_block_tables(prefills, bs, dev),
-            prefill_query_start_loc=ints(starts, torch.int32),
-            prefill_context_lens=ints([r.end for r in prefills], torch.int32),
-            decode_block_tables=_block_tables(decodes, bs, dev),
-            decode_context_lens=ints([r.end for r in decodes], torch.int32),
-            logits_indices=ints(logits_indices))
+            token_ids=t["token_ids"], positions=t["positions"], slot_mapping=t["slot_mapping"],
+            num_prefill_tokens=inputs.num_prefill_tokens, prefill_block_tables=t["prefill_block_tables"],
+            prefill_query_start_loc=t["prefill_query_start_loc"], prefill_context_lens=t["prefill_context_lens"],
+            decode_block_tables=t["decode_block_tables"], decode_context_lens=t["decode_context_lens"],
+            logits_indices=t["logits_indices"])
+
+    def prepare(self, out: SchedulerOutput) -> ModelInput:
+        return self.upload(host_inputs(out, self.block_size))
 
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Float32 logits, one row per scheduled sequence that samples, in `out.scheduled` order."""
+        """Float32 logits on the model's device, one row per scheduled sequence that samples,
+        in `out.scheduled` order."""
         self.apply_cache_ops(out)
+        self.profile.mark("cache ops")
         if out.is_empty:
             return torch.empty(0, self.model.config.vocab_size)
-        batch = self.prepare(out)
+        inputs = host_inputs(out, self.block_size)
+        if self.graphs is not None and self.graphs.fits(inputs):
+            self.profile.mark("prepare")
+            logits = self.graphs.run(inputs)
+            self.profile.mark("forward")
+            return logits
+        batch = self.upload(inputs)
+        self.profile.mark("prepare")
         start = time.perf_counter()
         logits = self.model.forward(batch, self.cache.device_cache)
-        self._sync()
-        seconds = time.perf_counter() - start
         if batch.num_prefill_tokens:
+            self._sync()
+            seconds = time.perf_counter() - start
             # Charge the prefill its share of the step (decode rows ride along).
             share = batch.num_prefill_tokens / batch.token_ids.shape[0]
             self.cost.observe_prefill(batch.num_prefill_tokens, seconds * share)
-        return logits.cpu()
+        self.profile.mark("forward")
+        return logits

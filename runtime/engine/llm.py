@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import sys
 from typing import Sequence as Seq
 
 from tqdm import tqdm
@@ -39,7 +40,7 @@ class LLM:
         for prompt, p in zip(prompts, params_list):
             request_id = f"llm-{self._counter}"
             self._counter += 1
-            self.engine.add_request(request_id, prompt, p)
+            self.engine.add_request(request_id, prompt, p, stream=False)
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
@@ -48,6 +49,8 @@ class LLM:
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)
+        if self.engine.profile.enabled:
+            print(self.engine.profile.report(), file=sys.stderr)
         return [finished[i] for i in ids]
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,

@@ -36,10 +36,12 @@ class LLMEngine:
         self.sampling_defaults = parts.loaded.sampling_defaults  # what the model ships, for clients
         self.block_manager, self.cache = parts.block_manager, parts.cache
         self.scheduler, self.executor, self.cost = parts.scheduler, parts.executor, parts.cost
+        self.profile = self.executor.profile
         self.groups: dict[str, SequenceGroup] = {}
         self.beams: dict[str, BeamSearch] = {}
         self.beam_results: dict[str, list] = {}  # request id -> best hypotheses, once done
         self.failed: set[str] = set()  # requests that failed in a step (not rejected at admission)
+        self.streaming: set[str] = set()  # requests that get an output every step, not only the last
         self.stopping = StopChecker(self.tokenizer, self.model_config)
         self.started = time.monotonic()
         self.generated_tokens = 0
@@ -52,7 +54,9 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, stream: bool = True) -> None:
+        """`stream`: `step` returns this request's output whenever it changes; otherwise only
+        once, when it finishes."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -65,6 +69,8 @@ class LLMEngine:
             eos = [] if params.ignore_eos else self.model_config.eos_token_ids
             self.beams[request_id] = BeamSearch(params, len(ids), eos + params.stop_token_ids)
         self.groups[request_id] = group
+        if stream:
+            self.streaming.add(request_id)
         self.scheduler.add(group)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -93,6 +99,7 @@ class LLMEngine:
         self.scheduler.abort(request_id)
         self.beams.pop(request_id, None)
         self.beam_results.pop(request_id, None)
+        self.streaming.discard(request_id)
         return self._output(group, {})
 
     def has_unfinished(self) -> bool:
@@ -100,24 +107,33 @@ class LLMEngine:
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.profile.begin()
         out = self.scheduler.schedule()
-        return self.process(out, self.executor.execute(out))
+        self.profile.mark("schedule")
+        outputs = self.process(out, self.executor.execute(out))
+        self.profile.end("prefill" if out.prefills else "decode")
+        return outputs
 
     def process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
-        """Samples from one iteration's logits; returns the outputs of the requests it changed."""
+        """Samples from one iteration's logits; returns the outputs of the requests it changed
+        that stream or finished."""
         self.steps += 1
         new_tokens: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         self._sample(out, logits, new_tokens)
+        self.profile.mark("sample")
         changed = {row.group.request_id: row.group for row in out.scheduled if row.sample}
         changed.update({g.request_id: g for g in out.rejected})
-        outputs = [self._output(g, new_tokens.get(rid, {})) for rid, g in changed.items()]
+        outputs = [self._output(g, new_tokens.get(rid, {})) for rid, g in changed.items()
+                   if g.is_finished or rid in self.streaming]
         for group in changed.values():
             if group.is_finished:
                 self.groups.pop(group.request_id, None)
                 self.beams.pop(group.request_id, None)
                 self.beam_results.pop(group.request_id, None)
                 self.failed.discard(group.request_id)
+                self.streaming.discard(group.request_id)
         self.scheduler.free_finished()
+        self.profile.mark("outputs")
         return outputs
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor,
@@ -142,11 +158,8 @@ class LLMEngine:
                 draws.append((seq, i))
         if draws:
             self._sample_plain(sampling, draws, logits, new_tokens)
-        for rows in beam_rows.values():
-            group = sampling[rows[0]].group
-            row_of = {id(sampling[i].seq): i for i in rows}
-            ordered = [row_of[id(seq)] for seq in group.unfinished_seqs()]
-            self._guarded(group, lambda: self._beam_step(group, logits[ordered]))
+        if beam_rows:
+            self._beam_steps([sampling[rows[0]].group for rows in beam_rows.values()], beam_rows, sampling, logits)
 
     def _sample_plain(self, sampling: list, draws: list[tuple[Sequence, int]], logits: torch.Tensor,
                       new_tokens: dict[str, dict[int, list[int]]]) -> None:
@@ -173,7 +186,8 @@ class LLMEngine:
         rows = [i for _, i in draws]
         picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
                               [sampling[i].group.sampling_params for _, i in draws],
-                              [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws])
+                              [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws],
+                              self.executor.staging)
         vocab = logits.shape[-1]
         bad = [t.token_id for t in picked if not 0 <= t.token_id < vocab]
         if bad:  # what bad parameters (or logits) give instead of an exception
@@ -190,6 +204,37 @@ class LLMEngine:
             self.scheduler.finish(group, SequenceStatus.FINISHED_ERROR,
                                   f"the request failed while sampling: {type(e).__name__}: {quote(str(e))}")
 
+    def _beam_steps(self, groups: list[SequenceGroup], beam_rows: dict[str, list[int]],
+                    sampling: list, logits: torch.Tensor) -> None:
+        """Every beam group's top-k on the device, from one log-softmax; one copy brings the
+        candidates of all groups to the host. Each group's halves run guarded."""
+        ordered: list[int] = []
+        for group in groups:
+            row_of = {id(sampling[i].seq): i for i in beam_rows[group.request_id]}
+            ordered += [row_of[id(seq)] for seq in group.unfinished_seqs()]
+        logprobs = torch.log_softmax(logits[ordered].float(), dim=-1)
+        parts: list[tuple[SequenceGroup, torch.Tensor]] = []
+        start = 0
+        for group in groups:
+            count = len(group.unfinished_seqs())
+            rows = logprobs[start:start + count]
+            start += count
+
+            def candidates(group: SequenceGroup = group, rows: torch.Tensor = rows) -> None:
+                scores, idx, lps = self.beams[group.request_id].candidates(rows)
+                parts.append((group, torch.stack([scores.double(), idx.double(), lps.double()])))
+
+            self._guarded(group, candidates)
+        if not parts:
+            return
+        host = torch.cat([part for _, part in parts], dim=1).cpu()
+        start = 0
+        for group, part in parts:
+            scores, idx, lps = host[:, start:start + part.shape[1]]
+            start += part.shape[1]
+            self._guarded(group, lambda: self._beam_step(group, scores.float(), idx.long().tolist(), lps.tolist(),
+                                                         logits.shape[-1]))
+
     def _append(self, group: SequenceGroup, seq: Sequence, token: SampledToken,
                 new_tokens: dict[str, dict[int, list[int]]]) -> None:
         seq.append(token.token_id, token.logprob)
@@ -201,10 +246,11 @@ class LLMEngine:
         if status is not None:
             self.scheduler.free_seq(seq, status)
 
-    def _beam_step(self, group: SequenceGroup, logits: torch.Tensor) -> None:
+    def _beam_step(self, group: SequenceGroup, scores: torch.Tensor, idx: list[int], lps: list[float],
+                   vocab: int) -> None:
         search = self.beams[group.request_id]
         parents = group.unfinished_seqs()
-        choices = search.step(logits)
+        choices = search.advance(scores, idx, lps, vocab)
         if search.done:
             self.beam_results[group.request_id] = search.finalize()
             for seq in parents:
@@ -269,4 +315,5 @@ class LLMEngine:
             "throughput_tokens_per_s": self.generated_tokens / elapsed,
             "prefill_tokens_per_s": self.cost.prefill_tokens_per_s,
             "swap_bytes_per_s": self.cost.swap_bytes_per_s,
+            **({"step_profile_ms": self.profile.summary()} if self.profile.enabled else {}),
         }

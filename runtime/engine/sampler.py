@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, with reproducible seeds.
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, with reproducible seeds, on the
+device where the logits are: only token ids and the logprobs asked for reach the host.
 
 Random draws invert the CDF: token = the first v whose cumulative probability exceeds u, with
 u uniform in (0, 1) from splitmix64 of the row's 64-bit key. A row's draw is thus a pure
@@ -18,9 +19,11 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from runtime.engine.sampling_params import SamplingParams
+from runtime.engine.staging import Staging
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
@@ -59,88 +62,151 @@ def uniform(key: int) -> float:
     return ((z >> 11) + 0.5) / (1 << 53)
 
 
-def filter_mask(logits: torch.Tensor, params_list: Sequence[SamplingParams]) -> torch.Tensor:
-    """[M, V] bool: True where top-k / top-p / min-p remove a token (logits already scaled)."""
-    m, vocab = logits.shape
-    dev = logits.device
+@dataclass
+class SamplingPlan:
+    """Which parts of the sampler a batch needs, decided on the host from the parameters alone
+    (no device sync). The filters run for every row when any random row needs them: a row
+    whose parameters are neutral (top_k = vocab, top_p = inf, min_p = 0) comes out unchanged."""
+
+    params: list[SamplingParams]
+    arrays: dict[str, np.ndarray]  # per-row parameters, uploaded in one copy
+    any_greedy: bool
+    any_random: bool
+    top_k: bool
+    top_p: bool
+    min_p: bool
+    max_top: int  # the most top logprobs any row asked for
+
+
+def _row(p: SamplingParams, vocab: int) -> tuple[float, float, float, float, float]:
+    """(greedy, temperature, top_k, top_p, min_p) of one row; greedy rows get neutral values:
+    their random draw is computed and thrown away."""
+    if p.is_greedy:
+        return 1.0, 1.0, vocab, float("inf"), 0.0
+    return (0.0, p.temperature, p.top_k if 0 < p.top_k < vocab else vocab,
+            p.top_p if p.top_p < 1.0 else float("inf"), p.min_p)
+
+
+def plan_batch(params_list: Sequence[SamplingParams], seed_keys: Sequence[tuple[int, ...] | None] | None,
+               vocab: int) -> SamplingPlan:
+    n = len(params_list)
+    if any(p.use_beam_search for p in params_list):
+        raise ValueError("beam search requests are driven by BeamSearch, not sample_batch")
+    seed_keys = seed_keys if seed_keys is not None else [None] * n
+    rows: dict[int, tuple] = {}  # one request's rows share a SamplingParams: convert it once
+    table = np.array([rows.get(id(p)) or rows.setdefault(id(p), _row(p, vocab)) for p in params_list],
+                     dtype=np.float64).reshape(n, 5)
+    greedy = table[:, 0] > 0
+    rand = ~greedy
+    # Keys in row order of the random rows: unseeded rows consume the global generator so.
+    keys = np.zeros(n, dtype=np.uint64)
+    for i in np.flatnonzero(rand).tolist():
+        keys[i] = draw_key(params_list[i].seed, seed_keys[i])
+    # float64 -> float32 rounds as Python float -> float32 does.
+    arrays = {"temperature": table[:, 1].astype(np.float32), "top_k": table[:, 2].astype(np.int64),
+              "top_p": table[:, 3].astype(np.float32), "min_p": table[:, 4].astype(np.float32),
+              "key": keys.view(np.int64), "greedy": greedy.view(np.uint8)}
+    return SamplingPlan(list(params_list), arrays, bool(greedy.any()), bool(rand.any()),
+                        bool((table[rand, 2] < vocab).any()), bool((table[rand, 3] < np.inf).any()),
+                        bool((table[rand, 4] > 0.0).any()), max((p.logprobs or 0) for p in params_list))
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def uniform_tensor(keys: torch.Tensor) -> torch.Tensor:
+    """`uniform` of int64 keys (bit patterns of the 64-bit keys), on the keys' device, as
+    float64. int64 addition and multiplication wrap modulo 2**64, as the unsigned ones do."""
+    z = keys + _signed(_GAMMA)
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 11).double() + 0.5) / float(1 << 53)
+
+
+def filter_mask(logits: torch.Tensor, t: dict[str, torch.Tensor], plan: SamplingPlan) -> torch.Tensor:
+    """[N, V] bool: True where top-k / top-p / min-p remove a token (logits already scaled)."""
     remove = torch.zeros_like(logits, dtype=torch.bool)
-    top_ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params_list]
-    top_ps = [p.top_p for p in params_list]
-    if any(top_ks) or min(top_ps) < 1.0:
+    if plan.top_k or plan.top_p:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
         removed = torch.zeros_like(remove)
-        if any(top_ks):
-            ks = torch.tensor([k or vocab for k in top_ks], device=dev)
-            kth = sorted_logits.gather(1, (ks - 1)[:, None])
+        if plan.top_k:
+            kth = sorted_logits.gather(1, (t["top_k"] - 1)[:, None])
             removed |= sorted_logits < kth
-        if min(top_ps) < 1.0:
+        if plan.top_p:
             probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass of the strictly better tokens
-            # top_p == 1 must never cut: rounding can push `before` to 1.0 in the tail.
-            limit = torch.tensor([p if p < 1.0 else float("inf") for p in top_ps], device=dev)
-            removed |= before >= limit[:, None]
+            # top_p == 1 is inf here and never cuts: rounding can push `before` to 1.0 in the tail.
+            removed |= before >= t["top_p"][:, None]
         remove.scatter_(1, sorted_idx, removed)
-    min_ps = [p.min_p for p in params_list]
-    if max(min_ps) > 0.0:
+    if plan.min_p:
         probs = torch.softmax(logits.masked_fill(remove, float("-inf")), dim=-1)
-        floor = torch.tensor(min_ps, device=dev)[:, None] * probs.max(dim=-1, keepdim=True).values
-        remove |= probs < floor
+        remove |= probs < t["min_p"][:, None] * probs.max(dim=-1, keepdim=True).values
     return remove
 
 
-def _sample_random(logits: torch.Tensor, params_list: Sequence[SamplingParams],
-                   keys: list[int]) -> torch.Tensor:
-    temps = torch.tensor([p.temperature for p in params_list], device=logits.device)
-    scaled = logits / temps[:, None]
-    if any(0 < p.top_k < logits.shape[1] or p.top_p < 1.0 or p.min_p > 0.0 for p in params_list):
-        scaled = scaled.masked_fill(filter_mask(scaled, params_list), float("-inf"))
+def _draw(logits: torch.Tensor, t: dict[str, torch.Tensor], plan: SamplingPlan) -> torch.Tensor:
+    scaled = logits / t["temperature"][:, None]
+    if plan.top_k or plan.top_p or plan.min_p:
+        scaled = scaled.masked_fill(filter_mask(scaled, t, plan), float("-inf"))
     # Inverse CDF: the first token whose cumulative probability exceeds u * total. The target
     # stays below the total, so it lands on a token of non-zero probability.
     cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)
     total = cdf[:, -1:]
-    u = torch.tensor([uniform(k) for k in keys], dtype=torch.float64, device=logits.device)
-    target = (u[:, None] * total.double()).float()
+    target = (uniform_tensor(t["key"])[:, None] * total.double()).float()
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
+def sample_on_device(logits: torch.Tensor, t: dict[str, torch.Tensor], plan: SamplingPlan) -> torch.Tensor:
+    """Float64 [N, 2 + 2 * max_top] on the logits' device: token id, its logprob, then the top
+    ids and their logprobs (float64 holds the ids and the float32 values exactly), so that one
+    copy brings a batch's results to the host."""
+    logits = logits.float()
+    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)  # log-softmax = logits - log_total
+    tokens = logits.argmax(dim=-1)
+    if plan.any_random:
+        drawn = _draw(logits, t, plan)
+        tokens = torch.where(t["greedy"].view(torch.bool), tokens, drawn) if plan.any_greedy else drawn
+    cols = [tokens[:, None].double(), (logits.gather(1, tokens[:, None]) - log_total).double()]
+    if plan.max_top:
+        vals, ids = logits.topk(min(plan.max_top, logits.shape[1]), dim=-1)
+        cols += [ids.double(), (vals - log_total).double()]
+    return torch.cat(cols, dim=1)
+
+
+def unpack(packed: torch.Tensor, plan: SamplingPlan) -> list[SampledToken]:
+    """The host side of `sample_on_device`'s result."""
+    width = (packed.shape[1] - 2) // 2
+    out = []
+    for row, p in zip(packed.tolist(), plan.params):
+        top = None
+        if p.logprobs is not None:
+            k = p.logprobs
+            top = dict(zip((int(i) for i in row[2:2 + k]), row[2 + width:2 + width + k]))
+        out.append(SampledToken(int(row[0]), row[1], top))
+    return out
+
+
 def sample_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],
-                 seed_keys: Sequence[tuple[int, ...] | None] | None = None) -> list[SampledToken]:
-    """One token per row of `logits` [N, V]. Greedy rows cost one argmax together; the
-    random rows are filtered and drawn together too."""
+                 seed_keys: Sequence[tuple[int, ...] | None] | None = None,
+                 staging: Staging | None = None) -> list[SampledToken]:
+    """One token per row of `logits` [N, V], on the logits' device: the parameters go up in
+    one copy (through `staging` when given), the results come down in one."""
     n = logits.shape[0]
     if len(params_list) != n:
         raise ValueError(f"{len(params_list)} sampling parameters for {n} logits rows")
-    if any(p.use_beam_search for p in params_list):
-        raise ValueError("beam search requests are driven by BeamSearch, not sample_batch")
-    seed_keys = seed_keys if seed_keys is not None else [None] * n
-    logits = logits.float()
-    log_total = torch.logsumexp(logits, dim=-1, keepdim=True)  # log-softmax = logits - log_total
-    tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
-    greedy = [i for i, p in enumerate(params_list) if p.is_greedy]
-    rand = [i for i, p in enumerate(params_list) if not p.is_greedy]
-    if greedy:
-        idx = torch.tensor(greedy, device=logits.device)
-        tokens[idx] = logits[idx].argmax(dim=-1)
-    if rand:
-        idx = torch.tensor(rand, device=logits.device)
-        keys = [draw_key(params_list[i].seed, seed_keys[i]) for i in rand]
-        tokens[idx] = _sample_random(logits[idx], [params_list[i] for i in rand], keys)
-    chosen = (logits.gather(1, tokens[:, None]) - log_total)[:, 0].tolist()
-    token_list = tokens.tolist()
-    max_top = max((p.logprobs or 0) for p in params_list)
-    top_vals: list[list[float]] = [[] for _ in range(n)]
-    top_ids: list[list[int]] = [[] for _ in range(n)]
-    if max_top > 0:
-        vals, ids = logits.topk(min(max_top, logits.shape[1]), dim=-1)
-        top_vals, top_ids = (vals - log_total).tolist(), ids.tolist()
-    out = []
-    for i, p in enumerate(params_list):
-        top = None
-        if p.logprobs is not None:
-            top = dict(zip(top_ids[i][:p.logprobs], top_vals[i][:p.logprobs]))
-        out.append(SampledToken(token_list[i], chosen[i], top))
-    return out
+    plan = plan_batch(params_list, seed_keys, logits.shape[1])
+    if n == 0:
+        return []
+    tensors = (staging or Staging(logits.device)).upload(plan.arrays)
+    return unpack(sample_on_device(logits, tensors, plan).cpu(), plan)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams,

@@ -28,7 +28,7 @@ class StopChecker:
             if cut >= 0:
                 seq.output_text = text[:cut]  # the stop string itself is not returned
                 return SequenceStatus.FINISHED_STOPPED
-        if len(seq.output_ids) >= params.max_tokens or len(seq) >= self.max_len:
+        if len(seq) - seq.prompt_len >= params.max_tokens or len(seq) >= self.max_len:
             return SequenceStatus.FINISHED_LENGTH
         return None
 

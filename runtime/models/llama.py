@@ -31,7 +31,7 @@ class ModelInput:
     prefill_context_lens: torch.Tensor     # int32 [S_p]
     decode_block_tables: torch.Tensor      # int32 [S_d, max_blocks]
     decode_context_lens: torch.Tensor      # int32 [S_d]
-    logits_indices: torch.Tensor     # int64 rows whose next-token logits are wanted
+    logits_indices: torch.Tensor | None  # int64 rows whose next-token logits are wanted; None: all
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -156,7 +156,7 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
-        """Returns float32 logits [len(batch.logits_indices), vocab]."""
+        """Returns float32 logits [len(batch.logits_indices), vocab] (every token's when None)."""
         cfg = self.config
         num_tokens = batch.token_ids.shape[0]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -176,5 +176,7 @@ class LlamaModel:
             x = self.rms_norm(h, layer["post_norm"])
             gate, up = self.linear(x, layer["gate_up"]).chunk(2, dim=-1)
             h = h + self.linear(F.silu(gate).mul_(up), layer["down"])
-        h = self.rms_norm(h[batch.logits_indices], self.norm)
+        if batch.logits_indices is not None:
+            h = h[batch.logits_indices]
+        h = self.rms_norm(h, self.norm)
         return self.linear(h, self.lm_head).float()

@@ -210,7 +210,7 @@ class Server:
         request_id = str(self.next_id)
         self.next_id += 1
         try:
-            self.engine.add_request(request_id, ids, msg.params)
+            self.engine.add_request(request_id, ids, msg.params, stream=msg.stream)
         except RequestTooLong as e:
             raise ProtocolError(TOO_LONG, str(e), msg.id)
         except ValueError as e:
@@ -321,6 +321,8 @@ class Server:
 
     def _shutdown(self) -> None:
         log.info("shutting down: aborting %d request(s) in flight", len(self.in_flight))
+        if self.engine.profile.enabled:
+            log.info("where the steps' time went:\n%s", self.engine.profile.report())
         for request_id in list(self.in_flight):
             self._finish_with_error(request_id, ABORTED, "the server is shutting down")
         self.close()
