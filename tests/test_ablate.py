@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +48,7 @@ def tiny_run(tiny_model, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ablate_preemption, "BENCHMARKS", benchmarks)
         mp.setattr(ablate_preemption, "write_section", write_section)
-        assert ablate_preemption.main(["--model", model, "--out", str(out), *TINY]) == 0
+        assert ablate_preemption.main(["--model", model, "--out", str(out), "--update-docs", *TINY]) == 0
     return out, benchmarks, calls
 
 
@@ -134,17 +135,25 @@ def test_benchmarks_section(tiny_run):
     assert "| rate (req/s) | swap ms/tok |" in text
 
 
-def test_no_write_leaves_benchmarks_alone(tiny_model, tmp_path, monkeypatch):
+def test_without_update_docs_the_repository_is_left_alone(tiny_model, monkeypatch, capsys):
+    """`pagedkv ablate --quick` from the README overwrote docs/BENCHMARKS.md and the README's
+    own figure: without --update-docs results go to a fresh folder that the tool names."""
     def fail(*_):
-        raise AssertionError("--no-write must not write docs/BENCHMARKS.md")
+        raise AssertionError("without --update-docs, docs/BENCHMARKS.md must not be written")
 
     monkeypatch.setattr(ablate_preemption, "write_section", fail)
     model = tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
-    args = ["--model", model, "--out", str(tmp_path), "--no-write", "--skip", "e2e", "--skip", "memory",
-            "--block-sizes", "2", "--contexts", "8", "--repeats", "1", "--no-progress"]
+    args = ["--model", model, "--skip", "e2e", "--skip", "memory", "--block-sizes", "2", "--contexts", "8",
+            "--repeats", "1", "--no-progress"]
     assert ablate_preemption.main(args) == 0
-    assert (tmp_path / "micro.csv").exists() and not (tmp_path / "e2e.csv").exists()
-    assert "### Verdict" not in (tmp_path / "summary.md").read_text()
+    named = capsys.readouterr().err.split("results go to ", 1)[1].splitlines()[0]
+    out = Path(named)
+    root = Path(ablate_preemption.__file__).resolve().parent.parent
+    assert out.is_dir() and root not in out.resolve().parents
+    assert (out / "micro.csv").exists() and not (out / "e2e.csv").exists()
+    assert "### Verdict" not in (out / "summary.md").read_text()
+    assert ablate_preemption.main(args) == 0  # a second run gets a folder of its own
+    assert capsys.readouterr().err.split("results go to ", 1)[1].splitlines()[0] != named
 
 
 def test_clock_choice():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tools import bench_serving
+from tools import bench_serving, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATES = (10.0, 40.0)
@@ -21,16 +21,14 @@ def run(tiny_model, tmp_path_factory):
     docs = tmp_path_factory.mktemp("docs")
     out = docs / "serving"
 
-    def must_not_write(*args, **kwargs):
-        raise AssertionError("--no-write must leave docs/BENCHMARKS.md alone")
-
+    benchmarks = docs / "BENCHMARKS.md"  # stands in for the repository's; without --update-docs, untouched
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench_serving, "write_section", must_not_write)
+        mp.setattr(report, "BENCHMARKS", benchmarks)
         code = bench_serving.main([
             "--model", model, "--threads", "1", "--rates", ",".join(f"{r:g}" for r in RATES),
             "--num-requests", str(NUM_REQUESTS), "--prompt-mean", "8", "--output-mean", "6", "--max-prompt", "24",
-            "--max-output", "16", "--seed", "3", "--out", str(out), "--no-write", "--no-progress"])
-    assert code == 0
+            "--max-output", "16", "--seed", "3", "--out", str(out), "--no-progress"])
+    assert code == 0 and not benchmarks.exists()
     return docs, out
 
 
@@ -73,7 +71,7 @@ def test_json(run):
 
 
 @pytest.mark.timeout(180)
-def test_png_and_section(run, monkeypatch):
+def test_png_and_section(run):
     docs, out = run
     png = out / "serving.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
@@ -84,9 +82,10 @@ def test_png_and_section(run, monkeypatch):
     results = [bench_serving.RateResult(**{k: v if k == "path" else int(v) if k in counts else float(v)
                                            for k, v in r.items()}) for r in rows]
     meta = json.loads((out / "serving.json").read_text())
-    monkeypatch.setattr(bench_serving, "BENCHMARKS", docs / "BENCHMARKS.md")
-    body = bench_serving.section_body(results, meta, png)
+    body = bench_serving.section_body(results, meta, png, docs)
     assert "![serving latency against request rate](serving/serving.png)" in body
+    # the copy in the results folder links its own figure
+    assert "![serving latency against request rate](serving.png)" in (out / "BENCHMARKS-section.md").read_text()
     assert body.count("\n| ") == 1 + len(RATES) and "0 request(s) failed" in body
 
 

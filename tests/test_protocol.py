@@ -25,7 +25,7 @@ def test_generate_message_is_parsed_into_sampling_params():
     ({"type": "generate", "id": 1, "prompt_ids": [1, True]}, BAD_REQUEST, 1, "integers"),
     ({"type": "generate", "id": 1, "messages": []}, BAD_REQUEST, 1, "messages"),
     ({"type": "generate", "id": 1, "prompt": "x" * 1001}, TOO_LONG, 1, "1001 characters"),
-    ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x" * 1001}]}, TOO_LONG, 1, "1001"),
+    ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x" * 1001}]}, TOO_LONG, 1, "1005"),
     ({"type": "stats", "id": 1, "verbose": True}, BAD_REQUEST, 1, "verbose"),
 ])
 def test_bad_messages_name_what_is_wrong(message, code, request_id, words):
@@ -61,3 +61,50 @@ def test_stream_deltas_concatenate_to_the_decoded_text():
     ids = [8, 5, 12, 12, 15]
     text = "".join(stream.push([i]) for i in ids)
     assert text + stream.finish("hello") == "hello"
+
+
+def _nested(depth: int):
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("field", ["type", "stream", "temperature", "stop"])
+def test_deeply_nested_values_are_a_bad_request_with_the_id(field):
+    """msgpack nested 1,000 deep used to raise RecursionError while the error message quoted it."""
+    message = {"type": "generate", "id": "deep", "prompt": "x", "params": {}}
+    if field in ("type", "stream"):
+        message[field] = _nested(1000)
+    else:
+        message["params"][field] = _nested(1000)
+    with pytest.raises(ProtocolError) as e:
+        decode_message(msgpack.packb(message), 1000)
+    assert (e.value.code, e.value.request_id) == (BAD_REQUEST, "deep")
+    assert len(e.value.message) < 500
+
+
+@pytest.mark.parametrize("where", ["type", "stream", "temperature", "stop", "field name"])
+def test_an_error_quotes_at_most_a_few_hundred_characters_of_a_bad_value(where):
+    huge = "7" * 2_000_000
+    message = {"type": "generate", "id": 1, "prompt": "x", "params": {}}
+    if where in ("type", "stream"):
+        message[where] = huge
+    elif where == "field name":
+        message[huge] = 1
+    else:
+        message["params"][where] = huge if where == "temperature" else [huge, 3]
+    with pytest.raises(ProtocolError) as e:
+        decode_message(msgpack.packb(message), 1000)
+    assert e.value.code == BAD_REQUEST and len(e.value.message) < 500, len(e.value.message)
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([{"role": "x" * 1001, "content": ""}], "1001 characters"),                  # a 15 MiB role, scaled down
+    ([{"role": "user", "content": ""}] * 40, "40 messages"),                     # 700,000 empty messages, scaled
+])
+def test_chat_size_counts_roles_and_messages_before_any_template_runs(messages, words):
+    with pytest.raises(ProtocolError) as e:
+        decode_message(msgpack.packb({"type": "generate", "id": 2, "messages": messages}), 1000)
+    assert (e.value.code, e.value.request_id) == (TOO_LONG, 2)
+    assert words in e.value.message

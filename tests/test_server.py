@@ -381,10 +381,23 @@ def test_cli_stats_table(server, capsys):
 def test_cli_chat_streams_answers_and_keeps_the_conversation(server, offline, monkeypatch, capsys):
     lines = iter(["Hi there.", "And then?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert main(["chat", "--address", server.address, "--max-tokens", "5"]) == 0
+    assert main(["chat", "--address", server.address, "--max-tokens", "5", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     first = offline.chat([{"role": "user", "content": "Hi there."}], SamplingParams(max_tokens=5, temperature=0.0))
     second = offline.chat([{"role": "user", "content": "Hi there."},
                            {"role": "assistant", "content": first.outputs[0].text},
                            {"role": "user", "content": "And then?"}], SamplingParams(max_tokens=5, temperature=0.0))
     assert out == f"model> {first.outputs[0].text}\nmodel> {second.outputs[0].text}\n"
+
+
+def test_cli_chat_samples_by_default_when_the_model_ships_no_settings(server, offline, monkeypatch, capsys):
+    """Greedy chat loops with a small model; without settings of the model's own, chat samples
+    with CHAT_SAMPLING (the tiny model has no generation_config.json)."""
+    from runtime.cli.args import CHAT_SAMPLING
+
+    lines = iter(["Hi there.", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--address", server.address, "--max-tokens", "6", "--seed", "4"]) == 0
+    expected = offline.chat([{"role": "user", "content": "Hi there."}],
+                            SamplingParams(max_tokens=6, seed=4, **CHAT_SAMPLING))
+    assert capsys.readouterr().out == f"model> {expected.outputs[0].text}\n"

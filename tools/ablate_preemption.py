@@ -12,7 +12,8 @@ Three parts: micro (swap out + in vs recompute per block size and context), end 
 workload at several request rates in swap, recompute and auto modes, with a verdict per
 rate), and memory (KV waste and memory saved by sharing for parallel sampling and beam
 search). Writes micro.csv, e2e.csv, memory.csv, results.json, micro.png, e2e.png,
-memory.png and summary.md into --out, and a section of docs/BENCHMARKS.md unless --no-write.
+memory.png and summary.md into --out (a fresh folder unless named), and with --update-docs into
+docs/ablation/ and a section of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 from pagedkv import EngineConfig
 from runtime.engine.config import DTYPES
-from tools.report import BENCHMARKS, machine_description, write_section
+from tools.report import BENCHMARKS, add_output_arguments, machine_description, output_folder, write_section
 
 SECTION = "Swap vs recompute ablation"
 FULL = dict(block_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256], contexts=[256, 512, 1024, 2048, 4096],
@@ -52,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", choices=["cuda", "cpu"])
     add("--dtype", choices=list(DTYPES))
     add("--quick", action="store_true", help="fewer block sizes, contexts, rates and requests (minutes on a CPU)")
-    add("--out", default="docs/ablation", help="folder for CSV, JSON, PNG and summary.md (default docs/ablation)")
     add("--block-sizes", type=_ints, help="micro: block sizes, e.g. 1,2,4,...,256")
     add("--contexts", type=_ints, help="micro: context lengths in tokens, e.g. 256,1024,4096")
     add("--repeats", type=int, help="micro: swaps (and prefills up to 1024 tokens) per point; the median counts")
@@ -77,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, help="torch CPU threads (default: 1 with the cpu clock, where more threads "
         "would count their spin-waits as work; torch's choice otherwise)")
     add("--seed", type=int, default=0)
-    add("--no-write", action="store_true", help="leave docs/BENCHMARKS.md alone")
+    add_output_arguments(parser, "ablation")
     add("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -114,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resolve_clock(clock: str, device: str | None) -> str:
-    on_cuda = EngineConfig(device=device).torch_device().type == "cuda"
+    import torch
+
+    on_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if clock == "auto":
         return "wall" if on_cuda else "cpu"
     if clock == "cpu" and on_cuda:
@@ -134,8 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     s = _settings(args)
     progress = not args.no_progress
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args, "ablate", "ablation")
     engine_args = {k: getattr(args, k) for k in ("model", "device", "dtype") if getattr(args, k, None)}
     base = EngineConfig(**engine_args)
     device, dtype = base.torch_device(), base.torch_dtype()
@@ -219,7 +219,7 @@ def _run(args: argparse.Namespace) -> int:
     if verdict_rows:
         print(ablate_report.verdict_table(verdict_rows))
     print(f"wrote {out}/ (summary.md, results.json, CSV, PNG) in {meta['elapsed_s'] / 60:.1f} min")
-    if not args.no_write:
+    if args.update_docs:
         rel = os.path.relpath(out.resolve(), BENCHMARKS.parent)
         linked = {k: f"{rel}/{v}" for k, v in images.items()}
         body = ablate_report.summary(meta, micro, e2e, verdict_rows, memory, warnings, linked)

@@ -12,8 +12,8 @@ of dim 128 unless told otherwise.
 
     python -m tools.bench_attention [--quick] [--out DIR] [--update-docs] [--peak-gbs 4800]
 
-Writes decode.csv, prefill.csv, results.json and summary.md into --out (default
-out/bench_attention, ignored by git); docs/BENCHMARKS.md only with --update-docs.
+Writes decode.csv, prefill.csv, results.json and summary.md into --out (a fresh folder unless
+named); docs/BENCHMARKS.md only with --update-docs.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from tools.report import markdown_table, write_section
+from tools.report import add_output_arguments, markdown_table, output_folder, write_section
 
 TITLE = "Paged attention kernels (GPU)"
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "out" / "bench_attention"
 PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIE": 2000.0, "H100 NVL": 3900.0,
             "A100-SXM4-80GB": 2039.0, "A100 80GB PCIE": 1935.0, "A100-SXM4-40GB": 1555.0,
             "A100-PCIE-40GB": 1555.0, "L40S": 864.0, "L4": 300.0, "RTX 4090": 1008.0}
@@ -263,8 +262,7 @@ def write_results(out: Path, meta: dict, decode: list[DecodeRow], prefill: list[
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (about a minute on an H200)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for CSV, JSON and summary.md")
-    p.add_argument("--update-docs", action="store_true", help="also write the section of docs/BENCHMARKS.md")
+    add_output_arguments(p)
     p.add_argument("--peak-gbs", type=float, default=None, help="device peak bandwidth, GB/s (default: from its name)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -296,8 +294,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "seconds": round((datetime.datetime.now() - started).total_seconds(), 1)}
     text = summary(meta, decode, prefill, swap)
     print(text)
-    write_results(args.out, meta, decode, prefill, swap, text)
-    print(f"wrote {args.out}/ (decode.csv, prefill.csv, results.json, summary.md) in {meta['seconds']} s")
+    out = output_folder(args, "bench_attention")
+    write_results(out, meta, decode, prefill, swap, text)
+    print(f"wrote {out}/ (decode.csv, prefill.csv, results.json, summary.md) in {meta['seconds']} s")
     if args.update_docs:
         write_section(TITLE, text, machine=f"{name}, {total:.0f} GiB, torch {torch.__version__}")
     return 0

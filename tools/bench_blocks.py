@@ -10,7 +10,7 @@ import time
 
 from kvcache.block_manager import BlockManager
 from kvcache.sequence import Sequence, SequenceGroup
-from tools.report import markdown_table, write_section
+from tools.report import add_output_arguments, markdown_table, output_folder, publish
 
 
 def decode_step_times(num_seqs: int, block_size: int, steps: int) -> list[float]:
@@ -60,11 +60,11 @@ def churn_times(num_groups: int, block_size: int, rounds: int) -> list[float]:
     return times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md")
-    args = parser.parse_args()
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
     rows = []
     for num_seqs in (64, 256, 1024):
         for block_size in (1, 16):
@@ -76,9 +76,8 @@ def main() -> None:
                  f"{t * 1e3 / 64:.2f} per group"])
     table = markdown_table(["operation", "block size", "median ms", "us per sequence"], rows)
     print(table)
-    if not args.no_write:
-        write_section("Block manager (CPU)", table + "\n\nTarget: a decode step for 256 sequences "
-                      "under 0.5 ms, small next to a model step.")
+    publish("Block manager (CPU)", table + "\n\nTarget: a decode step for 256 sequences under 0.5 ms, small "
+            "next to a model step.", output_folder(args, "bench_blocks"), args.update_docs)
 
 
 if __name__ == "__main__":

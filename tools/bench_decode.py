@@ -2,7 +2,7 @@
 same weights (float32), same batch, side by side in one run.
 
     python -m tools.bench_decode [--batch-sizes 1,8,32] [--prompt-len 128] [--steps 32]
-                                 [--repeats 3] [--threads N] [--model PATH.gguf] [--no-write]
+                                 [--repeats 3] [--threads N] [--model PATH.gguf] [--out DIR] [--update-docs]
 
 Ours: an LLMEngine with B greedy requests (ignore_eos), random prompts of the same length;
 every engine step after the prefill step is one decode step, timed with time.perf_counter
@@ -13,7 +13,8 @@ min_new_tokens=T, do_sample=False, eos_token_id=None) on the same prompts; one d
 torch.inference_mode() with the same torch thread count, one after the other in every repeat,
 and their greedy tokens are compared.
 
-Writes the table to docs/BENCHMARKS.md, section "Decode step, SmolLM2-135M (CPU)".
+Writes the table into --out (a fresh folder unless named), and with --update-docs into
+docs/BENCHMARKS.md, section "Decode step, SmolLM2-135M (CPU)".
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import time
 
 import torch
 
-from tools.report import markdown_table, write_section
+from tools.report import add_output_arguments, markdown_table, output_folder, publish
 
 TITLE = "Decode step, SmolLM2-135M (CPU)"
 LINEAR_KINDS = {"onednn": "oneDNN with weights prepacked at load", "mm": "torch.mm on transposed weights",
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    add_output_arguments(p)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if args.steps < 2 or args.prompt_len < 1 or args.repeats < 1 or not batches or min(batches) < 1:
@@ -258,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                f"Greedy tokens differ from transformers' at {'; '.join(mismatches)}.") + "  \n"
             + f"Load average (1 min) at the start {load_start:.2f}, at the end {load:.2f}.\n")
     print(body)
-    if not args.no_write:
-        write_section(TITLE, body)
+    publish(TITLE, body, output_folder(args, "bench_decode"), args.update_docs)
     return 0
 
 

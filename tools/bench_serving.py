@@ -1,7 +1,7 @@
 """Serving latency of the ZeroMQ server under Poisson arrivals, at several request rates.
 
     python -m tools.bench_serving [--address ADDR | --model PATH] [--rates 1,2,4,8]
-        [--num-requests N] [--seed S] [--out docs/serving] [--no-write]
+        [--num-requests N] [--seed S] [--out DIR] [--update-docs]
 
 Without --address it starts `pagedkv serve` on a free loopback port (the default model
 unless --model names another), and stops it with SIGTERM at the end. For every rate, one
@@ -21,8 +21,8 @@ the client-side round trip of `health` requests, which touch no engine (pure soc
 msgpack): once with the server idle, and during each rate's run (where a health request
 also waits for the engine step in progress).
 
-Writes serving.csv, serving.json and serving.png into --out, and the section TITLE of
-docs/BENCHMARKS.md unless --no-write.
+Writes serving.csv, serving.json, serving.png and the section TITLE into --out (a fresh folder
+unless named), and with --update-docs into docs/serving/ and docs/BENCHMARKS.md.
 
 --http starts the server with its OpenAI-compatible gateway (`serve --http-port`) and sends each
 rate's requests twice, through the ZeroMQ client and then as streamed `/v1/completions` over HTTP,
@@ -30,7 +30,7 @@ so that the gateway's cost shows next to the direct path in one run (p50 time pe
 of each); files serving_http.*, section HTTP_TITLE. Take the lock when recording figures, so that no
 other benchmark shares the CPU:
 
-    flock /tmp/pagedkv-bench.lock .venv/bin/python -m tools.bench_serving
+    flock /tmp/pagedkv-bench.lock .venv/bin/python -m tools.bench_serving --update-docs
 """
 from __future__ import annotations
 
@@ -55,13 +55,12 @@ from tqdm import tqdm
 
 from pagedkv import AsyncClient, ServerError
 from tools.replay import percentile
-from tools.report import BENCHMARKS, markdown_table, write_section
+from tools.report import BENCHMARKS, add_output_arguments, markdown_table, output_folder, publish
 from tools.workload import WorkloadRequest, describe, make_workload
 
 TITLE = "Serving latency (ZeroMQ server, CPU)"
 HTTP_TITLE = "Serving latency: HTTP gateway vs ZeroMQ (CPU)"
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "docs" / "serving"
 # ShareGPT's shape (log-normal, sigma 0.9; the vLLM paper's means are 161 prompt and 338
 # output tokens) at about 7% of its lengths, so that the default run (4 rates x 100 requests
 # with the default model) takes 5 to 8 minutes on 2 CPU cores.
@@ -414,8 +413,9 @@ def table(results: list[RateResult]) -> str:
     return markdown_table(header, rows)
 
 
-def section_body(results: list[RateResult], meta: dict, png: Path) -> str:
-    relative = os.path.relpath(png, BENCHMARKS.parent)
+def section_body(results: list[RateResult], meta: dict, png: Path, folder: Path) -> str:
+    """The section, its figure linked relative to `folder` (where the section is written)."""
+    relative = os.path.relpath(png.resolve(), folder.resolve())
     errors = sum(r.errors for r in results)
     idle = meta["idle_health_rtt_ms"]
     return f"""\
@@ -452,8 +452,9 @@ def gateway_overhead(results: list[RateResult]) -> str:
     return "\n".join(lines)
 
 
-def http_section_body(results: list[RateResult], meta: dict, png: Path) -> str:
-    relative = os.path.relpath(png, BENCHMARKS.parent)
+def http_section_body(results: list[RateResult], meta: dict, png: Path, folder: Path) -> str:
+    """The HTTP-vs-ZeroMQ section, its figure linked relative to `folder`."""
+    relative = os.path.relpath(png.resolve(), folder.resolve())
     errors = sum(r.errors for r in results)
     return f"""\
 Model: {meta['model']}, served by `pagedkv serve --http-port` ({meta['server']}): one engine, reached
@@ -533,8 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt", type=int, default=MAX_PROMPT)
     parser.add_argument("--max-output", type=int, default=MAX_OUTPUT)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each reply")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for CSV, JSON and PNG")
-    parser.add_argument("--no-write", action="store_true", help="leave docs/BENCHMARKS.md as it is")
+    add_output_arguments(parser, "serving")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--http", action="store_true",
                         help="start the server with its HTTP gateway and run every rate through both paths, "
@@ -553,13 +553,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with started_server(args.model, args.server_args, args.threads, http=args.http) as (address, url):
             results, meta = asyncio.run(bench(address, args, vocab_size, url))
-    paths = write_files(args.out, results, meta, "serving_http" if args.http else "serving")
+    out = output_folder(args, "bench_serving", "serving")
+    paths = write_files(out, results, meta, "serving_http" if args.http else "serving")
     print_summary(results, meta)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if not args.no_write:
-        title, body = (HTTP_TITLE, http_section_body) if args.http else (TITLE, section_body)
-        write_section(title, body(results, meta, paths["png"]))
-        print(f"wrote the section '{title}' of {BENCHMARKS}")
+    title, body = (HTTP_TITLE, http_section_body) if args.http else (TITLE, section_body)
+    publish(title, body(results, meta, paths["png"], out), out, args.update_docs,
+            docs_body=body(results, meta, paths["png"], BENCHMARKS.parent))
     return 1 if any(r.errors for r in results) else 0
 
 

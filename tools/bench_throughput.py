@@ -1,7 +1,7 @@
 """Throughput of continuous batching against static batching and transformers' `generate`,
 KV-cache waste, and the memory that block sharing saves (CPU, default model).
 
-    python -m tools.bench_throughput [--quick] [--no-write] [--num-requests 200] [--seed 0]
+    python -m tools.bench_throughput [--quick] [--update-docs] [--num-requests 200] [--seed 0]
                                      [--batch 32] [--threads N] [--clock wall|cpu]
 
 On CUDA (`--device cuda`, the default where CUDA is) it runs the GPU benchmark of
@@ -33,7 +33,8 @@ engine runs time the executor per step, which separates the model from the engin
 work and gives the step-cost model that explains the ratios. The continuous run samples the
 block manager after every step (KV waste). Sharing: `tools.sharing` on a smaller workload.
 
-Writes two sections of docs/BENCHMARKS.md (see TITLE_THROUGHPUT and TITLE_MEMORY).
+Writes two sections (see TITLE_THROUGHPUT and TITLE_MEMORY) into --out (a fresh folder unless
+named), and with --update-docs into docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams, defaul
 from runtime.models.config import ModelConfig
 from tools.bench_decode import load_transformers
 from tools.replay import replay
-from tools.report import markdown_table, write_section
+from tools.report import add_output_arguments, markdown_table, output_folder, publish
 from tools.sharing import measure_sharing, sharing_table
 from tools.throughput_gpu import SHAPES, main_gpu
 from tools.workload import WorkloadRequest, describe, make_workload
@@ -502,7 +503,7 @@ def memory_body(waste: list[tuple[float, int, int]], batch: int, sim: tuple[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few dozen short requests (about 2 minutes)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md")
+    add_output_arguments(parser)
     parser.add_argument("--num-requests", type=int, help="requests in the throughput workload")
     parser.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
     parser.add_argument("--batch", type=int, help="B: the batch bound of all three ways")
@@ -516,8 +517,6 @@ def main() -> None:
                         help="GPU benchmark: a random model of this shape, built in memory")
     parser.add_argument("--model", help="GPU benchmark: a Hugging Face folder instead of a random model")
     parser.add_argument("--enforce-eager", action="store_true", help="GPU benchmark: no CUDA graphs")
-    parser.add_argument("--out", help="GPU benchmark: folder for throughput.md and throughput.json")
-    parser.add_argument("--update-docs", action="store_true", help="GPU benchmark: write docs/BENCHMARKS.md")
     parser.add_argument("--no-transformers", action="store_true", help="GPU benchmark: pagedkv figures only")
     parser.add_argument("--static-requests", type=int, default=128,
                         help="GPU benchmark: requests for transformers' static generate (default 128; 0: all)")
@@ -525,6 +524,7 @@ def main() -> None:
                         "times (default 1,32,256)")
     args = parser.parse_args()
     if args.device == "cuda":
+        args.out = output_folder(args, "bench_throughput")  # throughput.md and throughput.json go there
         main_gpu(args)
         return
     if args.threads:
@@ -569,9 +569,9 @@ def main() -> None:
     memory = memory_body(waste, preset.batch, sim, sim_requests, rows, sharing_requests)
     print(memory, flush=True)
     print(f"\ntotal {time.monotonic() - started:.0f} s", flush=True)
-    if not args.no_write:
-        write_section(TITLE_THROUGHPUT, body)
-        write_section(TITLE_MEMORY, memory)
+    out = output_folder(args, "bench_throughput")
+    publish(TITLE_THROUGHPUT, body, out, args.update_docs)
+    publish(TITLE_MEMORY, memory, out, args.update_docs)
 
 
 if __name__ == "__main__":

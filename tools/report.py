@@ -1,17 +1,54 @@
-"""Writing benchmark figures into docs/BENCHMARKS.md, one section per benchmark."""
+"""Where benchmark results go: a fresh folder that the tool names, and docs/BENCHMARKS.md (one
+section per benchmark) and docs/<folder>/ only when asked with --update-docs."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 HEADER = ("# Benchmarks\n\nMeasured figures, newest run of each benchmark. Every section names the "
-          "machine, the date and the command that produced it; rerun that command to refresh it.\n")
+          "machine, the date and the command that produced it; rerun that command with `--update-docs` to refresh it "
+          "(without it, results go to a fresh folder the tool names and the repository is left as it is).\n")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, docs_folder: str | None = None) -> None:
+    """--out and --update-docs. docs_folder: the folder under docs/ that --update-docs refreshes."""
+    into = f"docs/{docs_folder}/ and " if docs_folder else ""
+    parser.add_argument("--out", type=Path, help="folder for the results (default: a fresh folder under the "
+                        "system's temporary directory, named when the tool starts"
+                        + (f"; docs/{docs_folder} with --update-docs)" if docs_folder else ")"))
+    parser.add_argument("--update-docs", action="store_true",
+                        help=f"also write {into}this benchmark's section of docs/BENCHMARKS.md (the repository)")
+
+
+def output_folder(args: argparse.Namespace, tool: str, docs_folder: str | None = None) -> Path:
+    """args.out, else docs/<docs_folder> with --update-docs, else a fresh temporary folder."""
+    if args.out:
+        out = Path(args.out)
+    elif args.update_docs and docs_folder:
+        out = BENCHMARKS.parent / docs_folder
+    else:
+        out = Path(tempfile.mkdtemp(prefix=f"pagedkv-{tool}-"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{tool}: results go to {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def publish(title: str, body: str, out: Path, update_docs: bool, machine: str | None = None,
+            docs_body: str | None = None) -> None:
+    """The section as out/BENCHMARKS-section.md; in docs/BENCHMARKS.md too with --update-docs
+    (docs_body there, when its links must point elsewhere)."""
+    write_section(title, body, machine, path=out / "BENCHMARKS-section.md")
+    if update_docs:
+        write_section(title, docs_body or body, machine)
+        print(f"updated the section '{title}' of {BENCHMARKS}", file=sys.stderr)
 
 
 def machine_description() -> str:
@@ -31,8 +68,10 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [*program, *sys.argv[1:]])
 
 
-def write_section(title: str, body: str, machine: str | None = None, path: Path = BENCHMARKS) -> None:
-    """Replaces (or appends) the section `## title` with the body and its provenance."""
+def write_section(title: str, body: str, machine: str | None = None, path: Path | None = None) -> None:
+    """Replaces (or appends) the section `## title` of `path` (docs/BENCHMARKS.md) with the body
+    and its provenance."""
+    path = path or BENCHMARKS
     text = path.read_text() if path.exists() else HEADER
     stamp = (f"Machine: {machine or machine_description()}  \n"
              f"Date: {datetime.date.today().isoformat()}  \n"

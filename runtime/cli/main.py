@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import sys
+import traceback
 
 from runtime.cli import api, offline, remote
-from runtime.cli.args import add_connection_arguments, add_sampling_arguments, parse_ids
+from runtime.cli.args import HelpFormatter, add_connection_arguments, add_sampling_arguments, parse_ids
 from runtime.engine.config import EngineConfig
 from runtime.serving.client import ServerError
 
@@ -21,9 +22,10 @@ def _add_serve(sub) -> None:
     add("--bind", default="tcp://127.0.0.1:5555", help="address to bind; tcp://127.0.0.1:* picks a free port")
     add("--max-queued", type=int, default=1024, help="waiting requests beyond this get 'overloaded'")
     add("--max-message-mib", type=float, default=16.0, help="largest message accepted (MiB)")
-    add("--curve-keys", help="key directory from `pagedkv keys`: accept only its authorized clients")
+    add("--curve-keys", help="key directory from `pagedkv keys`: accept only its authorized clients "
+        "(default: none; loopback or ipc:// only)")
     add("--insecure", action="store_true", help="allow a non-loopback bind without CurveZMQ")
-    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log on stderr")
     api.add_serve_arguments(serve)
     serve.set_defaults(func=remote.cmd_serve)
 
@@ -53,12 +55,12 @@ def _add_remote(sub) -> None:
     chat = sub.add_parser("chat", help="an interactive chat with a running server, streamed")
     add_connection_arguments(chat)
     chat.add_argument("--system", help="a system message for the conversation")
-    add_sampling_arguments(chat)
+    add_sampling_arguments(chat, model_defaults=True)
     chat.set_defaults(func=remote.cmd_chat, max_tokens=512)
 
     keys = sub.add_parser("keys", help="write CurveZMQ key pairs for the server and its clients")
     keys.add_argument("directory")
-    keys.add_argument("--client", action="append", help="client key pair name (repeatable; default 'client')")
+    keys.add_argument("--client", action="append", help="client key pair name (repeatable; default: 'client')")
     keys.set_defaults(func=remote.cmd_keys)
 
 
@@ -78,7 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_api_parser(sub)
     _add_remote(sub)
     _add_plugins(sub)
+    parser.add_argument("--version", action="version", version=f"pagedkv {_version()}")
+    _for_every_parser(parser)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pagedkv")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
+
+
+def _for_every_parser(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """Defaults in every --help, and --debug before or after the subcommand's name."""
+    parser.formatter_class = HelpFormatter
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _for_every_parser(child, top=False)
 
 
 def _add_plugins(sub) -> None:
@@ -99,12 +121,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("generate needs --prompt or --prompt-ids")
     try:
         return args.func(args)
-    except ValueError as e:
-        print(f"pagedkv: error: {e}", file=sys.stderr)
-        return 2
-    except (ServerError, TimeoutError) as e:
-        print(f"pagedkv: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one line for the user; the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        status, text = _explain(e)
+        print(f"pagedkv: error: {text}", file=sys.stderr)
+        return status
+
+
+def _explain(e: Exception) -> tuple[int, str]:
+    """(exit status, message): 2 for what the user can fix (flags, files, no server), 1 for an
+    error the server sent back or a timeout, 1 with a pointer to --debug for anything else."""
+    text = " ".join(str(e).split())
+    if isinstance(e, (ServerError, TimeoutError)):
+        return 1, text
+    if isinstance(e, (ValueError, OSError)):  # OSError: files, and NoServer (a ConnectionError)
+        return 2, text
+    return 1, f"{type(e).__name__}: {text} (a bug; --debug shows the traceback)"
 
 
 if __name__ == "__main__":

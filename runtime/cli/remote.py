@@ -7,8 +7,9 @@ import logging
 import sys
 
 from runtime.cli import api
-from runtime.cli.args import sampling_params_from_args
-from runtime.serving.client import Client, ServerError
+from runtime.cli.args import CHAT_SAMPLING, CONNECT_TIMEOUT, sampling_params_from_args
+from runtime.serving.address import check_free
+from runtime.serving.client import Client, NoServer, ServerError
 from runtime.serving.security import check_bind, write_keys
 
 
@@ -22,6 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(args.bind, args.max_queued, args.max_message_mib, args.curve_keys, args.insecure)
     check_bind(config.bind, config.curve_keys, config.insecure)  # before spending seconds on the model
     api.check_serve_arguments(args)
+    check_free(config.bind)
     print("pagedkv: loading the model ...", file=sys.stderr, flush=True)
     server = Server(LLMEngine(EngineConfig.from_args(args)), config)
     keys = f" --curve-keys {args.curve_keys}" if args.curve_keys else ""
@@ -38,7 +40,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def connect(args: argparse.Namespace) -> Client:
-    return Client(args.address, args.timeout, args.curve_keys, args.client_name)
+    try:
+        return Client(args.address, args.timeout, args.curve_keys, args.client_name, connect_timeout=CONNECT_TIMEOUT)
+    except NoServer as e:
+        hint = "" if "handshake" in str(e) else (
+            f"; start one with `pagedkv serve --bind {args.address}` (or `make serve` for the default address), "
+            "or point --address at a running one")
+        raise NoServer(f"{e}{hint}") from None
 
 
 def cmd_client_generate(args: argparse.Namespace) -> int:
@@ -70,11 +78,13 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """An interactive chat: each answer streams in; /reset forgets the conversation, /exit leaves."""
-    params = sampling_params_from_args(args).to_dict()
+    """An interactive chat: each answer streams in; /reset forgets the conversation, /exit leaves.
+    Unset sampling flags take the model's own settings (from the server), else CHAT_SAMPLING."""
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("pagedkv chat: type a message; /reset starts over, /exit (or Ctrl-D) leaves.", file=sys.stderr)
     with connect(args) as client:
+        shipped = client.health().get("sampling_defaults") or {}
+        params = sampling_params_from_args(args, shipped or CHAT_SAMPLING).to_dict()
+        print("pagedkv chat: type a message; /reset starts over, /exit (or Ctrl-D) leaves.", file=sys.stderr)
         while True:
             try:
                 line = input("you> ").strip()

@@ -35,6 +35,9 @@ Rules, as `GenerationMixin._beam_search` (transformers 5.x), with k = beam_width
   hypotheses (if they beat the kept ones) and the search is done.
 - finalize() returns the best n hypotheses, best first (transformers' sequences order).
 All scores are float32 and computed with the same tensor operations, so ties break alike.
+One difference: transformers marks "no hypothesis" with a -1e9 score, which real scores pass
+below with a negative length_penalty (they grow with the length) and then lose to the
+marker; here the marker is -inf, which changes nothing while scores stay above -1e9.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import torch
 from runtime.engine.sampling_params import SamplingParams
 
 _NEG = -1.0e9  # transformers' "impossible" score
+_NONE = float("-inf")  # the score of an empty hypothesis slot, below any real score
 
 
 @dataclass
@@ -81,8 +85,8 @@ class BeamSearch:
         self._running: list[tuple[list[int], list[float]]] = [([], [])]
         self._running_scores = torch.full((k,), _NEG, dtype=torch.float32)
         self._running_scores[0] = 0.0
-        # The k best hypotheses so far; slots not yet filled hold _NEG-ish scores.
-        self._hyp_scores = torch.full((k,), _NEG, dtype=torch.float32)
+        # The k best hypotheses so far; slots not yet filled hold _NONE.
+        self._hyp_scores = torch.full((k,), _NONE, dtype=torch.float32)
         self._hyp_finished = torch.zeros(k, dtype=torch.bool)
         self._hyps: list[Hypothesis | None] = [None] * k
 
@@ -133,7 +137,7 @@ class BeamSearch:
         # (transformers also masks out everything when a batch item is already complete;
         # for one request that state has already ended the search.)
         cand = top_scores / (gen_len ** self.length_penalty)
-        cand += (~just_finished) * _NEG
+        cand = cand.masked_fill(~just_finished, _NONE)
         merged = torch.cat((self._hyp_scores, cand))
         best = torch.topk(merged, k)[1].tolist()
         finished, cand_list, cum_list = just_finished.tolist(), cand.tolist(), top_scores.tolist()
@@ -142,7 +146,7 @@ class BeamSearch:
             c = j - k
             if c < 0:  # a kept hypothesis (or an empty slot)
                 hyps.append(self._hyps[j])
-            elif not finished[c]:  # a -1e9 filler; never returned
+            elif not finished[c]:  # an empty slot; never returned
                 hyps.append(None)
             else:
                 ids, lps = self._running[parents[c]]
@@ -175,7 +179,7 @@ class BeamSearch:
         else:
             best_len = self.cur_len - self.prompt_len
         best_running = self._running_scores[:1] / (best_len ** lp)
-        worst = torch.where(self._hyp_finished, self._hyp_scores.min(), _NEG)
+        worst = torch.where(self._hyp_finished, self._hyp_scores.min(), _NONE)
         improvable = bool((best_running > worst).any())
         all_full = bool(self._hyp_finished.all()) and self.early_stopping is True
         self.done = not improvable or all_full or all_hit
@@ -183,4 +187,6 @@ class BeamSearch:
     def finalize(self) -> list[Hypothesis]:
         """The best params.n hypotheses, best first (call once done)."""
         found = [h for h, f in zip(self._hyps, self._hyp_finished.tolist()) if f and h is not None]
+        if not found:  # a request must never end with no output and no error
+            raise RuntimeError("beam search ended without a finished hypothesis")
         return found[:self.num_return]

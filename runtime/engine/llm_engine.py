@@ -1,8 +1,10 @@
 """LLMEngine: requests in, one scheduler iteration and one model call per step, outputs out."""
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
+from typing import Callable
 
 import torch
 
@@ -10,12 +12,15 @@ from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 from preemption.scheduler import SchedulerOutput
 from runtime.engine.beam_search import BeamSearch
 from runtime.engine.config import EngineConfig, build_engine_parts
-from runtime.engine.outputs import CompletionOutput, RequestOutput
+from runtime.engine.outputs import FAILED, REJECTED, CompletionOutput, RequestOutput
+from runtime.engine.quote import quote
 from runtime.engine.sampler import SampledToken, sample_batch
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.stopping import StopChecker
 from runtime.engine.worker import start_tensor_parallel
 from runtime.models.loader import LoadedModel
+
+log = logging.getLogger("pagedkv.engine")
 
 
 class RequestTooLong(ValueError):
@@ -35,12 +40,14 @@ class LLMEngine:
         self.model_config = parts.loaded.config
         self.model_source = parts.loaded.source
         self.tokenizer = parts.loaded.tokenizer
+        self.sampling_defaults = parts.loaded.sampling_defaults  # what the model ships, for clients
         self.block_manager, self.cache = parts.block_manager, parts.cache
         self.scheduler, self.executor, self.cost = parts.scheduler, parts.executor, parts.cost
         self.profile = self.executor.profile
         self.groups: dict[str, SequenceGroup] = {}
         self.beams: dict[str, BeamSearch] = {}
         self.beam_results: dict[str, list] = {}  # request id -> best hypotheses, once done
+        self.failed: set[str] = set()  # requests that failed in a step (not rejected at admission)
         self.streaming: set[str] = set()  # requests that get an output every step, not only the last
         self.stopping = StopChecker(self.tokenizer, self.model_config)
         self.started = time.monotonic()
@@ -98,6 +105,7 @@ class LLMEngine:
             return None
         self.scheduler.abort(request_id)
         self.beams.pop(request_id, None)
+        self.beam_results.pop(request_id, None)
         self.streaming.discard(request_id)
         return self._output(group, {})
 
@@ -133,6 +141,7 @@ class LLMEngine:
                 self.groups.pop(group.request_id, None)
                 self.beams.pop(group.request_id, None)
                 self.beam_results.pop(group.request_id, None)
+                self.failed.discard(group.request_id)
                 self.streaming.discard(group.request_id)
         self.scheduler.free_finished()
         self.profile.mark("outputs")
@@ -159,37 +168,83 @@ class LLMEngine:
             else:
                 draws.append((seq, i))
         if draws:
-            rows = [i for _, i in draws]
-            picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
-                                  [sampling[i].group.sampling_params for _, i in draws],
-                                  [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws],
-                                  self.executor.staging)
-            for (seq, i), token in zip(draws, picked):
-                self._append(sampling[i].group, seq, token, new_tokens)
+            self._sample_plain(sampling, draws, logits, new_tokens)
         if beam_rows:
             self._beam_steps([sampling[rows[0]].group for rows in beam_rows.values()], beam_rows, sampling, logits)
+
+    def _sample_plain(self, sampling: list, draws: list[tuple[Sequence, int]], logits: torch.Tensor,
+                      new_tokens: dict[str, dict[int, list[int]]]) -> None:
+        """All plain draws in one batch; if that fails, group by group, so that the group whose
+        data broke it ends alone (seeded draws do not depend on the batch)."""
+        try:
+            picked: list[SampledToken] | None = self._draw(sampling, draws, logits)
+        except Exception:
+            picked = None
+        by_group: dict[int, list[int]] = defaultdict(list)  # id(group) -> positions in draws
+        for k, (_, i) in enumerate(draws):
+            by_group[id(sampling[i].group)].append(k)
+
+        def finish(positions: list[int]) -> None:
+            part = [draws[k] for k in positions]
+            tokens = [picked[k] for k in positions] if picked is not None else self._draw(sampling, part, logits)
+            for (seq, i), token in zip(part, tokens):
+                self._append(sampling[i].group, seq, token, new_tokens)
+
+        for positions in by_group.values():
+            self._guarded(sampling[draws[positions[0]][1]].group, lambda: finish(positions))
+
+    def _draw(self, sampling: list, draws: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[SampledToken]:
+        rows = [i for _, i in draws]
+        picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
+                              [sampling[i].group.sampling_params for _, i in draws],
+                              [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws],
+                              self.executor.staging)
+        vocab = logits.shape[-1]
+        bad = [t.token_id for t in picked if not 0 <= t.token_id < vocab]
+        if bad:  # what bad parameters (or logits) give instead of an exception
+            raise ValueError(f"the sampler picked token id {bad[0]}, outside the vocabulary [0, {vocab})")
+        return picked
+
+    def _guarded(self, group: SequenceGroup, work: Callable[[], None]) -> None:
+        """Runs one group's part of a step; an exception there ends that group alone, with an error."""
+        try:
+            work()
+        except Exception as e:
+            log.exception("request %s failed in this step; the others go on", quote(group.request_id))
+            self.failed.add(group.request_id)
+            self.scheduler.finish(group, SequenceStatus.FINISHED_ERROR,
+                                  f"the request failed while sampling: {type(e).__name__}: {quote(str(e))}")
 
     def _beam_steps(self, groups: list[SequenceGroup], beam_rows: dict[str, list[int]],
                     sampling: list, logits: torch.Tensor) -> None:
         """Every beam group's top-k on the device, from one log-softmax; one copy brings the
-        candidates of all groups to the host."""
+        candidates of all groups to the host. Each group's halves run guarded."""
         ordered: list[int] = []
         for group in groups:
             row_of = {id(sampling[i].seq): i for i in beam_rows[group.request_id]}
             ordered += [row_of[id(seq)] for seq in group.unfinished_seqs()]
         logprobs = torch.log_softmax(logits[ordered].float(), dim=-1)
-        parts, start = [], 0
+        parts: list[tuple[SequenceGroup, torch.Tensor]] = []
+        start = 0
         for group in groups:
             count = len(group.unfinished_seqs())
-            scores, idx, lps = self.beams[group.request_id].candidates(logprobs[start:start + count])
-            parts.append(torch.stack([scores.double(), idx.double(), lps.double()]))
+            rows = logprobs[start:start + count]
             start += count
-        host = torch.cat(parts, dim=1).cpu()
+
+            def candidates(group: SequenceGroup = group, rows: torch.Tensor = rows) -> None:
+                scores, idx, lps = self.beams[group.request_id].candidates(rows)
+                parts.append((group, torch.stack([scores.double(), idx.double(), lps.double()])))
+
+            self._guarded(group, candidates)
+        if not parts:
+            return
+        host = torch.cat([part for _, part in parts], dim=1).cpu()
         start = 0
-        for group, part in zip(groups, parts):
+        for group, part in parts:
             scores, idx, lps = host[:, start:start + part.shape[1]]
             start += part.shape[1]
-            self._beam_step(group, scores.float(), idx.long().tolist(), lps.tolist(), logits.shape[-1])
+            self._guarded(group, lambda: self._beam_step(group, scores.float(), idx.long().tolist(), lps.tolist(),
+                                                         logits.shape[-1]))
 
     def _append(self, group: SequenceGroup, seq: Sequence, token: SampledToken,
                 new_tokens: dict[str, dict[int, list[int]]]) -> None:
@@ -245,11 +300,13 @@ class LLMEngine:
             outputs = [self.stopping.completion(i, seq, new_tokens.get(i, []), group.sampling_params)
                        for i, seq in enumerate(group.seqs)]
         queued = None if group.first_scheduled_time is None else group.first_scheduled_time - group.arrival_time
-        return RequestOutput(group.request_id, prompt, outputs, group.is_finished, group.error, queued)
+        code = (FAILED if group.request_id in self.failed else REJECTED) if group.error else None
+        return RequestOutput(group.request_id, prompt, outputs, group.is_finished, group.error,
+                             queue_time=queued, error_code=code)
 
     def _beam_outputs(self, group: SequenceGroup) -> list[CompletionOutput]:
         hypotheses = self.beam_results.get(group.request_id)
-        if not group.is_finished or not hypotheses:
+        if not group.is_finished or not hypotheses:  # running, aborted or failed
             return []
         return [CompletionOutput(i, h.token_ids, self.stopping.decode(h.token_ids), h.cum_logprob, h.finish_reason)
                 for i, h in enumerate(hypotheses)]

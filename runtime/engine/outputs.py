@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Why a request ended with an error (the wire protocol's codes of the same name):
+REJECTED = "too_long"   # it can never run: longer than the model's context, or than the KV cache holds
+FAILED = "internal"     # it failed in a step (its sampling or beam search raised); the others went on
+
 
 @dataclass
 class CompletionOutput:
@@ -24,3 +28,4 @@ class RequestOutput:
     finished: bool
     error: str | None = None
     queue_time: float | None = None  # seconds from arrival to first scheduling, once scheduled
+    error_code: str | None = None  # REJECTED or FAILED when error is set

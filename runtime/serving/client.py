@@ -15,10 +15,13 @@ from typing import Any, AsyncIterator, Iterator
 import msgpack
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 
 from runtime.serving.security import secure_client
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class ServerError(Exception):
@@ -49,25 +52,57 @@ def _done(reply: dict) -> bool:
     return reply.get("type") == "final"
 
 
+class NoServer(ConnectionError):
+    """No server completed the ZeroMQ handshake at the address in time."""
+
+
 class _Base:
     def __init__(self, context: zmq.Context, address: str, timeout: float, curve_keys: str | None,
-                 client_name: str) -> None:
+                 client_name: str, connect_timeout: float | None = None) -> None:
         self.address, self.timeout = address, timeout
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve_keys:
             secure_client(self.socket, curve_keys, client_name)
+        monitor = None
+        if connect_timeout is not None:
+            monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED)
         self.socket.connect(address)
+        if monitor is not None:
+            try:
+                self._await_handshake(monitor, connect_timeout)
+            except NoServer:
+                self.socket.close()
+                raise
+            finally:
+                monitor.close()
         self._ids = (f"{os.getpid():x}-{i}" for i in itertools.count())
+
+    def _await_handshake(self, monitor: zmq.Socket, timeout: float) -> None:
+        """A server's I/O thread completes the handshake even while its engine is busy, so a
+        short wait tells "nobody there" from "slow to answer"."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and monitor.poll(max(int(left * 1000), 1)):
+            event = zmq.utils.monitor.recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.socket.disable_monitor()
+                return
+            if event & _HANDSHAKE_FAILED:
+                raise NoServer(f"the server at {self.address} refused the connection's handshake "
+                               "(CurveZMQ keys that do not match, or none where the server wants them)")
+        raise NoServer(f"no server answers at {self.address} (waited {timeout:g} s)")
 
     def new_id(self) -> str:
         return next(self._ids)
 
 
 class Client(_Base):
+    """connect_timeout: seconds to wait for a server's handshake before anything is sent
+    (NoServer if none comes); None sends at once, and a missing server shows as a timeout."""
+
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 120.0, curve_keys: str | None = None,
-                 client_name: str = "client") -> None:
-        super().__init__(zmq.Context.instance(), address, timeout, curve_keys, client_name)
+                 client_name: str = "client", connect_timeout: float | None = None) -> None:
+        super().__init__(zmq.Context.instance(), address, timeout, curve_keys, client_name, connect_timeout)
 
     def __enter__(self) -> "Client":
         return self
@@ -174,6 +209,8 @@ class AsyncClient(_Base):
 
     async def replies(self, message: dict, timeout: float | None = None) -> AsyncIterator[dict]:
         """Sends a request and yields its replies up to the final one."""
+        if message["id"] in self._queues:  # its replies could not be told apart (docs/protocol.md)
+            raise ValueError(f"request id {message['id']!r} is already in flight on this client")
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         queue: asyncio.Queue = asyncio.Queue()

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import msgpack
 
 from runtime.engine.outputs import RequestOutput
+from runtime.engine.quote import quote
 from runtime.engine.sampling_params import SamplingParams
 
 # Stable error codes.
@@ -25,6 +26,10 @@ FIELDS = {
     "health": {"type", "id"},
 }
 MAX_ID_LENGTH = 256
+MAX_ERROR_CHARS = 1000  # an error reply's message; quoted values are shorter still
+# Text allowed per context token before tokenizing: generous for any tokenizer. A chat
+# message costs at least one token (its role marker), so a chat has at most that many.
+CHARS_PER_TOKEN = 32
 
 
 class ProtocolError(Exception):
@@ -65,11 +70,11 @@ def decode_message(payload: bytes, max_prompt_chars: int) -> Message:
                             f"{MAX_ID_LENGTH} characters) or an integer")
     kind = data.get("type")
     if kind not in REQUEST_TYPES:
-        raise ProtocolError(BAD_REQUEST, f"unknown message type {kind!r}; expected one of "
+        raise ProtocolError(BAD_REQUEST, f"unknown message type {quote(kind)}; expected one of "
                             f"{', '.join(REQUEST_TYPES)}", request_id)
-    unknown = sorted(str(k) for k in data if k not in FIELDS[kind])
+    unknown = sorted(quote(k, 60) for k in data if k not in FIELDS[kind])
     if unknown:
-        raise ProtocolError(BAD_REQUEST, f"unknown field(s) in a {kind} message: {', '.join(unknown)}",
+        raise ProtocolError(BAD_REQUEST, f"unknown field(s) in a {kind} message: {', '.join(unknown[:5])}",
                             request_id)
     if kind != "generate":
         return Message(kind, request_id)
@@ -83,7 +88,7 @@ def _generate(data: dict, request_id: str | int, max_prompt_chars: int) -> Messa
                             f"and 'messages', got {sources or 'none'}", request_id)
     msg = Message("generate", request_id, stream=data.get("stream", False))
     if not isinstance(msg.stream, bool):
-        raise ProtocolError(BAD_REQUEST, f"'stream' must be a boolean, got {msg.stream!r}", request_id)
+        raise ProtocolError(BAD_REQUEST, f"'stream' must be a boolean, got {quote(msg.stream)}", request_id)
     if "prompt" in data:
         msg.prompt = data["prompt"]
         if not isinstance(msg.prompt, str):
@@ -96,12 +101,17 @@ def _generate(data: dict, request_id: str | int, max_prompt_chars: int) -> Messa
             raise ProtocolError(BAD_REQUEST, "'prompt_ids' must be a list of integers", request_id)
     else:
         msg.messages = data["messages"]
+        max_messages = max_prompt_chars // CHARS_PER_TOKEN
+        if isinstance(msg.messages, list) and len(msg.messages) > max_messages:
+            raise ProtocolError(TOO_LONG, f"the chat has {len(msg.messages)} messages, more than this server "
+                                f"takes ({max_messages}: one per token of the model's context)", request_id)
         if not isinstance(msg.messages, list) or not msg.messages or not all(
                 isinstance(m, dict) and set(m) == {"role", "content"}
                 and isinstance(m["role"], str) and isinstance(m["content"], str) for m in msg.messages):
             raise ProtocolError(BAD_REQUEST, "'messages' must be a non-empty list of maps with a string "
                                 "'role' and a string 'content'", request_id)
-        _check_size(sum(len(m["content"]) for m in msg.messages), max_prompt_chars, request_id)
+        # Roles count as much as contents: the template renders both.
+        _check_size(sum(len(m["role"]) + len(m["content"]) for m in msg.messages), max_prompt_chars, request_id)
     try:
         msg.params = SamplingParams.from_dict(data.get("params", {}))
     except (TypeError, ValueError) as e:
@@ -121,6 +131,8 @@ def encode(reply: dict) -> bytes:
 
 
 def error_reply(request_id: Any, code: str, message: str) -> dict:
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 3] + "..."
     return {"type": "error", "id": request_id, "code": code, "message": message}
 
 

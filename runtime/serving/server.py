@@ -7,7 +7,9 @@ Every request ends with exactly one `final` or `error` reply (docs/protocol.md).
 Disconnects: ROUTER_NOTIFY is a draft API that the released libzmq builds leave out, so
 the server watches its socket monitor instead. A message tells which connection (file
 descriptor) it came from; a DISCONNECTED event for that descriptor aborts its client's
-requests (see _drain_socket for why a reused descriptor is never mistaken).
+requests (see _drain_socket for why a reused descriptor is never mistaken). A client that
+sends and closes at once can be gone before its first message is read: its descriptor's
+last event is then DISCONNECTED, with no ACCEPTED since, and the message is dropped.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ from zmq.utils.monitor import recv_monitor_message
 
 from runtime.engine.llm_engine import LLMEngine, RequestTooLong
 from runtime.engine.outputs import RequestOutput
+from runtime.engine.quote import quote
 from runtime.serving.protocol import (
-    ABORTED, BAD_REQUEST, INTERNAL, OVERLOADED, TOO_LONG, Message, ProtocolError, decode_message, encode, error_reply,
-    final_reply
+    ABORTED, BAD_REQUEST, CHARS_PER_TOKEN, INTERNAL, OVERLOADED, TOO_LONG, Message, ProtocolError, decode_message,
+    encode, error_reply, final_reply
 )
 from runtime.serving.security import check_bind, secure_server
 from runtime.serving.streaming import RequestStream
@@ -65,7 +68,11 @@ class Server:
         self.auth = secure_server(self.context, self.socket, config.curve_keys) if config.curve_keys else None
         self.socket.setsockopt(zmq.MAXMSGSIZE, int(config.max_message_mib * 2**20))
         self.socket.setsockopt(zmq.SNDHWM, 0)  # replies are bounded by the requests; never drop one
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor_address = f"inproc://pagedkv-monitor-{id(self):x}"
+        self.socket.monitor(monitor_address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.monitor = self.context.socket(zmq.PAIR)
+        self.monitor.setsockopt(zmq.RCVHWM, 0)  # keep every event: a lost ACCEPTED would look like a gone client
+        self.monitor.connect(monitor_address)
         self.socket.setsockopt(zmq.LINGER, 2000)
         try:
             self.socket.bind(config.bind)
@@ -74,10 +81,11 @@ class Server:
             raise ValueError(f"cannot bind {config.bind}: {e}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         # Characters per prompt allowed before tokenizing: generous for any tokenizer.
-        self.max_prompt_chars = 32 * engine.model_config.max_position_embeddings
+        self.max_prompt_chars = CHARS_PER_TOKEN * engine.model_config.max_position_embeddings
         self.in_flight: dict[str, InFlight] = {}            # engine request id -> its client
         self.by_client: dict[tuple[bytes, str | int], str] = {}
         self.connection_of: dict[bytes, int] = {}              # client identity -> its socket fd
+        self.closed_fds: set[int] = set()  # descriptors whose last event was DISCONNECTED
         self.next_id = 0
         self.stopping = False
         self.started = time.monotonic()
@@ -134,21 +142,36 @@ class Server:
             except zmq.Again:
                 return
             started = time.perf_counter()
-            envelope = [f.bytes for f in frames[:-1]]
+            envelope = [frames[0].bytes]
             if envelope[0] not in self.connection_of:
                 # A new client. Descriptors are reused at once, so first take in the monitor's
                 # events: a previous owner's DISCONNECTED was sent before its descriptor was
                 # closed, so it is already there and cannot later be taken for this client's.
+                # This connection's ACCEPTED came before its first message, so a descriptor
+                # still marked closed means that this client has gone already.
                 self._drain_monitor()
-                self.connection_of[envelope[0]] = frames[-1].get(zmq.SRCFD)
-            self._handle(envelope, frames[-1].bytes)
+                fd = frames[-1].get(zmq.SRCFD)
+                if fd in self.closed_fds:
+                    self.counters["messages"] += 1
+                    log.info("a client closed its connection before its request was read; dropping it")
+                    continue
+                self.connection_of[envelope[0]] = fd
+            if len(frames) != 2:  # a DEALER's message arrives as [identity, payload]
+                self.counters["messages"] += 1
+                self._error(envelope, None, BAD_REQUEST, f"a message must be a single frame (docs/protocol.md); "
+                            f"this one has {len(frames) - 1}")
+            else:
+                self._handle(envelope, frames[-1].bytes)
             self.counters["handle_seconds"] += time.perf_counter() - started
 
     def _drain_monitor(self) -> None:
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                fd = int(event["value"])
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.closed_fds.discard(fd)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.closed_fds.add(fd)
                 for identity in [i for i, c in self.connection_of.items() if c == fd]:
                     del self.connection_of[identity]
                     self._disconnected(identity)
@@ -156,8 +179,13 @@ class Server:
     # -- requests -------------------------------------------------------------------------------
     def _handle(self, envelope: list[bytes], payload: bytes) -> None:
         self.counters["messages"] += 1
+        msg: Message | None = None
         try:
             msg = decode_message(payload, self.max_prompt_chars)
+            if msg.type != "abort" and (envelope[0], msg.id) in self.by_client:
+                # Ids are unique among a connection's messages in flight, whatever their type.
+                raise ProtocolError(BAD_REQUEST, f"request id {quote(msg.id)} is already in flight on this "
+                                    "connection", msg.id)
             if msg.type == "generate":
                 self._generate(envelope, msg)
             elif msg.type == "abort":
@@ -170,12 +198,11 @@ class Server:
             self._error(envelope, e.request_id, e.code, e.message)
         except Exception as e:  # a bug must not take the server down
             log.exception("internal error while handling a message")
-            self._error(envelope, None, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            self._error(envelope, msg.id if msg else None, INTERNAL,
+                        f"internal error: {type(e).__name__}: {quote(str(e))}")
 
     def _generate(self, envelope: list[bytes], msg: Message) -> None:
         key = (envelope[0], msg.id)
-        if key in self.by_client:
-            raise ProtocolError(BAD_REQUEST, f"request id {msg.id!r} is already in flight", msg.id)
         if len(self.engine.scheduler.waiting) >= self.config.max_queued:
             raise ProtocolError(OVERLOADED, f"{self.config.max_queued} requests are already waiting; "
                                 "retry later", msg.id)
@@ -204,7 +231,8 @@ class Server:
         try:
             text = tokenizer.apply_chat_template(msg.messages, add_generation_prompt=True)
         except (ValueError, jinja2.TemplateError) as e:
-            raise ProtocolError(BAD_REQUEST, f"the chat template cannot render these messages: {e}", msg.id)
+            raise ProtocolError(BAD_REQUEST, f"the chat template cannot render these messages: {quote(str(e))}",
+                                msg.id)
         return tokenizer.encode(text, add_special_tokens=False)
 
     def _abort(self, envelope: list[bytes], client_id: str | int) -> None:
@@ -238,9 +266,11 @@ class Server:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            log.exception("the engine step failed; aborting the requests in flight")
+            log.exception("the engine step failed (%s: %s); aborting the %d request(s) in flight, serving on",
+                          type(e).__name__, quote(str(e)), len(self.in_flight))
             for request_id in list(self.in_flight):
-                self._finish_with_error(request_id, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+                self._finish_with_error(request_id, INTERNAL, f"internal error in the engine step: "
+                                        f"{type(e).__name__}: {quote(str(e))}")
             return
         self.counters["step_seconds"] += time.perf_counter() - started
         self.counters["steps"] += 1
@@ -259,7 +289,7 @@ class Server:
             return
         self._forget(output.request_id)
         if output.error:
-            self._error(request.envelope, request.client_id, TOO_LONG, output.error)
+            self._error(request.envelope, request.client_id, output.error_code or INTERNAL, output.error)
         else:
             self._send(request.envelope, final_reply(request.client_id, output, self._token_text))
 
@@ -276,8 +306,9 @@ class Server:
 
     def _error(self, envelope: list[bytes], client_id, code: str, message: str) -> None:
         self.counters["errors"] += 1
-        log.warning("request %r: %s: %s", client_id, code, message)
-        self._send(envelope, error_reply(client_id, code, message))
+        reply = error_reply(client_id, code, message)
+        log.warning("request %s: %s: %s", quote(client_id), code, reply["message"])
+        self._send(envelope, reply)
 
     # -- information and shutdown ---------------------------------------------------------------
     def stats(self) -> dict:
@@ -292,6 +323,7 @@ class Server:
     def health(self) -> dict:
         return {"status": "stopping" if self.stopping else "ok", "model": self.engine.model_source,
                 "max_model_len": self.engine.model_config.max_position_embeddings,
+                "sampling_defaults": self.engine.sampling_defaults,
                 "in_flight": len(self.in_flight), "uptime_s": time.monotonic() - self.started}
 
     def _shutdown(self) -> None:

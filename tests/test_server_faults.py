@@ -1,0 +1,299 @@
+"""What fuzzing the server found, each reproduced against a real `pagedkv serve` process: bad
+input gets a short `error` reply with the request's id, and hurts no other request."""
+import json
+import shutil
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+from server_process import running_server
+
+from runtime.cli.main import main
+from runtime.engine.llm import LLM
+from runtime.engine.sampling_params import SamplingParams
+from runtime.serving.client import Client, ServerError
+
+pytestmark = pytest.mark.timeout(300)
+PROMPT = [5, 17, 42, 99, 7, 300, 12]
+LONG = {"max_tokens": 150, "temperature": 0.0, "ignore_eos": True}
+
+
+SHIPPED = {"temperature": 0.7, "top_k": 5}  # the model's own sampling settings
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model, tmp_path_factory):
+    """The tiny model with a generation_config.json that asks for sampling."""
+    folder = tmp_path_factory.mktemp("shipped") / "model"
+    shutil.copytree(tiny_model(), folder)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, **SHIPPED}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("faults") / "server.log"
+    with running_server(model_path, "--num-device-blocks", "256", "--block-size", "4",
+                        "--max-message-mib", "8", log_path=str(log)) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def offline(model_path):
+    return LLM(model=model_path, num_device_blocks=512, block_size=4)
+
+
+def _raw(server):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    return sock
+
+
+def _pack(message):
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _reply(sock, timeout=60):
+    assert sock.poll(timeout * 1000), "no reply"
+    frames = sock.recv_multipart()
+    assert len(frames) == 1, frames
+    return msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+
+
+def _terminal(sock, request_id, timeout=120):
+    """Skips token replies up to the request's final or error reply."""
+    while True:
+        reply = _reply(sock, timeout)
+        if reply["id"] == request_id and reply["type"] != "token":
+            return reply
+
+
+def _idle(client, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = client.stats()
+        if stats["server"]["in_flight"] == 0 and stats["blocks"]["device"]["used"] == 0:
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"still busy: {stats}")
+
+
+POISON = {
+    "top_p 0 in float32 (1)": {"top_p": 1e-46},
+    "length_penalty 300 (2)": {"beam_width": 2, "length_penalty": 300, "max_tokens": 40},
+    "length_penalty 1e308 (2)": {"beam_width": 2, "length_penalty": 1e308, "max_tokens": 40},
+    "never with 400 (2)": {"beam_width": 2, "length_penalty": 400, "early_stopping": "never", "max_tokens": 40},
+}
+
+
+@pytest.mark.parametrize("case", list(POISON))
+def test_poisoned_parameters_are_refused_and_hurt_no_request_in_flight(server, offline, case):
+    """Failures 1 and 2: these made the step raise, and every request in flight, from every
+    client, got an `internal` error."""
+    other, sock = _raw(server), _raw(server)
+    try:
+        other.send(_pack({"type": "generate", "id": "bystander", "prompt_ids": PROMPT, "params": LONG,
+                          "stream": True}))
+        assert _reply(other)["type"] == "token"  # it is running
+        sock.send(_pack({"type": "generate", "id": 5, "prompt_ids": [5], "params": POISON[case]}))
+        reply = _reply(sock)
+        assert (reply["type"], reply["id"], reply["code"]) == ("error", 5, "bad_request"), reply
+        name = "top_p" if "top_p" in POISON[case] else "length_penalty"
+        assert name in reply["message"]
+        final = _terminal(other, "bystander")
+        expected = offline.generate([PROMPT], SamplingParams(**LONG), use_tqdm=False)[0].outputs[0]
+        assert final["type"] == "final" and final["outputs"][0]["token_ids"] == expected.token_ids
+    finally:
+        other.close()
+        sock.close()
+
+
+def test_negative_length_penalty_gets_outputs(server):
+    """Failure 4: a `final` reply with `outputs: []`."""
+    with Client(server.address, timeout=60) as client:
+        final = client.generate(prompt_ids=[5, 6, 7], beam_width=2, n=2, length_penalty=-5, max_tokens=32)
+    assert len(final["outputs"]) == 2 and all(o["token_ids"] for o in final["outputs"])
+
+
+@pytest.mark.parametrize("where", ["type", "stream", "temperature", "stop"])
+def test_deep_nesting_is_a_bad_request_with_the_request_id(server, where):
+    """Failure 3: RecursionError while building the error message gave `internal`, id null."""
+    deep: list = []
+    for _ in range(1000):
+        deep = [deep]
+    message = {"type": "generate", "id": "deep", "prompt_ids": PROMPT, "params": {}}
+    if where in ("type", "stream"):
+        message[where] = deep
+    else:
+        message["params"][where] = deep
+    sock = _raw(server)
+    try:
+        sock.send(_pack(message))
+        reply = _reply(sock)
+        assert (reply["type"], reply["id"], reply["code"]) == ("error", "deep", "bad_request"), reply
+    finally:
+        sock.close()
+
+
+def test_error_replies_and_log_lines_quote_a_huge_value_briefly(server):
+    """Failure 6: a 15 MiB string as temperature gave a 15.7 MB reply and as much log."""
+    sock = _raw(server)
+    log_before = len(server.log())
+    try:
+        sock.send(_pack({"type": "generate", "id": "big", "prompt_ids": PROMPT,
+                         "params": {"temperature": "9" * (5 * 2**20)}}))
+        assert sock.poll(60_000)
+        raw = sock.recv()
+        reply = msgpack.unpackb(raw, raw=False)
+        assert (reply["id"], reply["code"]) == ("big", "bad_request") and "temperature" in reply["message"]
+        assert len(raw) < 2000
+    finally:
+        sock.close()
+    with Client(server.address, timeout=30) as client:
+        client.health()  # the server has written its log line by now
+    assert len(server.log()) - log_before < 5000
+
+
+@pytest.mark.parametrize("chat", ["a 6 MiB role", "200,000 empty messages"])
+def test_huge_chats_are_refused_before_the_template_runs(server, chat):
+    """Failure 5: the size check counted only `content`; rendering and tokenizing stalled the
+    loop for every client. Refused by counting what was sent, the reply says so."""
+    if chat == "a 6 MiB role":
+        messages = [{"role": "r" * (6 * 2**20), "content": "hi"}]
+    else:
+        messages = [{"role": "", "content": ""}] * 200_000
+    sock = _raw(server)
+    try:
+        sock.send(_pack({"type": "generate", "id": "chat", "messages": messages}))
+        reply = _reply(sock)
+        assert (reply["type"], reply["id"], reply["code"]) == ("error", "chat", "too_long"), reply
+        assert ("characters" if "role" in chat else "messages") in reply["message"]
+    finally:
+        sock.close()
+
+
+def test_a_client_that_sends_and_closes_at_once_is_aborted(server):
+    """Failure 7: 34 of 40 such requests ran to completion."""
+    clients, max_tokens = 12, 1500
+    with Client(server.address, timeout=60) as observer:
+        stats = _idle(observer)
+        before, seen = stats["generated_tokens"], stats["server"]["messages"]
+        for i in range(clients):
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.connect(server.address)
+            sock.send(_pack({"type": "generate", "id": i, "prompt_ids": PROMPT,
+                             "params": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0}}))
+            sock.close(linger=2000)  # sends what is queued, then closes: no delay in between
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the server has received all of them
+            stats = observer.stats()
+            seen += 1  # this stats request itself
+            if stats["server"]["messages"] - seen >= clients:
+                break
+            time.sleep(0.05)
+        assert stats["server"]["messages"] - seen == clients
+        stats = _idle(observer, timeout=240)
+    generated = stats["generated_tokens"] - before
+    assert generated < clients * max_tokens / 4, f"{generated} tokens generated for clients that had gone"
+
+
+def test_ids_are_unique_among_a_connections_messages_in_flight_whatever_their_type(server):
+    """Failure 8: a `stats` or `health` reusing the id of an in-flight `generate` was answered,
+    giving that id several terminal replies."""
+    sock = _raw(server)
+    try:
+        sock.send(_pack({"type": "generate", "id": 7, "prompt_ids": PROMPT, "params": LONG, "stream": True}))
+        assert _reply(sock)["type"] == "token"
+        for kind in ("stats", "health"):
+            sock.send(_pack({"type": kind, "id": 7}))
+            while (reply := _reply(sock))["type"] == "token":
+                pass
+            assert (reply["type"], reply["id"], reply["code"]) == ("error", 7, "bad_request"), reply
+            assert "already in flight" in reply["message"] and kind not in reply
+        sock.send(_pack({"type": "abort", "id": 7}))
+        assert _terminal(sock, 7)["code"] == "aborted"
+        sock.send(_pack({"type": "stats", "id": 7}))  # no longer in flight: fine again
+        assert _terminal(sock, 7)["type"] == "final"
+    finally:
+        sock.close()
+
+
+def test_a_message_of_several_frames_is_refused(server):
+    """Failure 9: the leading frames were echoed back as routing."""
+    sock = _raw(server)
+    try:
+        good = {"type": "generate", "id": "f", "prompt_ids": PROMPT, "params": {"max_tokens": 2}}
+        sock.send_multipart([b"junk", _pack(good)])
+        reply = _reply(sock)  # one frame, not [b"junk", reply]
+        assert (reply["type"], reply["code"]) == ("error", "bad_request") and "frame" in reply["message"]
+        sock.send(_pack(good))
+        assert _reply(sock)["type"] == "final"
+    finally:
+        sock.close()
+
+
+def test_a_failed_model_step_aborts_the_batch_says_why_and_the_next_requests_are_served(model_path, caplog):
+    """In-process: the model step raises once; the requests in flight get `internal` errors,
+    the log names the cause, and the server goes on serving."""
+    from runtime.engine.config import EngineConfig
+    from runtime.engine.llm_engine import LLMEngine
+    from runtime.serving.server import Server, ServerConfig
+
+    engine = LLMEngine(EngineConfig(model=model_path, num_device_blocks=64, block_size=4))
+    server = Server(engine, ServerConfig("tcp://127.0.0.1:*"))
+    execute, calls = engine.executor.execute, []
+
+    def flaky(out):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected device fault")
+        return execute(out)
+
+    engine.executor.execute = flaky
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    with caplog.at_level("ERROR", logger="pagedkv.server"):
+        thread.start()
+        try:
+            with Client(server.endpoint, timeout=60) as client:
+                with pytest.raises(ServerError) as e:
+                    client.generate(prompt_ids=PROMPT, max_tokens=20, temperature=0.0)
+                assert e.value.code == "internal" and "injected device fault" in e.value.message
+                final = client.generate(prompt_ids=PROMPT, max_tokens=5, temperature=0.0)
+                assert len(final["outputs"][0]["token_ids"]) == 5
+                assert client.stats()["blocks"]["device"]["used"] == 0
+        finally:
+            server.stop()
+            thread.join(30)
+    assert "injected device fault" in caplog.text
+
+
+def test_chat_samples_with_the_models_own_settings(server, offline, monkeypatch, capsys):
+    """`chat` leaves greedy decoding to those who ask: unset flags take the settings the model
+    ships (generation_config.json here), which the server reports in `health`."""
+    with Client(server.address, timeout=30) as client:
+        assert client.health()["sampling_defaults"] == SHIPPED
+    lines = iter(["Hi there.", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--address", server.address, "--max-tokens", "6", "--seed", "2"]) == 0
+    expected = offline.chat([{"role": "user", "content": "Hi there."}], SamplingParams(max_tokens=6, seed=2, **SHIPPED))
+    assert capsys.readouterr().out == f"model> {expected.outputs[0].text}\n"
+
+
+def test_async_client_refuses_an_id_already_in_flight_without_sending_it(server):
+    import asyncio
+
+    from runtime.serving.client import AsyncClient
+
+    async def scenario():
+        async with AsyncClient(server.address, timeout=60) as client:
+            first = asyncio.ensure_future(client.generate(prompt_ids=PROMPT, request_id="same", **LONG))
+            await asyncio.sleep(0.2)
+            with pytest.raises(ValueError, match="already in flight"):
+                await client.generate(prompt_ids=PROMPT, request_id="same", max_tokens=2)
+            return await first
+
+    final = asyncio.run(scenario())
+    assert final["type"] == "final" and len(final["outputs"][0]["token_ids"]) == LONG["max_tokens"]
