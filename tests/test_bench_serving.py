@@ -96,8 +96,9 @@ def test_http_mode_runs_both_paths_in_one_run(tiny_model, tmp_path):
     code = bench_serving.main([
         "--model", tiny_model(), "--threads", "1", "--rates", "20", "--num-requests", "5", "--prompt-mean", "8",
         "--output-mean", "6", "--max-prompt", "24", "--max-output", "16", "--seed", "3", "--out", str(out),
-        "--no-write", "--no-progress", "--http"])
+        "--no-progress", "--http"])
     assert code == 0
+    assert "Serving latency: HTTP gateway vs ZeroMQ" in (out / "BENCHMARKS-section.md").read_text()
     with open(out / "serving_http.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == ["zmq", "http"]

@@ -290,7 +290,8 @@ def test_async_client_refuses_an_id_already_in_flight_without_sending_it(server)
     async def scenario():
         async with AsyncClient(server.address, timeout=60) as client:
             first = asyncio.ensure_future(client.generate(prompt_ids=PROMPT, request_id="same", **LONG))
-            await asyncio.sleep(0.2)
+            while "same" not in client._queues:  # sent, and its replies not all in yet
+                await asyncio.sleep(0)
             with pytest.raises(ValueError, match="already in flight"):
                 await client.generate(prompt_ids=PROMPT, request_id="same", max_tokens=2)
             return await first
