@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from runtime.engine.sampling_params import SamplingParams
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -134,3 +136,14 @@ def write_tokenizer(path: str, vocab_size: int = 512, add_bos_token: bool = Fals
     }
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
+
+
+# Greedy, beam search, seeded n-sampling and top-p in one batch: the mix the preemption and
+# prefix-cache tests run to show that neither changes any output.
+MIXED_WORKLOAD = [
+    SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=10, beam_width=3, n=3),
+    SamplingParams(max_tokens=12, n=3, temperature=0.9, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True),
+    SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+]

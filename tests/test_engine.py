@@ -2,6 +2,7 @@
 sharing, beam search against transformers, and errors."""
 import pytest
 import torch
+from models import MIXED_WORKLOAD
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.llm import LLM
@@ -115,13 +116,7 @@ def test_beam_search_equals_transformers(loaded, model_path, width, length_penal
 
 
 # -- preemption is invisible -------------------------------------------------------------------
-WORKLOAD = [
-    SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
-    SamplingParams(max_tokens=10, beam_width=3, n=3),
-    SamplingParams(max_tokens=12, n=3, temperature=0.9, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True),
-    SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
-]
+WORKLOAD = MIXED_WORKLOAD
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])

@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 import torch
+from models import MIXED_WORKLOAD
 from test_engine import hf_beams, tokens
 
 from runtime.engine.config import EngineConfig
@@ -17,12 +18,7 @@ transformers = pytest.importorskip("transformers")
 SYSTEM = list(range(50, 70))  # 5 full blocks of 4
 PROMPTS = [SYSTEM + [3, 4], SYSTEM + [7, 8, 9, 10, 11], SYSTEM + [3, 4], SYSTEM[:12] + [90, 91], [5, 6, 7],
            SYSTEM + [3, 4, 5, 6, 7, 8, 9]]
-WORKLOAD = [
-    SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
-    SamplingParams(max_tokens=10, beam_width=3, n=3),
-    SamplingParams(max_tokens=12, n=3, temperature=0.9, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True),
-    SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+WORKLOAD = MIXED_WORKLOAD + [
     SamplingParams(max_tokens=10, beam_width=2, n=2),
 ]
 

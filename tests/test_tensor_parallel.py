@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from models import MIXED_WORKLOAD
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.llm import LLM
@@ -25,13 +26,7 @@ MODELS = {
     "gqa-untied": dict(num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=False),
 }
 PROMPTS = [list(range(5, 12)), [3, 4], list(range(20, 41)), [7, 8, 9, 10, 11, 12, 13, 14, 15], [42] * 5]
-WORKLOAD = [
-    SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
-    SamplingParams(max_tokens=10, beam_width=3, n=3),
-    SamplingParams(max_tokens=12, n=3, temperature=0.9, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True),
-    SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
-]
+WORKLOAD = MIXED_WORKLOAD
 # Few blocks, so that the workload preempts. A fixed mode (not auto, which reads the clock):
 # one rank and two then make the same plans, so their KV pools can be compared.
 SMALL = dict(block_size=4, num_device_blocks=24, max_num_batched_tokens=12, swap_space_gib=0.01,
