@@ -59,6 +59,19 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 # The batch size oneDNN packs weights for; any batch works with them. Measured on an AMD EPYC
 # (AVX-512): as fast as unpacked at 1 row, faster from 8 rows on.
 _PACK_BATCH = 32
+# Up to this many rows (single-stream and small-batch decode) a plain F.linear is faster than
+# the packed oneDNN weights on some CPUs: on an Intel Xeon (AMX) a float32 decode step of
+# SmolLM2-135M took 91 ms of CPU time with the packed weights, 54 ms with F.linear. Models
+# whose dense linear weights fit in _DUAL_BYTES keep both layouts and pick per call.
+_SMALL_ROWS = 4
+_DUAL_BYTES = 2 << 30
+
+
+@dataclass
+class DualWeight:
+    """A dense weight in two layouts: oneDNN-packed for batches, plain [out, in] for few rows."""
+    packed: torch.Tensor
+    plain: torch.Tensor
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,6 +117,8 @@ class LlamaModel:
         else:
             self.linear_kind = "mm"
         w = {k: self._tensor(v) for k, v in weights.items()}
+        dense_bytes = sum(v.numel() * v.element_size() for v in w.values() if isinstance(v, torch.Tensor))
+        self.dual = self.linear_kind == "onednn" and dense_bytes <= _DUAL_BYTES
         embed = w["model.embed_tokens.weight"]
         self.embed = self._tensor(embed.dequantize()) if isinstance(embed, GroupQuantized) else embed
         self.lm_head = self._weight(embed if config.tie_word_embeddings else w["lm_head.weight"])
@@ -138,20 +153,25 @@ class LlamaModel:
             return GroupQuantized.cat(parts)
         return torch.cat([p.dequantize().to(self.dtype) if isinstance(p, GroupQuantized) else p for p in parts])
 
-    def _weight(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | Int4Linear:
+    def _weight(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | DualWeight | Int4Linear:
         if isinstance(weight, GroupQuantized):
             return Int4Linear(weight)
         if self.linear_kind == "onednn":
-            return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH)
+            return DualWeight(packed, weight.contiguous()) if self.dual else packed
         if self.linear_kind == "mm":
             return weight.t().contiguous()
         return weight
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor | Int4Linear,
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | DualWeight | Int4Linear,
                bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T (+ bias) for a weight prepared by `_weight`."""
         if isinstance(weight, Int4Linear):
             return weight(x, bias)
+        if isinstance(weight, DualWeight):
+            if x.shape[0] <= _SMALL_ROWS:
+                return F.linear(x, weight.plain, bias)
+            weight = weight.packed
         if self.linear_kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         if self.linear_kind == "mm":
@@ -160,7 +180,8 @@ class LlamaModel:
 
     def describe(self) -> str:
         """How the linear layers run, in words."""
-        kinds = {"onednn": "oneDNN, weights prepacked", "mm": "torch.mm on transposed weights", "linear": "F.linear"}
+        kinds = {"onednn": "oneDNN, weights prepacked" + (f" (F.linear up to {_SMALL_ROWS} rows)" if self.dual else ""),
+                 "mm": "torch.mm on transposed weights", "linear": "F.linear"}
         dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
         quantized = sorted({lin.fmt for lin in self._linears() if isinstance(lin, Int4Linear)})
         if not quantized:
