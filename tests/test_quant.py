@@ -1,0 +1,139 @@
+"""Quantized linear layers (GGUF Q4_0/Q4_1/Q4_K/Q8_0 kept as they are) against the gguf
+package's dequantization, and the engine running them: same memory accounting, preemption
+that outputs never show."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+from gguf_files import QTYPES, write_gguf
+from models import make_tiny_llama
+
+from runtime.engine.config import EngineConfig
+from runtime.engine.llm import LLM
+from runtime.engine.sampling_params import SamplingParams
+from runtime.models.llama import LlamaModel
+from runtime.models.loader import load_model
+from runtime.models.quant import GroupQuantized, Int4Linear, from_gguf_blocks, int4_cpu_available
+
+transformers = pytest.importorskip("transformers")
+needs_int4 = pytest.mark.skipif(not int4_cpu_available(), reason="this torch has no int4 CPU kernel")
+
+ROWS, COLS = 48, 512  # 512: two Q4_K super-blocks per row
+
+
+def raw_blocks(fmt: str, rng: np.random.Generator) -> np.ndarray:
+    """A [ROWS, COLS] weight stored in `fmt`, as the file's bytes."""
+    if fmt != "Q4_K":  # the gguf package quantizes these itself
+        w = rng.standard_normal((ROWS, COLS)).astype(np.float32) * 0.05 + rng.uniform(-0.02, 0.02, (ROWS, 1))
+        return quantize(w.astype(np.float32), Q[fmt])
+    # Q4_K blocks with random contents: d and dmin small positive halves, random 6-bit scales and codes.
+    blocks = ROWS * COLS // 256
+    raw = rng.integers(0, 256, (blocks, 144), dtype=np.uint8)
+    raw[:, 0:2] = rng.uniform(1e-4, 1e-3, (blocks, 1)).astype(np.float16).view(np.uint8)
+    raw[:, 2:4] = rng.uniform(1e-4, 1e-3, (blocks, 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(ROWS, -1)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_formats_dequantize_like_gguf(fmt):
+    raw = raw_blocks(fmt, np.random.default_rng(0))
+    expected = torch.from_numpy(dequantize(raw, Q[fmt]).reshape(ROWS, COLS).astype(np.float32))
+    weight = from_gguf_blocks(raw, fmt, ROWS, COLS)
+    assert weight.shape == (ROWS, COLS) and weight.codes.dtype == torch.uint8 and int(weight.codes.max()) <= 15
+    # Codes and scales are the file's: only the float32 rounding of scale * (q - 8) + zero differs.
+    torch.testing.assert_close(weight.dequantize(), expected, atol=1e-6 * float(expected.abs().max()), rtol=0)
+
+
+@needs_int4
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_int4_linear_against_float32_reference(fmt, rows):
+    weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(1)), fmt, ROWS, COLS)
+    x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(2))
+    out = Int4Linear(weight)(x)
+    assert out.dtype == torch.float32 and out.shape == (rows, ROWS)
+    reference = x @ weight.dequantize().T
+    # Activations, scales, offsets and outputs in bfloat16 (relative error 2^-9 each): every
+    # term x * (scale * (q - 8) + zero) errs by at most about 4 * 2^-9 of its magnitude.
+    halves = weight.codes.float().sub(8).abs() * weight.scales.repeat_interleave(32, 1).abs()
+    halves += weight.zeros.repeat_interleave(32, 1).abs()
+    magnitude = x.abs() @ (halves.view(ROWS, 2, COLS).sum(1) if weight.split8 else halves).T
+    assert bool(((out - reference).abs() <= 2 ** -7 * magnitude + 1e-6).all())
+    assert float((out - reference).abs().max()) > 0  # it did run in bfloat16: the bound is the one that applies
+
+
+def test_rows_and_cat_follow_the_dense_weight():
+    weight = from_gguf_blocks(raw_blocks("Q4_1", np.random.default_rng(3)), "Q4_1", ROWS, COLS)
+    order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(weight.rows(order).dequantize(), weight.dequantize()[order])
+    both = GroupQuantized.cat([weight, weight.rows(order)])
+    assert torch.equal(both.dequantize(), torch.cat([weight.dequantize(), weight.dequantize()[order]]))
+    eight = from_gguf_blocks(raw_blocks("Q8_0", np.random.default_rng(4)), "Q8_0", ROWS, COLS)
+    with pytest.raises(ValueError, match="different formats"):
+        GroupQuantized.cat([weight, eight])
+
+
+# -- a GGUF file quantized like the default model: Q4_1 matrices, a Q8_0 embedding --------------------
+
+Q4_1_FILE = {**QTYPES, **{k: Q.Q4_1 for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                            "ffn_down")}, "token_embd": Q.Q8_0}
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tmp_path_factory):
+    folder = make_tiny_llama(str(tmp_path_factory.mktemp("q4hf")), with_tokenizer=False, tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    weights = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return write_gguf(str(tmp_path_factory.mktemp("q4") / "q4.gguf"), weights, model.config, qtypes=Q4_1_FILE)
+
+
+def test_kept_matrices_equal_the_dequantized_ones(q4_gguf):
+    kept, dense = load_model(q4_gguf, quantization="auto"), load_model(q4_gguf)
+    assert sorted(kept.weights) == sorted(dense.weights)
+    quantized = {k for k, v in kept.weights.items() if isinstance(v, GroupQuantized)}
+    assert len(quantized) == 1 + 7 * kept.config.num_layers  # embedding and every matrix; norms stay F32
+    for name, weight in kept.weights.items():  # q/k rows unpermuted alike
+        got = weight.dequantize() if name in quantized else weight
+        torch.testing.assert_close(got, dense.weights[name], atol=1e-6, rtol=0, msg=name)
+
+
+@needs_int4
+def test_engine_runs_quantized_layers_and_none_is_dense(q4_gguf):
+    loaded = load_model(q4_gguf, quantization="auto")
+    model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32)
+    assert all(isinstance(lin, Int4Linear) for lin in model._linears())
+    assert "Q4_1, Q8_0" in model.describe()
+    dense = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, keep_quantized=False)
+    assert not any(isinstance(lin, Int4Linear) for lin in dense._linears())
+    assert EngineConfig(device="cpu").keeps_quantized() and not EngineConfig(device="cpu", quantization="none").keeps_quantized()
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig(quantization="int3")
+
+
+PROMPTS = [list(range(5, 12)), [3, 4], list(range(20, 41)), [7, 8, 9, 10, 11, 12, 13, 14, 15], [42] * 5]
+WORKLOAD = [
+    SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=10, beam_width=3, n=3),
+    SamplingParams(max_tokens=12, n=3, temperature=0.9, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True),
+    SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+]
+
+
+@needs_int4
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preemption_is_invisible_quantized(q4_gguf, mode):
+    loaded = load_model(q4_gguf, quantization="auto")
+    common = dict(loaded=loaded, block_size=4, swap_space_gib=0.01, device="cpu")
+    reference = LLM(num_device_blocks=256, **common).generate(PROMPTS, WORKLOAD, use_tqdm=False)
+    llm = LLM(num_device_blocks=20, preemption_mode=mode, max_num_batched_tokens=12, **common)
+    results = llm.generate(PROMPTS, WORKLOAD, use_tqdm=False)
+    stats = llm.engine.stats()
+    assert stats["preemptions"][mode] >= 2, stats["preemptions"]
+    assert [[c.token_ids for c in r.outputs] for r in results] == [[c.token_ids for c in r.outputs]
+                                                                   for r in reference]
+    bm = llm.engine.block_manager
+    assert bm.num_free_device_blocks == bm.num_device_blocks and bm.num_free_cpu_blocks == bm.num_cpu_blocks
