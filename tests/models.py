@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from runtime.engine.llm import LLM
 from runtime.engine.sampling_params import SamplingParams
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -147,3 +148,10 @@ MIXED_WORKLOAD = [
     SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True),
     SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
 ]
+
+
+def make_llm(loaded, **kwargs) -> LLM:
+    """An offline LLM on an already loaded model, with small test defaults that kwargs override."""
+    args = dict(block_size=4, num_device_blocks=256, swap_space_gib=0.01)
+    args.update(kwargs)
+    return LLM(loaded=loaded, **args)

@@ -2,11 +2,8 @@
 sharing, beam search against transformers, and errors."""
 import pytest
 import torch
-from models import MIXED_WORKLOAD
+from models import MIXED_WORKLOAD, make_llm
 
-from runtime.engine.config import EngineConfig
-from runtime.engine.llm import LLM
-from runtime.engine.llm_engine import LLMEngine
 from runtime.engine.sampling_params import SamplingParams
 from runtime.models.loader import load_model
 
@@ -26,12 +23,6 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(model_path):
     return load_model(model_path)
-
-
-def make_llm(loaded, **kwargs) -> LLM:
-    args = dict(block_size=4, num_device_blocks=256, swap_space_gib=0.01)
-    args.update(kwargs)
-    return LLM(loaded=loaded, **args)
 
 
 def tokens(results):

@@ -9,11 +9,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from gguf_files import QTYPES, write_gguf
-from models import make_tiny_llama
+from models import MIXED_WORKLOAD, make_tiny_llama
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
 from runtime.models.llama import LlamaModel
 from runtime.models.loader import load_model
 from runtime.models.quant import GroupQuantized, Int4Linear, from_gguf_blocks, int4_cpu_available
@@ -114,13 +113,7 @@ def test_engine_runs_quantized_layers_and_none_is_dense(q4_gguf):
 
 
 PROMPTS = [list(range(5, 12)), [3, 4], list(range(20, 41)), [7, 8, 9, 10, 11, 12, 13, 14, 15], [42] * 5]
-WORKLOAD = [
-    SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
-    SamplingParams(max_tokens=10, beam_width=3, n=3),
-    SamplingParams(max_tokens=12, n=3, temperature=0.9, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True),
-    SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
-]
+WORKLOAD = MIXED_WORKLOAD
 
 
 @needs_int4

@@ -3,10 +3,10 @@ only for requests that stream or finish, the step profile, and CUDA graphs for d
 the same outputs with and without them)."""
 import pytest
 import torch
+from models import make_llm
 
 from runtime.engine.cuda_graphs import batch_buckets
 from runtime.engine.inputs import host_inputs
-from runtime.engine.llm import LLM
 from runtime.engine.profile import PHASES
 from runtime.engine.sampling_params import SamplingParams
 from runtime.models.loader import load_model
@@ -29,12 +29,6 @@ def model_path(tiny_model):
 @pytest.fixture(scope="module")
 def loaded(model_path):
     return load_model(model_path)
-
-
-def make_llm(loaded, **kwargs) -> LLM:
-    args = dict(block_size=4, num_device_blocks=256, swap_space_gib=0.01)
-    args.update(kwargs)
-    return LLM(loaded=loaded, **args)
 
 
 def reference_inputs(out, block_size):
