@@ -1,8 +1,9 @@
 """Paged KV-cache kernels: one dispatch point for the engine.
 
 Every function runs the CUDA implementation (kernels/*.cu through cupy, see cuda_ops) when
-its tensors live on a CUDA device and cupy is importable, and the torch reference
-(kernels/reference.py) otherwise. The KV cache of a pool is one contiguous tensor
+its tensors live on a CUDA device and cupy is importable; on the CPU, the decode attention and
+the cache write run kernels/cpu_kernels.c (see cpu_ops) and the rest the torch reference
+(kernels/reference.py), which is also every kernel's fallback and test oracle. The KV cache of a pool is one contiguous tensor
 [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] (dim 2: 0 = K, 1 = V).
 """
 
@@ -12,7 +13,7 @@ import functools
 
 import torch
 
-from . import reference
+from . import cpu_ops, reference
 
 __all__ = [
     "cuda_available",
@@ -37,9 +38,11 @@ def cuda_available() -> bool:
 
 
 def _dispatched(name: str):
-    """The kernel `name`: CUDA when any tensor argument is on a CUDA device, else the reference.
-    Signature and docstring are the reference's, which the CUDA implementation mirrors."""
+    """The kernel `name`: CUDA when any tensor argument is on a CUDA device, else the CPU
+    kernel where there is one, else the reference. Signature and docstring are the reference's,
+    which the other implementations mirror."""
     ref = getattr(reference, name)
+    on_cpu = getattr(cpu_ops, name, ref)
 
     @functools.wraps(ref)
     def run(*args, **kwargs):
@@ -48,7 +51,7 @@ def _dispatched(name: str):
             from . import cuda_ops
 
             return getattr(cuda_ops, name)(*args, **kwargs)
-        return ref(*args, **kwargs)
+        return on_cpu(*args, **kwargs)
 
     return run
 

@@ -1,0 +1,165 @@
+"""The CPU kernels (kernels/cpu_kernels.c) against the torch reference, their oracle."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels import cpu_ops, reference
+from paged_cases import random_paged_cache
+
+pytestmark = pytest.mark.skipif(cpu_ops.library() is None, reason="no C compiler to build the CPU kernels")
+
+# (query heads, KV heads): multi-head, grouped (GQA) and multi-query attention.
+HEADS = [(4, 4), (8, 2), (9, 3), (6, 1)]
+
+
+def decode_case(ctx_lens, block_size, heads, head_dim, cache_dtype, seed=0, layers=2):
+    hq, hkv = heads
+    cache, tables, g = random_paged_cache(ctx_lens, block_size, hkv, head_dim, cache_dtype, layers=layers, seed=seed)
+    query = torch.randn(len(ctx_lens), hq, head_dim, generator=g)
+    return cache, tables, query, torch.tensor(ctx_lens, dtype=torch.int32)
+
+
+@settings(max_examples=60)
+@given(ctx_lens=st.lists(st.integers(1, 300), min_size=1, max_size=6), block_size=st.sampled_from([1, 4, 16, 32]),
+       heads=st.sampled_from(HEADS), head_dim=st.sampled_from([16, 24, 64, 128]),
+       cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]), layer=st.sampled_from([0, 1, -1]))
+def test_decode_equals_reference(ctx_lens, block_size, heads, head_dim, cache_dtype, layer):
+    # head_dim 24 takes the scalar path, the others the vector one; float32 queries keep the
+    # comparison at float32 precision for either cache type.
+    cache, tables, query, lens = decode_case(ctx_lens, block_size, heads, head_dim, cache_dtype, seed=len(ctx_lens))
+    scale = head_dim ** -0.5
+    got = cpu_ops.paged_attention_decode(query, cache, layer, tables, lens, scale)
+    want = reference.paged_attention_decode(query, cache, layer, tables, lens, scale)
+    assert got.dtype == query.dtype and got.shape == query.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("heads", HEADS)
+def test_decode_bfloat16_queries_round_like_the_reference(heads):
+    cache, tables, query, lens = decode_case([5, 40, 130], 16, heads, 64, torch.bfloat16)
+    query = query.bfloat16()
+    got = cpu_ops.paged_attention_decode(query, cache, 1, tables, lens, 0.125)
+    want = reference.paged_attention_decode(query, cache, 1, tables, lens, 0.125)
+    assert got.dtype == torch.bfloat16
+    # Both compute in float32 and round once: at most one bfloat16 step apart.
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+
+
+def test_decode_reads_strided_query_rows_in_place():
+    # The model passes the query heads as a view of its fused q/k/v projection.
+    cache, tables, query, lens = decode_case([33, 7], 8, (8, 2), 64, torch.float32)
+    fused = torch.cat([query.reshape(2, -1), torch.randn(2, 2 * 2 * 64)], dim=1)
+    view = fused[:, :8 * 64].view(2, 8, 64)
+    assert not view.is_contiguous()
+    got = cpu_ops.paged_attention_decode(view, cache, 0, tables, lens, 0.125)
+    torch.testing.assert_close(got, reference.paged_attention_decode(query, cache, 0, tables, lens, 0.125))
+
+
+def test_decode_rows_without_context_are_zero():
+    cache, tables, query, lens = decode_case([17, 1, 40], 16, (4, 2), 64, torch.float32)
+    lens[1] = 0
+    got = cpu_ops.paged_attention_decode(query, cache, 0, tables, lens, 0.125)
+    assert not got[1].any()
+    keep = torch.tensor([0, 2])
+    want = reference.paged_attention_decode(query[keep], cache, 0, tables[keep], lens[keep], 0.125)
+    torch.testing.assert_close(got[keep], want)
+
+
+def test_decode_threads_split_sequences_not_results():
+    cache, tables, query, lens = decode_case([300, 2, 77, 150, 9, 260, 31], 16, (9, 3), 64, torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_ops.paged_attention_decode(query, cache, 1, tables, lens, 0.125)
+        torch.set_num_threads(2)
+        two = cpu_ops.paged_attention_decode(query, cache, 1, tables, lens, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_decode_refuses_tables_that_leave_the_cache():
+    cache, tables, query, lens = decode_case([20, 30], 16, (4, 4), 64, torch.float32)
+    bad = tables.clone()
+    bad[1, 1] = cache.shape[0]  # one past the last block
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_ops.paged_attention_decode(query, cache, 0, bad, lens, 0.125)
+    bad[1, 1] = -1
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_ops.paged_attention_decode(query, cache, 0, bad, lens, 0.125)
+    longer = lens.clone()
+    longer[0] = tables.shape[1] * 16 + 1
+    with pytest.raises(IndexError, match="longer than its block table"):
+        cpu_ops.paged_attention_decode(query, cache, 0, tables, longer, 0.125)
+    with pytest.raises(IndexError, match="layer 2 is out of range"):
+        cpu_ops.paged_attention_decode(query, cache, 2, tables, lens, 0.125)
+
+
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_equals_reference(src_dtype, cache_dtype):
+    cache, _, g = random_paged_cache([40, 40], 8, 2, 32, cache_dtype, layers=3)
+    slots = torch.tensor([17, -1, 0, 79, 40, -5, 8, 63])
+    # Sources as the model passes them: views of a wider row (k and v of a fused projection).
+    rows = (torch.randn(len(slots), 5, 2, 32, generator=g) * 100).to(src_dtype)
+    key, value = rows[:, 1], rows[:, 3]
+    want = cache.clone()
+    reference.reshape_and_cache(key, value, want, 1, slots)
+    cpu_ops.reshape_and_cache(key, value, cache, 1, slots)
+    assert torch.equal(cache, want)  # bit for bit, float32 -> bfloat16 rounding included
+
+
+def test_reshape_and_cache_refuses_slots_outside_and_writes_nothing():
+    cache, _, g = random_paged_cache([16], 8, 2, 32, torch.float32, layers=2)
+    before = cache.clone()
+    key = torch.randn(2, 2, 32, generator=g)
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_ops.reshape_and_cache(key, key, cache, 0, torch.tensor([3, cache.shape[0] * 8]))
+    assert torch.equal(cache, before)
+
+
+def test_dispatch_uses_the_cpu_kernel_and_falls_back_for_float16(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_ops, "library", lambda real=cpu_ops.library: calls.append(1) or real())
+    cache, tables, query, lens = decode_case([20], 16, (4, 4), 64, torch.float32)
+    kernels.paged_attention_decode(query, cache, 0, tables, lens, 0.125)
+    assert calls
+    half = cache.half()
+    got = kernels.paged_attention_decode(query.half(), half, 0, tables, lens, 0.125)
+    torch.testing.assert_close(got, reference.paged_attention_decode(query.half(), half, 0, tables, lens, 0.125))
+
+
+def test_without_a_compiler_the_reference_runs(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PAGEDKV_CACHE_DIR", str(tmp_path))
+    cpu_ops.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kernels.cpu_ops"):
+            assert cpu_ops.library() is None
+        assert "using the torch reference" in caplog.text and "no-such-compiler" in caplog.text
+        cache, tables, query, lens = decode_case([20, 3], 16, (4, 2), 64, torch.float32)
+        torch.testing.assert_close(cpu_ops.paged_attention_decode(query, cache, 0, tables, lens, 0.125),
+                                   reference.paged_attention_decode(query, cache, 0, tables, lens, 0.125))
+        monkeypatch.setenv("CC", "gcc")
+        monkeypatch.setenv("PAGEDKV_CPU_KERNELS", "0")
+        cpu_ops.library.cache_clear()
+        assert cpu_ops.library() is None
+    finally:
+        cpu_ops.library.cache_clear()
+
+
+def test_a_fresh_cache_folder_gets_its_own_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAGEDKV_CACHE_DIR", str(tmp_path / "new"))
+    cpu_ops.library.cache_clear()
+    try:
+        assert cpu_ops.library() is not None
+        built = list((tmp_path / "new").iterdir())
+        assert len(built) == 1 and built[0].name.startswith("cpu_kernels-") and built[0].suffix == ".so"
+    finally:
+        cpu_ops.library.cache_clear()
