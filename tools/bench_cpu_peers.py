@@ -18,6 +18,7 @@ a child process confined to the same cores (taskset). Medians over --repeats.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -56,10 +57,11 @@ class Timer:
 
 # -- engines in this process ------------------------------------------------------------------------
 
-def run_pagedkv(path: str, quantization: str, prompt: list[int], new_tokens: int, batch) -> dict:
+def run_pagedkv(path: str, quantization: str, dtype: str, prompt: list[int], new_tokens: int, batch) -> dict:
     from pagedkv import EngineConfig, LLMEngine, SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=path, device="cpu", quantization=quantization, swap_space_gib=0.0))
+    engine = LLMEngine(EngineConfig(model=path, device="cpu", dtype=dtype, quantization=quantization,
+                                    swap_space_gib=0.0))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine.add_request("warm", prompt[:8], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished():
@@ -139,22 +141,24 @@ print(json.dumps(res))
 
 VLLM = r"""
 import json, sys, time
-a = json.load(open(sys.argv[1]))
 from vllm import LLM, SamplingParams, TokensPrompt
-llm = LLM(model=a["model"], dtype="float32", max_model_len=1024, enforce_eager=False)
-def gen(prompts, lens):
-    ps = [SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True) for n in lens]
+def gen(llm, prompts, lens):
+    ps = [SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
+          for n in lens]
     w, c = time.perf_counter(), time.process_time()
     out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], ps, use_tqdm=False)
     return (time.perf_counter() - w, time.process_time() - c), out
-gen([a["prompt"][:8]], [4])
-pre, _ = gen([a["prompt"]], [1])
-full, out = gen([a["prompt"]], [a["new_tokens"]])
-res = dict(prefill=pre, decode=(full[0] - pre[0], full[1] - pre[1]), decode_tokens=a["new_tokens"] - 1,
-           tokens=list(out[0].outputs[0].token_ids))
-if a["batch"]:
-    res["batch"], _ = gen(*a["batch"])
-print(json.dumps(res))
+if __name__ == "__main__":  # vLLM may start processes by spawning, which imports this file again
+    a = json.load(open(sys.argv[1]))
+    llm = LLM(model=a["model"], dtype=a["dtype"], max_model_len=1024, skip_tokenizer_init=True)
+    gen(llm, [a["prompt"][:8]], [4])  # the first call compiles the model
+    pre, _ = gen(llm, [a["prompt"]], [1])
+    full, out = gen(llm, [a["prompt"]], [a["new_tokens"]])
+    res = dict(prefill=pre, decode=(full[0] - pre[0], full[1] - pre[1]), decode_tokens=a["new_tokens"] - 1,
+               tokens=list(out[0].outputs[0].token_ids))
+    if a["batch"]:
+        res["batch"], _ = gen(llm, *a["batch"])
+    print(json.dumps(res))
 """
 
 
@@ -165,7 +169,9 @@ def run_peer(python: str, script: str, args: dict, threads: int) -> dict:
             json.dump(args, f)
         with open(code, "w") as f:
             f.write(script)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}")
+        # vLLM's engine in this process (no engine-core child), so that its CPU time is counted.
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0")
         cmd = ["taskset", "-c", f"0-{threads - 1}", python, code, spec]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -198,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --new-tokens >= 2, --prompt-len >= 1, --repeats >= 1 and thread counts >= 1")
 
     from pagedkv import default_model_path, load_model
+    from runtime.models.llama import cpu_has_bfloat16
     from tools.bench_decode import load_transformers, prompts
 
     path = args.model or default_model_path()
@@ -205,16 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     prompt = prompts(1, args.prompt_len, vocab, 0)[0].tolist()
     batch = workload_b(args.requests, vocab) if args.requests else None
     hf = load_transformers(path)
-    engines = {"pagedkv, float32 (--quantization none)": lambda: run_pagedkv(path, "none", prompt, args.new_tokens, batch),
+    engines = {"pagedkv, float32 (--quantization none)":
+                   lambda: run_pagedkv(path, "none", "float32", prompt, args.new_tokens, batch),
                "pagedkv, the file's quantization (--quantization auto)":
-                   lambda: run_pagedkv(path, "auto", prompt, args.new_tokens, batch),
-               "transformers generate, float32": lambda: run_transformers(hf, prompt, args.new_tokens, batch)}
-    peer_args = dict(model=path, prompt=prompt, new_tokens=args.new_tokens, batch=batch)
-    peers = {}
+                   lambda: run_pagedkv(path, "auto", "float32", prompt, args.new_tokens, batch)}
+    bf16 = cpu_has_bfloat16()  # else bfloat16 is emulated, and slower than float32
+    if bf16:
+        engines["pagedkv, bfloat16 (--dtype bfloat16 --quantization none)"] = \
+            lambda: run_pagedkv(path, "none", "bfloat16", prompt, args.new_tokens, batch)
+    engines["transformers generate, float32"] = lambda: run_transformers(hf, prompt, args.new_tokens, batch)
+    common = dict(prompt=prompt, new_tokens=args.new_tokens, batch=batch)
+    peers = {}  # name: (python, script, arguments)
     if args.llama_cpp_python:
-        peers["llama.cpp (llama-cpp-python), the GGUF file"] = (args.llama_cpp_python, LLAMA_CPP)
-    if args.vllm_python:
-        peers["vLLM CPU build, float32"] = (args.vllm_python, VLLM)
+        peers["llama.cpp (llama-cpp-python), the GGUF file"] = (args.llama_cpp_python, LLAMA_CPP,
+                                                                 dict(common, model=path))
+    stack = contextlib.ExitStack()
+    if args.vllm_python:  # vLLM reads the model as a Hugging Face folder: transformers' own export
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="pagedkv-vllm-"))
+        hf.save_pretrained(folder)
+        for dtype in ("float32", "bfloat16") if bf16 else ("float32",):
+            peers[f"vLLM CPU build, {dtype}"] = (args.vllm_python, VLLM, dict(common, model=folder, dtype=dtype))
 
     rows, reference_tokens, loads = [], None, []
     for t in threads:
@@ -224,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, run in engines.items():
                 with torch.inference_mode():
                     runs.setdefault(name, []).append(run())
-            for name, (python, script) in peers.items():
+            for name, (python, script, peer_args) in peers.items():
                 runs.setdefault(name, []).append(run_peer(python, script, {**peer_args, "threads": t}, t))
             loads.append(os.getloadavg()[0])
             log(f"{t} thread(s): repeat {r + 1}/{args.repeats} done, load {loads[-1]:.2f}")
@@ -245,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 generated = sum(batch[1])
                 row += [f"{generated / med('batch', 'wall'):.0f}", f"{generated / med('batch', 'cpu'):.0f}"]
             rows.append(row)
+    stack.close()  # the exported folder (also removed at exit if a run fails)
     header = ["engine", "threads", "A: prefill tok/s", "A: decode ms/token (wall)", "A: decode CPU ms/token",
               "A: decode speed vs pagedkv float32", "A: greedy tokens equal to pagedkv float32's"]
     if batch:
