@@ -1,11 +1,13 @@
-"""CPU implementations of the decode attention and the cache write: kernels/cpu_kernels.c,
-built with the C compiler at first use (gcc -O3 -march=native -fopenmp, about a second) into a
-per-user cache folder and called through ctypes with the tensors' own pointers.
+"""CPU kernels: the decode attention and the cache write (kernels/cpu_kernels.c), and 4-bit
+weight-only matrix products (kernels/cpu_int4.c). They are built with the C compiler at first
+use (gcc -O3 -march=native -fopenmp, about two seconds) into a per-user cache folder and called
+through ctypes with the tensors' own pointers.
 
-Each function takes the reference's arguments and falls back to the reference
+The cache functions take the reference's arguments and fall back to the reference
 (kernels/reference.py) where the library cannot be built, for float16 caches, and when
-PAGEDKV_CPU_KERNELS=0. The library is found again by a hash of its source, flags, compiler
-and CPU, so a cache folder shared by machines holds one build per machine.
+PAGEDKV_CPU_KERNELS=0; callers of `int4_linear` check `library()` themselves. The library is
+found again by a hash of its sources, flags, compiler and CPU, so a cache folder shared by
+machines holds one build per machine.
 """
 from __future__ import annotations
 
@@ -17,15 +19,16 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import reference
 
-__all__ = ["reshape_and_cache", "paged_attention_decode", "library"]
+__all__ = ["reshape_and_cache", "paged_attention_decode", "library", "PackedInt4", "pack_int4", "int4_linear"]
 
-SOURCE = Path(__file__).resolve().with_name("cpu_kernels.c")
+SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
 ERRORS = {-1: "a block table entry or slot is outside the cache", -2: "out of memory for attention scores",
@@ -51,7 +54,8 @@ def _cpu_signature() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, _cpu_signature()]).encode())
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), version, _cpu_signature()]).encode())
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"pagedkv-{os.getuid()}"):
         if (folder / name).is_file():
@@ -64,10 +68,11 @@ def _build(compiler: str) -> Path:
         except OSError:
             continue  # not writable: try the next folder
         try:
-            done = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", partial, "-lm"],
+            done = subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
                                   capture_output=True, text=True, timeout=300)
             if done.returncode:
-                raise OSError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
+                lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+                raise OSError(f"{compiler} failed: {next((l for l in lines if 'error' in l), lines[-1]).strip()}")
             os.replace(partial, folder / name)
         finally:
             if os.path.exists(partial):
@@ -93,6 +98,7 @@ def library() -> ctypes.CDLL | None:
     lib.paged_attention_decode.argtypes = [ptr, i64, i32, ptr, ptr, i32, i64, i32, i32, i32, i32, i32, i32,
                                            ptr, i64, i64, ptr, i32, ctypes.c_float, i32]
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
+    lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     return lib
 
 
@@ -158,4 +164,57 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, layer: i
         num_heads,
         tables.data_ptr(), tables.stride(0), tables.shape[1], lens.data_ptr(), num_seqs, scale, torch.get_num_threads())
     _check(rc, "paged_attention_decode")
+    return out
+
+
+INT4_TILE = 16  # output rows per tile of cpu_int4.c
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    """A 4-bit weight in cpu_int4.c's layout: uint8 [N/16, K/32, group bytes], per tile of 16
+    rows and group of 32 columns the codes (two columns a byte, [16 pairs, 16 rows]), then the
+    rows' scales and offsets (zero - 8 * scale), float16 when `half` else float32."""
+    data: torch.Tensor
+    half: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0] * INT4_TILE, self.data.shape[1] * 32
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> PackedInt4:
+    """4-bit codes (uint8 [N, K], values 0..15) with per-32-column scales and zeros (float32
+    [N, K / 32]; w = scale * (code - 8) + zero). Scales and offsets are kept in float16 when
+    that changes none of them (GGUF's Q4_0, Q4_1, Q8_0), else in float32 (Q4_K's products)."""
+    n, k = codes.shape
+    if n % INT4_TILE or k % 32 or scales.shape != (n, k // 32) or zeros.shape != scales.shape:
+        raise ValueError(f"cannot pack 4-bit codes {tuple(codes.shape)} with scales {tuple(scales.shape)}")
+    tiles, groups = n // INT4_TILE, k // 32
+    pairs = codes.to(torch.uint8).view(tiles, INT4_TILE, groups, 16, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 3, 1).reshape(tiles, groups, 256)
+    scales, offsets = scales.float(), zeros.float() - 8 * scales.float()
+    half = all(torch.equal(t.half().float(), t) for t in (scales, offsets))
+    kind = torch.float16 if half else torch.float32
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:  # [N, groups] -> [tiles, groups, 16 values as bytes]
+        return t.to(kind).view(tiles, INT4_TILE, groups).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return PackedInt4(torch.cat([packed, tiled(scales), tiled(offsets)], dim=2).contiguous(), half)
+
+
+def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> torch.Tensor:
+    """x @ W^T in float32 for a W packed by `pack_int4` (K columns of W; with repeat_x, W has
+    2 * x's columns and its second half multiplies x again: Q8_0's split codes). Each row's
+    result is the same whatever the other rows."""
+    x = x.float()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_out, w_cols = packed.shape
+    if x.dim() != 2 or x.shape[1] * (2 if repeat_x else 1) != w_cols:
+        raise ValueError(f"int4_linear: input {tuple(x.shape)} for a weight of {w_cols} columns")
+    out = torch.empty((x.shape[0], n_out), dtype=torch.float32)
+    rc = library().int4_linear(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data.data_ptr(),
+                               int(packed.half), n_out, w_cols, out.data_ptr(), torch.get_num_threads())
+    _check(rc, "int4_linear")
     return out

@@ -163,3 +163,16 @@ def test_a_fresh_cache_folder_gets_its_own_build(monkeypatch, tmp_path):
         assert len(built) == 1 and built[0].name.startswith("cpu_kernels-") and built[0].suffix == ".so"
     finally:
         cpu_ops.library.cache_clear()
+
+
+def test_int4_packing_and_inputs_are_checked():
+    codes = torch.randint(0, 16, (24, 64), dtype=torch.uint8)
+    scales = torch.ones(24, 2)
+    with pytest.raises(ValueError, match="cannot pack"):
+        cpu_ops.pack_int4(codes, scales, scales)  # 24 output rows: not whole tiles of 16
+    packed = cpu_ops.pack_int4(codes[:16], scales[:16], scales[:16])
+    assert packed.shape == (16, 64) and packed.half
+    with pytest.raises(ValueError, match="input"):
+        cpu_ops.int4_linear(torch.randn(3, 32), packed)
+    out = cpu_ops.int4_linear(torch.randn(3, 32), packed, repeat_x=True)  # Q8_0's split codes read x twice
+    assert out.shape == (3, 16)

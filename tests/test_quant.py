@@ -11,6 +11,7 @@ from gguf.quants import dequantize, quantize
 from gguf_files import QTYPES, write_gguf
 from models import MIXED_WORKLOAD, make_tiny_llama
 
+from kernels import cpu_ops
 from runtime.engine.config import EngineConfig
 from runtime.engine.llm import LLM
 from runtime.models.llama import LlamaModel
@@ -46,22 +47,65 @@ def test_formats_dequantize_like_gguf(fmt):
     torch.testing.assert_close(weight.dequantize(), expected, atol=1e-6 * float(expected.abs().max()), rtol=0)
 
 
+needs_kernels = pytest.mark.skipif(cpu_ops.library() is None, reason="no C compiler to build the CPU kernels")
+
+
+def magnitude_of(weight: GroupQuantized, x: torch.Tensor) -> torch.Tensor:
+    """|x| @ |terms|^T: the scale of each output's rounding errors."""
+    halves = weight.codes.float().sub(8).abs() * weight.scales.repeat_interleave(32, 1).abs()
+    halves += weight.zeros.repeat_interleave(32, 1).abs()
+    return x.abs() @ (halves.view(ROWS, 2, COLS).sum(1) if weight.split8 else halves).T
+
+
 @needs_int4
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 5, 33])
-def test_int4_linear_against_float32_reference(fmt, rows):
+def test_torch_int4_linear_against_float32_reference(fmt, rows):
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(1)), fmt, ROWS, COLS)
     x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(2))
-    out = Int4Linear(weight)(x)
+    out = Int4Linear(weight, kernel="torch")(x)
     assert out.dtype == torch.float32 and out.shape == (rows, ROWS)
     reference = x @ weight.dequantize().T
     # Activations, scales, offsets and outputs in bfloat16 (relative error 2^-9 each): every
     # term x * (scale * (q - 8) + zero) errs by at most about 4 * 2^-9 of its magnitude.
-    halves = weight.codes.float().sub(8).abs() * weight.scales.repeat_interleave(32, 1).abs()
-    halves += weight.zeros.repeat_interleave(32, 1).abs()
-    magnitude = x.abs() @ (halves.view(ROWS, 2, COLS).sum(1) if weight.split8 else halves).T
-    assert bool(((out - reference).abs() <= 2 ** -7 * magnitude + 1e-6).all())
+    assert bool(((out - reference).abs() <= 2 ** -7 * magnitude_of(weight, x) + 1e-6).all())
     assert float((out - reference).abs().max()) > 0  # it did run in bfloat16: the bound is the one that applies
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 5, 7, 33])  # the fused path (up to 6 rows) and the buffered one
+def test_pagedkv_int4_linear_is_float32_accurate(fmt, rows):
+    weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(1)), fmt, ROWS, COLS)
+    x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(2))
+    lin = Int4Linear(weight, kernel="pagedkv")
+    out = lin(x)
+    assert out.dtype == torch.float32 and out.shape == (rows, ROWS)
+    # The file's scales as they are: float16 where it stores them, float32 for Q4_K's products.
+    assert lin.packed.half == (fmt != "Q4_K")
+    reference = x.double() @ weight.dequantize().double().T
+    # float32 weights and sums: a few float32 roundings per term.
+    assert bool(((out.double() - reference).abs() <= 2 ** -20 * magnitude_of(weight, x).double()).all())
+    bias = torch.randn(ROWS)
+    torch.testing.assert_close(lin(x.bfloat16(), bias.bfloat16()), (out + bias).bfloat16(), atol=0.05, rtol=0.01)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_K", "Q8_0"])
+def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt):
+    # What keeps preemption invisible: a row's output is the same alone or in any batch.
+    weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt, ROWS, COLS)
+    lin = Int4Linear(weight, kernel="pagedkv")
+    x = torch.randn(70, COLS, generator=torch.Generator().manual_seed(6))
+    full = lin(x)
+    for start, stop in [(0, 1), (3, 5), (10, 16), (20, 27), (0, 64), (69, 70)]:
+        assert torch.equal(lin(x[start:stop]), full[start:stop]), (start, stop)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if before == 1 else 1)
+        assert torch.equal(lin(x), full)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_rows_and_cat_follow_the_dense_weight():

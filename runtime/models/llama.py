@@ -197,8 +197,11 @@ class LlamaModel:
         if not quantized:
             return f"linear layers {dense}"
         bf16 = "native" if cpu_has_bfloat16() else "emulated (no avx512_bf16/amx_bf16)"
-        return (f"quantized linear layers ({', '.join(quantized)}) by torch's int4 CPU kernel, group size 32, "
-                f"bfloat16 activations (CPU bfloat16: {bf16}); other layers {dense}")
+        if {lin.kernel for lin in self._linears() if isinstance(lin, Int4Linear)} == {"pagedkv"}:
+            how = "pagedkv's 4-bit CPU kernel (float32 activations, batch-invariant rows)"
+        else:
+            how = f"torch's int4 CPU kernel, bfloat16 activations (CPU bfloat16: {bf16})"
+        return f"quantized linear layers ({', '.join(quantized)}) by {how}, group size 32; other layers {dense}"
 
     def _linears(self) -> list:
         return [self.lm_head] + [layer[k] for layer in self.layers for k in ("qkv", "o", "gate_up", "down")]

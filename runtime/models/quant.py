@@ -9,10 +9,12 @@ int8 kernel in torch (`_weight_int8pack_mm` scales whole output rows); its codes
 into two 4-bit halves, q + 128 = 16 * hi + lo, that is w = 16d * (hi - 8) + (d * (lo - 8) + 8d),
 and run through the same kernel over twice the input width: the file's codes and scales again.
 
-The kernel is vectorised for bfloat16 activations only (float32 ones take a scalar path,
-about 20x slower), and it wants its scales in the activations' type: a quantized layer takes
-its input in bfloat16 and gives its output back in the caller's type. The codes are exact;
-scales and offsets are rounded to bfloat16.
+They run on kernels/cpu_int4.c (float32 activations and arithmetic, the file's codes and
+scales as they are, every row's result independent of its batch), or, where that cannot be
+built, on torch's kernel, which is vectorised for bfloat16 activations only (float32 ones take
+a scalar path, about 20x slower) and wants its scales in the activations' type: a quantized
+layer then takes its input in bfloat16, with scales and offsets rounded to bfloat16, and gives
+its output back in the caller's type.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from kernels import cpu_ops
 
 GROUP = 32  # weights per group: GGUF's block of Q4_0/Q4_1/Q8_0, Q4_K's sub-block
 KEPT_FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
@@ -142,22 +146,33 @@ def int4_cpu_available() -> bool:
 
 
 def int4_supported(weight: GroupQuantized) -> bool:
-    """The kernel packs output rows by 16."""
-    return weight.shape[0] % 16 == 0 and int4_cpu_available()
+    """Both kernels take output rows by 16."""
+    return weight.shape[0] % 16 == 0 and (cpu_ops.library() is not None or int4_cpu_available())
 
 
 class Int4Linear:
-    """x @ W^T for a GroupQuantized W, by torch's int4 CPU kernel (bfloat16 activations)."""
+    """x @ W^T for a GroupQuantized W. Where the CPU kernels build (kernels/cpu_int4.c): float32
+    activations and arithmetic, each row's result independent of the rest of the batch, and
+    about twice as fast as torch's kernel from 16 rows on. Else torch's int4 CPU kernel, whose
+    vectorised path takes bfloat16 activations and bfloat16 scales."""
 
-    def __init__(self, weight: GroupQuantized) -> None:
+    def __init__(self, weight: GroupQuantized, kernel: str | None = None) -> None:
+        """kernel: "pagedkv" or "torch"; None takes pagedkv's where the CPU kernels build."""
         self.out_features, self.in_features = weight.shape
         self.split8, self.fmt = weight.split8, weight.fmt
+        self.kernel = kernel or ("pagedkv" if cpu_ops.library() is not None else "torch")
+        if self.kernel == "pagedkv":
+            self.packed = cpu_ops.pack_int4(weight.codes, weight.scales, weight.zeros)
+            return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
         # [groups, N, 2]: per group and output row, (scale, zero).
         self.scales_zeros = torch.stack([weight.scales, weight.zeros], -1).transpose(0, 1).contiguous()
         self.scales_zeros = self.scales_zeros.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel == "pagedkv":
+            out = cpu_ops.int4_linear(x, self.packed, repeat_x=self.split8).to(x.dtype)
+            return out if bias is None else out.add_(bias)
         xb = x.to(torch.bfloat16)
         if self.split8:
             xb = torch.cat([xb, xb], dim=1)

@@ -1,0 +1,209 @@
+// Weight-only 4-bit matrix products for the CPU: out = x @ W^T with W in groups of 32 weights
+// along K, w = scale * code + offset (GGUF's Q4_0/Q4_1/Q4_K, and Q8_0 as two 4-bit halves:
+// runtime/models/quant.py, where offset = zero - 8 * scale). Activations and arithmetic in
+// float32.
+//
+// Every output is one float32 sum over k in increasing order, whatever the number of rows and
+// the tiling: a row's result does not depend on its batch, so preemption, which changes
+// batches, stays invisible in the outputs. A tile of 16 output rows is dequantized once into a
+// float32 buffer (K * 64 bytes, in L1 or L2) and used by every row of the batch from there: the
+// cost of the 4-bit decoding is shared by the rows, and batches run at the pace of float32 FMAs.
+//
+// Packed layout (kernels/cpu_ops.pack_int4), one stream: per tile of 16 output rows, per group
+// of 32 columns: the codes of 16 column pairs (byte r of pair p holds row r's codes for columns
+// 2p, low nibble, and 2p + 1, high nibble), then the 16 rows' scales and offsets, float16 where
+// that holds them exactly (GGUF stores its scales in float16) and float32 otherwise.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define TILE 16     // output rows per tile: one vector
+#define ROW_TILE 6  // rows of x per pass over a tile's weights: 24 accumulators
+#define GROUP 32
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+
+#define CODE_BYTES (GROUP / 2 * TILE)  // 256: a group's codes in a tile
+#define PREFETCH_BYTES 3072          // how far ahead a pass of few rows asks for the weights
+
+// A tile's group: its codes, then 16 scales and 16 offsets, float16 (`half`) or float32.
+static inline int64_t group_bytes(const int half) { return CODE_BYTES + 2 * TILE * (half ? 2 : 4); }
+
+// Column k's codes in a tile.
+static inline const uint8_t *pair_codes(const uint8_t *tile, int64_t k, const int half) {
+    return tile + k / GROUP * group_bytes(half) + k % GROUP / 2 * TILE;
+}
+
+// The scales (which = 0) or offsets (1) of column k's group.
+static inline __attribute__((always_inline)) vfloat group_vector(const uint8_t *tile, int64_t k, int which,
+                                                                 const int half) {
+    const uint8_t *p = tile + k / GROUP * group_bytes(half) + CODE_BYTES + which * TILE * (half ? 2 : 4);
+    vfloat v;
+    if (!half) {
+        memcpy(&v, p, sizeof v);
+        return v;
+    }
+#ifdef __AVX512F__
+    return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#else
+    _Float16 h[TILE];
+    memcpy(h, p, sizeof h);
+    for (int i = 0; i < TILE; i++) v[i] = (float)h[i];
+    return v;
+#endif
+}
+
+// 16 bytes as 16 int32 lanes (GCC lowers __builtin_convertvector of bytes to scalar inserts).
+static inline vint widen(const uint8_t *p) {
+#ifdef __AVX512F__
+    return (vint)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#else
+    vint v;
+    for (int i = 0; i < TILE; i++) v[i] = p[i];
+    return v;
+#endif
+}
+
+// The weights of one tile (16 rows) as float32 vectors: buf[k] = the rows' w[k].
+static inline __attribute__((always_inline)) void dequantize(const uint8_t *tile, int64_t w_cols, vfloat *buf,
+                                                             const int half) {
+    for (int64_t k = 0; k < w_cols; k += 2) {
+        const vint both = widen(pair_codes(tile, k, half));
+        const vfloat scale = group_vector(tile, k, 0, half), offset = group_vector(tile, k, 1, half);
+        buf[k] = __builtin_convertvector(both & 15, vfloat) * scale + offset;
+        buf[k + 1] = __builtin_convertvector(both >> 4, vfloat) * scale + offset;
+    }
+}
+
+// out[i][0:16] = sum over k of x[i][k % x_cols] * buf[k], for `rows` rows (a constant after
+// inlining, so that the accumulators live in registers). Each sum is split into four by k mod
+// 4, added up at the end, (s0 + s1) + (s2 + s3): independent chains of FMAs for any number of
+// rows, in an order that does not depend on it.
+static inline __attribute__((always_inline)) void multiply_rows(const float *x, int64_t x_stride, int64_t x_cols,
+                                                                int64_t w_cols, const vfloat *buf, float *out,
+                                                                int64_t out_stride, const int rows) {
+    vfloat acc[ROW_TILE][4];
+    for (int i = 0; i < rows; i++)
+        for (int p = 0; p < 4; p++) acc[i][p] = (vfloat){0};
+    for (int64_t s0 = 0; s0 < w_cols; s0 += x_cols) {  // once, or twice for split 8-bit codes
+        const vfloat *b = buf + s0;
+        for (int64_t k = 0; k < x_cols; k += 4) {
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++) {
+                const vfloat w = b[k + p];
+#pragma GCC unroll 6
+                for (int i = 0; i < rows; i++) acc[i][p] += x[i * x_stride + k + p] * w;
+            }
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        const vfloat sum = (acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3]);
+        memcpy(out + i * out_stride, &sum, sizeof sum);
+    }
+}
+
+// The same sums for at most ROW_TILE rows, straight from the codes: each weight vector is
+// decoded once and used by every row, without the buffer.
+static inline __attribute__((always_inline)) void multiply_codes_rows(const float *x, int64_t x_stride,
+                                                                      int64_t x_cols, int64_t w_cols,
+                                                                      const uint8_t *tile, float *out,
+                                                                      int64_t out_stride, const int rows,
+                                                                      const int half) {
+    vfloat acc[ROW_TILE][4];
+    for (int i = 0; i < rows; i++)
+        for (int p = 0; p < 4; p++) acc[i][p] = (vfloat){0};
+    for (int64_t s0 = 0; s0 < w_cols; s0 += x_cols) {
+        for (int64_t k = 0; k < x_cols; k += 4) {
+            const int64_t kw = s0 + k;
+            if (kw % GROUP == 0)  // the weights PREFETCH_BYTES ahead, as many cache lines as a group has
+                for (int line = 0; line < group_bytes(half); line += 64)
+                    __builtin_prefetch(tile + kw / GROUP * group_bytes(half) + PREFETCH_BYTES + line);
+            const vfloat scale = group_vector(tile, kw, 0, half), offset = group_vector(tile, kw, 1, half);
+            const vint lo = widen(pair_codes(tile, kw, half)), hi = widen(pair_codes(tile, kw, half) + TILE);
+            const vfloat w[4] = {__builtin_convertvector(lo & 15, vfloat) * scale + offset,
+                                 __builtin_convertvector(lo >> 4, vfloat) * scale + offset,
+                                 __builtin_convertvector(hi & 15, vfloat) * scale + offset,
+                                 __builtin_convertvector(hi >> 4, vfloat) * scale + offset};
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++)
+#pragma GCC unroll 6
+                for (int i = 0; i < rows; i++) acc[i][p] += x[i * x_stride + k + p] * w[p];
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        const vfloat sum = (acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3]);
+        memcpy(out + i * out_stride, &sum, sizeof sum);
+    }
+}
+
+static inline __attribute__((always_inline)) void multiply_codes(const float *x, int64_t x_stride, int64_t x_cols,
+                                                                 int64_t w_cols, const uint8_t *tile, float *out,
+                                                                 int64_t out_stride, int rows, const int half) {
+    switch (rows) {
+        case 1: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 1, half); break;
+        case 2: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 2, half); break;
+        case 3: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 3, half); break;
+        case 4: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 4, half); break;
+        case 5: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 5, half); break;
+        default: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 6, half); break;
+    }
+}
+
+static void multiply(const float *x, int64_t x_stride, int64_t x_cols, int64_t w_cols, const vfloat *buf,
+                     float *out, int64_t out_stride, int64_t rows) {
+    for (int64_t i = 0; i < rows; i += ROW_TILE) {
+        const float *xi = x + i * x_stride;
+        float *oi = out + i * out_stride;
+        switch (rows - i < ROW_TILE ? rows - i : ROW_TILE) {
+            case 1: multiply_rows(xi, x_stride, x_cols, w_cols, buf, oi, out_stride, 1); break;
+            case 2: multiply_rows(xi, x_stride, x_cols, w_cols, buf, oi, out_stride, 2); break;
+            case 3: multiply_rows(xi, x_stride, x_cols, w_cols, buf, oi, out_stride, 3); break;
+            case 4: multiply_rows(xi, x_stride, x_cols, w_cols, buf, oi, out_stride, 4); break;
+            case 5: multiply_rows(xi, x_stride, x_cols, w_cols, buf, oi, out_stride, 5); break;
+            default: multiply_rows(xi, x_stride, x_cols, w_cols, buf, oi, out_stride, 6); break;
+        }
+    }
+}
+
+// x: float32 [m, x_cols] (rows x_stride apart); W: [n_out, w_cols] packed as above, w_cols =
+// x_cols, or 2 * x_cols for split 8-bit codes (columns x_cols.. multiply x again); out:
+// float32 [m, n_out], contiguous. n_out a multiple of 16, x_cols of 32.
+// One tile's outputs for all m rows: from the codes for few rows, else through `buf`.
+static inline __attribute__((always_inline)) void tile_outputs(const float *x, int64_t x_stride, int64_t m,
+                                                               int64_t x_cols, int64_t w_cols, const uint8_t *tile,
+                                                               float *out, int64_t out_stride, vfloat *buf,
+                                                               const int half) {
+    if (m <= ROW_TILE) {
+        multiply_codes(x, x_stride, x_cols, w_cols, tile, out, out_stride, (int)m, half);
+    } else {
+        dequantize(tile, w_cols, buf, half);
+        multiply(x, x_stride, x_cols, w_cols, buf, out, out_stride, m);
+    }
+}
+
+int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
+                int64_t n_out, int64_t w_cols, float *out, int num_threads) {
+    const int64_t tiles = n_out / TILE, tile_bytes = w_cols / GROUP * group_bytes(half);
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && tiles > 1)
+    {
+        // One tile's weights dequantized, for batches of more than ROW_TILE rows.
+        vfloat *buf = m > ROW_TILE ? aligned_alloc(64, sizeof(vfloat) * w_cols) : NULL;
+        if (m > ROW_TILE && !buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            if (m > ROW_TILE && !buf) continue;
+            const uint8_t *tile = packed + t * tile_bytes;
+            if (half) tile_outputs(x, x_stride, m, x_cols, w_cols, tile, out + t * TILE, n_out, buf, 1);
+            else tile_outputs(x, x_stride, m, x_cols, w_cols, tile, out + t * TILE, n_out, buf, 0);
+        }
+        free(buf);
+    }
+    return failed ? -2 : 0;
+}
