@@ -10,10 +10,12 @@ may be shared). B: --requests requests at once, prompts and outputs log-normal (
 75 tokens, at most 480 and 256): generated tokens per second and per CPU second.
 
 Engines: pagedkv with --quantization none (float32, the exactness reference) and auto (the
-GGUF file's quantization kept), and transformers' generate (float32, B as one padded batch),
-in this process; llama.cpp (llama-cpp-python, the same GGUF file; B one sequence at a time)
-and vLLM's CPU build (float32), each in the virtual environment whose python is given, run as
-a child process confined to the same cores (taskset). Medians over --repeats.
+GGUF file's quantization kept), and in bfloat16 on CPUs that compute it natively, and
+transformers' generate (float32, B as one padded batch), in this process; llama.cpp
+(llama-cpp-python, the same GGUF file; B one sequence at a time) and vLLM's CPU build (float32,
+and bfloat16 where native; it reads transformers' own float32 export of the file from a
+temporary folder), each in the virtual environment whose python is given, run as a child
+process confined to the same cores (taskset). Medians over --repeats.
 """
 from __future__ import annotations
 
