@@ -116,17 +116,20 @@ def run_transformers(model, prompt: list[int], new_tokens: int, batch) -> dict:
 
 LLAMA_CPP = r"""
 import json, sys, time
+import numpy as np
 from llama_cpp import Llama
 a = json.load(open(sys.argv[1]))
 llm = Llama(model_path=a["model"], n_threads=a["threads"], n_threads_batch=a["threads"], n_ctx=1024,
             n_batch=512, verbose=False)
+def last_logits():  # llm.scores is filled only with logits_all, which computes every prompt row's
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 def run(prompt, n):
     llm.reset(); out = []
     w, c = time.perf_counter(), time.process_time()
     llm.eval(prompt)
     t = (time.perf_counter() - w, time.process_time() - c)
     for _ in range(n):
-        tok = int(llm.scores[llm.n_tokens - 1].argmax()); out.append(tok)
+        tok = int(last_logits().argmax()); out.append(tok)
         if len(out) < n:
             llm.eval([tok])
     return t, (time.perf_counter() - w - t[0], time.process_time() - c - t[1]), out
