@@ -33,15 +33,18 @@ PROMPT = "hello world, this is"
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
+CONTEXT = 8192  # the tiny model's context: room for requests that outlast a dropped connection
+
+
 @pytest.fixture(scope="module")
 def model_path(tiny_model):
-    return tiny_model()
+    return tiny_model(max_position_embeddings=CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("http") / "server.log"
-    with running_http_server(model_path, "--num-device-blocks", "256", "--block-size", "4",
+    with running_http_server(model_path, "--num-device-blocks", "2100", "--block-size", "4",
                              log_path=str(log)) as (proc, url):
         yield proc, url
 
@@ -323,7 +326,9 @@ def test_32_concurrent_streams(url, model, offline, engine):
 
 
 # -- dropped connections ------------------------------------------------------------------------------
-LONG = 800  # tokens: the request runs (about 3 s) until it is aborted; 256 blocks of 4 hold it
+# Tokens: a request that runs (about 5 s on a 2-core CPU) until it is aborted, far longer than a
+# dropped connection takes to reach the engine; 2100 blocks of 4 hold it.
+LONG = 6000
 
 
 def test_a_dropped_stream_aborts_its_request_and_frees_its_blocks(url, model, engine):
@@ -427,7 +432,8 @@ def test_404_for_unknown_paths_in_openai_shape(url):
 
 
 def test_413_for_a_prompt_longer_than_the_context_and_for_a_large_body(url, model):
-    response = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": [5] * 3000}, timeout=60)
+    response = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": [5] * (CONTEXT + 100)},
+                          timeout=60)
     assert response.status_code == 413 and error_of(response)["code"] == "context_length_exceeded"
     big = json.dumps({"model": model, "prompt": "x" * (5 * 2**20)})
     response = httpx.post(f"{url}/v1/completions", content=big, timeout=60,
@@ -524,7 +530,7 @@ def test_a_non_loopback_host_needs_a_key(tmp_path):
 
 
 def test_429_when_the_engine_is_overloaded(model_path, tmp_path):
-    with running_http_server(model_path, "--num-device-blocks", "256", "--block-size", "4", "--max-num-seqs", "1",
+    with running_http_server(model_path, "--num-device-blocks", "2100", "--block-size", "4", "--max-num-seqs", "1",
                              "--max-queued", "1", log_path=str(tmp_path / "server.log")) as (proc, url), \
             Client(proc.address, timeout=60) as engine:
         long = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "temperature": 0}
