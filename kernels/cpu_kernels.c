@@ -47,13 +47,14 @@ static inline __attribute__((always_inline)) void store(void *p, int64_t i, floa
 #define LANES 16
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
 typedef uint16_t vhalf __attribute__((vector_size(32)));
 
 static inline __attribute__((always_inline)) vfloat load_vec(const void *p, int64_t i, const int bf16) {
     if (bf16) {
         vhalf h;
         memcpy(&h, (const uint16_t *)p + i, sizeof h);
-        return (vfloat)(__builtin_convertvector(h, vint) << 16);
+        return (vfloat)(__builtin_convertvector(h, vuint) << 16);
     }
     vfloat x;
     memcpy(&x, (const float *)p + i, sizeof x);

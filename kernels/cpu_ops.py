@@ -31,7 +31,7 @@ __all__ = ["reshape_and_cache", "paged_attention_decode", "library", "PackedInt4
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
-ERRORS = {-1: "a block table entry or slot is outside the cache", -2: "out of memory for attention scores",
+ERRORS = {-1: "a block table entry or slot is outside the cache", -2: "out of memory for the kernel's buffers",
           -3: "a context is longer than its block table"}
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def library() -> ctypes.CDLL | None:
             raise OSError(f"no C compiler {compiler!r} on PATH")
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("CPU attention kernels unavailable, using the torch reference: %s", e)
+        log.warning("CPU kernels unavailable, using the torch reference and torch's int4 kernel: %s", e)
         return None
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.paged_attention_decode.argtypes = [ptr, i64, i32, ptr, ptr, i32, i64, i32, i32, i32, i32, i32, i32,
@@ -128,7 +128,7 @@ def _layer(kv_cache: torch.Tensor, layer: int) -> int:
 
 def _check(rc: int, what: str) -> None:
     if rc:
-        raise IndexError(f"{what}: {ERRORS.get(rc, f'error {rc}')}")
+        raise (MemoryError if rc == -2 else IndexError)(f"{what}: {ERRORS.get(rc, f'error {rc}')}")
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, layer: int,
@@ -138,6 +138,9 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     key, value = _rows(key), _rows(value)
     slots = _int_array(slot_mapping.cpu(), torch.int64).contiguous()
     num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    if key.shape != value.shape or key.shape[1:] != (num_kv_heads, head_dim) or slots.numel() != key.shape[0]:
+        raise ValueError(f"reshape_and_cache: keys {tuple(key.shape)}, values {tuple(value.shape)} and "
+                         f"{slots.numel()} slots for a cache of {num_kv_heads} KV heads of {head_dim}")
     rc = library().reshape_and_cache(
         key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), DTYPES[key.dtype],
         kv_cache.data_ptr(), DTYPES[kv_cache.dtype], num_blocks, num_layers, _layer(kv_cache, layer), block_size,
@@ -154,9 +157,11 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, layer: i
     lens = _int_array(context_lens.cpu(), torch.int32).contiguous()
     num_seqs, num_heads, head_dim = query.shape
     num_blocks, num_layers, _, block_size, num_kv_heads, _ = kv_cache.shape
-    if num_heads % num_kv_heads or lens.numel() != num_seqs or tables.shape[0] != num_seqs:
-        raise ValueError(f"paged_attention_decode: {num_heads} query heads over {num_kv_heads} KV heads, "
-                         f"{num_seqs} queries, {lens.numel()} context lengths, {tables.shape[0]} block tables")
+    if (num_heads % num_kv_heads or head_dim != kv_cache.shape[5] or lens.numel() != num_seqs
+            or tables.shape[0] != num_seqs):
+        raise ValueError(f"paged_attention_decode: {num_heads} query heads of {head_dim} over {num_kv_heads} KV "
+                         f"heads of {kv_cache.shape[5]}, {num_seqs} queries, {lens.numel()} context lengths, "
+                         f"{tables.shape[0]} block tables")
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
     rc = library().paged_attention_decode(
         query.data_ptr(), query.stride(0), DTYPES[query.dtype], out.data_ptr(), kv_cache.data_ptr(),

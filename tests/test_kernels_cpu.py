@@ -99,6 +99,8 @@ def test_decode_refuses_tables_that_leave_the_cache():
         cpu_ops.paged_attention_decode(query, cache, 0, tables, longer, 0.125)
     with pytest.raises(IndexError, match="layer 2 is out of range"):
         cpu_ops.paged_attention_decode(query, cache, 2, tables, lens, 0.125)
+    with pytest.raises(ValueError, match="query heads of 32"):
+        cpu_ops.paged_attention_decode(query[..., :32], cache, 0, tables, lens, 0.125)
 
 
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
@@ -121,6 +123,10 @@ def test_reshape_and_cache_refuses_slots_outside_and_writes_nothing():
     key = torch.randn(2, 2, 32, generator=g)
     with pytest.raises(IndexError, match="outside the cache"):
         cpu_ops.reshape_and_cache(key, key, cache, 0, torch.tensor([3, cache.shape[0] * 8]))
+    with pytest.raises(ValueError, match="for a cache of 2 KV heads of 32"):
+        cpu_ops.reshape_and_cache(key[:, :, :16], key[:, :, :16], cache, 0, torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="1 slots"):
+        cpu_ops.reshape_and_cache(key, key, cache, 0, torch.tensor([3]))
     assert torch.equal(cache, before)
 
 
