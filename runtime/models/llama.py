@@ -65,9 +65,10 @@ _PACK_BATCH = 32
 # SmolLM2-135M took 91 ms of CPU time with the packed weights, 54 ms with F.linear. Float32
 # models whose dense linear weights fit in _DUAL_BYTES keep both layouts and pick per call.
 # bfloat16 weights are packed only: there oneDNN is the faster at one row too (37.8 against
-# 47.7 ms a step on that Xeon). Quantized matrices always run torch's int4 kernel: it gives
-# each row the same result whatever the batch (oneDNN's bfloat16 GEMM does not, from 5 rows
-# on), so that preemption, which changes batches, stays invisible in quantized outputs.
+# 47.7 ms a step on that Xeon). Quantized matrices run one 4-bit kernel at every size
+# (Int4Linear): it gives each row the same result whatever the batch (oneDNN's bfloat16 GEMM
+# does not, from 5 rows on), so preemption, which changes batches, stays invisible in their
+# outputs.
 _SMALL_ROWS = 4
 _DUAL_BYTES = 2 << 30
 
@@ -193,15 +194,16 @@ class LlamaModel:
         kinds = {"onednn": "oneDNN, weights prepacked" + (f" (F.linear up to {_SMALL_ROWS} rows)" if self.dual else ""),
                  "mm": "torch.mm on transposed weights", "linear": "F.linear"}
         dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
-        quantized = sorted({lin.fmt for lin in self._linears() if isinstance(lin, Int4Linear)})
+        quantized = [lin for lin in self._linears() if isinstance(lin, Int4Linear)]
         if not quantized:
             return f"linear layers {dense}"
-        bf16 = "native" if cpu_has_bfloat16() else "emulated (no avx512_bf16/amx_bf16)"
-        if {lin.kernel for lin in self._linears() if isinstance(lin, Int4Linear)} == {"pagedkv"}:
+        formats = ", ".join(sorted({lin.fmt for lin in quantized}))
+        if all(lin.kernel == "pagedkv" for lin in quantized):
             how = "pagedkv's 4-bit CPU kernel (float32 activations, batch-invariant rows)"
         else:
+            bf16 = "native" if cpu_has_bfloat16() else "emulated (no avx512_bf16/amx_bf16)"
             how = f"torch's int4 CPU kernel, bfloat16 activations (CPU bfloat16: {bf16})"
-        return f"quantized linear layers ({', '.join(quantized)}) by {how}, group size 32; other layers {dense}"
+        return f"quantized linear layers ({formats}) by {how}, group size 32; other layers {dense}"
 
     def _linears(self) -> list:
         return [self.lm_head] + [layer[k] for layer in self.layers for k in ("qkv", "o", "gate_up", "down")]
