@@ -1,10 +1,10 @@
-// CPU kernels for the paged KV cache: decode attention and the cache write.
+// CPU kernels for the paged KV cache: attention (decode, and prompts) and the cache write.
 //
 // The torch reference (kernels/reference.py) gathers every K/V block a decode batch reads
 // into a fresh tensor, converts it to float32 and runs two batched matmuls around a softmax;
 // on a CPU that moves the K/V several times and, from a few dozen sequences on, costs as much
 // as the model's matrices. These kernels read each K/V row once, in place, through the block
-// tables (as vLLM's CPU backend does). kernels/cpu_ops.py builds them with gcc at first use;
+// tables (as vLLM's CPU backend does), for a whole GQA group of query heads at a time. kernels/cpu_ops.py builds them with gcc at first use;
 // the reference stays the oracle they are tested against.
 //
 // Cache layout: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], float32 or
@@ -16,8 +16,9 @@
 #include <string.h>
 
 #define ERR_BLOCK -1   // a block table entry or a slot outside the cache
-#define ERR_MEMORY -2  // no memory for the score buffers
+#define ERR_MEMORY -2  // no memory for the job list
 #define ERR_TABLE -3   // a context longer than its block table
+#define ERR_QUERY -4   // query rows outside the batch, more new tokens than context, or an unsupported shape
 
 static inline float bf16_to_float(uint16_t x) {
     union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
@@ -70,37 +71,6 @@ static inline float sum_lanes(vfloat a) {
     return a[0];
 }
 
-// q . row, q float32 [n], row float32 or bfloat16 [n] at element `at` of `base`.
-static inline __attribute__((always_inline)) float dot(const float *q, const void *base, int64_t at, int n,
-                                                       const int bf16) {
-    if (n % LANES == 0) {
-        vfloat a = {0}, b = {0};
-        int d = 0;
-        for (; d + 2 * LANES <= n; d += 2 * LANES) {
-            a += load_vec(q, d, 0) * load_vec(base, at + d, bf16);
-            b += load_vec(q, d + LANES, 0) * load_vec(base, at + d + LANES, bf16);
-        }
-        if (d < n) a += load_vec(q, d, 0) * load_vec(base, at + d, bf16);
-        return sum_lanes(a + b);
-    }
-    float s = 0.0f;
-    for (int d = 0; d < n; d++) s += q[d] * load(base, at + d, bf16);
-    return s;
-}
-
-// out += p * row, out float32 [n], row as in `dot`.
-static inline __attribute__((always_inline)) void axpy(float *out, float p, const void *base, int64_t at, int n,
-                                                       const int bf16) {
-    if (n % LANES == 0) {
-        for (int d = 0; d < n; d += LANES) {
-            vfloat o = load_vec(out, d, 0) + p * load_vec(base, at + d, bf16);
-            memcpy(out + d, &o, sizeof o);
-        }
-        return;
-    }
-    for (int d = 0; d < n; d++) out[d] += p * load(base, at + d, bf16);
-}
-
 // One layer of the cache, as element offsets from `base` (that layer's K of block 0).
 typedef struct {
     const void *base;
@@ -124,112 +94,292 @@ static CacheLayer cache_layer(const void *cache, int bf16, int64_t num_blocks, i
     return c;
 }
 
-// Ask for one token's rows (every head) of another block ahead of use: the blocks of a
-// sequence lie anywhere in the cache, where the hardware prefetchers cannot guess them.
-static inline __attribute__((always_inline)) void prefetch_slot(const CacheLayer *c, const int bf16, int64_t at) {
-    const char *p = (const char *)c->base + at * (bf16 ? 2 : 4);
-    for (int64_t i = 0; i < c->slot_stride * (bf16 ? 2 : 4); i += 64) __builtin_prefetch(p + i);
+#define TILE 16    // context positions per step: one vector of scores
+#define QUERIES 4  // query vectors that share each K/V row read (a GQA group, or rows of a prompt)
+
+static inline __attribute__((always_inline)) vfloat splat(float x) { return (vfloat){0} + x; }
+
+// a where `mask` (a vector comparison's result) is set, else b.
+static inline __attribute__((always_inline)) vfloat blend(vint mask, vfloat a, vfloat b) {
+    return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
 }
 
-// Attention of one sequence, every head, over its first `ctx` tokens (block table `table`).
-// q: float32 [num_heads, head_dim], query head h reading KV head h / group; scores:
-// [num_heads, ctx] scratch; out: float32 [num_heads, head_dim]. A token's K (and V) rows of
-// all heads are contiguous in the cache, so each block is read front to back.
-static inline __attribute__((always_inline)) int attend(const CacheLayer *c, const int bf16, const int32_t *table,
-                                                        int64_t table_width, int ctx, const float *q,
-                                                        int num_heads, int group, float scale, float *scores,
-                                                        float *out) {
-    const int d_len = c->head_dim, bs = c->block_size;
-    if ((ctx + bs - 1) / bs > table_width) return ERR_TABLE;
-    for (int t0 = 0; t0 < ctx; t0 += bs) {
-        const int64_t block = table[t0 / bs];
-        if (block < 0 || block >= c->num_blocks) return ERR_BLOCK;
-        const int n = ctx - t0 < bs ? ctx - t0 : bs;
-        const int64_t next = t0 + bs < ctx ? table[t0 / bs + 1] : block;
-        for (int o = 0; o < n; o++) {
-            const int64_t k_at = block * c->block_stride + o * c->slot_stride;
-            prefetch_slot(c, bf16, next * c->block_stride + o * c->slot_stride);
-            for (int h = 0; h < num_heads; h++) {
-                const float s = dot(q + (int64_t)h * d_len, c->base, k_at + (int64_t)(h / group) * d_len, d_len, bf16);
-                scores[(int64_t)h * ctx + t0 + o] = s * scale;
-            }
-        }
-    }
-    for (int h = 0; h < num_heads; h++) {
-        float *s = scores + (int64_t)h * ctx, top = -INFINITY, sum = 0.0f;
-        for (int t = 0; t < ctx; t++) top = s[t] > top ? s[t] : top;
-        for (int t = 0; t < ctx; t++) {
-            s[t] = expf(s[t] - top);
-            sum += s[t];
-        }
-        const float inv = 1.0f / sum;
-        for (int t = 0; t < ctx; t++) s[t] *= inv;
-    }
-    memset(out, 0, sizeof(float) * num_heads * d_len);
-    for (int t0 = 0; t0 < ctx; t0 += bs) {
-        const int64_t block = table[t0 / bs];
-        const int n = ctx - t0 < bs ? ctx - t0 : bs;
-        const int64_t next = t0 + bs < ctx ? table[t0 / bs + 1] : block;
-        for (int o = 0; o < n; o++) {
-            const int64_t v_at = block * c->block_stride + c->kv_stride + o * c->slot_stride;
-            prefetch_slot(c, bf16, next * c->block_stride + c->kv_stride + o * c->slot_stride);
-            for (int h = 0; h < num_heads; h++) {
-                const float p = scores[(int64_t)h * ctx + t0 + o];
-                axpy(out + (int64_t)h * d_len, p, c->base, v_at + (int64_t)(h / group) * d_len, d_len, bf16);
-            }
-        }
-    }
-    return 0;
+// The 16 sums at once: lane t of the result is the sum of v[t]'s lanes. Four rounds, each
+// halving the lanes per vector and doubling the vectors per lane (45 operations where 16
+// separate reductions take 128).
+static inline vfloat sum_each(const vfloat v[TILE]) {
+    const vint lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vint hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const vint lo2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const vint hi2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const vint lo3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    const vint hi3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+    const vint lo4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const vint hi4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    vfloat w[8], x[4], y[2];
+    for (int i = 0; i < 8; i++)  // w[i]: v[2i] in lanes 0-7, v[2i+1] in 8-15
+        w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo1) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi1);
+    for (int i = 0; i < 4; i++)  // x[i]: v[4i .. 4i+3], four lanes each
+        x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], lo2) + __builtin_shuffle(w[2 * i], w[2 * i + 1], hi2);
+    for (int i = 0; i < 2; i++)  // y[i]: v[8i .. 8i+7], two lanes each
+        y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], lo3) + __builtin_shuffle(x[2 * i], x[2 * i + 1], hi3);
+    return __builtin_shuffle(y[0], y[1], lo4) + __builtin_shuffle(y[0], y[1], hi4);
 }
 
-// Decode attention: one query token per sequence. query: [num_seqs, num_heads, head_dim]
-// rows `query_stride` elements apart; out: contiguous [num_seqs, num_heads, head_dim].
-// block_tables: int32 rows of `table_width` entries, `table_stride` apart; context_lens:
-// int32 [num_seqs]. A sequence with no context gets zeros. Returns 0, or ERR_BLOCK /
-// ERR_MEMORY / ERR_TABLE (out is then unspecified).
-int paged_attention_decode(const void *query, int64_t query_stride, int query_bf16, void *out,
-                           const void *cache, int cache_bf16, int64_t num_blocks, int num_layers, int layer,
-                           int block_size, int num_kv_heads, int head_dim, int num_heads,
-                           const int32_t *block_tables, int64_t table_stride, int64_t table_width,
-                           const int32_t *context_lens, int num_seqs, float scale, int num_threads) {
+static inline float max_lanes(vfloat a) {
+    vfloat b = __builtin_shuffle(a, (vint){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    a = blend(a > b, a, b);
+    b = __builtin_shuffle(a, (vint){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+    a = blend(a > b, a, b);
+    b = __builtin_shuffle(a, (vint){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+    a = blend(a > b, a, b);
+    return a[0] > a[1] ? a[0] : a[1];
+}
+
+// e^x for x <= 0 (softmax's exponents), within about one float32 rounding: 2^n * e^r with
+// n = round(x / ln 2), |r| <= ln 2 / 2, e^r by Cephes' expf polynomial. Below -87 (and -inf)
+// the result is 0.
+static inline vfloat exp_nonpositive(vfloat x) {
+    const vfloat round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const vint underflow = x < splat(-87.0f);
+    x = blend(underflow, splat(-87.0f), x);
+    const vfloat t = x * 1.44269504088896341f + round_magic, n = t - round_magic;
+    const vfloat r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vfloat p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vint two_n = ((vint)t - (vint)round_magic + 127) << 23;
+    return blend(underflow, splat(0.0f), p * (vfloat)two_n);
+}
+
+// Element offsets (from c->base) of the K rows of context positions t0 .. t0+n-1.
+static inline void tile_rows(const CacheLayer *c, const int32_t *table, int t0, int n, int64_t *rows) {
+    int block = t0 / c->block_size, offset = t0 % c->block_size;
+    for (int i = 0; i < n; i++) {
+        rows[i] = table[block] * c->block_stride + offset * c->slot_stride;
+        if (++offset == c->block_size) offset = 0, block++;
+    }
+}
+
+// One cache row of VECS * 16 elements as float vectors. A bfloat16 row of an even number of
+// vectors is read 32 elements a load and widened in two operations: the even elements to
+// row[2p], the odd ones to row[2p+1] (`split` order; queries and outputs are permuted to
+// match), where widening in element order takes five.
+static inline __attribute__((always_inline)) void load_row(const void *base, int64_t at, const int bf16,
+                                                          const int VECS, vfloat *row) {
+    if (bf16 && VECS % 2 == 0)
+        for (int p = 0; p < VECS / 2; p++) {
+            vuint pair;
+            memcpy(&pair, (const uint16_t *)base + at + p * 2 * LANES, sizeof pair);
+            row[2 * p] = (vfloat)(pair << 16);
+            row[2 * p + 1] = (vfloat)(pair & 0xFFFF0000u);
+        }
+    else
+        for (int v = 0; v < VECS; v++) row[v] = load_vec(base, at + v * LANES, bf16);
+}
+
+// float32 [VECS * 16] in element order to load_row's order, and back.
+static inline __attribute__((always_inline)) void to_row_order(const float *x, const int split, const int VECS,
+                                                              vfloat *row) {
+    for (int v = 0; v < VECS; v++) row[v] = load_vec(x, v * LANES, 0);
+    if (split)
+        for (int p = 0; p < VECS / 2; p++) {
+            const vfloat a = row[2 * p], b = row[2 * p + 1];
+            row[2 * p] = __builtin_shuffle(a, b, (vint){0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30});
+            row[2 * p + 1] = __builtin_shuffle(a, b, (vint){1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+        }
+}
+
+static inline __attribute__((always_inline)) void from_row_order(const vfloat *row, const int split, const int VECS,
+                                                                float *x) {
+    for (int v = 0; v < VECS; v++) {
+        vfloat o = row[v];
+        if (split) {
+            const vfloat even = row[v & ~1], odd = row[v | 1];
+            o = v % 2 == 0
+                ? __builtin_shuffle(even, odd, (vint){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23})
+                : __builtin_shuffle(even, odd, (vint){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+        }
+        memcpy(x + v * LANES, &o, sizeof o);
+    }
+}
+
+// Up to QUERIES query vectors of one sequence against one KV head: q[j] (float32 [VECS * 16])
+// sees context positions 0 .. ctx[j]-1 (ctx[j] > 0 for j < nq). Flash-style: one pass over
+// the context in tiles of 16 positions, a running maximum and sum per query, the weighted V
+// rows summed in registers; each K and V row is read once for all the queries. Each query's
+// arithmetic is its own (no lane mixes queries), so a row's result is the same whatever
+// queries, batch or thread it is computed with.
+static inline __attribute__((always_inline)) void attend(const CacheLayer *c, const int bf16, const int VECS,
+                                                        const int32_t *table, const float *q, const int *ctx,
+                                                        int nq, float scale, float *out) {
+    const int d_len = VECS * LANES, split = bf16 && VECS % 2 == 0;
+    vfloat acc[QUERIES][VECS], partial[QUERIES][TILE], qv[QUERIES][VECS];
+    float top[QUERIES], total[QUERIES], weight[QUERIES][TILE] __attribute__((aligned(64)));
+    int64_t rows[TILE], ahead[TILE];
+    int ctx_max = 0;
+    for (int j = 0; j < QUERIES; j++) {
+        top[j] = -INFINITY;
+        total[j] = 0.0f;
+        for (int v = 0; v < VECS; v++) acc[j][v] = splat(0.0f);
+        to_row_order(q + j * d_len, split, VECS, qv[j]);
+        if (j < nq && ctx[j] > ctx_max) ctx_max = ctx[j];
+    }
+    const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    tile_rows(c, table, 0, ctx_max < TILE ? ctx_max : TILE, rows);
+    for (int t0 = 0; t0 < ctx_max; t0 += TILE) {
+        const int n = ctx_max - t0 < TILE ? ctx_max - t0 : TILE;
+        // The next tile's rows, asked for now: a sequence's blocks lie anywhere in the cache.
+        const int n_next = ctx_max - t0 - n < TILE ? ctx_max - t0 - n : TILE;
+        tile_rows(c, table, t0 + TILE, n_next, ahead);
+        for (int i = 0; i < n_next; i++)
+            for (int b = 0; b < d_len * (bf16 ? 2 : 4); b += 64) {
+                __builtin_prefetch((const char *)c->base + ahead[i] * (bf16 ? 2 : 4) + b);
+                __builtin_prefetch((const char *)c->base + (ahead[i] + c->kv_stride) * (bf16 ? 2 : 4) + b);
+            }
+        for (int i = 0; i < TILE; i++) {
+            vfloat part[QUERIES];
+            for (int j = 0; j < QUERIES; j++) part[j] = splat(0.0f);
+            if (i < n) {
+                vfloat k[VECS];
+                load_row(c->base, rows[i], bf16, VECS, k);
+                for (int v = 0; v < VECS; v++)
+                    for (int j = 0; j < QUERIES; j++) part[j] += qv[j][v] * k[v];
+            }
+            for (int j = 0; j < QUERIES; j++) partial[j][i] = part[j];
+        }
+        for (int j = 0; j < QUERIES; j++) {
+            const int valid = j < nq ? (ctx[j] - t0 < n ? ctx[j] - t0 : n) : 0;
+            vfloat p = splat(0.0f);
+            if (valid > 0) {
+                const vint keep = lane < valid;
+                vfloat s = sum_each(partial[j]) * scale;
+                s = blend(keep, s, splat(-INFINITY));
+                const float tile_top = max_lanes(s), new_top = tile_top > top[j] ? tile_top : top[j];
+                const float rescale = expf(top[j] - new_top);
+                p = exp_nonpositive(s - new_top);
+                total[j] = total[j] * rescale + sum_lanes(p);
+                top[j] = new_top;
+                for (int v = 0; v < VECS; v++) acc[j][v] *= rescale;
+            }
+            memcpy(weight[j], &p, sizeof p);
+        }
+        for (int i = 0; i < n; i++) {
+            vfloat val[VECS];
+            load_row(c->base, rows[i] + c->kv_stride, bf16, VECS, val);
+            for (int v = 0; v < VECS; v++)
+                for (int j = 0; j < QUERIES; j++) acc[j][v] += weight[j][i] * val[v];
+        }
+        memcpy(rows, ahead, sizeof rows);
+    }
+    for (int j = 0; j < nq; j++) {
+        const float inv = ctx[j] > 0 ? 1.0f / total[j] : 0.0f;
+        for (int v = 0; v < VECS; v++) acc[j][v] *= inv;
+        from_row_order(acc[j], split, VECS, out + j * d_len);
+    }
+}
+
+// One job: query vectors first .. first+nq-1 of sequence `seq` (vector r * group + i is query
+// head kv_head * group + i of the sequence's row r) against KV head kv_head.
+typedef struct {
+    int seq, kv_head, first, count;
+} Job;
+
+// The per-type, per-head-size instances of `attend`, chosen once per call.
+#define ATTEND_CASES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(16)
+#define ATTEND_FN(vecs)                                                                                        \
+    static void attend_f32_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,  \
+                                  float s, float *o) { attend(c, 0, vecs, t, q, x, n, s, o); }                 \
+    static void attend_bf16_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n, \
+                                   float s, float *o) { attend(c, 1, vecs, t, q, x, n, s, o); }
+ATTEND_CASES(ATTEND_FN)
+typedef void (*AttendFn)(const CacheLayer *, const int32_t *, const float *, const int *, int, float, float *);
+
+static AttendFn attend_fn(int bf16, int head_dim) {
+#define ATTEND_PICK(vecs) \
+    if (head_dim == (vecs) * LANES) return bf16 ? attend_bf16_##vecs : attend_f32_##vecs;
+    ATTEND_CASES(ATTEND_PICK)
+    return NULL;
+}
+
+// The head sizes `paged_attention` takes: multiples of 16 up to 128, and 256.
+int paged_attention_supports(int head_dim) { return attend_fn(0, head_dim) != NULL; }
+
+// Attention over the paged cache for a ragged batch whose new K/V are already in it.
+// Sequence s owns query rows query_start_loc[s] .. query_start_loc[s+1]-1 (NULL: row s alone,
+// the decode case), its last rows: row i of q_len sees positions 0 .. ctx - q_len + i.
+// query: [rows, num_heads, head_dim] float32 or bfloat16, rows `query_stride` apart; out:
+// contiguous, same type. block_tables: int32 rows of `table_width` entries, `table_stride`
+// apart; context_lens: int32 [num_seqs]. A row with no context gets zeros; rows of no
+// sequence, and of sequences with more than `max_rows` rows, are left as they are. Returns 0,
+// or ERR_BLOCK / ERR_MEMORY / ERR_TABLE / ERR_QUERY (out is then unspecified).
+int paged_attention(const void *query, int64_t query_stride, int query_bf16, int64_t num_rows, void *out,
+                    const void *cache, int cache_bf16, int64_t num_blocks, int num_layers, int layer,
+                    int block_size, int num_kv_heads, int head_dim, int num_heads, const int32_t *block_tables,
+                    int64_t table_stride, int64_t table_width, const int32_t *query_start_loc,
+                    const int32_t *context_lens, int num_seqs, int64_t max_rows, float scale, int num_threads) {
+    const AttendFn fn = attend_fn(cache_bf16, head_dim);
+    if (!fn || num_heads % num_kv_heads) return ERR_QUERY;
     const CacheLayer c = cache_layer(cache, cache_bf16, num_blocks, num_layers, layer, block_size, num_kv_heads,
                                      head_dim);
     const int group = num_heads / num_kv_heads;
-    const int64_t row = (int64_t)num_heads * head_dim;
-    int max_ctx = 0;
-    for (int b = 0; b < num_seqs; b++) max_ctx = context_lens[b] > max_ctx ? context_lens[b] : max_ctx;
-    int error = 0;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_seqs > 1)
-    {
-        float *q = malloc(sizeof(float) * row * 2 + sizeof(float) * num_heads * (size_t)(max_ctx + 1));
-        float *acc = q ? q + row : NULL, *scores = q ? acc + row : NULL;
-        if (!q) {
-#pragma omp atomic write
-            error = ERR_MEMORY;
+    // Check every sequence before any work, and count the jobs.
+    int64_t num_jobs = 0;
+    for (int s = 0; s < num_seqs; s++) {
+        const int64_t start = query_start_loc ? query_start_loc[s] : s;
+        const int64_t q_len = query_start_loc ? query_start_loc[s + 1] - start : 1;
+        const int ctx = context_lens[s] > 0 ? context_lens[s] : 0;
+        if (start < 0 || q_len < 0 || start + q_len > num_rows || (q_len > ctx && ctx > 0)) return ERR_QUERY;
+        if ((ctx + block_size - 1) / block_size > table_width) return ERR_TABLE;
+        for (int b = 0; b < (ctx + block_size - 1) / block_size; b++) {
+            const int32_t block = block_tables[s * table_stride + b];
+            if (block < 0 || block >= num_blocks) return ERR_BLOCK;
         }
-#pragma omp for schedule(dynamic, 1)
-        for (int b = 0; b < num_seqs; b++) {
-            int failed;
-#pragma omp atomic read
-            failed = error;
-            if (failed) continue;
-            const int ctx = context_lens[b];
-            for (int64_t i = 0; i < row; i++) q[i] = load(query, b * query_stride + i, query_bf16);
-            int rc = 0;
-            const int32_t *table = block_tables + b * table_stride;
-            if (ctx <= 0) memset(acc, 0, sizeof(float) * row);
-            else if (cache_bf16) rc = attend(&c, 1, table, table_width, ctx, q, num_heads, group, scale, scores, acc);
-            else rc = attend(&c, 0, table, table_width, ctx, q, num_heads, group, scale, scores, acc);
-            if (rc) {
-#pragma omp atomic write
-                error = rc;
-                continue;
-            }
-            for (int64_t i = 0; i < row; i++) store(out, b * row + i, acc[i], query_bf16);
-        }
-        free(q);
+        if (q_len <= max_rows) num_jobs += (int64_t)num_kv_heads * ((q_len * group + QUERIES - 1) / QUERIES);
     }
-    return error;
+    Job *jobs = malloc(sizeof(Job) * (num_jobs ? num_jobs : 1));
+    if (!jobs) return ERR_MEMORY;
+    int64_t j = 0;
+    for (int s = 0; s < num_seqs; s++) {
+        const int64_t q_len = query_start_loc ? query_start_loc[s + 1] - query_start_loc[s] : 1;
+        const int64_t vectors = q_len <= max_rows ? q_len * group : 0;
+        for (int g = 0; g < num_kv_heads; g++)
+            for (int64_t first = 0; first < vectors; first += QUERIES)
+                jobs[j++] = (Job){s, g, (int)first, (int)(vectors - first < QUERIES ? vectors - first : QUERIES)};
+    }
+    const int64_t row_len = (int64_t)num_heads * head_dim;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1 && num_jobs > 1)
+    for (int64_t i = 0; i < num_jobs; i++) {
+        const Job job = jobs[i];
+        const int64_t start = query_start_loc ? query_start_loc[job.seq] : job.seq;
+        const int64_t q_len = query_start_loc ? query_start_loc[job.seq + 1] - start : 1;
+        const int ctx = context_lens[job.seq] > 0 ? context_lens[job.seq] : 0;
+        float q[QUERIES * 16 * LANES] __attribute__((aligned(64))), o[QUERIES * 16 * LANES] __attribute__((aligned(64)));
+        int q_ctx[QUERIES] = {0};
+        // Unused query slots are zeros: stale stack bytes could be subnormal floats, and every
+        // multiply by one would take a microcode assist.
+        memset(q + job.count * head_dim, 0, sizeof(float) * (QUERIES - job.count) * head_dim);
+        int64_t at[QUERIES];  // element offset of each query vector's head in `query` and `out`
+        for (int k = 0; k < job.count; k++) {
+            const int64_t row = (job.first + k) / group, head = (int64_t)job.kv_head * group + (job.first + k) % group;
+            q_ctx[k] = ctx ? (int)(ctx - q_len + row + 1) : 0;
+            at[k] = (start + row) * query_stride + head * head_dim;
+            for (int d = 0; d < head_dim; d++) q[k * head_dim + d] = load(query, at[k] + d, query_bf16);
+            at[k] = (start + row) * row_len + head * head_dim;
+        }
+        CacheLayer head_layer = c;  // the job's KV head: its rows start head_dim elements further per head
+        head_layer.base = (const char *)c.base + (int64_t)job.kv_head * head_dim * (cache_bf16 ? 2 : 4);
+        if (ctx) fn(&head_layer, block_tables + job.seq * table_stride, q, q_ctx, job.count, scale, o);
+        else memset(o, 0, sizeof(float) * job.count * head_dim);
+        for (int k = 0; k < job.count; k++)
+            for (int d = 0; d < head_dim; d++) store(out, at[k] + d, o[k * head_dim + d], query_bf16);
+    }
+    free(jobs);
+    return 0;
 }
 
 // Write token t's K and V ([num_tokens, num_kv_heads, head_dim] rows `key_stride` and

@@ -1,4 +1,4 @@
-"""CPU kernels: the decode attention and the cache write (kernels/cpu_kernels.c), and 4-bit
+"""CPU kernels: paged attention and the cache write (kernels/cpu_kernels.c), and 4-bit
 weight-only matrix products (kernels/cpu_int4.c). They are built with the C compiler at first
 use (gcc -O3 -march=native -fopenmp, about two seconds) into a per-user cache folder and called
 through ctypes with the tensors' own pointers.
@@ -26,13 +26,14 @@ import torch
 
 from . import reference
 
-__all__ = ["reshape_and_cache", "paged_attention_decode", "library", "PackedInt4", "pack_int4", "int4_linear"]
+__all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "library", "PackedInt4", "pack_int4", "int4_linear"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
 ERRORS = {-1: "a block table entry or slot is outside the cache", -2: "out of memory for the kernel's buffers",
-          -3: "a context is longer than its block table"}
+          -3: "a context is longer than its block table",
+          -4: "query rows outside the batch, or a sequence with more new tokens than context"}
 log = logging.getLogger(__name__)
 
 
@@ -95,8 +96,9 @@ def library() -> ctypes.CDLL | None:
         log.warning("CPU kernels unavailable, using the torch reference and torch's int4 kernel: %s", e)
         return None
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-    lib.paged_attention_decode.argtypes = [ptr, i64, i32, ptr, ptr, i32, i64, i32, i32, i32, i32, i32, i32,
-                                           ptr, i64, i64, ptr, i32, ctypes.c_float, i32]
+    lib.paged_attention.argtypes = [ptr, i64, i32, i64, ptr, ptr, i32, i64, i32, i32, i32, i32, i32, i32,
+                                    ptr, i64, i64, ptr, ptr, i32, i64, ctypes.c_float, i32]
+    lib.paged_attention_supports.argtypes = [i32]
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     return lib
@@ -128,7 +130,8 @@ def _layer(kv_cache: torch.Tensor, layer: int) -> int:
 
 def _check(rc: int, what: str) -> None:
     if rc:
-        raise (MemoryError if rc == -2 else IndexError)(f"{what}: {ERRORS.get(rc, f'error {rc}')}")
+        kind = {-2: MemoryError, -4: ValueError}.get(rc, IndexError)
+        raise kind(f"{what}: {ERRORS.get(rc, f'error {rc}')}")
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, layer: int,
@@ -150,25 +153,61 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
 
 def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    if not _usable(query, kv_cache) or not kv_cache.is_contiguous():
+    if not _attention_usable(query, kv_cache):
         return reference.paged_attention_decode(query, kv_cache, layer, block_tables, context_lens, scale)
+    return _attention("paged_attention_decode", query, kv_cache, layer, block_tables, None, context_lens, scale)
+
+
+# Prompts from this many new tokens on take the reference's SDPA, whose blocked matrix products
+# beat the kernel's four queries per K/V read once the work grows with the square of the length.
+SDPA_FROM_ROWS = 320
+
+
+def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+                            query_start_loc: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    if not _attention_usable(query, kv_cache):
+        return reference.paged_attention_prefill(query, kv_cache, layer, block_tables, query_start_loc, context_lens,
+                                                 scale)
+    starts = _int_array(query_start_loc.cpu(), torch.int32).contiguous()
+    if starts.numel() != context_lens.numel() + 1:
+        raise ValueError(f"paged_attention_prefill: {starts.numel()} query start offsets for "
+                         f"{context_lens.numel()} sequences")
+    out = _attention("paged_attention_prefill", query, kv_cache, layer, block_tables, starts, context_lens, scale,
+                     max_rows=SDPA_FROM_ROWS - 1)
+    for s in ((starts[1:] - starts[:-1]) >= SDPA_FROM_ROWS).nonzero().flatten().tolist():
+        a, b = starts[s].item(), starts[s + 1].item()
+        out[a:b] = reference.paged_attention_prefill(query[a:b], kv_cache, layer, block_tables[s:s + 1],
+                                                     torch.tensor([0, b - a]), context_lens[s:s + 1], scale)
+    return out
+
+
+def _attention_usable(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    return (_usable(query, kv_cache) and kv_cache.is_contiguous()
+            and library().paged_attention_supports(kv_cache.shape[5]) == 1)
+
+
+def _attention(what: str, query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+               starts: torch.Tensor | None, context_lens: torch.Tensor, scale: float,
+               max_rows: int = 1) -> torch.Tensor:
+    """The kernel on sequences of at most `max_rows` query rows; longer ones' rows are left unset."""
     query = _rows(query)
     tables = _int_array(block_tables.cpu(), torch.int32)
     lens = _int_array(context_lens.cpu(), torch.int32).contiguous()
-    num_seqs, num_heads, head_dim = query.shape
+    num_rows, num_heads, head_dim = query.shape
     num_blocks, num_layers, _, block_size, num_kv_heads, _ = kv_cache.shape
-    if (num_heads % num_kv_heads or head_dim != kv_cache.shape[5] or lens.numel() != num_seqs
-            or tables.shape[0] != num_seqs):
-        raise ValueError(f"paged_attention_decode: {num_heads} query heads of {head_dim} over {num_kv_heads} KV "
-                         f"heads of {kv_cache.shape[5]}, {num_seqs} queries, {lens.numel()} context lengths, "
+    num_seqs = lens.numel()
+    if (num_heads % num_kv_heads or head_dim != kv_cache.shape[5] or tables.shape[0] != num_seqs
+            or (starts is None and num_rows != num_seqs)):
+        raise ValueError(f"{what}: {num_heads} query heads of {head_dim} over {num_kv_heads} KV heads of "
+                         f"{kv_cache.shape[5]}, {num_rows} query rows, {num_seqs} context lengths, "
                          f"{tables.shape[0]} block tables")
-    out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
-    rc = library().paged_attention_decode(
-        query.data_ptr(), query.stride(0), DTYPES[query.dtype], out.data_ptr(), kv_cache.data_ptr(),
+    out = torch.empty((num_rows, num_heads, head_dim), dtype=query.dtype)
+    rc = library().paged_attention(
+        query.data_ptr(), query.stride(0), DTYPES[query.dtype], num_rows, out.data_ptr(), kv_cache.data_ptr(),
         DTYPES[kv_cache.dtype], num_blocks, num_layers, _layer(kv_cache, layer), block_size, num_kv_heads, head_dim,
-        num_heads,
-        tables.data_ptr(), tables.stride(0), tables.shape[1], lens.data_ptr(), num_seqs, scale, torch.get_num_threads())
-    _check(rc, "paged_attention_decode")
+        num_heads, tables.data_ptr(), tables.stride(0), tables.shape[1], None if starts is None else starts.data_ptr(),
+        lens.data_ptr(), num_seqs, max_rows, scale, torch.get_num_threads())
+    _check(rc, what)
     return out
 
 

@@ -25,19 +25,91 @@ def decode_case(ctx_lens, block_size, heads, head_dim, cache_dtype, seed=0, laye
     return cache, tables, query, torch.tensor(ctx_lens, dtype=torch.int32)
 
 
+# Head sizes of 1 and 5 vectors of 16 read bfloat16 rows in element order, 2, 4 and 8 in pairs.
+HEAD_DIMS = [16, 32, 64, 80, 128]
+
+
 @settings(max_examples=60)
 @given(ctx_lens=st.lists(st.integers(1, 300), min_size=1, max_size=6), block_size=st.sampled_from([1, 4, 16, 32]),
-       heads=st.sampled_from(HEADS), head_dim=st.sampled_from([16, 24, 64, 128]),
+       heads=st.sampled_from(HEADS), head_dim=st.sampled_from(HEAD_DIMS),
        cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]), layer=st.sampled_from([0, 1, -1]))
 def test_decode_equals_reference(ctx_lens, block_size, heads, head_dim, cache_dtype, layer):
-    # head_dim 24 takes the scalar path, the others the vector one; float32 queries keep the
-    # comparison at float32 precision for either cache type.
+    # float32 queries keep the comparison at float32 precision for either cache type.
     cache, tables, query, lens = decode_case(ctx_lens, block_size, heads, head_dim, cache_dtype, seed=len(ctx_lens))
     scale = head_dim ** -0.5
     got = cpu_ops.paged_attention_decode(query, cache, layer, tables, lens, scale)
     want = reference.paged_attention_decode(query, cache, layer, tables, lens, scale)
     assert got.dtype == query.dtype and got.shape == query.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def prefill_case(ctx_and_new, block_size, heads, head_dim, cache_dtype, seed=0):
+    """A cache holding each sequence's context, and the query rows of its last new tokens."""
+    hq, hkv = heads
+    ctx_lens = [c for c, _ in ctx_and_new]
+    cache, tables, g = random_paged_cache(ctx_lens, block_size, hkv, head_dim, cache_dtype, seed=seed)
+    new = torch.tensor([n for _, n in ctx_and_new])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), new.cumsum(0)]).int()
+    query = torch.randn(int(new.sum()), hq, head_dim, generator=g)
+    return cache, tables, query, starts, torch.tensor(ctx_lens, dtype=torch.int32)
+
+
+@st.composite
+def contexts_and_new_tokens(draw, max_ctx=120):
+    ctx = draw(st.lists(st.integers(1, max_ctx), min_size=1, max_size=4))
+    return [(c, draw(st.sampled_from([0, 1, c, max(1, c // 3)]))) for c in ctx]
+
+
+@settings(max_examples=40)
+@given(ctx_and_new=contexts_and_new_tokens(), block_size=st.sampled_from([1, 4, 16, 32]),
+       heads=st.sampled_from(HEADS), head_dim=st.sampled_from(HEAD_DIMS),
+       cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]), sdpa_from=st.sampled_from([8, 320]))
+def test_prefill_equals_reference(ctx_and_new, block_size, heads, head_dim, cache_dtype, sdpa_from):
+    # New tokens: none, one (a decode row inside a prefill batch), the whole context (a prompt)
+    # or its last third (a prompt after a cached prefix); with sdpa_from=8 the longer prompts
+    # of the batch take the reference's SDPA and the rest the kernel.
+    cache, tables, query, starts, lens = prefill_case(ctx_and_new, block_size, heads, head_dim, cache_dtype)
+    scale = head_dim ** -0.5
+    before = cpu_ops.SDPA_FROM_ROWS
+    cpu_ops.SDPA_FROM_ROWS = sdpa_from
+    try:
+        got = cpu_ops.paged_attention_prefill(query, cache, 1, tables, starts, lens, scale)
+    finally:
+        cpu_ops.SDPA_FROM_ROWS = before
+    want = reference.paged_attention_prefill(query, cache, 1, tables, starts, lens, scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_a_prompt_row_equals_the_same_row_decoded():
+    # Recomputing a preempted sequence's prompt must give the attention its decode steps gave:
+    # row i of a prompt, and a decode of that token over the same context, bit for bit.
+    for cache_dtype in (torch.float32, torch.bfloat16):
+        cache, tables, query, starts, lens = prefill_case([(70, 70), (45, 20)], 16, (9, 3), 64, cache_dtype)
+        prompt = cpu_ops.paged_attention_prefill(query.bfloat16(), cache, 0, tables, starts, lens, 0.125)
+        seq = torch.tensor([0] * 70 + [1] * 20)
+        row_ctx = torch.cat([torch.arange(1, 71), torch.arange(26, 46)]).int()
+        decoded = cpu_ops.paged_attention_decode(query.bfloat16(), cache, 0, tables[seq], row_ctx, 0.125)
+        assert torch.equal(prompt, decoded)
+
+
+def test_prefill_refuses_more_new_tokens_than_context():
+    cache, tables, query, starts, lens = prefill_case([(30, 30), (20, 5)], 16, (4, 2), 64, torch.float32)
+    lens[1] = 4
+    with pytest.raises(ValueError, match="more new tokens than context"):
+        cpu_ops.paged_attention_prefill(query, cache, 0, tables, starts, lens, 0.125)
+    lens[1] = 20
+    with pytest.raises(ValueError, match="4 query start offsets for 2 sequences"):
+        cpu_ops.paged_attention_prefill(query, cache, 0, tables, torch.tensor([0, 30, 35, 35]), lens, 0.125)
+    with pytest.raises(ValueError, match="query rows outside the batch"):
+        cpu_ops.paged_attention_prefill(query, cache, 0, tables, torch.tensor([0, 30, 36]), lens, 0.125)
+
+
+def test_head_sizes_the_kernel_lacks_take_the_reference():
+    assert cpu_ops.library().paged_attention_supports(24) == 0
+    assert all(cpu_ops.library().paged_attention_supports(d) for d in HEAD_DIMS)
+    cache, tables, query, lens = decode_case([33, 7], 8, (8, 2), 24, torch.float32)
+    torch.testing.assert_close(cpu_ops.paged_attention_decode(query, cache, 0, tables, lens, 0.125),
+                               reference.paged_attention_decode(query, cache, 0, tables, lens, 0.125))
 
 
 @pytest.mark.parametrize("heads", HEADS)
@@ -71,17 +143,19 @@ def test_decode_rows_without_context_are_zero():
     torch.testing.assert_close(got[keep], want)
 
 
-def test_decode_threads_split_sequences_not_results():
+def test_threads_split_sequences_not_results():
     cache, tables, query, lens = decode_case([300, 2, 77, 150, 9, 260, 31], 16, (9, 3), 64, torch.bfloat16)
+    p_cache, p_tables, p_query, starts, p_lens = prefill_case([(90, 90), (40, 13)], 4, (9, 3), 64, torch.bfloat16)
     before = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = cpu_ops.paged_attention_decode(query, cache, 1, tables, lens, 0.125)
-        torch.set_num_threads(2)
-        two = cpu_ops.paged_attention_decode(query, cache, 1, tables, lens, 0.125)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append((cpu_ops.paged_attention_decode(query, cache, 1, tables, lens, 0.125),
+                            cpu_ops.paged_attention_prefill(p_query, p_cache, 1, p_tables, starts, p_lens, 0.125)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_decode_refuses_tables_that_leave_the_cache():

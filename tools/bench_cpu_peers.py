@@ -12,7 +12,8 @@ may be shared). B: --requests requests at once, prompts and outputs log-normal (
 Engines: pagedkv with --quantization none (float32, the exactness reference) and auto (the
 GGUF file's quantization kept), and in bfloat16 on CPUs that compute it natively, and
 transformers' generate (float32, B as one padded batch), in this process; llama.cpp
-(llama-cpp-python, the same GGUF file; B one sequence at a time) and vLLM's CPU build (float32,
+(llama-cpp-python: the GGUF file itself, and the same weights dequantized into a float32 GGUF
+file written to a temporary folder; B one sequence at a time) and vLLM's CPU build (float32,
 and bfloat16 where native; it reads transformers' own float32 export of the file from a
 temporary folder), each in the virtual environment whose python is given, run as a child
 process confined to the same cores (taskset). Medians over --repeats.
@@ -113,6 +114,28 @@ def run_transformers(model, prompt: list[int], new_tokens: int, batch) -> dict:
 
 
 # -- peers in their own environments ----------------------------------------------------------------
+
+def write_float32_gguf(source: str, target: str) -> None:
+    """`source`'s metadata and tensors, every quantized tensor dequantized, as a float32 GGUF file
+    (llama.cpp's float32 baseline on exactly the weights pagedkv's float32 mode runs)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(target, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            continue  # the writer writes these itself
+        value = gguf.LlamaFileType.ALL_F32 if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, gguf.dequantize(tensor.data, tensor.tensor_type).astype("float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
 
 LLAMA_CPP = r"""
 import json, sys, time
@@ -230,10 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     engines["transformers generate, float32"] = lambda: run_transformers(hf, prompt, args.new_tokens, batch)
     common = dict(prompt=prompt, new_tokens=args.new_tokens, batch=batch)
     peers = {}  # name: (python, script, arguments)
+    stack = contextlib.ExitStack()
     if args.llama_cpp_python:
         peers["llama.cpp (llama-cpp-python), the GGUF file"] = (args.llama_cpp_python, LLAMA_CPP,
                                                                  dict(common, model=path))
-    stack = contextlib.ExitStack()
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="pagedkv-f32-"))
+        float32_file = os.path.join(folder, "model-f32.gguf")
+        write_float32_gguf(path, float32_file)
+        peers["llama.cpp (llama-cpp-python), float32 GGUF of the same weights"] = (
+            args.llama_cpp_python, LLAMA_CPP, dict(common, model=float32_file))
     if args.vllm_python:  # vLLM reads the model as a Hugging Face folder: transformers' own export
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="pagedkv-vllm-"))
         hf.save_pretrained(folder)
