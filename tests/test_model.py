@@ -5,6 +5,7 @@ import torch
 from kvcache.sequence import SequenceStatus
 from runtime.engine.config import EngineConfig
 from runtime.engine.llm_engine import LLMEngine
+from runtime.models.llama import LlamaModel
 from runtime.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -76,3 +77,19 @@ def test_llama3_rope_scaling_matches_transformers(tiny_model, tmp_path):
     ours, _ = run_greedy(engine, [prompt], 6)
     ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
     assert ours[0] == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_transformers_bit_for_bit(tiny_model, dtype):
+    # The CPU path uses torch's fused norm: it must round exactly as LlamaRMSNorm's five steps.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    loaded = load_model(tiny_model(num_layers=1), dtype=dtype)
+    model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), dtype)
+    g = torch.Generator().manual_seed(0)
+    for rows, width in [(1, 64), (7, 576), (300, 960)]:
+        norm = LlamaRMSNorm(width, eps=model.config.rms_norm_eps).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(width, generator=g))
+            x = (torch.randn(rows, width, generator=g) * 3).to(dtype)
+            assert torch.equal(model.rms_norm(x, norm.weight), norm(x))
