@@ -417,3 +417,53 @@ int reshape_and_cache(const void *key, int64_t key_stride, const void *value, in
     }
     return 0;
 }
+
+// x * cos + rotate_half(x) * sin for one head (rotate_half(x) = [-x2, x1], the sign kept in
+// `sin`), rounded as the model's torch ops round: each product, then the sum, to the row's type.
+// `bf16` is a constant after inlining, so each type gets loops the compiler can vectorize.
+static inline __attribute__((always_inline)) void rotate_head(void *x, int64_t at, const void *cos, const void *sin,
+                                                             int64_t cs_at, int head_dim, const int bf16,
+                                                             float *scratch) {
+    const int half = head_dim / 2;
+    for (int part = 0; part < 2; part++) {  // the first half pairs with the second, and back
+        const int64_t from = part ? -half : half;
+        for (int i = part * half; i < (part + 1) * half; i++) {
+            float straight = load(x, at + i, bf16) * load(cos, cs_at + i, bf16);
+            float swapped = load(x, at + i + from, bf16) * load(sin, cs_at + i, bf16);
+            if (bf16) {
+                straight = bf16_to_float(float_to_bf16(straight));
+                swapped = bf16_to_float(float_to_bf16(swapped));
+            }
+            scratch[i] = straight + swapped;
+        }
+    }
+    for (int i = 0; i < head_dim; i++) store(x, at + i, scratch[i], bf16);
+}
+
+// The attention input of one layer: rotates the query and key heads of each token's fused
+// q/k/v row ([num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], rows `row_stride`
+// elements apart) in place by cos/sin ([num_tokens, head_dim], the row type, contiguous), then
+// writes the token's K and V heads into slot slots[t] as reshape_and_cache does. One call
+// where torch takes four operations and the cache write a fifth. Every slot is checked first:
+// on ERR_BLOCK nothing is changed.
+// No fused multiply-add here: GCC would contract the products into the sum across statements.
+__attribute__((optimize("fp-contract=off"))) int rotary_and_cache(void *qkv, int64_t row_stride, int bf16, int64_t num_tokens, int num_heads, int num_kv_heads,
+                     int head_dim, const void *cos, const void *sin, void *cache, int cache_bf16, int64_t num_blocks,
+                     int num_layers, int layer, int block_size, const int64_t *slots) {
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (slots[t] >= num_blocks * block_size) return ERR_BLOCK;
+    float *scratch = malloc(sizeof(float) * head_dim);
+    if (!scratch) return ERR_MEMORY;
+    for (int64_t t = 0; t < num_tokens; t++)
+        for (int h = 0; h < num_heads + num_kv_heads; h++) {
+            const int64_t at = t * row_stride + (int64_t)h * head_dim;
+            if (bf16) rotate_head(qkv, at, cos, sin, t * head_dim, head_dim, 1, scratch);
+            else rotate_head(qkv, at, cos, sin, t * head_dim, head_dim, 0, scratch);
+        }
+    free(scratch);
+    const size_t elem = bf16 ? 2 : 4;
+    const char *key = (const char *)qkv + (int64_t)num_heads * head_dim * elem;
+    return reshape_and_cache(key, row_stride, key + (int64_t)num_kv_heads * head_dim * elem, row_stride, bf16, cache,
+                             cache_bf16, num_blocks, num_layers, layer, block_size, num_kv_heads, head_dim, slots,
+                             num_tokens);
+}

@@ -26,7 +26,7 @@ import torch
 
 from . import reference
 
-__all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "library", "PackedInt4", "pack_int4", "int4_linear"]
+__all__ = ["reshape_and_cache", "rotary_and_cache", "paged_attention_decode", "paged_attention_prefill", "library", "PackedInt4", "pack_int4", "int4_linear"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
@@ -99,6 +99,7 @@ def library() -> ctypes.CDLL | None:
     lib.paged_attention.argtypes = [ptr, i64, i32, i64, ptr, ptr, i32, i64, i32, i32, i32, i32, i32, i32,
                                     ptr, i64, i64, ptr, ptr, i32, i64, ctypes.c_float, i32]
     lib.paged_attention_supports.argtypes = [i32]
+    lib.rotary_and_cache.argtypes = [ptr, i64, i32, i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, i32, i32, i32, ptr]
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     return lib
@@ -149,6 +150,37 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         kv_cache.data_ptr(), DTYPES[kv_cache.dtype], num_blocks, num_layers, _layer(kv_cache, layer), block_size,
         num_kv_heads, head_dim, slots.data_ptr(), slots.numel())
     _check(rc, "reshape_and_cache")
+
+
+def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                     slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+    """A layer's attention input in one call: rotates the query and key heads of the fused q/k/v
+    rows `qkv` ([tokens, (num_heads + 2 * num_kv_heads) * head_dim]) in place by cos and sin
+    ([tokens, head_dim], sin's first half negated), rounding as the model's torch ops do, and
+    writes each token's K and V into its slot as `reshape_and_cache` does. For CPU tensors of
+    one type (float32 or bfloat16) with contiguous rows; see `rotary_and_cache_usable`."""
+    head_dim = cos.shape[-1]
+    if not (qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() and qkv.dtype == cos.dtype == sin.dtype):
+        raise ValueError("rotary_and_cache: needs rows of contiguous elements, contiguous cos and sin, one type")
+    num_blocks, num_layers, _, block_size, cache_heads, cache_dim = kv_cache.shape
+    slots = _int_array(slot_mapping.cpu(), torch.int64).contiguous()
+    if (qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or cos.shape != (qkv.shape[0], head_dim)
+            or sin.shape != cos.shape or (cache_heads, cache_dim) != (num_kv_heads, head_dim)
+            or slots.numel() != qkv.shape[0] or head_dim % 2):
+        raise ValueError(f"rotary_and_cache: rows {tuple(qkv.shape)}, cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} "
+                         f"and {slots.numel()} slots for {num_heads} + {num_kv_heads} heads and a cache of "
+                         f"{cache_heads} KV heads of {cache_dim}")
+    rc = library().rotary_and_cache(
+        qkv.data_ptr(), qkv.stride(0), DTYPES[qkv.dtype], qkv.shape[0], num_heads, num_kv_heads, head_dim,
+        cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), DTYPES[kv_cache.dtype], num_blocks, num_layers,
+        _layer(kv_cache, layer), block_size, slots.data_ptr())
+    _check(rc, "rotary_and_cache")
+
+
+def rotary_and_cache_usable(dtype: torch.dtype, kv_cache: torch.Tensor) -> bool:
+    """Whether `rotary_and_cache` takes CPU rows of `dtype` with this cache."""
+    return (dtype in DTYPES and kv_cache.device.type == "cpu" and kv_cache.dtype in DTYPES
+            and kv_cache.is_contiguous() and library() is not None)
 
 
 def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,

@@ -256,3 +256,30 @@ def test_int4_packing_and_inputs_are_checked():
         cpu_ops.int4_linear(torch.randn(3, 32), packed)
     out = cpu_ops.int4_linear(torch.randn(3, 32), packed, repeat_x=True)  # Q8_0's split codes read x twice
     assert out.shape == (3, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_rotary_and_cache_is_the_models_torch_ops_bit_for_bit(dtype, cache_dtype):
+    from runtime.models.llama import LlamaModel
+
+    hq, hkv, d, tokens = 6, 2, 64, 9
+    cache, _, g = random_paged_cache([48], 16, hkv, d, cache_dtype, layers=3)
+    qkv = (torch.randn(tokens, (hq + 2 * hkv) * d, generator=g) * 4).to(dtype)
+    angles = torch.rand(tokens, 1, d // 2, generator=g) * 300
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
+    sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype)
+    slots = torch.tensor([5, -1, 0, 47, 16, 17, 3, -1, 30])
+    rotated = LlamaModel.apply_rotary(qkv[:, :(hq + hkv) * d].view(tokens, hq + hkv, d), cos, sin)
+    want = cache.clone()
+    reference.reshape_and_cache(rotated[:, hq:], qkv[:, (hq + hkv) * d:].view(tokens, hkv, d), want, 2, slots)
+    got_qkv = qkv.clone()
+    cpu_ops.rotary_and_cache(got_qkv, cos[:, 0], sin[:, 0], cache, 2, slots, hq, hkv)
+    assert torch.equal(got_qkv[:, :(hq + hkv) * d].view(tokens, hq + hkv, d), rotated)
+    assert torch.equal(cache, want)
+    before = got_qkv.clone()
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_ops.rotary_and_cache(got_qkv, cos[:, 0], sin[:, 0], cache, 2, slots + 100, hq, hkv)
+    assert torch.equal(got_qkv, before) and torch.equal(cache, want)  # nothing changed
+    with pytest.raises(ValueError, match="rotary_and_cache"):
+        cpu_ops.rotary_and_cache(got_qkv, cos[:, 0], sin[:, 0], cache, 2, slots, hq + 1, hkv)

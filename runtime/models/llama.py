@@ -7,6 +7,7 @@ can be computed in the same batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import cpu_ops
 from runtime.models.config import ModelConfig
+from runtime.models.huge_pages import into_huge_pages
 from runtime.models.parallel import TensorParallel
 from runtime.models.quant import GroupQuantized, Int4Linear, int4_supported
 
@@ -149,6 +152,40 @@ class LlamaModel:
                 down=self._weight(w[p + "mlp.down_proj.weight"])))
         self.inv_freq = rope_inv_freq(config).to(device)
         self.scale = config.head_dim ** -0.5
+        if torch.device(device).type == "cpu":
+            self._streamed_weights_into_huge_pages()
+
+    def _streamed_weights_into_huge_pages(self) -> None:
+        """The weights a decode step reads in plain layouts (F.linear's, the 4-bit kernel's, the
+        embedding) moved into huge pages (runtime.models.huge_pages). oneDNN's packed weights
+        are opaque to torch and stay where oneDNN put them."""
+        def plain(w) -> torch.Tensor | None:
+            if isinstance(w, DualWeight):
+                return w.plain
+            if isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedInt4):
+                return w.packed.data
+            return w if isinstance(w, torch.Tensor) and w.layout == torch.strided else None
+
+        matrices = ("qkv", "o", "gate_up", "down")
+        weights = [self.embed, self.lm_head] + [layer[k] for layer in self.layers for k in matrices]
+        unique = list({id(t): t for t in map(plain, weights) if t is not None}.values())
+        moved = {id(old): new for old, new in zip(unique, into_huge_pages(unique))}
+
+        def rehomed(w):
+            t = plain(w)
+            if t is None:
+                return w
+            if isinstance(w, DualWeight):
+                return DualWeight(w.packed, moved[id(t)])
+            if isinstance(w, Int4Linear):
+                w.packed = dataclasses.replace(w.packed, data=moved[id(t)])
+                return w
+            return moved[id(t)]
+
+        self.embed, self.lm_head = rehomed(self.embed), rehomed(self.lm_head)
+        for layer in self.layers:
+            for k in matrices:
+                layer[k] = rehomed(layer[k])
 
     def _tensor(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | GroupQuantized:
         """On the device in the dtype; a quantized matrix stays so where it will run quantized."""
@@ -251,15 +288,20 @@ class LlamaModel:
         hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim
         q_size, kv_size = hq * d, hkv * d
         cos, sin = self.rotary(batch.positions)
+        # On the CPU, rotary embedding and the cache write are one C call per layer.
+        fused = cpu_ops.rotary_and_cache_usable(self.dtype, kv_cache)
         h = self.tp.embedding(batch.token_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = self.rms_norm(h, layer["input_norm"])
             qkv = self.linear(x, layer["qkv"], layer["qkv_bias"])
-            # Rotate the query and key heads together: they are adjacent in the fused output.
-            qk = self.apply_rotary(qkv[:, :q_size + kv_size].view(num_tokens, hq + hkv, d), cos, sin)
-            q, k = qk[:, :hq], qk[:, hq:]
-            v = qkv[:, q_size + kv_size:].view(num_tokens, hkv, d)
-            kernels.reshape_and_cache(k, v, kv_cache, i, batch.slot_mapping)
+            if fused:
+                cpu_ops.rotary_and_cache(qkv, cos[:, 0], sin[:, 0], kv_cache, i, batch.slot_mapping, hq, hkv)
+                q = qkv[:, :q_size].view(num_tokens, hq, d)
+            else:  # rotate the query and key heads together: they are adjacent in the fused output
+                qk = self.apply_rotary(qkv[:, :q_size + kv_size].view(num_tokens, hq + hkv, d), cos, sin)
+                q, k = qk[:, :hq], qk[:, hq:]
+                v = qkv[:, q_size + kv_size:].view(num_tokens, hkv, d)
+                kernels.reshape_and_cache(k, v, kv_cache, i, batch.slot_mapping)
             attn = self.attention(q, kv_cache, i, batch).reshape(num_tokens, q_size)
             h = h + self.tp.all_reduce(self.linear(attn, layer["o"]))
             x = self.rms_norm(h, layer["post_norm"])
