@@ -3,12 +3,15 @@ package's dequantization, and the engine running them: same memory accounting, p
 that outputs never show."""
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from gguf_files import QTYPES, write_gguf
+from memory_maps import vm_flags
 from models import MIXED_WORKLOAD, make_tiny_llama
 
 from kernels import cpu_ops
@@ -149,6 +152,8 @@ def test_engine_runs_quantized_layers_and_none_is_dense(q4_gguf):
     model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32)
     assert all(isinstance(lin, Int4Linear) for lin in model._linears())
     assert "Q4_1, Q8_0" in model.describe()
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # the 4-bit matrices are streamed from huge pages
+        assert all("hg" in vm_flags(lin.packed.data.data_ptr()) for lin in model._linears())
     dense = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, keep_quantized=False)
     assert not any(isinstance(lin, Int4Linear) for lin in dense._linears())
     assert EngineConfig(device="cpu").keeps_quantized() and not EngineConfig(device="cpu", quantization="none").keeps_quantized()
