@@ -26,9 +26,10 @@ import torch
 
 from . import reference
 
-__all__ = ["reshape_and_cache", "rotary_and_cache", "paged_attention_decode", "paged_attention_prefill", "library", "PackedInt4", "pack_int4", "int4_linear"]
+__all__ = ["reshape_and_cache", "rotary_and_cache", "paged_attention_decode", "paged_attention_prefill", "library",
+           "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
 
-SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c"))
+SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
 ERRORS = {-1: "a block table entry or slot is outside the cache", -2: "out of memory for the kernel's buffers",
@@ -102,6 +103,7 @@ def library() -> ctypes.CDLL | None:
     lib.rotary_and_cache.argtypes = [ptr, i64, i32, i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, i32, i32, i32, ptr]
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
+    lib.bf16_linear.argtypes = [ptr, i64, i32, i64, ptr, i64, ptr, ptr, i32]
     return lib
 
 
@@ -293,4 +295,34 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> 
     rc = library().int4_linear(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data.data_ptr(),
                                int(packed.half), n_out, w_cols, out.data_ptr(), torch.get_num_threads())
     _check(rc, "int4_linear")
+    return out
+
+
+BF16_LINEAR_ROWS = 4  # the most rows bf16_linear takes (MAX_ROWS of cpu_bf16.c)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_linear_supported() -> bool:
+    """Whether `bf16_linear` runs here: the library builds and the CPU has AVX512-BF16."""
+    return library() is not None and library().bf16_linear_supported() == 1
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) for 1 to BF16_LINEAR_ROWS bfloat16 rows (cpu_bf16.c): weight
+    [N, K] contiguous with K a multiple of 32, sums in float32, each row's result the same
+    whatever the other rows."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n, k = weight.shape
+    if (x.dim() != 2 or x.shape[1] != k or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+            or not weight.is_contiguous() or (bias is not None and (bias.shape != (n,) or bias.dtype != torch.bfloat16))):
+        raise ValueError(f"bf16_linear: input {tuple(x.shape)} {x.dtype} for a weight {tuple(weight.shape)} "
+                         f"{weight.dtype}" + ("" if bias is None else f" and bias {tuple(bias.shape)} {bias.dtype}"))
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty((x.shape[0], n), dtype=torch.bfloat16)
+    rc = library().bf16_linear(x.data_ptr(), x.stride(0), x.shape[0], k, weight.data_ptr(), n,
+                               None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"bf16_linear: {x.shape[0]} rows and {k} columns: it takes 1 to {BF16_LINEAR_ROWS} rows, "
+                         f"columns in multiples of 32, and a CPU with AVX512-BF16")
     return out

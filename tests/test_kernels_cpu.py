@@ -283,3 +283,49 @@ def test_rotary_and_cache_is_the_models_torch_ops_bit_for_bit(dtype, cache_dtype
     assert torch.equal(got_qkv, before) and torch.equal(cache, want)  # nothing changed
     with pytest.raises(ValueError, match="rotary_and_cache"):
         cpu_ops.rotary_and_cache(got_qkv, cos[:, 0], sin[:, 0], cache, 2, slots, hq + 1, hkv)
+
+
+needs_bf16_linear = pytest.mark.skipif(not cpu_ops.bf16_linear_supported(), reason="no AVX512-BF16 on this CPU")
+
+
+@needs_bf16_linear
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_bf16_linear_rounds_a_float32_sum_of_exact_products_once(rows):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(37, 96, generator=g).bfloat16()  # 37: a last step of W with one row
+    bias = torch.randn(37, generator=g).bfloat16()
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    exact = x.double() @ weight.double().t() + bias.double()  # the products are exact in float32
+    got = cpu_ops.bf16_linear(x, weight, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 37)
+    # Rounded to nearest: within half a bfloat16 step (2^(e - 9) for |exact| in [2^(e-1), 2^e))
+    # of the exact value, give or take the float32 sum's own error (about 1e-5 here).
+    half_step = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 9)
+    assert ((got.double() - exact).abs() <= half_step + 1e-4).all()
+
+
+@needs_bf16_linear
+def test_bf16_linear_rows_ignore_their_batch_and_threads():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 576, generator=g).bfloat16()
+    x = torch.randn(4, 576, generator=g).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([cpu_ops.bf16_linear(x[i:i + 1], weight) for i in range(4)])
+        torch.set_num_threads(2)
+        together = cpu_ops.bf16_linear(x, weight)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(alone, together)
+
+
+@needs_bf16_linear
+def test_bf16_linear_refuses_what_it_cannot_run():
+    weight = torch.randn(8, 64).bfloat16()
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        cpu_ops.bf16_linear(torch.randn(5, 64).bfloat16(), weight)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_ops.bf16_linear(torch.randn(1, 48).bfloat16(), torch.randn(8, 48).bfloat16())
+    with pytest.raises(ValueError, match="for a weight"):
+        cpu_ops.bf16_linear(torch.randn(1, 64), weight)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from kernels import cpu_ops
 from kvcache.sequence import SequenceStatus
 from runtime.engine.config import EngineConfig
 from runtime.engine.llm_engine import LLMEngine
@@ -93,3 +94,22 @@ def test_rms_norm_is_transformers_bit_for_bit(tiny_model, dtype):
             norm.weight.copy_(torch.randn(width, generator=g))
             x = (torch.randn(rows, width, generator=g) * 3).to(dtype)
             assert torch.equal(model.rms_norm(x, norm.weight), norm(x))
+
+
+@pytest.mark.parametrize("config", CONFIGS[1:3], ids=["gqa-tied", "hd128"])
+def test_bfloat16_follows_transformers_in_bfloat16(tiny_model, config):
+    # Not bit for bit (other kernels, other summation orders): every row's logits within 5% of
+    # transformers' bfloat16 ones (relative to their largest), where a wrong row or layer is
+    # off by the whole scale. Decode steps of 4 sequences take the few-row bfloat16 loops.
+    path = tiny_model(**config)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    engine = LLMEngine(EngineConfig(model=path, dtype="bfloat16", num_device_blocks=256, swap_space_gib=0.01,
+                                    max_num_batched_tokens=24), load_model(path, dtype=torch.bfloat16))
+    if cpu_ops.bf16_linear_supported():
+        assert "AVX512-BF16 loops" in engine.executor.model.describe()
+    _, seen = run_greedy(engine, PROMPTS, 6)
+    for i in range(len(PROMPTS)):
+        for tokens, row_logits in seen[i]:
+            with torch.no_grad():
+                expected = hf(torch.tensor([tokens])).logits[0, -1].float()
+            assert (row_logits.float() - expected).abs().max() <= 0.05 * expected.abs().max(), (i, len(tokens))

@@ -63,12 +63,12 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 # The batch size oneDNN packs weights for; any batch works with them. Measured on an AMD EPYC
 # (AVX-512): as fast as unpacked at 1 row, faster from 8 rows on.
 _PACK_BATCH = 32
-# Up to this many rows (single-stream and small-batch decode) a plain F.linear is faster than
-# the packed oneDNN weights on some CPUs: on an Intel Xeon (AMX) a float32 decode step of
-# SmolLM2-135M took 91 ms of CPU time with the packed weights, 54 ms with F.linear. Float32
-# models whose dense linear weights fit in _DUAL_BYTES keep both layouts and pick per call.
-# bfloat16 weights are packed only: there oneDNN is the faster at one row too (37.8 against
-# 47.7 ms a step on that Xeon). Quantized matrices run one 4-bit kernel at every size
+# Up to this many rows (single-stream and small-batch decode) the packed oneDNN weights are the
+# slower: on an Intel Xeon (AMX) a float32 decode step of SmolLM2-135M took 91 ms of CPU time
+# with them, 54 ms with F.linear on the plain weights; in bfloat16 oneDNN streamed the weights
+# at one row at 8 GB/s, pagedkv's AVX512-BF16 loops (kernels/cpu_bf16.c) at 13 (32 against 21
+# ms for the model's matrices, 1 thread). Models whose dense linear weights fit in _DUAL_BYTES
+# keep both layouts and pick per call. Quantized matrices run one 4-bit kernel at every size
 # (Int4Linear): it gives each row the same result whatever the batch (oneDNN's bfloat16 GEMM
 # does not, from 5 rows on), so preemption, which changes batches, stays invisible in their
 # outputs.
@@ -132,7 +132,8 @@ class LlamaModel:
             self.linear_kind = "mm"
         w = {k: self._tensor(v) for k, v in weights.items()}
         dense_bytes = sum(v.numel() * v.element_size() for v in w.values() if isinstance(v, torch.Tensor))
-        self.dual = self.linear_kind == "onednn" and dtype == torch.float32 and dense_bytes <= _DUAL_BYTES
+        small_rows_kernel = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_ops.bf16_linear_supported())
+        self.dual = self.linear_kind == "onednn" and small_rows_kernel and dense_bytes <= _DUAL_BYTES
         embed = w["model.embed_tokens.weight"]
         self.embed = self._tensor(embed.dequantize()) if isinstance(embed, GroupQuantized) else embed
         self.lm_head = self._weight(embed if config.tie_word_embeddings else w["lm_head.weight"])
@@ -206,7 +207,9 @@ class LlamaModel:
             return Int4Linear(weight)
         if self.linear_kind == "onednn":
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH)
-            return DualWeight(packed, weight.contiguous()) if self.dual else packed
+            # bfloat16's few-row loops take 32 columns at a time.
+            dual = self.dual and (self.dtype == torch.float32 or weight.shape[1] % 32 == 0)
+            return DualWeight(packed, weight.contiguous()) if dual else packed
         if self.linear_kind == "mm":
             return weight.t().contiguous()
         return weight
@@ -218,6 +221,8 @@ class LlamaModel:
             return weight(x, bias)
         if isinstance(weight, DualWeight):
             if x.shape[0] <= _SMALL_ROWS:
+                if self.dtype == torch.bfloat16:
+                    return cpu_ops.bf16_linear(x, weight.plain, bias)
                 return F.linear(x, weight.plain, bias)
             weight = weight.packed
         if self.linear_kind == "onednn":
@@ -228,7 +233,8 @@ class LlamaModel:
 
     def describe(self) -> str:
         """How the linear layers run, in words."""
-        kinds = {"onednn": "oneDNN, weights prepacked" + (f" (F.linear up to {_SMALL_ROWS} rows)" if self.dual else ""),
+        small = "pagedkv's AVX512-BF16 loops" if self.dtype == torch.bfloat16 else "F.linear"
+        kinds = {"onednn": "oneDNN, weights prepacked" + (f" ({small} up to {_SMALL_ROWS} rows)" if self.dual else ""),
                  "mm": "torch.mm on transposed weights", "linear": "F.linear"}
         dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
         quantized = [lin for lin in self._linears() if isinstance(lin, Int4Linear)]
