@@ -467,3 +467,76 @@ __attribute__((optimize("fp-contract=off"))) int rotary_and_cache(void *qkv, int
                              cache_bf16, num_blocks, num_layers, layer, block_size, num_kv_heads, head_dim, slots,
                              num_tokens);
 }
+
+// -- the elementwise steps between a layer's matrix products ------------------------------------
+// Each one C call where torch takes three to six operations: on a CPU decoding one sequence the
+// matrix products stream the weights through the caches, and every small operation after them
+// starts cold, so their number, not their arithmetic, sets their cost.
+
+// h[r] += delta[r] (when delta is not NULL; each sum rounded to the row type), then
+// out[r] = weight * round(h[r] / sqrt(mean(h[r]^2) + eps)): transformers' residual add and
+// LlamaRMSNorm (the norm in float32, rounded to the row type, then scaled and rounded again).
+// h, delta, out: [rows, width] contiguous; weight: [width]; all float32 or all bfloat16.
+int add_rms_norm(void *h, const void *delta, const void *weight, void *out, int64_t rows, int64_t width, float eps,
+                 int bf16, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && rows >= 32)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t at = r * width;
+        vfloat squares = splat(0.0f);
+        float tail = 0.0f;
+        int64_t i = 0;
+        for (; i + LANES <= width; i += LANES) {
+            vfloat x = load_vec(h, at + i, bf16);
+            if (delta) {
+                x += load_vec(delta, at + i, bf16);
+                for (int l = 0; l < LANES; l++) store(h, at + i + l, x[l], bf16);
+                x = load_vec(h, at + i, bf16);  // the stored (rounded) sum
+            }
+            squares += x * x;
+        }
+        for (; i < width; i++) {
+            float x = load(h, at + i, bf16);
+            if (delta) {
+                store(h, at + i, x + load(delta, at + i, bf16), bf16);
+                x = load(h, at + i, bf16);
+            }
+            tail += x * x;
+        }
+        const float inv = 1.0f / sqrtf((sum_lanes(squares) + tail) / (float)width + eps);
+        for (i = 0; i < width; i++) {
+            float y = load(h, at + i, bf16) * inv;
+            if (bf16) y = bf16_to_float(float_to_bf16(y));
+            store(out, at + i, load(weight, i, bf16) * y, bf16);
+        }
+    }
+    return 0;
+}
+
+// out = silu(gate) * up for gate_up [rows, 2 * width] (gate the first half of each row, up the
+// second), out [rows, width] contiguous; silu rounded to the row type, then the product.
+// silu(g) = g * sigmoid(g), sigmoid from e^-|g| so that the exponent never overflows.
+int silu_and_mul(const void *gate_up, void *out, int64_t rows, int64_t width, int bf16, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && rows >= 32)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t in = r * 2 * width, at = r * width;
+        int64_t i = 0;
+        for (; i + LANES <= width; i += LANES) {
+            const vfloat g = load_vec(gate_up, in + i, bf16), u = load_vec(gate_up, in + width + i, bf16);
+            const vint negative = g < splat(0.0f);
+            const vfloat e = exp_nonpositive(blend(negative, g, -g));
+            vfloat silu = g * blend(negative, e, splat(1.0f)) / (splat(1.0f) + e);
+            float lanes[LANES];
+            for (int l = 0; l < LANES; l++) lanes[l] = bf16 ? bf16_to_float(float_to_bf16(silu[l])) : silu[l];
+            memcpy(&silu, lanes, sizeof silu);
+            const vfloat y = silu * u;
+            for (int l = 0; l < LANES; l++) store(out, at + i + l, y[l], bf16);
+        }
+        for (; i < width; i++) {
+            const float g = load(gate_up, in + i, bf16), e = expf(-fabsf(g));
+            float silu = g * (g < 0.0f ? e : 1.0f) / (1.0f + e);
+            if (bf16) silu = bf16_to_float(float_to_bf16(silu));
+            store(out, at + i, silu * load(gate_up, in + width + i, bf16), bf16);
+        }
+    }
+    return 0;
+}

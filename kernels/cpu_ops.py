@@ -26,7 +26,7 @@ import torch
 
 from . import reference
 
-__all__ = ["reshape_and_cache", "rotary_and_cache", "paged_attention_decode", "paged_attention_prefill", "library",
+__all__ = ["reshape_and_cache", "rotary_and_cache", "add_rms_norm", "silu_and_mul", "paged_attention_decode", "paged_attention_prefill", "library",
            "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c"))
@@ -100,6 +100,8 @@ def library() -> ctypes.CDLL | None:
     lib.paged_attention.argtypes = [ptr, i64, i32, i64, ptr, ptr, i32, i64, i32, i32, i32, i32, i32, i32,
                                     ptr, i64, i64, ptr, ptr, i32, i64, ctypes.c_float, i32]
     lib.paged_attention_supports.argtypes = [i32]
+    lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
+    lib.silu_and_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
     lib.rotary_and_cache.argtypes = [ptr, i64, i32, i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, i32, i32, i32, ptr]
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
@@ -179,8 +181,39 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     _check(rc, "rotary_and_cache")
 
 
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The residual stream h ([rows, width], contiguous) += delta in place, then transformers'
+    LlamaRMSNorm of it with `weight`: normalised in float32, rounded to h's type, then scaled.
+    The float32 sum of squares runs in another order than torch's, so results may differ from
+    torch's in the last place. For CPU tensors of one type (float32 or bfloat16)."""
+    if delta is not None and not delta.is_contiguous():
+        delta = delta.contiguous()
+    if (h.dim() != 2 or not h.is_contiguous() or weight.shape != h.shape[1:] or not weight.is_contiguous()
+            or h.dtype != weight.dtype or (delta is not None and (delta.shape != h.shape or delta.dtype != h.dtype))):
+        raise ValueError(f"add_rms_norm: a contiguous residual {tuple(h.shape)} {h.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}" + ("" if delta is None else f", delta {tuple(delta.shape)} {delta.dtype}"))
+    out = torch.empty_like(h)
+    library().add_rms_norm(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                           out.data_ptr(), h.shape[0], h.shape[1], eps, DTYPES[h.dtype], torch.get_num_threads())
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows [gate | up] ([rows, 2 * width]), silu rounded to the row type
+    before the product, as torch's two operations round. For CPU tensors, float32 or bfloat16."""
+    if not gate_up.is_contiguous():
+        gate_up = gate_up.contiguous()
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"silu_and_mul: rows of gate and up halves, got {tuple(gate_up.shape)}")
+    out = torch.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype)
+    library().silu_and_mul(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1], DTYPES[gate_up.dtype],
+                           torch.get_num_threads())
+    return out
+
+
 def rotary_and_cache_usable(dtype: torch.dtype, kv_cache: torch.Tensor) -> bool:
-    """Whether `rotary_and_cache` takes CPU rows of `dtype` with this cache."""
+    """Whether `rotary_and_cache` takes CPU rows of `dtype` with this cache (and `add_rms_norm`
+    and `silu_and_mul` rows of `dtype`)."""
     return (dtype in DTYPES and kv_cache.device.type == "cpu" and kv_cache.dtype in DTYPES
             and kv_cache.is_contiguous() and library() is not None)
 

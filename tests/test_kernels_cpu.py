@@ -329,3 +329,58 @@ def test_bf16_linear_refuses_what_it_cannot_run():
         cpu_ops.bf16_linear(torch.randn(1, 48).bfloat16(), torch.randn(8, 48).bfloat16())
     with pytest.raises(ValueError, match="for a weight"):
         cpu_ops.bf16_linear(torch.randn(1, 64), weight)
+
+
+def model_ops(dtype):
+    """The model's torch implementations of the steps the elementwise kernels replace."""
+    from runtime.models.llama import LlamaModel
+
+    def add_norm(h, delta, weight, eps):
+        norm = LlamaModel.__new__(LlamaModel)
+        norm.config = type("Config", (), {"rms_norm_eps": eps})()
+        return norm.add_norm(h, delta, weight, fused=False)
+
+    return add_norm, lambda gate_up: LlamaModel.silu_and_mul(gate_up, fused=False)
+
+
+def within_steps(got: torch.Tensor, want: torch.Tensor, steps: int) -> bool:
+    """Whether got is within `steps` units in the last place of want (in want's type)."""
+    bits = 7 if want.dtype == torch.bfloat16 else 23
+    ulp = torch.ldexp(torch.ones_like(want, dtype=torch.float64), torch.frexp(want.double()).exponent - 1 - bits)
+    return bool(((got.double() - want.double()).abs() <= steps * ulp + 1e-30).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, width", [(1, 576), (5, 64), (40, 100)])
+def test_add_rms_norm_is_the_models_add_and_norm(dtype, rows, width):
+    torch_add_norm, _ = model_ops(dtype)
+    g = torch.Generator().manual_seed(rows)
+    h = (torch.randn(rows, width, generator=g) * 3).to(dtype)
+    delta = torch.randn(rows, width, generator=g).to(dtype)
+    weight = torch.randn(width, generator=g).to(dtype)
+    want_h = h.clone()
+    want = torch_add_norm(want_h, delta, weight, 1e-5)
+    got = cpu_ops.add_rms_norm(h, delta, weight, 1e-5)
+    assert torch.equal(h, want_h)  # the residual add rounds as torch's
+    # The sum of squares runs in another order: the factor may differ in its last place, and the
+    # scaled values by a few (float32) or one rounding step (bfloat16).
+    assert within_steps(got, want, 4 if dtype == torch.float32 else 2)
+    if dtype == torch.bfloat16:  # a last-place difference in float32 rarely survives the rounding
+        assert (got == want).float().mean() > 0.99
+    torch.testing.assert_close(cpu_ops.add_rms_norm(h, None, weight, 1e-5), torch_add_norm(h.clone(), None, weight, 1e-5),
+                               atol=0, rtol=2 ** -6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_is_the_models_silu_and_mul(dtype):
+    _, torch_silu_mul = model_ops(dtype)
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(7, 2 * 200, generator=g) * 4).to(dtype)
+    gate_up[0, :8] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-30, -1e-30, 88.0, -88.0]).to(dtype)
+    got, want = cpu_ops.silu_and_mul(gate_up), torch_silu_mul(gate_up)
+    assert got.shape == (7, 200) and got.dtype == dtype
+    assert within_steps(got, want, 2)  # another exponential: one step in silu, one in the product
+    if dtype == torch.bfloat16:  # a last-place difference in float32 rarely survives the rounding
+        assert (got == want).float().mean() > 0.99
+    with pytest.raises(ValueError, match="silu_and_mul"):
+        cpu_ops.silu_and_mul(gate_up[:, :-1])

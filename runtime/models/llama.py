@@ -294,11 +294,12 @@ class LlamaModel:
         hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim
         q_size, kv_size = hq * d, hkv * d
         cos, sin = self.rotary(batch.positions)
-        # On the CPU, rotary embedding and the cache write are one C call per layer.
+        # On the CPU, the steps between the matrix products are C kernels: rotary embedding with
+        # the cache write, residual add with the norm, SiLU with the product (kernels/cpu_ops).
         fused = cpu_ops.rotary_and_cache_usable(self.dtype, kv_cache)
         h = self.tp.embedding(batch.token_ids, self.embed)
+        x = self.add_norm(h, None, self.layers[0]["input_norm"] if self.layers else self.norm, fused)
         for i, layer in enumerate(self.layers):
-            x = self.rms_norm(h, layer["input_norm"])
             qkv = self.linear(x, layer["qkv"], layer["qkv_bias"])
             if fused:
                 cpu_ops.rotary_and_cache(qkv, cos[:, 0], sin[:, 0], kv_cache, i, batch.slot_mapping, hq, hkv)
@@ -309,11 +310,27 @@ class LlamaModel:
                 v = qkv[:, q_size + kv_size:].view(num_tokens, hkv, d)
                 kernels.reshape_and_cache(k, v, kv_cache, i, batch.slot_mapping)
             attn = self.attention(q, kv_cache, i, batch).reshape(num_tokens, q_size)
-            h = h + self.tp.all_reduce(self.linear(attn, layer["o"]))
-            x = self.rms_norm(h, layer["post_norm"])
-            gate, up = self.linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            h = h + self.tp.all_reduce(self.linear(F.silu(gate).mul_(up), layer["down"]))
+            x = self.add_norm(h, self.tp.all_reduce(self.linear(attn, layer["o"])), layer["post_norm"], fused)
+            x = self.linear(self.silu_and_mul(self.linear(x, layer["gate_up"]), fused), layer["down"])
+            following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
+            x = self.add_norm(h, self.tp.all_reduce(x), following, fused)
         if batch.logits_indices is not None:
-            h = h[batch.logits_indices]
-        h = self.rms_norm(h, self.norm)
+            x = x[batch.logits_indices]
+        return self.tp.gather_logits(self.linear(x, self.lm_head).float(), cfg.vocab_size)
+
+    def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, fused: bool) -> torch.Tensor:
+        """The residual stream h += delta (in place; None adds nothing), then its RMS norm."""
+        if fused:
+            return cpu_ops.add_rms_norm(h, delta, weight, self.config.rms_norm_eps)
+        if delta is not None:
+            h.add_(delta)
+        return self.rms_norm(h, weight)
+
+    @staticmethod
+    def silu_and_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+        """silu(gate) * up for the fused [gate | up] rows of the MLP."""
+        if fused:
+            return cpu_ops.silu_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
         return self.tp.gather_logits(self.linear(h, self.lm_head).float(), cfg.vocab_size)
