@@ -104,6 +104,23 @@ static inline __attribute__((always_inline)) vfloat blend(vint mask, vfloat a, v
     return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
 }
 
+// x rounded to bfloat16 (to nearest even, NaN to a quiet NaN), still as float32 values.
+static inline __attribute__((always_inline)) vfloat round_bf16_vec(vfloat x) {
+    const vuint u = (vuint)x;
+    const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return blend(x != x, splat(__builtin_nanf("")), (vfloat)rounded);
+}
+
+// store() for 16 elements.
+static inline __attribute__((always_inline)) void store_vec(void *p, int64_t i, vfloat x, const int bf16) {
+    if (bf16) {
+        const vhalf h = __builtin_convertvector((vuint)round_bf16_vec(x) >> 16, vhalf);
+        memcpy((uint16_t *)p + i, &h, sizeof h);
+    } else {
+        memcpy((float *)p + i, &x, sizeof x);
+    }
+}
+
 // The 16 sums at once: lane t of the result is the sum of v[t]'s lanes. Four rounds, each
 // halving the lanes per vector and doubling the vectors per lane (45 operations where 16
 // separate reductions take 128).
@@ -489,8 +506,8 @@ int add_rms_norm(void *h, const void *delta, const void *weight, void *out, int6
             vfloat x = load_vec(h, at + i, bf16);
             if (delta) {
                 x += load_vec(delta, at + i, bf16);
-                for (int l = 0; l < LANES; l++) store(h, at + i + l, x[l], bf16);
-                x = load_vec(h, at + i, bf16);  // the stored (rounded) sum
+                if (bf16) x = round_bf16_vec(x);
+                store_vec(h, at + i, x, bf16);
             }
             squares += x * x;
         }
@@ -503,7 +520,12 @@ int add_rms_norm(void *h, const void *delta, const void *weight, void *out, int6
             tail += x * x;
         }
         const float inv = 1.0f / sqrtf((sum_lanes(squares) + tail) / (float)width + eps);
-        for (i = 0; i < width; i++) {
+        for (i = 0; i + LANES <= width; i += LANES) {
+            vfloat y = load_vec(h, at + i, bf16) * inv;
+            if (bf16) y = round_bf16_vec(y);
+            store_vec(out, at + i, load_vec(weight, i, bf16) * y, bf16);
+        }
+        for (; i < width; i++) {
             float y = load(h, at + i, bf16) * inv;
             if (bf16) y = bf16_to_float(float_to_bf16(y));
             store(out, at + i, load(weight, i, bf16) * y, bf16);
@@ -525,11 +547,8 @@ int silu_and_mul(const void *gate_up, void *out, int64_t rows, int64_t width, in
             const vint negative = g < splat(0.0f);
             const vfloat e = exp_nonpositive(blend(negative, g, -g));
             vfloat silu = g * blend(negative, e, splat(1.0f)) / (splat(1.0f) + e);
-            float lanes[LANES];
-            for (int l = 0; l < LANES; l++) lanes[l] = bf16 ? bf16_to_float(float_to_bf16(silu[l])) : silu[l];
-            memcpy(&silu, lanes, sizeof silu);
-            const vfloat y = silu * u;
-            for (int l = 0; l < LANES; l++) store(out, at + i + l, y[l], bf16);
+            if (bf16) silu = round_bf16_vec(silu);
+            store_vec(out, at + i, silu * u, bf16);
         }
         for (; i < width; i++) {
             const float g = load(gate_up, in + i, bf16), e = expf(-fabsf(g));
