@@ -559,3 +559,50 @@ int silu_and_mul(const void *gate_up, void *out, int64_t rows, int64_t width, in
     }
     return 0;
 }
+
+// For each row of float32 logits [rows, vocab] (rows `row_stride` apart): the index of its
+// first maximum (of its first NaN, if any, as torch.max) and its log-sum-exp (torch.logsumexp:
+// max + log(sum(exp(x - max))), +inf, -inf or NaN where the row holds them). Two passes over a
+// row, which stays in L2, where torch takes five operations over the whole batch.
+int greedy_and_logsumexp(const float *logits, int64_t row_stride, int64_t rows, int64_t vocab, int64_t *index,
+                         float *log_total, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = logits + r * row_stride;
+        // Pass 1: the maximum, 16 lanes at a time, then its first index.
+        vfloat top = splat(-INFINITY);
+        vint nan_seen = (vint){0};
+        int64_t i = 0;
+        for (; i + LANES <= vocab; i += LANES) {
+            const vfloat v = load_vec(x, i, 0);
+            nan_seen |= v != v;
+            top = blend(v > top, v, top);
+        }
+        float best = max_lanes(top);
+        int has_nan = 0;
+        for (int l = 0; l < LANES; l++) has_nan |= nan_seen[l] != 0;
+        for (; i < vocab; i++) {
+            has_nan |= x[i] != x[i];
+            best = x[i] > best ? x[i] : best;
+        }
+        int64_t at = 0;
+        if (has_nan) {
+            while (x[at] == x[at]) at++;
+            best = x[at];
+        } else {
+            while (at < vocab - 1 && x[at] != best) at++;
+        }
+        index[r] = at;
+        if (has_nan || isinf(best)) {  // NaN, +inf, or a row of -inf
+            log_total[r] = best;
+            continue;
+        }
+        // Pass 2: the sum of exp(x - max), every exponent <= 0.
+        vfloat sum = splat(0.0f);
+        float tail = 0.0f;
+        for (i = 0; i + LANES <= vocab; i += LANES) sum += exp_nonpositive(load_vec(x, i, 0) - best);
+        for (; i < vocab; i++) tail += expf(x[i] - best);
+        log_total[r] = best + logf(sum_lanes(sum) + tail);
+    }
+    return 0;
+}

@@ -26,7 +26,7 @@ import torch
 
 from . import reference
 
-__all__ = ["reshape_and_cache", "rotary_and_cache", "add_rms_norm", "silu_and_mul", "paged_attention_decode", "paged_attention_prefill", "library",
+__all__ = ["reshape_and_cache", "rotary_and_cache", "add_rms_norm", "silu_and_mul", "greedy_and_logsumexp", "paged_attention_decode", "paged_attention_prefill", "library",
            "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c"))
@@ -100,6 +100,7 @@ def library() -> ctypes.CDLL | None:
     lib.paged_attention.argtypes = [ptr, i64, i32, i64, ptr, ptr, i32, i64, i32, i32, i32, i32, i32, i32,
                                     ptr, i64, i64, ptr, ptr, i32, i64, ctypes.c_float, i32]
     lib.paged_attention_supports.argtypes = [i32]
+    lib.greedy_and_logsumexp.argtypes = [ptr, i64, i64, i64, ptr, ptr, i32]
     lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
     lib.silu_and_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
     lib.rotary_and_cache.argtypes = [ptr, i64, i32, i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, i32, i32, i32, ptr]
@@ -209,6 +210,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     library().silu_and_mul(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1], DTYPES[gate_up.dtype],
                            torch.get_num_threads())
     return out
+
+
+def greedy_and_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For float32 CPU logits [rows, vocab]: each row's first maximum's index (int64 [rows], as
+    logits.max(dim=-1).indices) and its log-sum-exp (float32 [rows, 1], as torch.logsumexp with
+    keepdim), in one kernel call; None where the kernels are not built or the logits differ."""
+    if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(-1) != 1
+            or logits.shape[1] == 0 or library() is None):
+        return None
+    rows = logits.shape[0]
+    index, log_total = torch.empty(rows, dtype=torch.int64), torch.empty(rows, 1, dtype=torch.float32)
+    library().greedy_and_logsumexp(logits.data_ptr(), logits.stride(0), rows, logits.shape[1], index.data_ptr(),
+                                   log_total.data_ptr(), torch.get_num_threads())
+    return index, log_total
 
 
 def rotary_and_cache_usable(dtype: torch.dtype, kv_cache: torch.Tensor) -> bool:

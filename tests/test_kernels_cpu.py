@@ -384,3 +384,20 @@ def test_silu_and_mul_is_the_models_silu_and_mul(dtype):
         assert (got == want).float().mean() > 0.99
     with pytest.raises(ValueError, match="silu_and_mul"):
         cpu_ops.silu_and_mul(gate_up[:, :-1])
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 16, 1000, 49152])
+def test_greedy_and_logsumexp_are_torch_max_and_logsumexp(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=g) * 8
+    logits[1] = logits[1].round()  # ties: the first maximum wins
+    logits[2, vocab // 2] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, -1] = float("inf")
+    logits[5, vocab // 3:] = logits[5].max() + 1  # a tie of many, the first of them in the middle
+    logits[6] = -1e30  # large but finite: exponents far below the float32 range
+    index, log_total = cpu_ops.greedy_and_logsumexp(logits[:, :])
+    assert torch.equal(index, logits.max(dim=-1).indices)
+    torch.testing.assert_close(log_total, torch.logsumexp(logits, dim=-1, keepdim=True), rtol=2e-6, atol=0,
+                               equal_nan=True)
+    assert cpu_ops.greedy_and_logsumexp(logits.double()) is None  # float32 only: callers fall back
