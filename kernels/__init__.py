@@ -1,9 +1,10 @@
 """Paged KV-cache kernels: one dispatch point for the engine.
 
 Every function runs the CUDA implementation (kernels/*.cu through cupy, see cuda_ops) when
-its tensors live on a CUDA device and cupy is importable; on the CPU, the decode attention and
-the cache write run kernels/cpu_kernels.c (see cpu_ops) and the rest the torch reference
-(kernels/reference.py), which is also every kernel's fallback and test oracle. The KV cache of a pool is one contiguous tensor
+its tensors live on a CUDA device and cupy is importable; on the CPU, the attention (decode and
+prompts) and the cache write run kernels/cpu_kernels.c (see cpu_ops, which also holds the CPU
+model's own kernels) and the rest the torch reference (kernels/reference.py), which is also every
+kernel's fallback and test oracle. The KV cache of a pool is one contiguous tensor
 [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] (dim 2: 0 = K, 1 = V).
 """
 

@@ -1,13 +1,15 @@
-"""CPU kernels: paged attention and the cache write (kernels/cpu_kernels.c), and 4-bit
-weight-only matrix products (kernels/cpu_int4.c). They are built with the C compiler at first
-use (gcc -O3 -march=native -fopenmp, about two seconds) into a per-user cache folder and called
-through ctypes with the tensors' own pointers.
-
-The cache functions take the reference's arguments and fall back to the reference
-(kernels/reference.py) where the library cannot be built, for float16 caches, and when
-PAGEDKV_CPU_KERNELS=0; callers of `int4_linear` check `library()` themselves. The library is
-found again by a hash of its sources, flags, compiler and CPU, so a cache folder shared by
-machines holds one build per machine.
+"""CPU kernels, built with the C compiler at first use (gcc -O3 -march=native -fopenmp, a few
+seconds) into a per-user cache folder and called through ctypes with the tensors' own pointers:
+- kernels/cpu_kernels.c: paged attention (decode and prompts) and the cache write, which take
+  the reference's arguments and fall back to the reference (kernels/reference.py) where the
+  library cannot be built, for float16 caches, unsupported head sizes, and when
+  PAGEDKV_CPU_KERNELS=0; and the CPU model's steps between its matrix products
+  (`rotary_and_cache`, `add_rms_norm`, `silu_and_mul`) and the sampler's
+  `greedy_and_logsumexp`, which their callers use where `library()` builds;
+- kernels/cpu_int4.c: 4-bit weight-only matrix products (`int4_linear`);
+- kernels/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16).
+The library is found again by a hash of its sources, flags, compiler and CPU, so a cache folder
+shared by machines holds one build per machine.
 """
 from __future__ import annotations
 

@@ -43,7 +43,17 @@ def run_greedy(engine: LLMEngine, prompts, max_tokens):
 @pytest.mark.parametrize("config", CONFIGS, ids=["mha", "gqa-tied", "hd128", "qwen2"])
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32])
 def test_greedy_and_logits_equal_transformers(tiny_model, config, block_size):
-    path = tiny_model(**config)
+    check_against_transformers(tiny_model(**config), block_size)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[3]], ids=["gqa-tied", "qwen2"])
+def test_without_the_cpu_kernels_torch_ops_equal_transformers_too(tiny_model, config, monkeypatch):
+    # The path CUDA takes, and the CPU's where the C kernels cannot be built.
+    monkeypatch.setattr(cpu_ops, "library", lambda: None)
+    check_against_transformers(tiny_model(**config), 16)
+
+
+def check_against_transformers(path: str, block_size: int) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     engine = LLMEngine(EngineConfig(model=path, block_size=block_size, num_device_blocks=256,
                                     swap_space_gib=0.01, max_num_batched_tokens=24), load_model(path))

@@ -72,7 +72,7 @@ _PACK_BATCH = 32
 # (Int4Linear): it gives each row the same result whatever the batch (oneDNN's bfloat16 GEMM
 # does not, from 5 rows on), so preemption, which changes batches, stays invisible in their
 # outputs.
-_SMALL_ROWS = 4
+_SMALL_ROWS = cpu_ops.BF16_LINEAR_ROWS  # 4, where F.linear also beats oneDNN in float32
 _DUAL_BYTES = 2 << 30
 
 
