@@ -9,6 +9,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_bfloat16.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -18,17 +20,6 @@
 #define PREFETCH_ROWS 16  // how far ahead the rows of W are asked for
 
 int bf16_linear_supported(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"); }
-
-static inline uint16_t round_to_bf16(float f) {  // to nearest even, as torch; NaN stays a quiet NaN
-    union { float f; uint32_t u; } v = {.f = f};
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
-}
-
-static inline float bf16_value(uint16_t x) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
-    return v.f;
-}
 
 // Rows n0 .. n1-1 of W against the M rows of x. `M` is a constant after inlining.
 __attribute__((target("avx512f,avx512bf16"), always_inline)) static inline void
@@ -54,8 +45,8 @@ rows_of_w(const uint16_t *x, int64_t x_stride, const int M, int64_t k, const uin
         }
         for (int m = 0; m < M; m++)
             for (int j = 0; j < rows; j++) {
-                const float sum = _mm512_reduce_add_ps(acc[m][j]) + (bias ? bf16_value(bias[n + j]) : 0.0f);
-                out[m * out_stride + n + j] = round_to_bf16(sum);
+                const float sum = _mm512_reduce_add_ps(acc[m][j]) + (bias ? bf16_to_float(bias[n + j]) : 0.0f);
+                out[m * out_stride + n + j] = float_to_bf16(sum);
             }
     }
 }

@@ -15,22 +15,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_bfloat16.h"
+
 #define ERR_BLOCK -1   // a block table entry or a slot outside the cache
 #define ERR_MEMORY -2  // no memory for the job list
 #define ERR_TABLE -3   // a context longer than its block table
 #define ERR_QUERY -4   // query rows outside the batch, more new tokens than context, or an unsupported shape
-
-static inline float bf16_to_float(uint16_t x) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
-    return v.f;
-}
-
-// Round to nearest even, as torch converts float32 to bfloat16; NaN stays a quiet NaN.
-static inline uint16_t float_to_bf16(float f) {
-    union { float f; uint32_t u; } v = {.f = f};
-    if (isnan(f)) return 0x7FC0;
-    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
-}
 
 // Element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array. `bf16` is a constant at
 // each call site after inlining, so every kernel is compiled once per type.

@@ -32,6 +32,7 @@ __all__ = ["reshape_and_cache", "rotary_and_cache", "add_rms_norm", "silu_and_mu
            "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c"))
+HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_bfloat16.h",))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
 ERRORS = {-1: "a block table entry or slot is outside the cache", -2: "out of memory for the kernel's buffers",
@@ -58,7 +59,7 @@ def _cpu_signature() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    texts = [source.read_text() for source in SOURCES]
+    texts = [source.read_text() for source in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), version, _cpu_signature()]).encode())
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"pagedkv-{os.getuid()}"):
