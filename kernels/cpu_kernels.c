@@ -340,7 +340,7 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
         const int64_t start = query_start_loc ? query_start_loc[s] : s;
         const int64_t q_len = query_start_loc ? query_start_loc[s + 1] - start : 1;
         const int ctx = context_lens[s] > 0 ? context_lens[s] : 0;
-        if (start < 0 || q_len < 0 || start + q_len > num_rows || (q_len > ctx && ctx > 0)) return ERR_QUERY;
+        if (start < 0 || q_len < 0 || start + q_len > num_rows || (query_start_loc && q_len > ctx)) return ERR_QUERY;
         if ((ctx + block_size - 1) / block_size > table_width) return ERR_TABLE;
         for (int b = 0; b < (ctx + block_size - 1) / block_size; b++) {
             const int32_t block = block_tables[s * table_stride + b];

@@ -94,9 +94,12 @@ def test_a_prompt_row_equals_the_same_row_decoded():
 
 def test_prefill_refuses_more_new_tokens_than_context():
     cache, tables, query, starts, lens = prefill_case([(30, 30), (20, 5)], 16, (4, 2), 64, torch.float32)
-    lens[1] = 4
-    with pytest.raises(ValueError, match="more new tokens than context"):
-        cpu_ops.paged_attention_prefill(query, cache, 0, tables, starts, lens, 0.125)
+    for short in (4, 0):  # as the reference: an error, even where the context is empty
+        lens[1] = short
+        with pytest.raises(ValueError, match="more new tokens than context"):
+            cpu_ops.paged_attention_prefill(query, cache, 0, tables, starts, lens, 0.125)
+        with pytest.raises(ValueError, match="new tokens but context length"):
+            reference.paged_attention_prefill(query, cache, 0, tables, starts, lens, 0.125)
     lens[1] = 20
     with pytest.raises(ValueError, match="4 query start offsets for 2 sequences"):
         cpu_ops.paged_attention_prefill(query, cache, 0, tables, torch.tensor([0, 30, 35, 35]), lens, 0.125)
