@@ -33,8 +33,7 @@ PROMPT = "hello world, this is"
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
-CONTEXT = 32768  # the tiny model's context: room for requests that outlast a dropped connection
-BLOCKS = "7600"  # of 4 tokens: room for one request of LONG tokens
+CONTEXT = 8192  # the tiny model's context: room for requests that outlast a dropped connection
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def model_path(tiny_model):
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("http") / "server.log"
-    with running_http_server(model_path, "--num-device-blocks", BLOCKS, "--block-size", "4",
+    with running_http_server(model_path, "--num-device-blocks", "2100", "--block-size", "4",
                              log_path=str(log)) as (proc, url):
         yield proc, url
 
@@ -327,10 +326,9 @@ def test_32_concurrent_streams(url, model, offline, engine):
 
 
 # -- dropped connections ------------------------------------------------------------------------------
-# Tokens: a request that runs (about 20 s on a 2-core CPU) until it is aborted, far longer than a
-# dropped connection takes to reach the engine, even with the engine's threads on both cores
-# (6,000 tokens, about 4 s, once finished first in CI).
-LONG = 30000
+# Tokens: a request that runs (about 5 s on a 2-core CPU) until it is aborted, far longer than a
+# dropped connection takes to reach the engine; 2100 blocks of 4 hold it.
+LONG = 6000
 
 
 def test_a_dropped_stream_aborts_its_request_and_frees_its_blocks(url, model, engine):
@@ -532,7 +530,7 @@ def test_a_non_loopback_host_needs_a_key(tmp_path):
 
 
 def test_429_when_the_engine_is_overloaded(model_path, tmp_path):
-    with running_http_server(model_path, "--num-device-blocks", BLOCKS, "--block-size", "4", "--max-num-seqs", "1",
+    with running_http_server(model_path, "--num-device-blocks", "2100", "--block-size", "4", "--max-num-seqs", "1",
                              "--max-queued", "1", log_path=str(tmp_path / "server.log")) as (proc, url), \
             Client(proc.address, timeout=60) as engine:
         long = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "temperature": 0}
