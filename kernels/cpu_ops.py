@@ -28,8 +28,8 @@ import torch
 
 from . import reference
 
-__all__ = ["reshape_and_cache", "rotary_and_cache", "add_rms_norm", "silu_and_mul", "greedy_and_logsumexp", "paged_attention_decode", "paged_attention_prefill", "library",
-           "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
+__all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "rotary_and_cache",
+           "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp", "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c"))
 HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_bfloat16.h",))
@@ -166,9 +166,10 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
     rows `qkv` ([tokens, (num_heads + 2 * num_kv_heads) * head_dim]) in place by cos and sin
     ([tokens, head_dim], sin's first half negated), rounding as the model's torch ops do, and
     writes each token's K and V into its slot as `reshape_and_cache` does. For CPU tensors of
-    one type (float32 or bfloat16) with contiguous rows; see `rotary_and_cache_usable`."""
+    one type (float32 or bfloat16) with contiguous rows; see `model_kernels_usable`."""
     head_dim = cos.shape[-1]
-    if not (qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() and qkv.dtype == cos.dtype == sin.dtype):
+    if not (qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+            and qkv.dtype == cos.dtype == sin.dtype):
         raise ValueError("rotary_and_cache: needs rows of contiguous elements, contiguous cos and sin, one type")
     num_blocks, num_layers, _, block_size, cache_heads, cache_dim = kv_cache.shape
     slots = _int_array(slot_mapping.cpu(), torch.int64).contiguous()
@@ -194,8 +195,9 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         delta = delta.contiguous()
     if (h.dim() != 2 or not h.is_contiguous() or weight.shape != h.shape[1:] or not weight.is_contiguous()
             or h.dtype != weight.dtype or (delta is not None and (delta.shape != h.shape or delta.dtype != h.dtype))):
-        raise ValueError(f"add_rms_norm: a contiguous residual {tuple(h.shape)} {h.dtype}, weight {tuple(weight.shape)} "
-                         f"{weight.dtype}" + ("" if delta is None else f", delta {tuple(delta.shape)} {delta.dtype}"))
+        raise ValueError(f"add_rms_norm: a contiguous residual {tuple(h.shape)} {h.dtype}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}"
+                         + ("" if delta is None else f", delta {tuple(delta.shape)} {delta.dtype}"))
     out = torch.empty_like(h)
     library().add_rms_norm(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
                            out.data_ptr(), h.shape[0], h.shape[1], eps, DTYPES[h.dtype], torch.get_num_threads())
@@ -229,9 +231,9 @@ def greedy_and_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return index, log_total
 
 
-def rotary_and_cache_usable(dtype: torch.dtype, kv_cache: torch.Tensor) -> bool:
-    """Whether `rotary_and_cache` takes CPU rows of `dtype` with this cache (and `add_rms_norm`
-    and `silu_and_mul` rows of `dtype`)."""
+def model_kernels_usable(dtype: torch.dtype, kv_cache: torch.Tensor) -> bool:
+    """Whether the model's CPU kernels (`rotary_and_cache`, `add_rms_norm`, `silu_and_mul`) take
+    rows of `dtype` with this cache."""
     return (dtype in DTYPES and kv_cache.device.type == "cpu" and kv_cache.dtype in DTYPES
             and kv_cache.is_contiguous() and library() is not None)
 
@@ -267,8 +269,12 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, layer: 
 
 
 def _attention_usable(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    return (_usable(query, kv_cache) and kv_cache.is_contiguous()
-            and library().paged_attention_supports(kv_cache.shape[5]) == 1)
+    return _usable(query, kv_cache) and kv_cache.is_contiguous() and _head_size_supported(kv_cache.shape[5])
+
+
+@functools.lru_cache(maxsize=None)
+def _head_size_supported(head_dim: int) -> bool:
+    return library().paged_attention_supports(head_dim) == 1
 
 
 def _attention(what: str, query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
@@ -366,7 +372,8 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x = x.contiguous()
     n, k = weight.shape
     if (x.dim() != 2 or x.shape[1] != k or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
-            or not weight.is_contiguous() or (bias is not None and (bias.shape != (n,) or bias.dtype != torch.bfloat16))):
+            or not weight.is_contiguous()
+            or (bias is not None and (bias.shape != (n,) or bias.dtype != torch.bfloat16))):
         raise ValueError(f"bf16_linear: input {tuple(x.shape)} {x.dtype} for a weight {tuple(weight.shape)} "
                          f"{weight.dtype}" + ("" if bias is None else f" and bias {tuple(bias.shape)} {bias.dtype}"))
     bias = None if bias is None else bias.contiguous()

@@ -296,7 +296,7 @@ class LlamaModel:
         cos, sin = self.rotary(batch.positions)
         # On the CPU, the steps between the matrix products are C kernels: rotary embedding with
         # the cache write, residual add with the norm, SiLU with the product (kernels/cpu_ops).
-        fused = cpu_ops.rotary_and_cache_usable(self.dtype, kv_cache)
+        fused = cpu_ops.model_kernels_usable(self.dtype, kv_cache)
         h = self.tp.embedding(batch.token_ids, self.embed)
         x = self.add_norm(h, None, self.layers[0]["input_norm"] if self.layers else self.norm, fused)
         for i, layer in enumerate(self.layers):
