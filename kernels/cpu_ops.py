@@ -7,7 +7,8 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
   (`rotary_and_cache`, `add_rms_norm`, `silu_and_mul`) and the sampler's
   `greedy_and_logsumexp`, which their callers use where `library()` builds;
 - kernels/cpu_int4.c: 4-bit weight-only matrix products (`int4_linear`);
-- kernels/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16).
+- kernels/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16);
+- kernels/cpu_decode.c: a decode batch's decoder layers in one call (kernels/cpu_decode.py).
 The library is found again by a hash of its sources, flags, compiler and CPU, so a cache folder
 shared by machines holds one build per machine.
 """
@@ -29,9 +30,11 @@ import torch
 from . import reference
 
 __all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "rotary_and_cache",
-           "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp", "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
+           "add_rms_norm", "silu_and_mul", "model_kernels_usable", "paged_attention_supports", "greedy_and_logsumexp", "library",
+           "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
 
-SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c"))
+SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c",
+                                                                        "cpu_decode.c"))
 HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_bfloat16.h",))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
@@ -110,6 +113,7 @@ def library() -> ctypes.CDLL | None:
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     lib.bf16_linear.argtypes = [ptr, i64, i32, i64, ptr, i64, ptr, ptr, i32]
+    lib.decode_layers.argtypes = [ptr, ptr, i32, ptr, ptr]
     return lib
 
 
@@ -269,11 +273,12 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, layer: 
 
 
 def _attention_usable(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    return _usable(query, kv_cache) and kv_cache.is_contiguous() and _head_size_supported(kv_cache.shape[5])
+    return _usable(query, kv_cache) and kv_cache.is_contiguous() and paged_attention_supports(kv_cache.shape[5])
 
 
 @functools.lru_cache(maxsize=None)
-def _head_size_supported(head_dim: int) -> bool:
+def paged_attention_supports(head_dim: int) -> bool:
+    """Whether the attention kernel takes this head size (else the reference runs)."""
     return library().paged_attention_supports(head_dim) == 1
 
 

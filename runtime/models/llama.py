@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import cpu_ops
+from kernels import cpu_decode, cpu_ops
 from runtime.models.config import ModelConfig
 from runtime.models.huge_pages import into_huge_pages
 from runtime.models.parallel import TensorParallel
@@ -153,8 +153,10 @@ class LlamaModel:
                 down=self._weight(w[p + "mlp.down_proj.weight"])))
         self.inv_freq = rope_inv_freq(config).to(device)
         self.scale = config.head_dim ** -0.5
+        self.decode_plan: cpu_decode.DecodePlan | None = None
         if torch.device(device).type == "cpu":
             self._streamed_weights_into_huge_pages()
+            self.decode_plan = self._decode_plan()
 
     def _streamed_weights_into_huge_pages(self) -> None:
         """The weights a decode step reads in plain layouts (F.linear's, the 4-bit kernel's, the
@@ -187,6 +189,30 @@ class LlamaModel:
         for layer in self.layers:
             for k in matrices:
                 layer[k] = rehomed(layer[k])
+
+    def _decode_plan(self) -> cpu_decode.DecodePlan | None:
+        """The layers for kernels/cpu_decode.c, which runs a small decode batch's loop in one
+        call; None where it cannot (biases, tensor parallelism, weights other than the few-row
+        layouts `linear` picks below, or a head size the attention kernel does not take)."""
+        def native(w) -> cpu_decode.NativeLinear | None:
+            if isinstance(w, DualWeight) and w.plain.dtype in (torch.float32, torch.bfloat16):
+                kind = "float32" if w.plain.dtype == torch.float32 else "bfloat16"
+                return cpu_decode.NativeLinear(kind, w.plain, *w.plain.shape)
+            if isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedInt4):
+                return cpu_decode.NativeLinear("int4", w.packed.data, *w.packed.shape, half=w.packed.half)
+            return None
+
+        if (self.tp.world_size != 1 or any(layer["qkv_bias"] is not None for layer in self.layers)
+                or cpu_ops.library() is None or not cpu_ops.paged_attention_supports(self.config.head_dim)):
+            return None
+        layers = []
+        for i, layer in enumerate(self.layers):
+            matrices = [native(layer[k]) for k in ("qkv", "o", "gate_up", "down")]
+            if None in matrices:
+                return None
+            following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
+            layers.append(cpu_decode.NativeLayer(*matrices, post_norm=layer["post_norm"], next_norm=following))
+        return cpu_decode.decode_plan(layers, self.dtype)
 
     def _tensor(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | GroupQuantized:
         """On the device in the dtype; a quantized matrix stays so where it will run quantized."""
@@ -290,15 +316,30 @@ class LlamaModel:
         """Returns float32 logits [len(batch.logits_indices), vocab] (every token's when None;
         [rows, 0] on tensor-parallel ranks other than 0)."""
         cfg = self.config
-        num_tokens = batch.token_ids.shape[0]
-        hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim
-        q_size, kv_size = hq * d, hkv * d
         cos, sin = self.rotary(batch.positions)
         # On the CPU, the steps between the matrix products are C kernels: rotary embedding with
         # the cache write, residual add with the norm, SiLU with the product (kernels/cpu_ops).
         fused = cpu_ops.model_kernels_usable(self.dtype, kv_cache)
         h = self.tp.embedding(batch.token_ids, self.embed)
         x = self.add_norm(h, None, self.layers[0]["input_norm"] if self.layers else self.norm, fused)
+        if (fused and self.decode_plan is not None and batch.num_prefill_tokens == 0
+                and batch.token_ids.shape[0] <= cpu_decode.DECODE_ROWS):  # `layers` in one C call
+            cpu_decode.decode_layers(self.decode_plan, h, x, cos[:, 0], sin[:, 0], kv_cache, batch.slot_mapping,
+                                     batch.decode_block_tables, batch.decode_context_lens, self.num_heads,
+                                     self.num_kv_heads, cfg.rms_norm_eps, self.scale)
+        else:
+            x = self.layers_forward(h, x, cos, sin, kv_cache, batch, fused)
+        if batch.logits_indices is not None:
+            x = x[batch.logits_indices]
+        return self.tp.gather_logits(self.linear(x, self.lm_head).float(), cfg.vocab_size)
+
+    def layers_forward(self, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       kv_cache: torch.Tensor, batch: ModelInput, fused: bool) -> torch.Tensor:
+        """The decoder layers: h, the residual stream, is updated in place; x is layer 0's
+        normalised input. Returns the final norm's output."""
+        num_tokens = batch.token_ids.shape[0]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.config.head_dim
+        q_size, kv_size = hq * d, hkv * d
         for i, layer in enumerate(self.layers):
             qkv = self.linear(x, layer["qkv"], layer["qkv_bias"])
             if fused:
@@ -314,9 +355,7 @@ class LlamaModel:
             x = self.linear(self.silu_and_mul(self.linear(x, layer["gate_up"]), fused), layer["down"])
             following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
             x = self.add_norm(h, self.tp.all_reduce(x), following, fused)
-        if batch.logits_indices is not None:
-            x = x[batch.logits_indices]
-        return self.tp.gather_logits(self.linear(x, self.lm_head).float(), cfg.vocab_size)
+        return x
 
     def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, fused: bool) -> torch.Tensor:
         """The residual stream h += delta (in place; None adds nothing), then its RMS norm."""
@@ -333,4 +372,3 @@ class LlamaModel:
             return cpu_ops.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
-        return self.tp.gather_logits(self.linear(h, self.lm_head).float(), cfg.vocab_size)

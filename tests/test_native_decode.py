@@ -1,0 +1,124 @@
+"""kernels/cpu_decode.c runs a small decode batch's layers in one call: it must give the
+model's Python loop's outputs bit for bit (float32, the file's 4-bit codes, bfloat16), and
+the same errors."""
+import pytest
+import torch
+
+from kernels import cpu_decode, cpu_ops
+from runtime.engine.config import EngineConfig
+from runtime.engine.llm_engine import LLMEngine
+from runtime.models.llama import LlamaModel
+from runtime.models.loader import load_model
+from test_model import PROMPTS, run_greedy
+from test_quant import needs_int4, q4_gguf  # noqa: F401 (a fixture)
+
+needs_library = pytest.mark.skipif(cpu_ops.library() is None, reason="the CPU kernels do not build here")
+
+
+def greedy_both_ways(path: str, dtype: str, monkeypatch, quantization: str = "none", block_size: int = 4):
+    """Greedy decoding of PROMPTS twice, with the one-call layers and with the loop; returns
+    both runs (tokens, logits seen) and how many steps took the one call."""
+    calls = []
+    real = cpu_decode.decode_layers
+    monkeypatch.setattr(cpu_decode, "decode_layers", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    runs = []
+    for native in (True, False):
+        loaded = load_model(path, dtype=getattr(torch, dtype), quantization=quantization)
+        # Chunked prompts: steps mix prompt and decode rows, and decode batches of 1 to 5 rows.
+        engine = LLMEngine(EngineConfig(model=path, dtype=dtype, block_size=block_size, num_device_blocks=256,
+                                        swap_space_gib=0.01, max_num_batched_tokens=24, quantization=quantization),
+                           loaded)
+        if not native:
+            engine.executor.model.decode_plan = None
+        runs.append(run_greedy(engine, PROMPTS + [[9, 8, 7]], 7))
+        assert engine.block_manager.num_free_device_blocks == 256
+    return runs, calls
+
+
+def assert_same(runs) -> None:
+    (tokens, seen), (loop_tokens, loop_seen) = runs
+    assert tokens == loop_tokens
+    for i in seen:
+        assert [t for t, _ in seen[i]] == [t for t, _ in loop_seen[i]]
+        for (_, a), (_, b) in zip(seen[i], loop_seen[i]):
+            assert torch.equal(a, b), i
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("config", [dict(num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True),
+                                    dict(num_layers=3, num_heads=4, num_kv_heads=1, head_dim=128, hidden_size=128)],
+                         ids=["gqa-tied", "hd128"])
+def test_float32_layers_in_one_call_equal_the_loop(tiny_model, config, threads, monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs, calls = greedy_both_ways(tiny_model(**config), "float32", monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    assert calls and set(calls) <= {1, 2, 3, 4}  # it ran, on at most DECODE_ROWS rows
+    assert_same(runs)
+
+
+@needs_library
+@pytest.mark.skipif(not cpu_ops.bf16_linear_supported(), reason="no AVX512-BF16 on this CPU")
+def test_bfloat16_layers_in_one_call_equal_the_loop(tiny_model, monkeypatch):
+    runs, calls = greedy_both_ways(tiny_model(num_layers=2, num_heads=4, num_kv_heads=2), "bfloat16", monkeypatch,
+                                   block_size=16)
+    assert calls
+    assert_same(runs)
+
+
+@needs_library
+@needs_int4
+def test_quantized_layers_in_one_call_equal_the_loop(q4_gguf, monkeypatch):  # noqa: F811
+    runs, calls = greedy_both_ways(q4_gguf, "float32", monkeypatch, quantization="auto")
+    assert calls
+    assert_same(runs)
+
+
+@needs_library
+def test_models_the_call_cannot_run_keep_the_loop(tiny_model):
+    def plan(**config):
+        loaded = load_model(tiny_model(num_layers=1, **config))
+        return LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32).decode_plan
+
+    assert plan() is not None
+    assert plan(model_type="qwen2", num_heads=4, num_kv_heads=2) is None  # q/k/v biases
+    assert plan(head_dim=40, hidden_size=80, num_heads=2, num_kv_heads=2) is None  # the kernel's head sizes
+    assert not cpu_decode.sgemm_matches_linear(torch.randn(8, 16).t())  # not contiguous
+
+
+@needs_library
+def test_errors_are_the_loops(tiny_model):
+    loaded = load_model(tiny_model(num_layers=2, num_heads=4, num_kv_heads=2))
+    model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32)
+    cfg = model.config
+    cache = torch.zeros(8, cfg.num_layers, 2, 4, cfg.num_kv_heads, cfg.head_dim)
+    rows = 2
+    h = torch.randn(rows, cfg.hidden_size)
+    x = torch.randn(rows, cfg.hidden_size)
+    cos, sin = (t[:, 0].contiguous() for t in model.rotary(torch.tensor([3, 5])))
+    good = dict(slot_mapping=torch.tensor([3, 9]), block_tables=torch.tensor([[0, 0], [1, 2]]),
+                context_lens=torch.tensor([4, 6]))
+
+    def run(**changes):
+        args = {**good, **changes}
+        cpu_decode.decode_layers(model.decode_plan, h.clone(), x.clone(), cos, sin, cache, args["slot_mapping"],
+                                 args["block_tables"], args["context_lens"], model.num_heads, model.num_kv_heads,
+                                 cfg.rms_norm_eps, model.scale)
+
+    run()
+    with pytest.raises(IndexError, match="outside the cache"):
+        run(block_tables=torch.tensor([[0, 0], [1, 99]]))
+    with pytest.raises(IndexError, match="outside the cache"):
+        run(slot_mapping=torch.tensor([3, 8 * 4]))
+    with pytest.raises(IndexError, match="longer than its block table"):
+        run(context_lens=torch.tensor([4, 9]))
+    with pytest.raises(ValueError, match="decode_layers"):
+        run(slot_mapping=torch.tensor([3]))
+    with pytest.raises(ValueError, match="decode_layers"):
+        cpu_decode.decode_layers(model.decode_plan, torch.randn(5, cfg.hidden_size), torch.randn(5, cfg.hidden_size),
+                                 cos.repeat(3, 1)[:5], sin.repeat(3, 1)[:5], cache, torch.arange(5),
+                                 torch.zeros(5, 2, dtype=torch.int32), torch.ones(5, dtype=torch.int32),
+                                 model.num_heads, model.num_kv_heads, cfg.rms_norm_eps, model.scale)
