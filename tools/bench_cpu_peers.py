@@ -11,12 +11,13 @@ may be shared). B: --requests requests at once, prompts and outputs log-normal (
 
 Engines: pagedkv with --quantization none (float32, the exactness reference) and auto (the
 GGUF file's quantization kept), and in bfloat16 on CPUs that compute it natively, and
-transformers' generate (float32, B as one padded batch), in this process; llama.cpp
+transformers' generate (float32, B as one padded batch), with this python; llama.cpp
 (llama-cpp-python: the GGUF file itself, and the same weights dequantized into a float32 GGUF
 file written to a temporary folder; B one sequence at a time) and vLLM's CPU build (float32,
 and bfloat16 where native; it reads transformers' own float32 export of the file from a
-temporary folder), each in the virtual environment whose python is given, run as a child
-process confined to the same cores (taskset). Medians over --repeats.
+temporary folder), each in the virtual environment whose python is given. Every engine runs
+in a fresh child process confined to the same cores (taskset), one after another. Medians
+over --repeats.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch
 from tools.report import markdown_table, write_section
 
 TITLE = "CPU engines side by side, SmolLM2-135M"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def log(message: str) -> None:
@@ -58,7 +60,7 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-# -- engines in this process ------------------------------------------------------------------------
+# -- this repository's engines (each run by `run_own`, in a child process) ---------------------------
 
 def run_pagedkv(path: str, quantization: str, dtype: str, prompt: list[int], new_tokens: int, batch) -> dict:
     from pagedkv import EngineConfig, LLMEngine, SamplingParams
@@ -113,7 +115,29 @@ def run_transformers(model, prompt: list[int], new_tokens: int, batch) -> dict:
     return result
 
 
-# -- peers in their own environments ----------------------------------------------------------------
+OWN = r"""
+import json, sys
+from tools.bench_cpu_peers import run_own
+print(json.dumps(run_own(json.load(open(sys.argv[1])))))
+"""
+
+
+def run_own(args: dict) -> dict:
+    """pagedkv or transformers (args["engine"]) on the arguments a child process gets."""
+    from tools.bench_decode import load_transformers
+
+    torch.set_num_threads(args["threads"])
+    with torch.inference_mode():
+        if args["engine"] == "transformers":
+            result = run_transformers(load_transformers(args["model"]), args["prompt"], args["new_tokens"],
+                                      args["batch"])
+        else:
+            result = run_pagedkv(args["model"], args["quantization"], args["dtype"], args["prompt"],
+                                 args["new_tokens"], args["batch"])
+    return {k: (v.wall, v.cpu) if isinstance(v, Timer) else v for k, v in result.items()}
+
+
+# -- engines in child processes ---------------------------------------------------------------------
 
 def write_float32_gguf(source: str, target: str) -> None:
     """`source`'s metadata and tensors, every quantized tensor dequantized, as a float32 GGUF file
@@ -202,8 +226,10 @@ def run_peer(python: str, script: str, args: dict, threads: int) -> dict:
         # vLLM's engine in this process (no engine-core child), so that its CPU time is counted.
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
                    VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        if python == sys.executable:  # this repository's engines: import it from its root
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         cmd = ["taskset", "-c", f"0-{threads - 1}", python, code, spec]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"{python}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
     res = json.loads(done.stdout.strip().splitlines()[-1])
@@ -241,18 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     vocab = load_model(path).config.vocab_size
     prompt = prompts(1, args.prompt_len, vocab, 0)[0].tolist()
     batch = workload_b(args.requests, vocab) if args.requests else None
-    hf = load_transformers(path)
-    engines = {"pagedkv, float32 (--quantization none)":
-                   lambda: run_pagedkv(path, "none", "float32", prompt, args.new_tokens, batch),
-               "pagedkv, the file's quantization (--quantization auto)":
-                   lambda: run_pagedkv(path, "auto", "float32", prompt, args.new_tokens, batch)}
+    common = dict(prompt=prompt, new_tokens=args.new_tokens, batch=batch)
+    own = dict(common, model=path)
+    peers = {  # name: (python, script, arguments)
+        "pagedkv, float32 (--quantization none)":
+            (sys.executable, OWN, dict(own, engine="pagedkv", quantization="none", dtype="float32")),
+        "pagedkv, the file's quantization (--quantization auto)":
+            (sys.executable, OWN, dict(own, engine="pagedkv", quantization="auto", dtype="float32"))}
     bf16 = cpu_has_bfloat16()  # else bfloat16 is emulated, and slower than float32
     if bf16:
-        engines["pagedkv, bfloat16 (--dtype bfloat16 --quantization none)"] = \
-            lambda: run_pagedkv(path, "none", "bfloat16", prompt, args.new_tokens, batch)
-    engines["transformers generate, float32"] = lambda: run_transformers(hf, prompt, args.new_tokens, batch)
-    common = dict(prompt=prompt, new_tokens=args.new_tokens, batch=batch)
-    peers = {}  # name: (python, script, arguments)
+        peers["pagedkv, bfloat16 (--dtype bfloat16 --quantization none)"] = (
+            sys.executable, OWN, dict(own, engine="pagedkv", quantization="none", dtype="bfloat16"))
+    peers["transformers generate, float32"] = (sys.executable, OWN, dict(own, engine="transformers"))
     stack = contextlib.ExitStack()
     if args.llama_cpp_python:
         peers["llama.cpp (llama-cpp-python), the GGUF file"] = (args.llama_cpp_python, LLAMA_CPP,
@@ -264,18 +290,14 @@ def main(argv: list[str] | None = None) -> int:
             args.llama_cpp_python, LLAMA_CPP, dict(common, model=float32_file))
     if args.vllm_python:  # vLLM reads the model as a Hugging Face folder: transformers' own export
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="pagedkv-vllm-"))
-        hf.save_pretrained(folder)
+        load_transformers(path).save_pretrained(folder)
         for dtype in ("float32", "bfloat16") if bf16 else ("float32",):
             peers[f"vLLM CPU build, {dtype}"] = (args.vllm_python, VLLM, dict(common, model=folder, dtype=dtype))
 
     rows, reference_tokens, loads = [], None, []
     for t in threads:
-        torch.set_num_threads(t)
         runs: dict[str, list[dict]] = {}
         for r in range(args.repeats):  # engines alternate, so that a change in load hits all alike
-            for name, run in engines.items():
-                with torch.inference_mode():
-                    runs.setdefault(name, []).append(run())
             for name, (python, script, peer_args) in peers.items():
                 runs.setdefault(name, []).append(run_peer(python, script, {**peer_args, "threads": t}, t))
             loads.append(os.getloadavg()[0])
