@@ -346,6 +346,20 @@ def test_a_dropped_stream_aborts_its_request_and_frees_its_blocks(url, model, en
     assert after["generated_tokens"] - before["generated_tokens"] < LONG
 
 
+def test_streams_dropped_one_after_another_are_each_aborted(url, model, engine):
+    # Not only the first: a cancellation lost as a reply arrived once let later ones run to the end.
+    body = {"model": model, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    for attempt in range(3):
+        before = engine.stats()
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+        assert wait_until(lambda: idle(engine) == IDLE) and idle(engine) == IDLE, attempt
+        after = engine.stats()
+        assert after["server"]["errors"] == before["server"]["errors"] + 1, attempt
+        assert after["generated_tokens"] - before["generated_tokens"] < LONG, attempt
+
+
 def test_a_dropped_plain_request_is_aborted_too(url, model, engine):
     before = engine.stats()
     with post_without_reading(url, {"model": model, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0,

@@ -298,3 +298,24 @@ def test_async_client_refuses_an_id_already_in_flight_without_sending_it(server)
 
     final = asyncio.run(scenario())
     assert final["type"] == "final" and len(final["outputs"][0]["token_ids"]) == LONG["max_tokens"]
+
+
+
+def test_a_reply_wait_cancelled_as_its_reply_arrives_is_cancelled():
+    # asyncio.wait_for before Python 3.12 returns the reply and drops the cancellation when both
+    # come in one loop turn (CPython gh-86296): the HTTP gateway's stream of a client that had
+    # left then ran on to its end, unaborted. Here both come together, every time.
+    import asyncio
+
+    from runtime.serving.client import AsyncClient
+
+    async def scenario():
+        async with AsyncClient("tcp://127.0.0.1:9", timeout=5) as client:  # nothing is sent
+            queue: asyncio.Queue = asyncio.Queue()
+            waiting = asyncio.ensure_future(client._next(queue, 5))
+            await asyncio.sleep(0.05)  # waiting for a reply
+            queue.put_nowait({"type": "token"})
+            waiting.cancel()
+            return (await asyncio.gather(waiting, return_exceptions=True))[0]
+
+    assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)

@@ -219,10 +219,7 @@ class AsyncClient(_Base):
         try:
             await self.socket.send(msgpack.packb(message, use_bin_type=True))
             while not finished:
-                try:
-                    reply = await asyncio.wait_for(queue.get(), self.timeout if timeout is None else timeout)
-                except asyncio.TimeoutError:
-                    raise TimeoutError(f"no reply from {self.address} in time") from None
+                reply = await self._next(queue, self.timeout if timeout is None else timeout)
                 finished = reply.get("type") in ("final", "error")
                 _done(reply)  # raises ServerError for an error reply
                 yield reply
@@ -230,6 +227,19 @@ class AsyncClient(_Base):
             del self._queues[message["id"]]
             if not finished and message["type"] == "generate":
                 await self.abort(message["id"])
+
+    async def _next(self, queue: asyncio.Queue, timeout: float | None) -> dict:
+        """The next reply, within `timeout` seconds. Not asyncio.wait_for: before Python 3.12 it
+        swallows a cancellation that comes as the awaited reply arrives (CPython gh-86296), and
+        a stream whose consumer was cancelled (its HTTP client gone) would run on unaborted."""
+        getter = asyncio.ensure_future(queue.get())
+        try:
+            done, _ = await asyncio.wait({getter}, timeout=timeout)
+        finally:
+            getter.cancel()  # a no-op once it is done
+        if not done:
+            raise TimeoutError(f"no reply from {self.address} in time")
+        return getter.result()
 
     async def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
                        messages: list[dict] | None = None, timeout: float | None = None,
