@@ -105,7 +105,8 @@ def sgemm_matches_linear(weight: torch.Tensor) -> bool:
     if _sgemm() is None or weight.dtype != torch.float32 or not weight.is_contiguous():
         return False
     x = torch.randn(DECODE_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
-    return all(torch.equal(_sgemm_linear(x[:m], weight), F.linear(x[:m], weight)) for m in range(1, DECODE_ROWS + 1))
+    return all(torch.equal(_sgemm_linear(x[:m], weight), F.linear(x[:m], weight))
+               for m in range(1, DECODE_ROWS + 1))
 
 
 def _linear_struct(w: NativeLinear) -> _Linear:
@@ -133,7 +134,7 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype) -> DecodePlan | N
     structs = (_Layer * len(layers))(*[
         _Layer(_linear_struct(l.qkv), _linear_struct(l.o), _linear_struct(l.gate_up), _linear_struct(l.down),
                l.post_norm.data_ptr(), l.next_norm.data_ptr()) for l in layers])
-    return DecodePlan(tuple(layers), structs, dtype, layers[0].post_norm.numel(), layers[0].down.columns)
+    return DecodePlan(tuple(layers), structs, dtype, layers[0].post_norm.numel(), layers[0].gate_up.n // 2)
 
 
 def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -29,9 +29,10 @@ import torch
 
 from . import reference
 
-__all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "rotary_and_cache",
-           "add_rms_norm", "silu_and_mul", "model_kernels_usable", "paged_attention_supports", "greedy_and_logsumexp", "library",
-           "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4", "int4_linear"]
+__all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "paged_attention_supports",
+           "rotary_and_cache", "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp",
+           "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4",
+           "int4_linear"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c",
                                                                         "cpu_decode.c"))

@@ -9,8 +9,19 @@ from runtime.engine.config import EngineConfig
 from runtime.engine.llm_engine import LLMEngine
 from runtime.models.llama import LlamaModel
 from runtime.models.loader import load_model
+from gguf_files import QTYPES, write_gguf
+from gguf.constants import GGMLQuantizationType as Q
+from models import make_tiny_llama
 from test_model import PROMPTS, run_greedy
-from test_quant import needs_int4, q4_gguf  # noqa: F401 (a fixture)
+from test_quant import Q4_1_FILE, needs_int4
+
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+FILES = {  # storage per tensor kind: the default model's, Q8_0 (split into two 4-bit halves), a mix
+    "q4_1": Q4_1_FILE,
+    "q8_0": {**QTYPES, **{k: Q.Q8_0 for k in MATRICES}},
+    "mixed": {**QTYPES, "attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0,
+              "ffn_gate": Q.Q4_0, "ffn_up": Q.Q4_0, "ffn_down": Q.F32},
+}
 
 needs_library = pytest.mark.skipif(cpu_ops.library() is None, reason="the CPU kernels do not build here")
 
@@ -71,8 +82,19 @@ def test_bfloat16_layers_in_one_call_equal_the_loop(tiny_model, monkeypatch):
 
 @needs_library
 @needs_int4
-def test_quantized_layers_in_one_call_equal_the_loop(q4_gguf, monkeypatch):  # noqa: F811
-    runs, calls = greedy_both_ways(q4_gguf, "float32", monkeypatch, quantization="auto")
+@pytest.mark.parametrize("storage", list(FILES))
+def test_quantized_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypatch):
+    import transformers
+
+    folder = make_tiny_llama(str(tmp_path / "hf"), with_tokenizer=False, tie_word_embeddings=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    weights = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    path = write_gguf(str(tmp_path / f"{storage}.gguf"), weights, hf.config, qtypes=FILES[storage])
+    loaded = load_model(path, quantization="auto")
+    model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32)
+    kinds = {w.kind for layer in model.decode_plan.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)}
+    assert kinds == ({"int4", "float32"} if storage == "mixed" else {"int4"})
+    runs, calls = greedy_both_ways(path, "float32", monkeypatch, quantization="auto")
     assert calls
     assert_same(runs)
 
