@@ -72,7 +72,10 @@ _PACK_BATCH = 32
 # (Int4Linear): it gives each row the same result whatever the batch (oneDNN's bfloat16 GEMM
 # does not, from 5 rows on), so preemption, which changes batches, stays invisible in their
 # outputs.
-_SMALL_ROWS = cpu_ops.BF16_LINEAR_ROWS  # 4, where F.linear also beats oneDNN in float32
+# In float32, F.linear (MKL) takes 1 to 3 rows at the memory's pace and then changes kernels:
+# SmolLM2-135M's matrices took 39.1, 39.9, 42.8 ms at 1, 2, 3 rows, 69.2 at 4, where oneDNN
+# took 52.4 (1 thread; 2 threads: 20.5, 20.7, 22.2, then 35.1 against 29.0).
+_SMALL_ROWS = {torch.float32: 3, torch.bfloat16: cpu_ops.BF16_LINEAR_ROWS}
 _DUAL_BYTES = 2 << 30
 
 
@@ -134,6 +137,7 @@ class LlamaModel:
         dense_bytes = sum(v.numel() * v.element_size() for v in w.values() if isinstance(v, torch.Tensor))
         small_rows_kernel = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_ops.bf16_linear_supported())
         self.dual = self.linear_kind == "onednn" and small_rows_kernel and dense_bytes <= _DUAL_BYTES
+        self.small_rows = _SMALL_ROWS.get(dtype, 0)  # batches up to this many rows take the plain weights
         embed = w["model.embed_tokens.weight"]
         self.embed = self._tensor(embed.dequantize()) if isinstance(embed, GroupQuantized) else embed
         self.lm_head = self._weight(embed if config.tie_word_embeddings else w["lm_head.weight"])
@@ -212,7 +216,7 @@ class LlamaModel:
                 return None
             following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
             layers.append(cpu_decode.NativeLayer(*matrices, post_norm=layer["post_norm"], next_norm=following))
-        return cpu_decode.decode_plan(layers, self.dtype)
+        return cpu_decode.decode_plan(layers, self.dtype, float32_rows=self.small_rows)
 
     def _tensor(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | GroupQuantized:
         """On the device in the dtype; a quantized matrix stays so where it will run quantized."""
@@ -246,7 +250,7 @@ class LlamaModel:
         if isinstance(weight, Int4Linear):
             return weight(x, bias)
         if isinstance(weight, DualWeight):
-            if x.shape[0] <= _SMALL_ROWS:
+            if x.shape[0] <= self.small_rows:
                 if self.dtype == torch.bfloat16:
                     return cpu_ops.bf16_linear(x, weight.plain, bias)
                 return F.linear(x, weight.plain, bias)
@@ -260,7 +264,7 @@ class LlamaModel:
     def describe(self) -> str:
         """How the linear layers run, in words."""
         small = "pagedkv's AVX512-BF16 loops" if self.dtype == torch.bfloat16 else "F.linear"
-        kinds = {"onednn": "oneDNN, weights prepacked" + (f" ({small} up to {_SMALL_ROWS} rows)" if self.dual else ""),
+        kinds = {"onednn": "oneDNN, weights prepacked" + (f" ({small} up to {self.small_rows} rows)" if self.dual else ""),
                  "mm": "torch.mm on transposed weights", "linear": "F.linear"}
         dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
         quantized = [lin for lin in self._linears() if isinstance(lin, Int4Linear)]
@@ -323,7 +327,7 @@ class LlamaModel:
         h = self.tp.embedding(batch.token_ids, self.embed)
         x = self.add_norm(h, None, self.layers[0]["input_norm"] if self.layers else self.norm, fused)
         if (fused and self.decode_plan is not None and batch.num_prefill_tokens == 0
-                and batch.token_ids.shape[0] <= cpu_decode.DECODE_ROWS):  # `layers` in one C call
+                and batch.token_ids.shape[0] <= self.decode_plan.max_rows):  # `layers` in one C call
             cpu_decode.decode_layers(self.decode_plan, h, x, cos[:, 0], sin[:, 0], kv_cache, batch.slot_mapping,
                                      batch.decode_block_tables, batch.decode_context_lens, self.num_heads,
                                      self.num_kv_heads, cfg.rms_norm_eps, self.scale)
