@@ -1,7 +1,7 @@
 """A decode batch's decoder layers in one call of kernels/cpu_decode.c.
 
 The model describes its layers once (`DecodePlan`: where each weight lives and how it
-multiplies); each decode step of 1 to `max_rows` sequences then runs every layer in C with
+multiplies); each decode step of the sizes it takes then runs every layer in C with
 the kernels and matrix products the model's Python loop calls, so the outputs are the loop's,
 bit for bit. Float32 matrices go through the BLAS `sgemm_` that torch's F.linear calls for few
 rows, found in torch's own library and checked against F.linear before use.
@@ -74,7 +74,10 @@ class DecodePlan:
     dtype: torch.dtype
     hidden: int
     intermediate: int
-    max_rows: int  # the most sequences a step may hold
+    max_rows: int | None  # the most sequences a step may hold; None: any number (4-bit layers only)
+
+    def takes(self, rows: int) -> bool:
+        return rows >= 1 and (self.max_rows is None or rows <= self.max_rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,8 +121,10 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
                 float32_rows: int = DECODE_ROWS) -> DecodePlan | None:
     """The plan for these layers, or None where cpu_decode.c cannot run them: no library, a
     weight kind the row type cannot take, or float32 weights without a BLAS that gives
-    F.linear's bits. Steps hold up to DECODE_ROWS sequences, or `float32_rows` where a float32
-    matrix is among them (the most rows the model gives F.linear rather than oneDNN)."""
+    F.linear's bits. Steps hold up to `float32_rows` sequences where a float32 matrix is among
+    them (the most rows the model gives F.linear rather than oneDNN), DECODE_ROWS where a
+    bfloat16 one is (bf16_linear's most), and any number where all are 4-bit (cpu_int4.c's
+    kernel, which the model uses at every size)."""
     if cpu_ops.library() is None or dtype not in cpu_ops.DTYPES or not layers:
         return None
     allowed = {"bfloat16"} if dtype == torch.bfloat16 else {"float32", "int4"}
@@ -137,8 +142,8 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
     structs = (_Layer * len(layers))(*[
         _Layer(_linear_struct(l.qkv), _linear_struct(l.o), _linear_struct(l.gate_up), _linear_struct(l.down),
                l.post_norm.data_ptr(), l.next_norm.data_ptr()) for l in layers])
-    dense = any(w.kind == "float32" for l in layers for w in (l.qkv, l.o, l.gate_up, l.down))
-    max_rows = min(DECODE_ROWS, float32_rows) if dense else DECODE_ROWS
+    kinds = {w.kind for l in layers for w in (l.qkv, l.o, l.gate_up, l.down)}
+    max_rows = min(DECODE_ROWS, float32_rows) if "float32" in kinds else DECODE_ROWS if "bfloat16" in kinds else None
     return DecodePlan(tuple(layers), structs, dtype, layers[0].post_norm.numel(), layers[0].gate_up.n // 2,
                       max_rows)
 
@@ -146,7 +151,7 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
 def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float, scale: float) -> None:
-    """Runs the plan's layers on a decode batch of 1 to plan.max_rows rows, as the model's loop:
+    """Runs the plan's layers on a decode batch of rows the plan takes, as the model's loop:
     h ([rows, hidden], the residual stream) is updated in place, and x (layer 0's normalised
     input) becomes the final norm's output. cos, sin: [rows, head_dim] in the row type; one
     slot, block table row and context length per row. The cache must suit the model's kernels
@@ -156,7 +161,7 @@ def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch
     slots = cpu_ops._int_array(slot_mapping.cpu(), torch.int64).contiguous()
     tables = cpu_ops._int_array(block_tables.cpu(), torch.int32)
     lens = cpu_ops._int_array(context_lens.cpu(), torch.int32).contiguous()
-    if not (1 <= rows <= plan.max_rows and hidden == plan.hidden and h.dtype == x.dtype == cos.dtype == plan.dtype
+    if not (plan.takes(rows) and hidden == plan.hidden and h.dtype == x.dtype == cos.dtype == plan.dtype
             and h.is_contiguous() and x.is_contiguous() and x.shape == h.shape and cos.is_contiguous()
             and sin.is_contiguous() and cos.shape == sin.shape == (rows, head_dim) and cache_heads == num_kv_heads
             and num_layers >= len(plan.layers) and slots.numel() == lens.numel() == tables.shape[0] == rows

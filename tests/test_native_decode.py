@@ -94,9 +94,9 @@ def test_quantized_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypa
     model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32)
     kinds = {w.kind for layer in model.decode_plan.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)}
     assert kinds == ({"int4", "float32"} if storage == "mixed" else {"int4"})
-    assert model.decode_plan.max_rows == (3 if storage == "mixed" else cpu_decode.DECODE_ROWS)
+    assert model.decode_plan.max_rows == (3 if storage == "mixed" else None)  # 4-bit layers: any batch
     runs, calls = greedy_both_ways(path, "float32", monkeypatch, quantization="auto")
-    assert calls
+    assert calls and (max(calls) <= 3 if storage == "mixed" else 5 in calls)
     assert_same(runs)
 
 

@@ -264,8 +264,9 @@ class LlamaModel:
     def describe(self) -> str:
         """How the linear layers run, in words."""
         small = "pagedkv's AVX512-BF16 loops" if self.dtype == torch.bfloat16 else "F.linear"
-        kinds = {"onednn": "oneDNN, weights prepacked" + (f" ({small} up to {self.small_rows} rows)" if self.dual else ""),
-                 "mm": "torch.mm on transposed weights", "linear": "F.linear"}
+        few = f" ({small} up to {self.small_rows} rows)" if self.dual else ""
+        kinds = {"onednn": "oneDNN, weights prepacked" + few, "mm": "torch.mm on transposed weights",
+                 "linear": "F.linear"}
         dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
         quantized = [lin for lin in self._linears() if isinstance(lin, Int4Linear)]
         if not quantized:
@@ -327,7 +328,7 @@ class LlamaModel:
         h = self.tp.embedding(batch.token_ids, self.embed)
         x = self.add_norm(h, None, self.layers[0]["input_norm"] if self.layers else self.norm, fused)
         if (fused and self.decode_plan is not None and batch.num_prefill_tokens == 0
-                and batch.token_ids.shape[0] <= self.decode_plan.max_rows):  # `layers` in one C call
+                and self.decode_plan.takes(batch.token_ids.shape[0])):  # `layers` in one C call
             cpu_decode.decode_layers(self.decode_plan, h, x, cos[:, 0], sin[:, 0], kv_cache, batch.slot_mapping,
                                      batch.decode_block_tables, batch.decode_context_lens, self.num_heads,
                                      self.num_kv_heads, cfg.rms_norm_eps, self.scale)
