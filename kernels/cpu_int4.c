@@ -8,9 +8,10 @@
 // on its batch, so preemption, which changes batches, stays invisible in the outputs. A batch
 // of up to ROW_TILE rows decodes the codes as it goes; larger ones dequantize four tiles (64
 // output rows) into a float32 buffer (K * 256 bytes, in L2) and run blocks of up to ROW_BLOCK
-// rows against it: the 4-bit decoding is shared by the rows, each broadcast activation feeds
-// four FMAs, and batches run at the pace of float32 FMAs (a prompt of 2,900 tokens through
-// SmolLM2's matrices: 4.9 s to 4.0 with groups of four tiles, 1 thread; 2.8 to 2.1 with 2).
+// rows against it (from GROUPED_ROWS rows; one tile at a time below): the 4-bit decoding is
+// shared by the rows, each broadcast activation feeds four FMAs, and batches run at the pace of
+// float32 FMAs (2,900 rows through SmolLM2's matrices: 5.0 s to 4.3 with groups of four tiles,
+// 1 thread; 2.6 to 2.3 with 2).
 //
 // Packed layout (kernels/cpu_ops.pack_int4), one stream: per tile of 16 output rows, per group
 // of 32 columns: the codes of 16 column pairs (byte r of pair p holds row r's codes for columns
@@ -26,7 +27,8 @@
 #define TILE 16     // output rows per tile: one vector
 #define ROW_TILE 6  // rows of x per pass over the weights: 24 accumulators
 #define TILE_GROUP 4  // tiles multiplied together for more than ROW_TILE rows
-#define ROW_BLOCK 120  // rows of x per job for more than ROW_TILE rows (a multiple of ROW_TILE)
+#define ROW_BLOCK 120  // rows of x per job with tile groups (a multiple of ROW_TILE)
+#define GROUPED_ROWS 1024  // the fewest rows that take tile groups
 #define GROUP 32
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
@@ -93,6 +95,25 @@ static inline __attribute__((always_inline)) void multiply_rows(const float *x, 
                                                                 int64_t w_cols, const vfloat *buf, float *out,
                                                                 int64_t out_stride, const int rows,
                                                                 const int tiles) {
+    if (tiles == 1) {  // all four sums at once: 4 * rows chains, where one pass would have `rows`
+        vfloat acc[ROW_TILE][4];
+        for (int i = 0; i < rows; i++)
+            for (int p = 0; p < 4; p++) acc[i][p] = (vfloat){0};
+        for (int64_t s0 = 0; s0 < w_cols; s0 += x_cols)
+            for (int64_t k = 0; k < x_cols; k += 4) {
+#pragma GCC unroll 4
+                for (int p = 0; p < 4; p++) {
+                    const vfloat w = buf[s0 + k + p];
+#pragma GCC unroll 6
+                    for (int i = 0; i < rows; i++) acc[i][p] += x[i * x_stride + k + p] * w;
+                }
+            }
+        for (int i = 0; i < rows; i++) {
+            const vfloat sum = (acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3]);
+            memcpy(out + i * out_stride, &sum, sizeof sum);
+        }
+        return;
+    }
     vfloat part[4][ROW_TILE][TILE_GROUP];
     for (int p = 0; p < 4; p++) {
         vfloat acc[ROW_TILE][TILE_GROUP];
@@ -208,13 +229,20 @@ static inline __attribute__((always_inline)) void tile_outputs(const float *x, i
 int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
                 int64_t n_out, int64_t w_cols, float *out, int num_threads) {
     const int64_t tiles = n_out / TILE, tile_bytes = w_cols / GROUP * group_bytes(half);
-    // Jobs: for more than ROW_TILE rows, a group of TILE_GROUP tiles against a block of
-    // ROW_BLOCK rows (rows that stay in L2 while every tile group of the matrix passes);
-    // else one tile against all the rows.
+    // Jobs: with tile groups, a group of TILE_GROUP tiles against a block of up to ROW_BLOCK
+    // rows (rows that stay in L2 while every tile group of the matrix passes); else one tile
+    // against all the rows.
     const int buffered = m > ROW_TILE;
-    const int group = buffered ? TILE_GROUP : 1;
-    const int64_t groups = (tiles + group - 1) / group, block = buffered ? ROW_BLOCK : m;
-    const int64_t jobs = groups * ((m + block - 1) / block);
+    // Tile groups from GROUPED_ROWS rows (long prompts, whose rows outgrow L2): 1.2x on 2,900
+    // rows of SmolLM2's matrices; at 600 rows they were 5% slower, at 7 rows 25% (1 thread),
+    // and on 2 threads fewer, larger jobs share the work out less evenly.
+    const int grouped = m >= GROUPED_ROWS;
+    const int group = grouped ? TILE_GROUP : 1;
+    const int64_t groups = (tiles + group - 1) / group, blocks = grouped ? (m + ROW_BLOCK - 1) / ROW_BLOCK : 1;
+    // Blocks of about even size, in whole ROW_TILEs; consecutive jobs take one block through
+    // every tile group, so that its rows stay in L2.
+    const int64_t even = (m + blocks - 1) / blocks, block = (even + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
+    const int64_t jobs = groups * blocks;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && jobs > 1)
     {
@@ -229,6 +257,7 @@ int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, con
             const int64_t t = j % groups * group, r = j / groups * block;
             const int count = tiles - t < group ? (int)(tiles - t) : group;
             const int64_t rows = m - r < block ? m - r : block;
+            if (rows <= 0) continue;  // past the last row, where rounding to ROW_TILEs covers m early
             const float *xr = x + r * x_stride;
             float *o = out + r * n_out + t * TILE;
             const uint8_t *tile = packed + t * tile_bytes;

@@ -30,3 +30,9 @@ def test_engines_run_side_by_side(q4_with_vocab, capsys):
     assert rows["transformers generate, float32"][5] == "6/6"  # greedy tokens equal to pagedkv float32's
     for cells in rows.values():  # threads; A prefill, decode wall and CPU; B tokens/s
         assert cells[0] == "1" and min(float(cells[i]) for i in (1, 2, 3, 6)) > 0
+
+
+def test_engines_that_match_nothing_are_refused(q4_with_vocab, capsys):
+    with pytest.raises(SystemExit):
+        bench_cpu_peers.main(["--engines", "nothing by this name", "--model", q4_with_vocab])
+    assert "matches no engine" in capsys.readouterr().err

@@ -99,9 +99,9 @@ def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt):
     # What keeps preemption invisible: a row's output is the same alone or in any batch.
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt, ROWS, COLS)
     lin = Int4Linear(weight, kernel="pagedkv")
-    x = torch.randn(250, COLS, generator=torch.Generator().manual_seed(6))  # past blocks of 120 rows
+    x = torch.randn(1100, COLS, generator=torch.Generator().manual_seed(6))  # 1,024 rows on: tile groups
     full = lin(x)
-    for start, stop in [(0, 1), (3, 5), (10, 16), (20, 27), (0, 64), (69, 70), (100, 227), (1, 250)]:
+    for start, stop in [(0, 1), (3, 5), (10, 16), (20, 27), (0, 64), (69, 70), (100, 227), (1, 1030)]:
         assert torch.equal(lin(x[start:stop]), full[start:stop]), (start, stop)
     before = torch.get_num_threads()
     try:

@@ -2,7 +2,7 @@
 
     python -m tools.bench_cpu_peers [--threads 1,2] [--prompt-len 128] [--new-tokens 128]
         [--requests 64] [--repeats 3] [--llama-cpp-python PY] [--vllm-python PY] [--model PATH.gguf]
-        [--update-docs]
+        [--engines WORDS] [--update-docs]
 
 A: one stream, a prompt of --prompt-len tokens, --new-tokens new ones: prefill tokens/s and
 decode ms per token, wall and CPU time (the process's CPU time, all its threads: the machine
@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--llama-cpp-python", help="python of a virtual environment with llama-cpp-python")
     p.add_argument("--vllm-python", help="python of a virtual environment with vLLM's CPU build")
+    p.add_argument("--engines", help="only the engines whose names contain one of these comma-separated words "
+                                      "(case-insensitive), e.g. 'quantization,vllm'; the columns 'vs pagedkv "
+                                      "float32' then compare with the first engine run")
     p.add_argument("--update-docs", action="store_true", help="write the table to docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
@@ -294,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in ("float32", "bfloat16") if bf16 else ("float32",):
             peers[f"vLLM CPU build, {dtype}"] = (args.vllm_python, VLLM, dict(common, model=folder, dtype=dtype))
 
+    if args.engines:
+        words = [w.strip().lower() for w in args.engines.split(",") if w.strip()]
+        peers = {name: peer for name, peer in peers.items() if any(w in name.lower() for w in words)}
+        if not peers:
+            p.error(f"--engines {args.engines!r} matches no engine")
     rows, reference_tokens, loads = [], None, []
     for t in threads:
         runs: dict[str, list[dict]] = {}
