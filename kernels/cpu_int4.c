@@ -26,7 +26,7 @@
 
 #define TILE 16     // output rows per tile: one vector
 #define ROW_TILE 6  // rows of x per pass over the weights: 24 accumulators
-#define TILE_GROUP 4  // tiles multiplied together for more than ROW_TILE rows
+#define TILE_GROUP 4  // tiles multiplied together from GROUPED_ROWS rows
 #define ROW_BLOCK 120  // rows of x per job with tile groups (a multiple of ROW_TILE)
 #define GROUPED_ROWS 1024  // the fewest rows that take tile groups
 #define GROUP 32
