@@ -158,9 +158,9 @@ def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch
     (cpu_ops.model_kernels_usable) and its head size the attention kernel."""
     rows, hidden = h.shape
     num_blocks, num_layers, _, block_size, cache_heads, head_dim = kv_cache.shape
-    slots = cpu_ops._int_array(slot_mapping.cpu(), torch.int64).contiguous()
-    tables = cpu_ops._int_array(block_tables.cpu(), torch.int32)
-    lens = cpu_ops._int_array(context_lens.cpu(), torch.int32).contiguous()
+    slots = cpu_ops.int_array(slot_mapping.cpu(), torch.int64).contiguous()
+    tables = cpu_ops.int_array(block_tables.cpu(), torch.int32)
+    lens = cpu_ops.int_array(context_lens.cpu(), torch.int32).contiguous()
     if not (plan.takes(rows) and hidden == plan.hidden and h.dtype == x.dtype == cos.dtype == plan.dtype
             and h.is_contiguous() and x.is_contiguous() and x.shape == h.shape and cos.is_contiguous()
             and sin.is_contiguous() and cos.shape == sin.shape == (rows, head_dim) and cache_heads == num_kv_heads
@@ -186,4 +186,4 @@ def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch
         table_width=tables.shape[1], context_lens=lens.data_ptr(), sgemm=_sgemm(), **pointers)
     rc = cpu_ops.library().decode_layers(ctypes.byref(step), plan.structs, len(plan.layers), h.data_ptr(),
                                          x.data_ptr())
-    cpu_ops._check(rc, "decode_layers")
+    cpu_ops.check_rc(rc, "decode_layers")

@@ -129,7 +129,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _int_array(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def int_array(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as `dtype` with unit stride along its last dimension, as the kernels read indices."""
     t = t.to(dtype=dtype)
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -142,7 +143,8 @@ def _layer(kv_cache: torch.Tensor, layer: int) -> int:
     return layer % num_layers
 
 
-def _check(rc: int, what: str) -> None:
+def check_rc(rc: int, what: str) -> None:
+    """Raises the error a kernel's return code names (ERRORS), if any."""
     if rc:
         kind = {-2: MemoryError, -4: ValueError}.get(rc, IndexError)
         raise kind(f"{what}: {ERRORS.get(rc, f'error {rc}')}")
@@ -153,7 +155,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
     if not _usable(key, value, kv_cache) or key.dtype != value.dtype or not kv_cache.is_contiguous():
         return reference.reshape_and_cache(key, value, kv_cache, layer, slot_mapping)
     key, value = _rows(key), _rows(value)
-    slots = _int_array(slot_mapping.cpu(), torch.int64).contiguous()
+    slots = int_array(slot_mapping.cpu(), torch.int64).contiguous()
     num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     if key.shape != value.shape or key.shape[1:] != (num_kv_heads, head_dim) or slots.numel() != key.shape[0]:
         raise ValueError(f"reshape_and_cache: keys {tuple(key.shape)}, values {tuple(value.shape)} and "
@@ -162,7 +164,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), DTYPES[key.dtype],
         kv_cache.data_ptr(), DTYPES[kv_cache.dtype], num_blocks, num_layers, _layer(kv_cache, layer), block_size,
         num_kv_heads, head_dim, slots.data_ptr(), slots.numel())
-    _check(rc, "reshape_and_cache")
+    check_rc(rc, "reshape_and_cache")
 
 
 def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, layer: int,
@@ -177,7 +179,7 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
             and qkv.dtype == cos.dtype == sin.dtype):
         raise ValueError("rotary_and_cache: needs rows of contiguous elements, contiguous cos and sin, one type")
     num_blocks, num_layers, _, block_size, cache_heads, cache_dim = kv_cache.shape
-    slots = _int_array(slot_mapping.cpu(), torch.int64).contiguous()
+    slots = int_array(slot_mapping.cpu(), torch.int64).contiguous()
     if (qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or cos.shape != (qkv.shape[0], head_dim)
             or sin.shape != cos.shape or (cache_heads, cache_dim) != (num_kv_heads, head_dim)
             or slots.numel() != qkv.shape[0] or head_dim % 2):
@@ -188,7 +190,7 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         qkv.data_ptr(), qkv.stride(0), DTYPES[qkv.dtype], qkv.shape[0], num_heads, num_kv_heads, head_dim,
         cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), DTYPES[kv_cache.dtype], num_blocks, num_layers,
         _layer(kv_cache, layer), block_size, slots.data_ptr())
-    _check(rc, "rotary_and_cache")
+    check_rc(rc, "rotary_and_cache")
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -260,7 +262,7 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, layer: 
     if not _attention_usable(query, kv_cache):
         return reference.paged_attention_prefill(query, kv_cache, layer, block_tables, query_start_loc, context_lens,
                                                  scale)
-    starts = _int_array(query_start_loc.cpu(), torch.int32).contiguous()
+    starts = int_array(query_start_loc.cpu(), torch.int32).contiguous()
     if starts.numel() != context_lens.numel() + 1:
         raise ValueError(f"paged_attention_prefill: {starts.numel()} query start offsets for "
                          f"{context_lens.numel()} sequences")
@@ -288,8 +290,8 @@ def _attention(what: str, query: torch.Tensor, kv_cache: torch.Tensor, layer: in
                max_rows: int = 1) -> torch.Tensor:
     """The kernel on sequences of at most `max_rows` query rows; longer ones' rows are left unset."""
     query = _rows(query)
-    tables = _int_array(block_tables.cpu(), torch.int32)
-    lens = _int_array(context_lens.cpu(), torch.int32).contiguous()
+    tables = int_array(block_tables.cpu(), torch.int32)
+    lens = int_array(context_lens.cpu(), torch.int32).contiguous()
     num_rows, num_heads, head_dim = query.shape
     num_blocks, num_layers, _, block_size, num_kv_heads, _ = kv_cache.shape
     num_seqs = lens.numel()
@@ -304,7 +306,7 @@ def _attention(what: str, query: torch.Tensor, kv_cache: torch.Tensor, layer: in
         DTYPES[kv_cache.dtype], num_blocks, num_layers, _layer(kv_cache, layer), block_size, num_kv_heads, head_dim,
         num_heads, tables.data_ptr(), tables.stride(0), tables.shape[1], None if starts is None else starts.data_ptr(),
         lens.data_ptr(), num_seqs, max_rows, scale, torch.get_num_threads())
-    _check(rc, what)
+    check_rc(rc, what)
     return out
 
 
@@ -357,7 +359,7 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> 
     out = torch.empty((x.shape[0], n_out), dtype=torch.float32)
     rc = library().int4_linear(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data.data_ptr(),
                                int(packed.half), n_out, w_cols, out.data_ptr(), torch.get_num_threads())
-    _check(rc, "int4_linear")
+    check_rc(rc, "int4_linear")
     return out
 
 
