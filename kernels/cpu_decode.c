@@ -1,6 +1,6 @@
 // A decode batch's decoder layers in one call: the kernels runtime/models/llama.py calls between
 // its matrix products (cpu_kernels.c), the matrix products themselves (the BLAS sgemm that
-// F.linear calls for few rows, cpu_int4.c, cpu_bf16.c), in the loop's order, on the same
+// F.linear calls for few rows, cpu_int4.c, cpu_amx.c, cpu_bf16.c), in the loop's order, on the same
 // buffers' contents, so every output bit equals the loop's.
 //
 // Why: decoding one sequence, each matrix product streams its weights through the caches, and
@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <stddef.h>
 
-// The kernels this composes (cpu_kernels.c, cpu_int4.c, cpu_bf16.c).
+// The kernels this composes (cpu_kernels.c, cpu_int4.c, cpu_amx.c, cpu_bf16.c).
 int paged_attention(const void *query, int64_t query_stride, int query_bf16, int64_t num_rows, void *out,
                     const void *cache, int cache_bf16, int64_t num_blocks, int num_layers, int layer,
                     int block_size, int num_kv_heads, int head_dim, int num_heads, const int32_t *block_tables,
@@ -24,6 +24,8 @@ int add_rms_norm(void *h, const void *delta, const void *weight, void *out, int6
 int silu_and_mul(const void *gate_up, void *out, int64_t rows, int64_t width, int bf16, int num_threads);
 int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
                 int64_t n_out, int64_t w_cols, float *out, int num_threads);
+int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed,
+                    int half, int64_t n_out, int64_t w_cols, uint16_t *out, int num_threads);
 int bf16_linear(const uint16_t *x, int64_t x_stride, int rows, int64_t k, const uint16_t *w, int64_t n,
                 const uint16_t *bias, uint16_t *out, int num_threads);
 
@@ -36,7 +38,8 @@ enum { LINEAR_F32 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2 };
 
 // One weight matrix: out[rows, n] = x[rows, in] @ W^T.
 typedef struct {
-    int32_t kind;        // LINEAR_F32 (sgemm, float32 rows), LINEAR_INT4 (float32 rows), LINEAR_BF16
+    int32_t kind;        // LINEAR_F32 (sgemm, float32 rows), LINEAR_INT4 (cpu_int4.c's float32 rows, or
+                         // cpu_amx.c's bfloat16 ones), LINEAR_BF16
     int32_t half;        // LINEAR_INT4: scales and offsets in float16
     const void *data;    // [n, columns] row-major, or cpu_int4.c's packed tiles
     int64_t n, columns;  // output features; weight columns (LINEAR_INT4: twice the input's for Q8_0's split codes)
@@ -79,6 +82,9 @@ static int linear(const DecodeStep *s, const Linear *w, const void *x, int64_t x
         return 0;
     }
     case LINEAR_INT4:
+        if (s->bf16)
+            return int4_linear_amx(x, x_cols, s->rows, x_cols, w->data, w->half, w->n, w->columns, out,
+                                   s->num_threads);
         return int4_linear(x, x_cols, s->rows, x_cols, w->data, w->half, w->n, w->columns, out, s->num_threads);
     case LINEAR_BF16:
         return bf16_linear(x, x_cols, (int)s->rows, w->columns, w->data, w->n, NULL, out, s->num_threads);

@@ -124,10 +124,12 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
     F.linear's bits. Steps hold up to `float32_rows` sequences where a float32 matrix is among
     them (the most rows the model gives F.linear rather than oneDNN), DECODE_ROWS where a
     bfloat16 one is (bf16_linear's most), and any number where all are 4-bit (cpu_int4.c's
-    kernel, which the model uses at every size)."""
+    kernel, or in bfloat16 cpu_amx.c's, which the model uses at every size)."""
     if cpu_ops.library() is None or dtype not in cpu_ops.DTYPES or not layers:
         return None
-    allowed = {"bfloat16"} if dtype == torch.bfloat16 else {"float32", "int4"}
+    # 4-bit matrices: cpu_int4.c for float32 rows, cpu_amx.c for bfloat16 ones.
+    bf16_int4 = {"int4"} if cpu_ops.amx_int4_supported() else set()
+    allowed = {"bfloat16", *bf16_int4} if dtype == torch.bfloat16 else {"float32", "int4"}
     checked: set[tuple[int, int]] = set()
     for layer in layers:
         for w in (layer.qkv, layer.o, layer.gate_up, layer.down):

@@ -13,66 +13,18 @@
 // float32 FMAs (2,900 rows through SmolLM2's matrices: 5.0 s to 4.3 with groups of four tiles,
 // 1 thread; 2.6 to 2.3 with 2).
 //
-// Packed layout (kernels/cpu_ops.pack_int4), one stream: per tile of 16 output rows, per group
-// of 32 columns: the codes of 16 column pairs (byte r of pair p holds row r's codes for columns
-// 2p, low nibble, and 2p + 1, high nibble), then the 16 rows' scales and offsets, float16 where
-// that holds them exactly (GGUF stores its scales in float16) and float32 otherwise.
+// Packed layout: kernels/cpu_int4.h.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
-#define TILE 16     // output rows per tile: one vector
+#include "cpu_int4.h"
+
 #define ROW_TILE 6  // rows of x per pass over the weights: 24 accumulators
 #define TILE_GROUP 4  // tiles multiplied together from GROUPED_ROWS rows
 #define ROW_BLOCK 120  // rows of x per job with tile groups (a multiple of ROW_TILE)
 #define GROUPED_ROWS 1024  // the fewest rows that take tile groups
-#define GROUP 32
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-
-#define CODE_BYTES (GROUP / 2 * TILE)  // 256: a group's codes in a tile
 #define PREFETCH_BYTES 3072          // how far ahead a pass of few rows asks for the weights
-
-// A tile's group: its codes, then 16 scales and 16 offsets, float16 (`half`) or float32.
-static inline int64_t group_bytes(const int half) { return CODE_BYTES + 2 * TILE * (half ? 2 : 4); }
-
-// Column k's codes in a tile.
-static inline const uint8_t *pair_codes(const uint8_t *tile, int64_t k, const int half) {
-    return tile + k / GROUP * group_bytes(half) + k % GROUP / 2 * TILE;
-}
-
-// The scales (which = 0) or offsets (1) of column k's group.
-static inline __attribute__((always_inline)) vfloat group_vector(const uint8_t *tile, int64_t k, int which,
-                                                                 const int half) {
-    const uint8_t *p = tile + k / GROUP * group_bytes(half) + CODE_BYTES + which * TILE * (half ? 2 : 4);
-    vfloat v;
-    if (!half) {
-        memcpy(&v, p, sizeof v);
-        return v;
-    }
-#ifdef __AVX512F__
-    return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-#else
-    _Float16 h[TILE];
-    memcpy(h, p, sizeof h);
-    for (int i = 0; i < TILE; i++) v[i] = (float)h[i];
-    return v;
-#endif
-}
-
-// 16 bytes as 16 int32 lanes (GCC lowers __builtin_convertvector of bytes to scalar inserts).
-static inline vint widen(const uint8_t *p) {
-#ifdef __AVX512F__
-    return (vint)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-#else
-    vint v;
-    for (int i = 0; i < TILE; i++) v[i] = p[i];
-    return v;
-#endif
-}
 
 // The weights of one tile (16 rows) as float32 vectors: buf[k] = the rows' w[k].
 static inline __attribute__((always_inline)) void dequantize(const uint8_t *tile, int64_t w_cols, vfloat *buf,

@@ -6,7 +6,8 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
   PAGEDKV_CPU_KERNELS=0; and the CPU model's steps between its matrix products
   (`rotary_and_cache`, `add_rms_norm`, `silu_and_mul`) and the sampler's
   `greedy_and_logsumexp`, which their callers use where `library()` builds;
-- kernels/cpu_int4.c: 4-bit weight-only matrix products (`int4_linear`);
+- kernels/cpu_int4.c: 4-bit weight-only matrix products (`int4_linear`), float32 activations;
+- kernels/cpu_amx.c: the same with bfloat16 activations on AMX (`int4_linear` of bfloat16 rows);
 - kernels/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16);
 - kernels/cpu_decode.c: a decode batch's decoder layers in one call (kernels/cpu_decode.py).
 The library is found again by a hash of its sources, flags, compiler and CPU, so a cache folder
@@ -32,16 +33,17 @@ from . import reference
 __all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "paged_attention_supports",
            "rotary_and_cache", "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp",
            "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4",
-           "int4_linear"]
+           "int4_linear", "amx_int4_supported"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c",
-                                                                        "cpu_decode.c"))
-HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_bfloat16.h",))
+                                                                        "cpu_amx.c", "cpu_decode.c"))
+HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_bfloat16.h", "cpu_int4.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
 ERRORS = {-1: "a block table entry or slot is outside the cache", -2: "out of memory for the kernel's buffers",
           -3: "a context is longer than its block table",
-          -4: "query rows outside the batch, or a sequence with more new tokens than context"}
+          -4: "query rows outside the batch, or a sequence with more new tokens than context",
+          -5: "no AMX on this CPU or operating system"}
 log = logging.getLogger(__name__)
 
 
@@ -113,6 +115,7 @@ def library() -> ctypes.CDLL | None:
     lib.rotary_and_cache.argtypes = [ptr, i64, i32, i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, i32, i32, i32, ptr]
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
+    lib.int4_linear_amx.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     lib.bf16_linear.argtypes = [ptr, i64, i32, i64, ptr, i64, ptr, ptr, i32]
     lib.decode_layers.argtypes = [ptr, ptr, i32, ptr, ptr]
     return lib
@@ -346,21 +349,34 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
     return PackedInt4(torch.cat([packed, tiled(scales), tiled(offsets)], dim=2).contiguous(), half)
 
 
+@functools.lru_cache(maxsize=None)
+def amx_int4_supported() -> bool:
+    """Whether bfloat16 rows take cpu_amx.c's kernel: the library builds for a CPU with AMX
+    and the operating system lets the process use AMX's tiles."""
+    return library() is not None and library().amx_int4_supported() == 1
+
+
 def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> torch.Tensor:
-    """x @ W^T in float32 for a W packed by `pack_int4` (K columns of W; with repeat_x, W has
-    2 * x's columns and its second half multiplies x again: Q8_0's split codes). Each row's
-    result is the same whatever the other rows."""
-    x = x.float()
+    """x @ W^T for a W packed by `pack_int4` (K columns of W; with repeat_x, W has 2 * x's
+    columns and its second half multiplies x again: Q8_0's split codes), in x's type. Float32
+    rows (and bfloat16 ones where AMX is missing, converted): float32 weights and sums
+    (cpu_int4.c). Bfloat16 rows with AMX: the weights rounded to bfloat16, float32 sums, one
+    rounding of each output (cpu_amx.c). Either way each row's result is the same whatever the
+    other rows."""
+    dtype = x.dtype
+    amx = dtype == torch.bfloat16 and amx_int4_supported()
+    x = x if amx else x.float()
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_out, w_cols = packed.shape
     if x.dim() != 2 or x.shape[1] * (2 if repeat_x else 1) != w_cols:
         raise ValueError(f"int4_linear: input {tuple(x.shape)} for a weight of {w_cols} columns")
-    out = torch.empty((x.shape[0], n_out), dtype=torch.float32)
-    rc = library().int4_linear(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data.data_ptr(),
-                               int(packed.half), n_out, w_cols, out.data_ptr(), torch.get_num_threads())
+    kernel = library().int4_linear_amx if amx else library().int4_linear
+    out = torch.empty((x.shape[0], n_out), dtype=x.dtype)
+    rc = kernel(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data.data_ptr(), int(packed.half), n_out,
+                w_cols, out.data_ptr(), torch.get_num_threads())
     check_rc(rc, "int4_linear")
-    return out
+    return out.to(dtype)
 
 
 BF16_LINEAR_ROWS = 4  # the most rows bf16_linear takes (MAX_ROWS of cpu_bf16.c)

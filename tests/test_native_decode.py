@@ -80,23 +80,45 @@ def test_bfloat16_layers_in_one_call_equal_the_loop(tiny_model, monkeypatch):
     assert_same(runs)
 
 
-@needs_library
-@needs_int4
-@pytest.mark.parametrize("storage", list(FILES))
-def test_quantized_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypatch):
+def quantized_file(storage: str, tmp_path) -> str:
     import transformers
 
     folder = make_tiny_llama(str(tmp_path / "hf"), with_tokenizer=False, tie_word_embeddings=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
     weights = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    path = write_gguf(str(tmp_path / f"{storage}.gguf"), weights, hf.config, qtypes=FILES[storage])
+    return write_gguf(str(tmp_path / f"{storage}.gguf"), weights, hf.config, qtypes=FILES[storage])
+
+
+def plan_kinds(model: LlamaModel) -> set[str]:
+    return {w.kind for layer in model.decode_plan.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)}
+
+
+@needs_library
+@needs_int4
+@pytest.mark.parametrize("storage", list(FILES))
+def test_quantized_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypatch):
+    path = quantized_file(storage, tmp_path)
     loaded = load_model(path, quantization="auto")
     model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32)
-    kinds = {w.kind for layer in model.decode_plan.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-    assert kinds == ({"int4", "float32"} if storage == "mixed" else {"int4"})
+    assert plan_kinds(model) == ({"int4", "float32"} if storage == "mixed" else {"int4"})
     assert model.decode_plan.max_rows == (3 if storage == "mixed" else None)  # 4-bit layers: any batch
     runs, calls = greedy_both_ways(path, "float32", monkeypatch, quantization="auto")
     assert calls and (max(calls) <= 3 if storage == "mixed" else 5 in calls)
+    assert_same(runs)
+
+
+@needs_library
+@pytest.mark.skipif(not cpu_ops.amx_int4_supported(), reason="no AMX on this CPU or operating system")
+@pytest.mark.parametrize("storage", ["q4_1", "q8_0"])
+def test_quantized_bfloat16_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypatch):
+    # bfloat16 rows through cpu_amx.c's 4-bit kernel, in the one call and in the loop alike.
+    path = quantized_file(storage, tmp_path)
+    loaded = load_model(path, quantization="auto", dtype=torch.bfloat16)
+    model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.bfloat16)
+    assert plan_kinds(model) == {"int4"} and model.decode_plan.max_rows is None
+    assert "AMX" in model.describe()
+    runs, calls = greedy_both_ways(path, "bfloat16", monkeypatch, quantization="auto", block_size=16)
+    assert calls and 5 in calls
     assert_same(runs)
 
 

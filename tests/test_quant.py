@@ -111,6 +111,45 @@ def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt):
         torch.set_num_threads(before)
 
 
+needs_amx = pytest.mark.skipif(not cpu_ops.amx_int4_supported(), reason="no AMX on this CPU or operating system")
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 17, 33, 300])  # one A tile, two, a buffered block, blocks and a padded tail
+def test_amx_int4_linear_holds_a_bfloat16_models_weights(fmt, rows):
+    weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(1)), fmt, ROWS, COLS)
+    x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(2)).bfloat16()
+    lin = Int4Linear(weight, kernel="pagedkv")
+    out = lin(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, ROWS)
+    # The weights a bfloat16 model dequantized from the file holds, exact products, float32
+    # sums, one rounding to bfloat16 (relative 2^-9) at the end.
+    reference = x.double() @ weight.dequantize().bfloat16().double().T
+    error = (out.double() - reference).abs()
+    assert bool((error <= 2 ** -8 * reference.abs() + 2 ** -18 * magnitude_of(weight, x.float()).double()).all())
+    # Not float32 weights: their sums differ from these by more than the bound allows somewhere.
+    float32_weights = x.double() @ weight.dequantize().double().T
+    assert float((float32_weights - reference).abs().max()) > 2 ** -18 * float(magnitude_of(weight, x.float()).max())
+
+
+@needs_amx
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_amx_int4_rows_do_not_depend_on_their_batch(fmt):
+    weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt, ROWS, COLS)
+    lin = Int4Linear(weight, kernel="pagedkv")
+    x = torch.randn(600, COLS, generator=torch.Generator().manual_seed(6)).bfloat16()  # blocks of 256 rows
+    full = lin(x)
+    for start, stop in [(0, 1), (3, 5), (10, 16), (15, 33), (0, 64), (250, 260), (255, 300), (1, 600)]:
+        assert torch.equal(lin(x[start:stop]), full[start:stop]), (start, stop)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if before == 1 else 1)
+        assert torch.equal(lin(x), full)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rows_and_cat_follow_the_dense_weight():
     weight = from_gguf_blocks(raw_blocks("Q4_1", np.random.default_rng(3)), "Q4_1", ROWS, COLS)
     order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(0))
@@ -167,9 +206,10 @@ WORKLOAD = MIXED_WORKLOAD
 
 @needs_int4
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_preemption_is_invisible_quantized(q4_gguf, mode):
-    loaded = load_model(q4_gguf, quantization="auto")
-    common = dict(loaded=loaded, block_size=4, swap_space_gib=0.01, device="cpu")
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_amx)])
+def test_preemption_is_invisible_quantized(q4_gguf, mode, dtype):
+    loaded = load_model(q4_gguf, quantization="auto", dtype=getattr(torch, dtype))
+    common = dict(loaded=loaded, block_size=4, swap_space_gib=0.01, device="cpu", dtype=dtype)
     reference = LLM(num_device_blocks=256, **common).generate(PROMPTS, WORKLOAD, use_tqdm=False)
     llm = LLM(num_device_blocks=20, preemption_mode=mode, max_num_batched_tokens=12, **common)
     results = llm.generate(PROMPTS, WORKLOAD, use_tqdm=False)

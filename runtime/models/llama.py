@@ -273,7 +273,10 @@ class LlamaModel:
             return f"linear layers {dense}"
         formats = ", ".join(sorted({lin.fmt for lin in quantized}))
         if all(lin.kernel == "pagedkv" for lin in quantized):
-            how = "pagedkv's 4-bit CPU kernel (float32 activations, batch-invariant rows)"
+            if self.dtype == torch.bfloat16 and cpu_ops.amx_int4_supported():
+                how = "pagedkv's 4-bit AMX kernel (bfloat16 activations and weights, float32 sums, batch-invariant rows)"
+            else:
+                how = "pagedkv's 4-bit CPU kernel (float32 activations, batch-invariant rows)"
         else:
             bf16 = "native" if cpu_has_bfloat16() else "emulated (no avx512_bf16/amx_bf16)"
             how = f"torch's int4 CPU kernel, bfloat16 activations (CPU bfloat16: {bf16})"
