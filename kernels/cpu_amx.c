@@ -56,15 +56,24 @@ static void configure_tiles(void) {
     _tile_loadconfig(&c);
 }
 
-// The weights of group g as float32 vectors over the tile's 16 rows: columns 2p (low) and 2p + 1
-// (high).
-static inline __attribute__((always_inline)) void group_weights(const uint8_t *tile, int64_t g, int p,
-                                                                 const int half, __m512 *low, __m512 *high) {
+// A group's scales and offsets, and its codes.
+typedef struct {
+    __m512 scale, offset;
+    const uint8_t *codes;
+} Group;
+
+static inline __attribute__((always_inline)) Group group_at(const uint8_t *tile, int64_t g, const int half) {
     const int64_t k = g * GROUP;
-    const __m512 scale = (__m512)group_vector(tile, k, 0, half), offset = (__m512)group_vector(tile, k, 1, half);
-    const __m512i both = (__m512i)widen(pair_codes(tile, k, half) + p * TILE);
-    *low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(both, _mm512_set1_epi32(15))), scale, offset);
-    *high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(both, 4)), scale, offset);
+    return (Group){(__m512)group_vector(tile, k, 0, half), (__m512)group_vector(tile, k, 1, half),
+                   pair_codes(tile, k, half)};
+}
+
+// Column pair p of a group as float32 vectors over the tile's 16 rows: columns 2p (low) and
+// 2p + 1 (high).
+static inline __attribute__((always_inline)) void pair_weights(const Group *g, int p, __m512 *low, __m512 *high) {
+    const __m512i both = (__m512i)widen(g->codes + p * TILE);
+    *low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(both, _mm512_set1_epi32(15))), g->scale, g->offset);
+    *high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(both, 4)), g->scale, g->offset);
 }
 
 // Group g of a tile's weights as a B tile (16 rows of 64 bytes). With `split` (Q8_0's codes as
@@ -75,12 +84,14 @@ static inline __attribute__((always_inline)) void weights_tile(const uint8_t *ti
     // Rounded to bfloat16, each row's column pair lands in one dword, lower column first.
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    // Read once: the stores below may alias the codes' bytes as far as the compiler knows.
+    const Group first = group_at(tile, g, half), second = group_at(tile, g + split, half);
     for (int p = 0; p < GROUP / 2; p++) {
         __m512 low, high;
-        group_weights(tile, g, p, half, &low, &high);
+        pair_weights(&first, p, &low, &high);
         if (split) {
             __m512 low2, high2;
-            group_weights(tile, g + split, p, half, &low2, &high2);
+            pair_weights(&second, p, &low2, &high2);
             low = _mm512_add_ps(low, low2);
             high = _mm512_add_ps(high, high2);
         }
