@@ -1,22 +1,28 @@
 // Weight-only 4-bit matrix products with bfloat16 activations on AMX: out = x @ W^T, x and out
 // bfloat16, W packed as kernels/cpu_int4.h lays it out. Each weight is dequantized in float32
 // (scale * code + offset, as cpu_int4.c; Q8_0's two halves added) and rounded to bfloat16, the
-// weight a bfloat16 model dequantized from the same file holds; TDPBF16PS adds the exact products to float32 sums;
-// each output is rounded once to bfloat16.
+// weight a bfloat16 model dequantized from the same file holds; TDPBF16PS adds the exact
+// products to float32 sums; each output is rounded once to bfloat16.
 //
 // Why: with float32 arithmetic a batch (a prompt, a decode step of many sequences) runs at the
 // pace of float32 FMAs, and a bfloat16 model's activations were converted to float32 for it.
-// One AMX tile product is 8,192 multiply-adds.
+// One AMX tile product is 8,192 multiply-adds. SmolLM2-135M's matrices (1 thread): 5 to 6 times
+// cpu_int4.c's speed from 64 rows on; at 1 to 16 rows, where dequantizing the weights is the
+// work, 1.5 times slower (a bfloat16 model's 4-bit layers take this kernel at every size all
+// the same: see below).
 //
 // Every output is the same sum, over groups of 32 columns in increasing order, whatever the
 // number of rows, the blocking and the threads: a row's result does not depend on its batch, so
-// preemption stays invisible in the outputs. (This kernel serves a bfloat16 model's 4-bit
-// layers at every size for that reason; VDPBF16PS or a float32 path would round differently.)
+// preemption stays invisible in the outputs. (VDPBF16PS or a float32 path for few rows would
+// round differently.)
 //
-// Tiles: A = 16 rows of x by 32 columns; B = one tile's group of weights, 16 column pairs by 16
-// output rows (VNNI: each dword holds a row's weights for columns 2p and 2p + 1), which is the
-// order the packed codes already have; C = 16 rows of x by 16 outputs, float32. Up to 2 x 2
-// products per step: tiles 0-1 A, 2-3 B, 4-7 C.
+// Tiles: A = 16 rows of x by 32 columns (x copied once into contiguous A tiles, the last rows
+// zero); B = one tile's group of weights, 16 column pairs by 16 output rows (VNNI: each dword
+// holds a row's weights for columns 2p and 2p + 1), the order the packed codes already have;
+// C = 16 rows of x by 16 outputs, float32. Up to 2 x 2 products per step: tiles 0-1 A, 2-3 B,
+// 4-7 C. Up to 32 rows, each group's weights are dequantized as the pass reaches them; more
+// rows take blocks of ROW_BLOCK, and the weights in chunks of CHUNK_GROUPS groups, dequantized
+// once for the block and kept in L1 while its rows pass, the sums kept between chunks.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,8 +37,12 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023  // Linux: ask for a state component (AMX's tile data, 18)
 #define XFEATURE_XTILEDATA 18
 #define ROWS_PER_PASS 32     // rows of x per pass over a group's weights: two A tiles
-#define PANEL_FROM_ROWS 33   // blocks of more rows dequantize their tiles' weights once, into a buffer
+#ifndef CHUNK_GROUPS
+#define CHUNK_GROUPS 8       // groups per chunk of weights dequantized for a block of rows (2 x 8 KB)
+#endif
+#ifndef ROW_BLOCK
 #define ROW_BLOCK 256        // rows of x per job: their A tiles stay in L2 while the weights pass
+#endif
 #define PREFETCH_BYTES 3072  // how far ahead a pass of few rows asks for the weights
 
 typedef struct {
@@ -110,34 +120,58 @@ static inline __attribute__((always_inline)) void weights_tile(const uint8_t *ti
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + r_ * TILE))); \
     } while (0)
 
-// Up to ROWS_PER_PASS rows of x (a_rows: 16 or 32; x padded to them) against one or two tiles
-// (`tiles`), all groups. Weights from `panel` (per tile, per group, a B tile), or, where panel
+#define A_WORDS (TILE * GROUP)  // an A or B tile: 16 rows of 32 bfloat16
+#define C_FLOATS (TILE * TILE)  // a C tile
+
+// x's rows as A tiles: slab s (rows 16s .. 16s + 15) and group g at (s * groups + g) * A_WORDS,
+// rows past m zero, so that every tile load is one contiguous kilobyte.
+static void pack_slab(const uint16_t *x, int64_t x_stride, int64_t m, int64_t groups, int64_t slab, uint16_t *dst) {
+    for (int r = 0; r < TILE; r++) {
+        const int64_t row = slab * TILE + r;
+        for (int64_t g = 0; g < groups; g++) {
+            uint16_t *d = dst + (slab * groups + g) * A_WORDS + r * GROUP;
+            if (row < m) memcpy(d, x + row * x_stride + g * GROUP, GROUP * sizeof(uint16_t));
+            else memset(d, 0, GROUP * sizeof(uint16_t));
+        }
+    }
+}
+
+// Groups g0 .. g1-1 for the slabs `slab` (and slab + 1 where a_rows is 32) against one or two
+// tiles (`tiles`). The sums start from zero at group 0, else from `partial` (float32 C tiles,
+// C_FLOATS apart), and go to `partial` again, or, after the last group, to `rows` rows of out.
+// Weights from `panel` (two tiles' B tiles for these groups, `tile_words` apart), or, where it
 // is NULL, dequantized group by group into `scratch`.
-static inline __attribute__((always_inline)) void pass(const uint16_t *x, int64_t x_stride, int64_t groups,
+static inline __attribute__((always_inline)) void pass(const uint16_t *xa, int64_t groups, int64_t g0, int64_t g1,
                                                        int64_t split, const uint8_t *tile, int64_t tile_bytes,
                                                        const int tiles, const int a_rows, const uint16_t *panel,
-                                                       uint16_t *scratch, int half, uint16_t *out,
-                                                       int64_t out_stride, int rows) {
-    _tile_zero(4);
-    _tile_zero(5);
-    _tile_zero(6);
-    _tile_zero(7);
-    const int64_t x_bytes = x_stride * 2, b_words = TILE * GROUP;
-    for (int64_t g = 0; g < groups; g++) {
+                                                       int64_t tile_words, uint16_t *scratch, int half, float *partial,
+                                                       uint16_t *out, int64_t out_stride, int rows) {
+    if (g0 == 0) {
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+    } else {
+        _tile_loadd(4, partial, TILE * 4);
+        if (tiles == 2) _tile_loadd(5, partial + C_FLOATS, TILE * 4);
+        if (a_rows == 32) _tile_loadd(6, partial + 2 * C_FLOATS, TILE * 4);
+        if (tiles == 2 && a_rows == 32) _tile_loadd(7, partial + 3 * C_FLOATS, TILE * 4);
+    }
+    for (int64_t g = g0; g < g1; g++) {
         const uint16_t *b0, *b1;
         if (panel) {
-            b0 = panel + g * b_words;
-            b1 = panel + (groups + g) * b_words;
+            b0 = panel + (g - g0) * A_WORDS;
+            b1 = b0 + tile_words;
         } else {
             for (int line = 0; line < group_bytes(half); line += 64)
                 __builtin_prefetch(tile + g * group_bytes(half) + PREFETCH_BYTES + line);
             weights_tile(tile, g, half, split, scratch);
-            if (tiles == 2) weights_tile(tile + tile_bytes, g, half, split, scratch + b_words);
+            if (tiles == 2) weights_tile(tile + tile_bytes, g, half, split, scratch + A_WORDS);
             b0 = scratch;
-            b1 = scratch + b_words;
+            b1 = scratch + A_WORDS;
         }
-        const uint16_t *xg = x + g * GROUP;
-        _tile_loadd(0, xg, x_bytes);
+        const uint16_t *a = xa + g * A_WORDS;
+        _tile_loadd(0, a, 64);
         _tile_loadd(2, b0, 64);
         _tile_dpbf16ps(4, 0, 2);
         if (tiles == 2) {
@@ -145,10 +179,17 @@ static inline __attribute__((always_inline)) void pass(const uint16_t *x, int64_
             _tile_dpbf16ps(5, 0, 3);
         }
         if (a_rows == 32) {
-            _tile_loadd(1, xg + 16 * x_stride, x_bytes);
+            _tile_loadd(1, a + groups * A_WORDS, 64);
             _tile_dpbf16ps(6, 1, 2);
             if (tiles == 2) _tile_dpbf16ps(7, 1, 3);
         }
+    }
+    if (g1 < groups) {
+        _tile_stored(4, partial, TILE * 4);
+        if (tiles == 2) _tile_stored(5, partial + C_FLOATS, TILE * 4);
+        if (a_rows == 32) _tile_stored(6, partial + 2 * C_FLOATS, TILE * 4);
+        if (tiles == 2 && a_rows == 32) _tile_stored(7, partial + 3 * C_FLOATS, TILE * 4);
+        return;
     }
     const int upper = rows < 16 ? rows : 16, lower = rows - upper;
     STORE_C(4, out, out_stride, upper);
@@ -158,6 +199,12 @@ static inline __attribute__((always_inline)) void pass(const uint16_t *x, int64_
         if (tiles == 2) STORE_C(7, out + 16 * out_stride + TILE, out_stride, lower);
     }
 }
+
+#define PASS_CASES(...)                                                          \
+    if (count == 2 && a_rows == 32) pass(__VA_ARGS__, 2, 32, PASS_REST);        \
+    else if (count == 2) pass(__VA_ARGS__, 2, 16, PASS_REST);                   \
+    else if (a_rows == 32) pass(__VA_ARGS__, 1, 32, PASS_REST);                 \
+    else pass(__VA_ARGS__, 1, 16, PASS_REST);
 
 // x: bfloat16 [m, x_cols], rows x_stride apart; W: [n_out, w_cols] packed (cpu_int4.h), w_cols
 // = x_cols, or 2 * x_cols for Q8_0's split codes (columns x_cols.. hold the low halves); out:
@@ -169,64 +216,62 @@ int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_co
     // Groups of x's columns; Q8_0's split codes have twice as many, `split` apart.
     const int64_t tiles = n_out / TILE, groups = x_cols / GROUP, tile_bytes = w_cols / GROUP * group_bytes(half);
     const int64_t split = w_cols == x_cols ? 0 : groups;
-    const int64_t pairs = (tiles + 1) / 2, blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int64_t pairs = (tiles + 1) / 2, blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK, slabs = (m + TILE - 1) / TILE;
     const int64_t jobs = pairs * blocks;  // consecutive jobs take one block of rows through every tile pair
-    const int64_t b_words = TILE * GROUP;
+    const int64_t chunk = m > ROWS_PER_PASS ? CHUNK_GROUPS : groups;  // groups per panel
+    uint16_t *xa = aligned_alloc(64, slabs * groups * A_WORDS * sizeof(uint16_t));
+    if (!xa) return -2;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && jobs > 1)
     {
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < slabs; s++) pack_slab(x, x_stride, m, groups, s, xa);
         configure_tiles();
-        // Weights (two tiles' B tiles: a panel, or one group's), and the last rows of a block padded to 32.
-        uint16_t *weights = aligned_alloc(64, 2 * groups * b_words * sizeof(uint16_t));
-        uint16_t *padded = aligned_alloc(64, ROWS_PER_PASS * x_cols * sizeof(uint16_t));
-        if (!weights || !padded) {
+        // Two tiles' B tiles for a chunk of groups (or one group's), and a block's partial sums.
+        uint16_t *weights = aligned_alloc(64, 2 * chunk * A_WORDS * sizeof(uint16_t));
+        float *partial = aligned_alloc(64, (ROW_BLOCK + ROWS_PER_PASS) / TILE * 2 * C_FLOATS * sizeof(float));
+        if (!weights || !partial) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < jobs; j++) {
-            if (!weights || !padded) continue;
+            if (!weights || !partial) continue;
             const int64_t t = j % pairs * 2, r0 = j / pairs * ROW_BLOCK;
             const int count = tiles - t < 2 ? 1 : 2;
             const int64_t rows = m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK;
             const uint8_t *tile = packed + t * tile_bytes;
-            const uint16_t *panel = NULL;
-            if (rows >= PANEL_FROM_ROWS) {
-                for (int64_t g = 0; g < groups; g++) {
-                    weights_tile(tile, g, half, split, weights + g * b_words);
-                    if (count == 2) weights_tile(tile + tile_bytes, g, half, split, weights + (groups + g) * b_words);
-                }
-                panel = weights;
+            uint16_t *o = out + r0 * n_out + t * TILE;
+            if (rows <= ROWS_PER_PASS) {  // one pass: each group's weights dequantized as it comes
+                const int n = (int)rows, a_rows = n <= 16 ? 16 : 32;
+#define PASS_REST NULL, 0, weights, half, partial, o, n_out, n
+                PASS_CASES(xa + r0 / TILE * groups * A_WORDS, groups, 0, groups, split, tile, tile_bytes)
+#undef PASS_REST
+                continue;
             }
-            for (int64_t i = 0; i < rows; i += ROWS_PER_PASS) {
-                const int n = rows - i < ROWS_PER_PASS ? (int)(rows - i) : ROWS_PER_PASS;
-                const uint16_t *xi = x + (r0 + i) * x_stride;
-                int64_t stride = x_stride;
-                if (n < ROWS_PER_PASS) {  // the A tiles read whole 16-row blocks: the last rows padded with zeros
-                    const int a = n <= 16 ? 16 : 32;
-                    for (int r = 0; r < a; r++) {
-                        if (r < n) memcpy(padded + r * x_cols, xi + r * x_stride, x_cols * sizeof(uint16_t));
-                        else memset(padded + r * x_cols, 0, x_cols * sizeof(uint16_t));
-                    }
-                    xi = padded;
-                    stride = x_cols;
+            // Chunks of groups: their weights dequantized once for all the block's rows, and
+            // small enough to stay in L1 while the rows pass.
+            for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
+                const int64_t g1 = g0 + chunk < groups ? g0 + chunk : groups;
+                for (int64_t g = g0; g < g1; g++) {
+                    weights_tile(tile, g, half, split, weights + (g - g0) * A_WORDS);
+                    if (count == 2) weights_tile(tile + tile_bytes, g, half, split, weights + (chunk + g - g0) * A_WORDS);
                 }
-                uint16_t *o = out + (r0 + i) * n_out + t * TILE;
-                const int a_rows = n <= 16 ? 16 : 32;
-                if (count == 2 && a_rows == 32)
-                    pass(xi, stride, groups, split, tile, tile_bytes, 2, 32, panel, weights, half, o, n_out, n);
-                else if (count == 2)
-                    pass(xi, stride, groups, split, tile, tile_bytes, 2, 16, panel, weights, half, o, n_out, n);
-                else if (a_rows == 32)
-                    pass(xi, stride, groups, split, tile, tile_bytes, 1, 32, panel, weights, half, o, n_out, n);
-                else
-                    pass(xi, stride, groups, split, tile, tile_bytes, 1, 16, panel, weights, half, o, n_out, n);
+                for (int64_t i = 0; i < rows; i += ROWS_PER_PASS) {
+                    const int n = rows - i < ROWS_PER_PASS ? (int)(rows - i) : ROWS_PER_PASS;
+                    const int a_rows = n <= 16 ? 16 : 32;
+                    float *sums = partial + i / TILE * 2 * C_FLOATS;
+#define PASS_REST weights, chunk * A_WORDS, NULL, half, sums, o + i * n_out, n_out, n
+                    PASS_CASES(xa + (r0 + i) / TILE * groups * A_WORDS, groups, g0, g1, split, tile, tile_bytes)
+#undef PASS_REST
+                }
             }
         }
         free(weights);
-        free(padded);
+        free(partial);
         _tile_release();
     }
+    free(xa);
     return failed ? -2 : 0;
 }
 #else

@@ -133,13 +133,25 @@ def test_amx_int4_linear_holds_a_bfloat16_models_weights(fmt, rows):
     assert float((float32_weights - reference).abs().max()) > 2 ** -18 * float(magnitude_of(weight, x.float()).max())
 
 
+def odd_weight() -> GroupQuantized:
+    """48 rows (three tiles: a pair and one alone) by 576 columns (18 groups: uneven chunks)."""
+    g = torch.Generator().manual_seed(7)
+    scales = torch.rand(48, 18, generator=g).mul(0.01).add(0.001).half().float()
+    zeros = torch.randn(48, 18, generator=g).mul(0.01).half().float()
+    return GroupQuantized(torch.randint(0, 16, (48, 576), generator=g, dtype=torch.uint8), scales, zeros, False,
+                          "Q4_1")
+
+
 @needs_amx
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0", "odd"])
 def test_amx_int4_rows_do_not_depend_on_their_batch(fmt):
-    weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt, ROWS, COLS)
+    weight = odd_weight() if fmt == "odd" else from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt,
+                                                                  ROWS, COLS)
     lin = Int4Linear(weight, kernel="pagedkv")
-    x = torch.randn(600, COLS, generator=torch.Generator().manual_seed(6)).bfloat16()  # blocks of 256 rows
+    x = torch.randn(600, weight.shape[1], generator=torch.Generator().manual_seed(6)).bfloat16()  # blocks of 256
     full = lin(x)
+    reference = x.double() @ weight.dequantize().bfloat16().double().T
+    assert bool(((full.double() - reference).abs() <= 2 ** -8 * reference.abs() + 1e-6).all())
     for start, stop in [(0, 1), (3, 5), (10, 16), (15, 33), (0, 64), (250, 260), (255, 300), (1, 600)]:
         assert torch.equal(lin(x[start:stop]), full[start:stop]), (start, stop)
     before = torch.get_num_threads()

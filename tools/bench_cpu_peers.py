@@ -10,7 +10,8 @@ may be shared). B: --requests requests at once, prompts and outputs log-normal (
 75 tokens, at most 480 and 256): generated tokens per second and per CPU second.
 
 Engines: pagedkv with --quantization none (float32, the exactness reference) and auto (the
-GGUF file's quantization kept), and in bfloat16 on CPUs that compute it natively, and
+GGUF file's quantization kept), and in bfloat16 on CPUs that compute it natively (dense, and
+with the file's quantization), and
 transformers' generate (float32, B as one padded batch), with this python; llama.cpp
 (llama-cpp-python: the GGUF file itself, and the same weights dequantized into a float32 GGUF
 file written to a temporary folder; B one sequence at a time) and vLLM's CPU build (float32,
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     if bf16:
         peers["pagedkv, bfloat16 (--dtype bfloat16 --quantization none)"] = (
             sys.executable, OWN, dict(own, engine="pagedkv", quantization="none", dtype="bfloat16"))
+        peers["pagedkv, bfloat16 with the file's quantization (--dtype bfloat16)"] = (
+            sys.executable, OWN, dict(own, engine="pagedkv", quantization="auto", dtype="bfloat16"))
     peers["transformers generate, float32"] = (sys.executable, OWN, dict(own, engine="transformers"))
     stack = contextlib.ExitStack()
     if args.llama_cpp_python:
