@@ -51,20 +51,25 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-// Whether the kernel may run: the process's permission for AMX's tile state, asked once.
-int amx_int4_supported(void) {
+static int amx_allowed = 1;  // amx_enable(0) turns AMX off, so that tests reach the other paths
+
+// Whether the kernels may use AMX: the process's permission for AMX's tile state, asked once,
+// and not turned off.
+int amx_supported(void) {
     static int state;  // 0: not asked; 1: granted; -1: refused (an old kernel, a VM without AMX)
     if (!state) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
-    return state == 1;
+    return state == 1 && amx_allowed;
 }
 
-static void configure_tiles(void) {
-    TileConfig c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
-    _tile_loadconfig(&c);
-}
+void amx_enable(int on) { amx_allowed = on; }
+
+// Every tile 16 rows of 64 bytes (the kernels' A, B and C tiles all are). A constant in memory:
+// GCC does not see that LDTILECFG reads its operand, and dropped the stores to a local one.
+static const TileConfig TILES = {.palette = 1,
+                                 .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+                                 .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+
+void amx_configure_tiles(void) { _tile_loadconfig(&TILES); }
 
 // A group's scales and offsets, and its codes.
 typedef struct {
@@ -212,7 +217,7 @@ static inline __attribute__((always_inline)) void pass(const uint16_t *xa, int64
 // memory) or -5 (no AMX here).
 int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed,
                     int half, int64_t n_out, int64_t w_cols, uint16_t *out, int num_threads) {
-    if (!amx_int4_supported()) return -5;
+    if (!amx_supported()) return -5;
     // Groups of x's columns; Q8_0's split codes have twice as many, `split` apart.
     const int64_t tiles = n_out / TILE, groups = x_cols / GROUP, tile_bytes = w_cols / GROUP * group_bytes(half);
     const int64_t split = w_cols == x_cols ? 0 : groups;
@@ -226,7 +231,7 @@ int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_co
     {
 #pragma omp for schedule(static)
         for (int64_t s = 0; s < slabs; s++) pack_slab(x, x_stride, m, groups, s, xa);
-        configure_tiles();
+        amx_configure_tiles();
         // Two tiles' B tiles for a chunk of groups (or one group's), and a block's partial sums.
         uint16_t *weights = aligned_alloc(64, 2 * chunk * A_WORDS * sizeof(uint16_t));
         float *partial = aligned_alloc(64, (ROW_BLOCK + ROWS_PER_PASS) / TILE * 2 * C_FLOATS * sizeof(float));
@@ -275,7 +280,11 @@ int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_co
     return failed ? -2 : 0;
 }
 #else
-int amx_int4_supported(void) { return 0; }
+int amx_supported(void) { return 0; }
+
+void amx_enable(int on) { (void)on; }
+
+void amx_configure_tiles(void) {}
 
 int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed,
                     int half, int64_t n_out, int64_t w_cols, uint16_t *out, int num_threads) {

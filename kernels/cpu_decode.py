@@ -128,7 +128,7 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
     if cpu_ops.library() is None or dtype not in cpu_ops.DTYPES or not layers:
         return None
     # 4-bit matrices: cpu_int4.c for float32 rows, cpu_amx.c for bfloat16 ones.
-    bf16_int4 = {"int4"} if cpu_ops.amx_int4_supported() else set()
+    bf16_int4 = {"int4"} if cpu_ops.amx_supported() else set()
     allowed = {"bfloat16", *bf16_int4} if dtype == torch.bfloat16 else {"float32", "int4"}
     checked: set[tuple[int, int]] = set()
     for layer in layers:

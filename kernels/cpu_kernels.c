@@ -4,18 +4,31 @@
 // into a fresh tensor, converts it to float32 and runs two batched matmuls around a softmax;
 // on a CPU that moves the K/V several times and, from a few dozen sequences on, costs as much
 // as the model's matrices. These kernels read each K/V row once, in place, through the block
-// tables (as vLLM's CPU backend does), for a whole GQA group of query heads at a time. kernels/cpu_ops.py builds them with gcc at first use;
-// the reference stays the oracle they are tested against.
+// tables (as vLLM's CPU backend does), for a whole GQA group of query heads at a time.
+// kernels/cpu_ops.py builds them with gcc at first use; the reference stays the oracle they are
+// tested against.
 //
 // Cache layout: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], float32 or
 // bfloat16. Activations (queries, new K/V, outputs): float32 or bfloat16 rows, one per token,
-// with a token stride; the heads of a token contiguous. Arithmetic in float32.
+// with a token stride; the heads of a token contiguous. Arithmetic in float32; with bfloat16
+// queries and cache, on a CPU with AMX, the query-key products are AMX tile products (exact
+// products, float32 sums) of 16 positions at a time.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu_bfloat16.h"
+
+// AMX (cpu_amx.c): the query-key products of bfloat16 caches, where the CPU has it.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <immintrin.h>
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+#endif
+int amx_supported(void);
+void amx_configure_tiles(void);
 
 #define ERR_BLOCK -1   // a block table entry or a slot outside the cache
 #define ERR_MEMORY -2  // no memory for the job list
@@ -220,12 +233,32 @@ static inline __attribute__((always_inline)) void from_row_order(const vfloat *r
 // the context in tiles of 16 positions, a running maximum and sum per query, the weighted V
 // rows summed in registers; each K and V row is read once for all the queries. Each query's
 // arithmetic is its own (no lane mixes queries), so a row's result is the same whatever
-// queries, batch or thread it is computed with.
+// queries, batch or thread it is computed with. With `amx` (bfloat16 cache and queries, heads a
+// multiple of 32 wide) a tile's scores are one C tile, positions by queries: A = the tile's K
+// rows (in place when they are 16 evenly spaced rows, else copied), B = the queries, 32
+// dimensions at a time; each query's column is its own, as above. SmolLM2-135M's decode, 64
+// sequences of 155 positions, 30 layers, 1 thread: 35-38 ms to 32; prompts 1.3 times faster.
 static inline __attribute__((always_inline)) void attend(const CacheLayer *c, const int bf16, const int VECS,
-                                                        const int32_t *table, const float *q, const int *ctx,
-                                                        int nq, float scale, float *out) {
+                                                        const int amx, const int32_t *table, const float *q,
+                                                        const int *ctx, int nq, float scale, float *out) {
     const int d_len = VECS * LANES, split = bf16 && VECS % 2 == 0;
     vfloat acc[QUERIES][VECS], partial[QUERIES][TILE], qv[QUERIES][VECS];
+#if HAVE_AMX
+    // The queries as B tiles, one per 32 dimensions: row r holds each query's dimensions 2r and
+    // 2r + 1 (bfloat16, exact: the queries were bfloat16). Columns from nq on are left as they
+    // are: column j of the scores depends on column j of these tiles only.
+    uint32_t q_tiles[8][TILE * TILE] __attribute__((aligned(64)));  // heads of up to 256
+    uint16_t k_rows[TILE][256] __attribute__((aligned(64)));
+    float scores[TILE * TILE] __attribute__((aligned(64)));
+    if (amx)
+        for (int j = 0; j < nq; j++)
+            for (int d = 0; d < d_len / 32; d++) {
+                const __m512 low = _mm512_loadu_ps(q + j * d_len + d * 32), high = _mm512_loadu_ps(q + j * d_len + d * 32 + 16);
+                uint32_t pairs[TILE] __attribute__((aligned(64)));
+                _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+                for (int r = 0; r < TILE; r++) q_tiles[d][r * TILE + j] = pairs[r];
+            }
+#endif
     float top[QUERIES], total[QUERIES], weight[QUERIES][TILE] __attribute__((aligned(64)));
     int64_t rows[TILE], ahead[TILE];
     int ctx_max = 0;
@@ -248,23 +281,58 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
                 __builtin_prefetch((const char *)c->base + ahead[i] * (bf16 ? 2 : 4) + b);
                 __builtin_prefetch((const char *)c->base + (ahead[i] + c->kv_stride) * (bf16 ? 2 : 4) + b);
             }
-        for (int i = 0; i < TILE; i++) {
-            vfloat part[QUERIES];
-            for (int j = 0; j < QUERIES; j++) part[j] = splat(0.0f);
-            if (i < n) {
-                vfloat k[VECS];
-                load_row(c->base, rows[i], bf16, VECS, k);
-                for (int v = 0; v < VECS; v++)
-                    for (int j = 0; j < QUERIES; j++) part[j] += qv[j][v] * k[v];
+        if (!amx)
+            for (int i = 0; i < TILE; i++) {
+                vfloat part[QUERIES];
+                for (int j = 0; j < QUERIES; j++) part[j] = splat(0.0f);
+                if (i < n) {
+                    vfloat k[VECS];
+                    load_row(c->base, rows[i], bf16, VECS, k);
+                    for (int v = 0; v < VECS; v++)
+                        for (int j = 0; j < QUERIES; j++) part[j] += qv[j][v] * k[v];
+                }
+                for (int j = 0; j < QUERIES; j++) partial[j][i] = part[j];
             }
-            for (int j = 0; j < QUERIES; j++) partial[j][i] = part[j];
+#if HAVE_AMX
+        else {
+            // scores[i][j] = K row i . query j: A = the tile's K rows (in place where they are
+            // 16 evenly spaced rows of one block, else copied, the rows past n zero).
+            const uint16_t *k = (const uint16_t *)c->base + rows[0];
+            int64_t k_stride = c->slot_stride * 2;
+            if (n < TILE || rows[TILE - 1] - rows[0] != (TILE - 1) * c->slot_stride) {
+                for (int i = 0; i < TILE; i++) {
+                    if (i < n) memcpy(k_rows[i], (const uint16_t *)c->base + rows[i], d_len * 2);
+                    else memset(k_rows[i], 0, d_len * 2);
+                }
+                k = k_rows[0];
+                k_stride = sizeof k_rows[0];
+            }
+            _tile_zero(4);
+            for (int d = 0; d < d_len / 32; d++) {
+                _tile_loadd(0, k + d * 32, k_stride);
+                _tile_loadd(2, q_tiles[d], 64);
+                _tile_dpbf16ps(4, 0, 2);
+            }
+            _tile_stored(4, scores, TILE * 4);
         }
+#endif
         for (int j = 0; j < QUERIES; j++) {
             const int valid = j < nq ? (ctx[j] - t0 < n ? ctx[j] - t0 : n) : 0;
             vfloat p = splat(0.0f);
             if (valid > 0) {
                 const vint keep = lane < valid;
-                vfloat s = sum_each(partial[j]) * scale;
+                vfloat s;
+#if HAVE_AMX
+                if (amx)  // query j's column of the scores
+                    s = (vfloat)_mm512_i32gather_ps(
+                        _mm512_add_epi32(_mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64,
+                                                          48, 32, 16, 0),
+                                         _mm512_set1_epi32(j)),
+                        scores, 4);
+                else
+#endif
+                    s = sum_each(partial[j]);
+                s *= scale;
                 s = blend(keep, s, splat(-INFINITY));
                 const float tile_top = max_lanes(s), new_top = tile_top > top[j] ? tile_top : top[j];
                 const float rescale = expf(top[j] - new_top);
@@ -298,23 +366,32 @@ typedef struct {
 
 // The per-type, per-head-size instances of `attend`, chosen once per call.
 #define ATTEND_CASES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(16)
-#define ATTEND_FN(vecs)                                                                                        \
-    static void attend_f32_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,  \
-                                  float s, float *o) { attend(c, 0, vecs, t, q, x, n, s, o); }                 \
-    static void attend_bf16_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n, \
-                                   float s, float *o) { attend(c, 1, vecs, t, q, x, n, s, o); }
+#define ATTEND_FN(vecs)                                                                                            \
+    static void attend_f32_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,      \
+                                  float s, float *o) { attend(c, 0, vecs, 0, t, q, x, n, s, o); }                  \
+    static void attend_bf16_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,     \
+                                   float s, float *o) { attend(c, 1, vecs, 0, t, q, x, n, s, o); }                 \
+    static void attend_bf16_amx_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n, \
+                                       float s, float *o) { attend(c, 1, vecs, HAVE_AMX && vecs % 2 == 0, t, q, x, n, s, o); }
 ATTEND_CASES(ATTEND_FN)
 typedef void (*AttendFn)(const CacheLayer *, const int32_t *, const float *, const int *, int, float, float *);
 
-static AttendFn attend_fn(int bf16, int head_dim) {
+// The instance for a cache type and head size, NULL where none. With `amx` (bfloat16 queries),
+// *amx says whether it uses AMX's tiles: for bfloat16 caches of heads a multiple of 32 wide,
+// where AMX may be used.
+static AttendFn attend_fn(int bf16, int head_dim, int *amx) {
+    *amx = *amx && HAVE_AMX && bf16 && head_dim % 32 == 0 && amx_supported();
 #define ATTEND_PICK(vecs) \
-    if (head_dim == (vecs) * LANES) return bf16 ? attend_bf16_##vecs : attend_f32_##vecs;
+    if (head_dim == (vecs) * LANES) return *amx ? attend_bf16_amx_##vecs : bf16 ? attend_bf16_##vecs : attend_f32_##vecs;
     ATTEND_CASES(ATTEND_PICK)
     return NULL;
 }
 
 // The head sizes `paged_attention` takes: multiples of 16 up to 128, and 256.
-int paged_attention_supports(int head_dim) { return attend_fn(0, head_dim) != NULL; }
+int paged_attention_supports(int head_dim) {
+    int amx = 0;
+    return attend_fn(0, head_dim, &amx) != NULL;
+}
 
 // Attention over the paged cache for a ragged batch whose new K/V are already in it.
 // Sequence s owns query rows query_start_loc[s] .. query_start_loc[s+1]-1 (NULL: row s alone,
@@ -329,7 +406,8 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
                     int block_size, int num_kv_heads, int head_dim, int num_heads, const int32_t *block_tables,
                     int64_t table_stride, int64_t table_width, const int32_t *query_start_loc,
                     const int32_t *context_lens, int num_seqs, int64_t max_rows, float scale, int num_threads) {
-    const AttendFn fn = attend_fn(cache_bf16, head_dim);
+    int amx = query_bf16;
+    const AttendFn fn = attend_fn(cache_bf16, head_dim, &amx);
     if (!fn || num_heads % num_kv_heads) return ERR_QUERY;
     const CacheLayer c = cache_layer(cache, cache_bf16, num_blocks, num_layers, layer, block_size, num_kv_heads,
                                      head_dim);
@@ -359,7 +437,10 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
                 jobs[j++] = (Job){s, g, (int)first, (int)(vectors - first < QUERIES ? vectors - first : QUERIES)};
     }
     const int64_t row_len = (int64_t)num_heads * head_dim;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1 && num_jobs > 1)
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_jobs > 1)
+    {
+    if (amx) amx_configure_tiles();
+#pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_jobs; i++) {
         const Job job = jobs[i];
         const int64_t start = query_start_loc ? query_start_loc[job.seq] : job.seq;
@@ -384,6 +465,10 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
         else memset(o, 0, sizeof(float) * job.count * head_dim);
         for (int k = 0; k < job.count; k++)
             for (int d = 0; d < head_dim; d++) store(out, at[k] + d, o[k * head_dim + d], query_bf16);
+    }
+#if HAVE_AMX
+    if (amx) _tile_release();
+#endif
     }
     free(jobs);
     return 0;

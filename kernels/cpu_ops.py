@@ -7,7 +7,8 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
   (`rotary_and_cache`, `add_rms_norm`, `silu_and_mul`) and the sampler's
   `greedy_and_logsumexp`, which their callers use where `library()` builds;
 - kernels/cpu_int4.c: 4-bit weight-only matrix products (`int4_linear`), float32 activations;
-- kernels/cpu_amx.c: the same with bfloat16 activations on AMX (`int4_linear` of bfloat16 rows);
+- kernels/cpu_amx.c: the same with bfloat16 activations on AMX (`int4_linear` of bfloat16 rows),
+  and AMX's availability (`amx_supported`), which the attention kernel uses too;
 - kernels/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16);
 - kernels/cpu_decode.c: a decode batch's decoder layers in one call (kernels/cpu_decode.py).
 The library is found again by a hash of its sources, flags, compiler and CPU, so a cache folder
@@ -33,7 +34,7 @@ from . import reference
 __all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "paged_attention_supports",
            "rotary_and_cache", "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp",
            "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4",
-           "int4_linear", "amx_int4_supported"]
+           "int4_linear", "amx_supported", "set_amx"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c",
                                                                         "cpu_amx.c", "cpu_decode.c"))
@@ -116,6 +117,7 @@ def library() -> ctypes.CDLL | None:
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     lib.int4_linear_amx.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
+    lib.amx_enable.argtypes = [i32]
     lib.bf16_linear.argtypes = [ptr, i64, i32, i64, ptr, i64, ptr, ptr, i32]
     lib.decode_layers.argtypes = [ptr, ptr, i32, ptr, ptr]
     return lib
@@ -350,10 +352,19 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
 
 
 @functools.lru_cache(maxsize=None)
-def amx_int4_supported() -> bool:
-    """Whether bfloat16 rows take cpu_amx.c's kernel: the library builds for a CPU with AMX
-    and the operating system lets the process use AMX's tiles."""
-    return library() is not None and library().amx_int4_supported() == 1
+def amx_supported() -> bool:
+    """Whether the kernels use AMX: bfloat16 rows through 4-bit weights (cpu_amx.c) and
+    attention's query-key products over bfloat16 caches (cpu_kernels.c). The library builds
+    for a CPU with AMX and the operating system lets the process use AMX's tiles."""
+    return library() is not None and library().amx_supported() == 1
+
+
+def set_amx(enabled: bool) -> None:
+    """Turns the kernels' AMX paths off (or on again, where supported), so that their other
+    paths can be tested on a CPU with AMX. Models built before keep the plans they made."""
+    if library() is not None:
+        library().amx_enable(int(enabled))
+    amx_supported.cache_clear()
 
 
 def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> torch.Tensor:
@@ -364,7 +375,7 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> 
     rounding of each output (cpu_amx.c). Either way each row's result is the same whatever the
     other rows."""
     dtype = x.dtype
-    amx = dtype == torch.bfloat16 and amx_int4_supported()
+    amx = dtype == torch.bfloat16 and amx_supported()
     x = x if amx else x.float()
     if x.stride(-1) != 1:
         x = x.contiguous()

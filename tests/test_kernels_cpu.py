@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
@@ -80,7 +80,7 @@ def test_prefill_equals_reference(ctx_and_new, block_size, heads, head_dim, cach
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
-def test_a_prompt_row_equals_the_same_row_decoded():
+def test_a_prompt_row_equals_the_same_row_decoded(attention_path):
     # Recomputing a preempted sequence's prompt must give the attention its decode steps gave:
     # row i of a prompt, and a decode of that token over the same context, bit for bit.
     for cache_dtype in (torch.float32, torch.bfloat16):
@@ -124,6 +124,37 @@ def test_decode_bfloat16_queries_round_like_the_reference(heads):
     assert got.dtype == torch.bfloat16
     # Both compute in float32 and round once: at most one bfloat16 step apart.
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+
+
+@pytest.fixture(params=["amx", "vectors"])
+def attention_path(request):
+    """Attention over bfloat16 caches by AMX's tile products (where the CPU has AMX), or by
+    vector FMAs: each path against the reference."""
+    if request.param == "amx" and not cpu_ops.amx_supported():
+        pytest.skip("no AMX on this CPU or operating system")
+    cpu_ops.set_amx(request.param == "amx")
+    yield request.param
+    cpu_ops.set_amx(True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ctx_and_new=contexts_and_new_tokens(max_ctx=200), block_size=st.sampled_from([1, 4, 16, 32]),
+       heads=st.sampled_from(HEADS), head_dim=st.sampled_from([32, 64, 80, 128]))
+def test_bfloat16_rows_on_either_path_round_like_the_reference(attention_path, ctx_and_new, block_size, heads,
+                                                               head_dim):
+    # bfloat16 queries over a bfloat16 cache: AMX takes heads a multiple of 32 wide, in tiles of
+    # 16 positions read in place within a block and copied across blocks or past the context.
+    cache, tables, query, starts, lens = prefill_case(ctx_and_new, block_size, heads, head_dim, torch.bfloat16)
+    query = query.bfloat16()
+    got = cpu_ops.paged_attention_prefill(query, cache, 1, tables, starts, lens, head_dim ** -0.5)
+    want = reference.paged_attention_prefill(query, cache, 1, tables, starts, lens, head_dim ** -0.5)
+    assert got.dtype == torch.bfloat16
+    # Both compute in float32 and round once: at most one bfloat16 step apart.
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+    seqs = (starts[1:] > starts[:-1]).nonzero().flatten()  # each one's last row, decoded: the same bits
+    last = (starts[1:] - 1).long()[seqs]
+    decoded = cpu_ops.paged_attention_decode(query[last], cache, 1, tables[seqs], lens[seqs], head_dim ** -0.5)
+    assert torch.equal(decoded, got[last])
 
 
 def test_decode_reads_strided_query_rows_in_place():

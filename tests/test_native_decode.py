@@ -108,7 +108,7 @@ def test_quantized_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypa
 
 
 @needs_library
-@pytest.mark.skipif(not cpu_ops.amx_int4_supported(), reason="no AMX on this CPU or operating system")
+@pytest.mark.skipif(not cpu_ops.amx_supported(), reason="no AMX on this CPU or operating system")
 @pytest.mark.parametrize("storage", ["q4_1", "q8_0"])
 def test_quantized_bfloat16_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypatch):
     # bfloat16 rows through cpu_amx.c's 4-bit kernel, in the one call and in the loop alike.

@@ -111,7 +111,7 @@ def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt):
         torch.set_num_threads(before)
 
 
-needs_amx = pytest.mark.skipif(not cpu_ops.amx_int4_supported(), reason="no AMX on this CPU or operating system")
+needs_amx = pytest.mark.skipif(not cpu_ops.amx_supported(), reason="no AMX on this CPU or operating system")
 
 
 @needs_amx
