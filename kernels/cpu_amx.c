@@ -71,56 +71,23 @@ static const TileConfig TILES = {.palette = 1,
 
 void amx_configure_tiles(void) { _tile_loadconfig(&TILES); }
 
-// A group's scales and offsets, and its codes.
-typedef struct {
-    __m512 scale, offset;
-    const uint8_t *codes;
-} Group;
-
-static inline __attribute__((always_inline)) Group group_at(const uint8_t *tile, int64_t g, const int half) {
-    const int64_t k = g * GROUP;
-    return (Group){(__m512)group_vector(tile, k, 0, half), (__m512)group_vector(tile, k, 1, half),
-                   pair_codes(tile, k, half)};
-}
-
-// Column pair p of a group as float32 vectors over the tile's 16 rows: columns 2p (low) and
-// 2p + 1 (high).
-static inline __attribute__((always_inline)) void pair_weights(const Group *g, int p, __m512 *low, __m512 *high) {
-    const __m512i both = (__m512i)widen(g->codes + p * TILE);
-    *low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(both, _mm512_set1_epi32(15))), g->scale, g->offset);
-    *high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(both, 4)), g->scale, g->offset);
-}
-
-// Group g of a tile's weights as a B tile (16 rows of 64 bytes). With `split` (Q8_0's codes as
-// two 4-bit halves, the low halves `split` groups on, the high halves' scale 16 times theirs:
-// runtime/models/quant.py), the 8-bit code 16 * high + low times the low halves' scale plus
-// both offsets: exactly the file's d * q, as the halves' sum, in half the operations.
+// Group g of a tile's weights as a B tile (16 rows of 64 bytes), from cpu_int4.h's float32
+// weights (Q8_0's `split` codes as the 8-bit code).
 static inline __attribute__((always_inline)) void weights_tile(const uint8_t *tile, int64_t g, const int half,
                                                                int64_t split, uint16_t *dst) {
     // Rounded to bfloat16, each row's column pair lands in one dword, lower column first.
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    // Read once: the stores below may alias the codes' bytes as far as the compiler knows.
-    Group first = group_at(tile, g, half);
-    const Group low_halves = group_at(tile, g + split, half);
-    if (split) {
-        first.scale = low_halves.scale;
-        first.offset = _mm512_add_ps(first.offset, low_halves.offset);
-    }
-    const __m512i high_nibbles = _mm512_set1_epi32(0xF0);
-    for (int p = 0; p < GROUP / 2; p++) {
-        __m512 low, high;
-        if (split) {  // 0xE4: where the mask (0xF0) is set the first operand's bits, else the second's
-            const __m512i h = (__m512i)widen(first.codes + p * TILE), l = (__m512i)widen(low_halves.codes + p * TILE);
-            const __m512i even = _mm512_ternarylogic_epi32(_mm512_slli_epi32(h, 4), l, high_nibbles, 0xE4);
-            const __m512i odd = _mm512_ternarylogic_epi32(h, _mm512_srli_epi32(l, 4), high_nibbles, 0xE4);
-            low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(even), first.scale, first.offset);
-            high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(odd), first.scale, first.offset);
-        } else {
-            pair_weights(&first, p, &low, &high);
+    vfloat scale, offset;  // read once: the stores below may alias the codes' bytes as far as the compiler knows
+    group_scales(tile, g * GROUP, split * GROUP, half, &scale, &offset);
+    for (int k = 0; k < GROUP; k += 4) {
+        vfloat w[4];
+        column_weights(tile, g * GROUP + k, split * GROUP, half, scale, offset, w);
+        for (int p = 0; p < 2; p++) {
+            const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)w[2 * p + 1],
+                                                                                                     (__m512)w[2 * p]));
+            _mm512_store_si512(dst + (k / 2 + p) * 32, pairs);
         }
-        const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-        _mm512_store_si512(dst + p * 32, pairs);
     }
 }
 

@@ -1,7 +1,7 @@
 // Weight-only 4-bit matrix products for the CPU: out = x @ W^T with W in groups of 32 weights
-// along K, w = scale * code + offset (GGUF's Q4_0/Q4_1/Q4_K, and Q8_0 as two 4-bit halves:
-// runtime/models/quant.py, where offset = zero - 8 * scale). Activations and arithmetic in
-// float32.
+// along K, w = scale * code + offset (GGUF's Q4_0/Q4_1/Q4_K, and Q8_0 as two 4-bit halves,
+// joined again into the 8-bit code: runtime/models/quant.py, where offset = zero - 8 * scale;
+// cpu_int4.h). Activations and arithmetic in float32.
 //
 // Every output is the same float32 sums over k (four, by k mod 4, each in increasing k, then
 // added pairwise), whatever the number of rows and the tiling: a row's result does not depend
@@ -26,36 +26,34 @@
 #define GROUPED_ROWS 1024  // the fewest rows that take tile groups
 #define PREFETCH_BYTES 3072          // how far ahead a pass of few rows asks for the weights
 
-// The weights of one tile (16 rows) as float32 vectors: buf[k] = the rows' w[k].
-static inline __attribute__((always_inline)) void dequantize(const uint8_t *tile, int64_t w_cols, vfloat *buf,
-                                                             const int half) {
-    for (int64_t k = 0; k < w_cols; k += 2) {
-        const vint both = widen(pair_codes(tile, k, half));
-        const vfloat scale = group_vector(tile, k, 0, half), offset = group_vector(tile, k, 1, half);
-        buf[k] = __builtin_convertvector(both & 15, vfloat) * scale + offset;
-        buf[k + 1] = __builtin_convertvector(both >> 4, vfloat) * scale + offset;
+// The weights of one tile (16 rows) as float32 vectors: buf[k] = the rows' w[k], k < x_cols.
+static inline __attribute__((always_inline)) void dequantize(const uint8_t *tile, int64_t x_cols, int64_t split,
+                                                             vfloat *buf, const int half) {
+    for (int64_t k = 0; k < x_cols; k += 4) {
+        vfloat scale, offset;
+        group_scales(tile, k, split, half, &scale, &offset);
+        column_weights(tile, k, split, half, scale, offset, buf + k);
     }
 }
 
-// out[i][t * 16 .. t * 16 + 15] = sum over k of x[i][k % x_cols] * buf[t * w_cols + k], for
+// out[i][t * 16 .. t * 16 + 15] = sum over k of x[i][k] * buf[t * x_cols + k], for
 // `rows` rows and `tiles` tiles (constants after inlining, so that the accumulators live in
 // registers). Each sum is split into four by k mod 4, added up at the end, (s0 + s1) + (s2 +
 // s3): independent chains of FMAs for any number of rows, in an order that does not depend on
 // it. One pass per k mod 4 keeps rows * tiles accumulators live, so each broadcast x feeds
 // `tiles` FMAs: with 6 rows and 4 tiles, 10 loads for 24 FMAs where one tile took 7 for 6.
 static inline __attribute__((always_inline)) void multiply_rows(const float *x, int64_t x_stride, int64_t x_cols,
-                                                                int64_t w_cols, const vfloat *buf, float *out,
+                                                                const vfloat *buf, float *out,
                                                                 int64_t out_stride, const int rows,
                                                                 const int tiles) {
     if (tiles == 1) {  // all four sums at once: 4 * rows chains, where one pass would have `rows`
         vfloat acc[ROW_TILE][4];
         for (int i = 0; i < rows; i++)
             for (int p = 0; p < 4; p++) acc[i][p] = (vfloat){0};
-        for (int64_t s0 = 0; s0 < w_cols; s0 += x_cols)
-            for (int64_t k = 0; k < x_cols; k += 4) {
+        for (int64_t k = 0; k < x_cols; k += 4) {
 #pragma GCC unroll 4
                 for (int p = 0; p < 4; p++) {
-                    const vfloat w = buf[s0 + k + p];
+                    const vfloat w = buf[k + p];
 #pragma GCC unroll 6
                     for (int i = 0; i < rows; i++) acc[i][p] += x[i * x_stride + k + p] * w;
                 }
@@ -71,10 +69,9 @@ static inline __attribute__((always_inline)) void multiply_rows(const float *x, 
         vfloat acc[ROW_TILE][TILE_GROUP];
         for (int i = 0; i < rows; i++)
             for (int t = 0; t < tiles; t++) acc[i][t] = (vfloat){0};
-        for (int64_t s0 = 0; s0 < w_cols; s0 += x_cols)  // once, or twice for split 8-bit codes
-            for (int64_t k = p; k < x_cols; k += 4) {
+        for (int64_t k = p; k < x_cols; k += 4) {
                 vfloat w[TILE_GROUP];
-                for (int t = 0; t < tiles; t++) w[t] = buf[t * w_cols + s0 + k];
+                for (int t = 0; t < tiles; t++) w[t] = buf[t * x_cols + k];
 #pragma GCC unroll 6
                 for (int i = 0; i < rows; i++) {
                     const float xi = x[i * x_stride + k];
@@ -94,30 +91,26 @@ static inline __attribute__((always_inline)) void multiply_rows(const float *x, 
 // The same sums for at most ROW_TILE rows, straight from the codes: each weight vector is
 // decoded once and used by every row, without the buffer.
 static inline __attribute__((always_inline)) void multiply_codes_rows(const float *x, int64_t x_stride,
-                                                                      int64_t x_cols, int64_t w_cols,
+                                                                      int64_t x_cols, int64_t split,
                                                                       const uint8_t *tile, float *out,
                                                                       int64_t out_stride, const int rows,
                                                                       const int half) {
     vfloat acc[ROW_TILE][4];
     for (int i = 0; i < rows; i++)
         for (int p = 0; p < 4; p++) acc[i][p] = (vfloat){0};
-    for (int64_t s0 = 0; s0 < w_cols; s0 += x_cols) {
-        for (int64_t k = 0; k < x_cols; k += 4) {
-            const int64_t kw = s0 + k;
-            if (kw % GROUP == 0)  // the weights PREFETCH_BYTES ahead, as many cache lines as a group has
-                for (int line = 0; line < group_bytes(half); line += 64)
-                    __builtin_prefetch(tile + kw / GROUP * group_bytes(half) + PREFETCH_BYTES + line);
-            const vfloat scale = group_vector(tile, kw, 0, half), offset = group_vector(tile, kw, 1, half);
-            const vint lo = widen(pair_codes(tile, kw, half)), hi = widen(pair_codes(tile, kw, half) + TILE);
-            const vfloat w[4] = {__builtin_convertvector(lo & 15, vfloat) * scale + offset,
-                                 __builtin_convertvector(lo >> 4, vfloat) * scale + offset,
-                                 __builtin_convertvector(hi & 15, vfloat) * scale + offset,
-                                 __builtin_convertvector(hi >> 4, vfloat) * scale + offset};
+    for (int64_t k = 0; k < x_cols; k += 4) {
+        if (k % GROUP == 0)  // the weights PREFETCH_BYTES ahead, as many cache lines as a group has
+            for (int line = 0; line < group_bytes(half); line += 64) {
+                __builtin_prefetch(tile + k / GROUP * group_bytes(half) + PREFETCH_BYTES + line);
+                if (split) __builtin_prefetch(tile + (k + split) / GROUP * group_bytes(half) + PREFETCH_BYTES + line);
+            }
+        vfloat scale, offset, w[4];
+        group_scales(tile, k, split, half, &scale, &offset);
+        column_weights(tile, k, split, half, scale, offset, w);
 #pragma GCC unroll 4
-            for (int p = 0; p < 4; p++)
+        for (int p = 0; p < 4; p++)
 #pragma GCC unroll 6
-                for (int i = 0; i < rows; i++) acc[i][p] += x[i * x_stride + k + p] * w[p];
-        }
+            for (int i = 0; i < rows; i++) acc[i][p] += x[i * x_stride + k + p] * w[p];
     }
     for (int i = 0; i < rows; i++) {
         const vfloat sum = (acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3]);
@@ -126,30 +119,30 @@ static inline __attribute__((always_inline)) void multiply_codes_rows(const floa
 }
 
 static inline __attribute__((always_inline)) void multiply_codes(const float *x, int64_t x_stride, int64_t x_cols,
-                                                                 int64_t w_cols, const uint8_t *tile, float *out,
+                                                                 int64_t split, const uint8_t *tile, float *out,
                                                                  int64_t out_stride, int rows, const int half) {
     switch (rows) {
-        case 1: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 1, half); break;
-        case 2: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 2, half); break;
-        case 3: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 3, half); break;
-        case 4: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 4, half); break;
-        case 5: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 5, half); break;
-        default: multiply_codes_rows(x, x_stride, x_cols, w_cols, tile, out, out_stride, 6, half); break;
+        case 1: multiply_codes_rows(x, x_stride, x_cols, split, tile, out, out_stride, 1, half); break;
+        case 2: multiply_codes_rows(x, x_stride, x_cols, split, tile, out, out_stride, 2, half); break;
+        case 3: multiply_codes_rows(x, x_stride, x_cols, split, tile, out, out_stride, 3, half); break;
+        case 4: multiply_codes_rows(x, x_stride, x_cols, split, tile, out, out_stride, 4, half); break;
+        case 5: multiply_codes_rows(x, x_stride, x_cols, split, tile, out, out_stride, 5, half); break;
+        default: multiply_codes_rows(x, x_stride, x_cols, split, tile, out, out_stride, 6, half); break;
     }
 }
 
 #define ROWS_CASE(r, nt) \
-    case r: multiply_rows(xi, x_stride, x_cols, w_cols, buf, oi, out_stride, r, nt); break;
+    case r: multiply_rows(xi, x_stride, x_cols, buf, oi, out_stride, r, nt); break;
 #define TILES_CASE(nt)                                                               \
     case nt:                                                                         \
         switch (rows - i < ROW_TILE ? rows - i : ROW_TILE) {                         \
             ROWS_CASE(1, nt) ROWS_CASE(2, nt) ROWS_CASE(3, nt) ROWS_CASE(4, nt) ROWS_CASE(5, nt) \
-            default: multiply_rows(xi, x_stride, x_cols, w_cols, buf, oi, out_stride, 6, nt);  \
+            default: multiply_rows(xi, x_stride, x_cols, buf, oi, out_stride, 6, nt);          \
         }                                                                            \
         break;
 
 // Every row of x against `tiles` (1 .. TILE_GROUP) dequantized tiles, ROW_TILE rows at a time.
-static void multiply(const float *x, int64_t x_stride, int64_t x_cols, int64_t w_cols, const vfloat *buf,
+static void multiply(const float *x, int64_t x_stride, int64_t x_cols, const vfloat *buf,
                      float *out, int64_t out_stride, int64_t rows, int tiles) {
     for (int64_t i = 0; i < rows; i += ROW_TILE) {
         const float *xi = x + i * x_stride;
@@ -158,29 +151,30 @@ static void multiply(const float *x, int64_t x_stride, int64_t x_cols, int64_t w
     }
 }
 
-// x: float32 [m, x_cols] (rows x_stride apart); W: [n_out, w_cols] packed as above, w_cols =
-// x_cols, or 2 * x_cols for split 8-bit codes (columns x_cols.. multiply x again); out:
-// float32 [m, n_out], contiguous. n_out a multiple of 16, x_cols of 32.
 // The outputs of `tiles` consecutive tiles for m rows: from the codes, tile by tile (a batch of
 // few rows); else through `buf`, the tiles dequantized once for the m rows. Both give the same
 // bits: the same weights, the same sums in the same order.
 static inline __attribute__((always_inline)) void tile_outputs(const float *x, int64_t x_stride, int64_t m,
-                                                               int64_t x_cols, int64_t w_cols, const uint8_t *tile,
+                                                               int64_t x_cols, int64_t split, const uint8_t *tile,
                                                                int64_t tile_bytes, int tiles, float *out,
                                                                int64_t out_stride, vfloat *buf, const int half) {
     if (!buf) {
         for (int t = 0; t < tiles; t++)
-            multiply_codes(x, x_stride, x_cols, w_cols, tile + t * tile_bytes, out + t * TILE, out_stride, (int)m,
+            multiply_codes(x, x_stride, x_cols, split, tile + t * tile_bytes, out + t * TILE, out_stride, (int)m,
                            half);
     } else {
-        for (int t = 0; t < tiles; t++) dequantize(tile + t * tile_bytes, w_cols, buf + t * w_cols, half);
-        multiply(x, x_stride, x_cols, w_cols, buf, out, out_stride, m, tiles);
+        for (int t = 0; t < tiles; t++) dequantize(tile + t * tile_bytes, x_cols, split, buf + t * x_cols, half);
+        multiply(x, x_stride, x_cols, buf, out, out_stride, m, tiles);
     }
 }
 
+// x: float32 [m, x_cols] (rows x_stride apart); W: [n_out, w_cols] packed (cpu_int4.h), w_cols
+// = x_cols, or 2 * x_cols for Q8_0's split codes (columns x_cols.. hold the low halves); out:
+// float32 [m, n_out], contiguous. n_out a multiple of 16, x_cols of 32.
 int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
                 int64_t n_out, int64_t w_cols, float *out, int num_threads) {
     const int64_t tiles = n_out / TILE, tile_bytes = w_cols / GROUP * group_bytes(half);
+    const int64_t split = w_cols == x_cols ? 0 : x_cols;
     // Jobs: with tile groups, a group of TILE_GROUP tiles against a block of up to ROW_BLOCK
     // rows (rows that stay in L2 while every tile group of the matrix passes); else one tile
     // against all the rows.
@@ -198,7 +192,7 @@ int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, con
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && jobs > 1)
     {
-        vfloat *buf = buffered ? aligned_alloc(64, sizeof(vfloat) * w_cols * TILE_GROUP) : NULL;
+        vfloat *buf = buffered ? aligned_alloc(64, sizeof(vfloat) * x_cols * TILE_GROUP) : NULL;
         if (buffered && !buf) {
 #pragma omp atomic write
             failed = 1;
@@ -213,8 +207,8 @@ int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, con
             const float *xr = x + r * x_stride;
             float *o = out + r * n_out + t * TILE;
             const uint8_t *tile = packed + t * tile_bytes;
-            if (half) tile_outputs(xr, x_stride, rows, x_cols, w_cols, tile, tile_bytes, count, o, n_out, buf, 1);
-            else tile_outputs(xr, x_stride, rows, x_cols, w_cols, tile, tile_bytes, count, o, n_out, buf, 0);
+            if (half) tile_outputs(xr, x_stride, rows, x_cols, split, tile, tile_bytes, count, o, n_out, buf, 1);
+            else tile_outputs(xr, x_stride, rows, x_cols, split, tile, tile_bytes, count, o, n_out, buf, 0);
         }
         free(buf);
     }

@@ -53,3 +53,31 @@ static inline vint widen(const uint8_t *p) {
     return v;
 #endif
 }
+
+// The scale and offset vectors of column k's group, as `column_weights` takes them.
+static inline __attribute__((always_inline)) void group_scales(const uint8_t *tile, int64_t k, int64_t split,
+                                                               const int half, vfloat *scale, vfloat *offset) {
+    *scale = group_vector(tile, k + split, 0, half);
+    *offset = group_vector(tile, k + split, 1, half);
+    if (split) *offset += group_vector(tile, k, 1, half);
+}
+
+// Columns k .. k + 3 (k a multiple of 4) of a tile's 16 rows as float32 vectors, scale * code +
+// offset (one multiply-add). With `split`, Q8_0's codes as two 4-bit halves (the high halves in
+// these columns, the low halves `split` columns on, whose scale is a sixteenth of the high
+// halves': runtime/models/quant.py): the 8-bit code 16 * high + low times the low halves' scale
+// plus both offsets, that is the file's d * q exactly. scale and offset: `group_scales`.
+static inline __attribute__((always_inline)) void column_weights(const uint8_t *tile, int64_t k, int64_t split,
+                                                                 const int half, vfloat scale, vfloat offset,
+                                                                 vfloat w[4]) {
+    const vint first = widen(pair_codes(tile, k, half)), second = widen(pair_codes(tile, k, half) + TILE);
+    vint codes[4] = {first & 15, first >> 4, second & 15, second >> 4};  // columns k, k + 1 | k + 2, k + 3
+    if (split) {
+        const vint low1 = widen(pair_codes(tile, k + split, half)), low2 = widen(pair_codes(tile, k + split, half) + TILE);
+        codes[0] = codes[0] << 4 | (low1 & 15);
+        codes[1] = (first & 0xF0) | low1 >> 4;
+        codes[2] = codes[2] << 4 | (low2 & 15);
+        codes[3] = (second & 0xF0) | low2 >> 4;
+    }
+    for (int c = 0; c < 4; c++) w[c] = __builtin_convertvector(codes[c], vfloat) * scale + offset;
+}

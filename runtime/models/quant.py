@@ -8,6 +8,8 @@ codes are kept as they are in the file. Q8_0 (w = d * q, q in -128..127) has no 
 int8 kernel in torch (`_weight_int8pack_mm` scales whole output rows); its codes are split
 into two 4-bit halves, q + 128 = 16 * hi + lo, that is w = 16d * (hi - 8) + (d * (lo - 8) + 8d),
 and run through the same kernel over twice the input width: the file's codes and scales again.
+(pagedkv's kernels join the halves back into the 8-bit code before multiplying: the file's
+d * q exactly, one product per weight.)
 
 They run on kernels/cpu_int4.c (float32 activations and arithmetic, the file's codes and
 scales as they are, every row's result independent of its batch); a bfloat16 model's on
