@@ -299,7 +299,9 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
             // 16 evenly spaced rows of one block, else copied, the rows past n zero).
             const uint16_t *k = (const uint16_t *)c->base + rows[0];
             int64_t k_stride = c->slot_stride * 2;
-            if (n < TILE || rows[TILE - 1] - rows[0] != (TILE - 1) * c->slot_stride) {
+            int in_place = n == TILE;
+            for (int i = 1; i < TILE && in_place; i++) in_place = rows[i] - rows[0] == i * c->slot_stride;
+            if (!in_place) {
                 for (int i = 0; i < TILE; i++) {
                     if (i < n) memcpy(k_rows[i], (const uint16_t *)c->base + rows[i], d_len * 2);
                     else memset(k_rows[i], 0, d_len * 2);

@@ -138,7 +138,7 @@ def attention_path(request):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ctx_and_new=contexts_and_new_tokens(max_ctx=200), block_size=st.sampled_from([1, 4, 16, 32]),
+@given(ctx_and_new=contexts_and_new_tokens(max_ctx=200), block_size=st.sampled_from([1, 4, 6, 16, 32]),
        heads=st.sampled_from(HEADS), head_dim=st.sampled_from([32, 64, 80, 128]))
 def test_bfloat16_rows_on_either_path_round_like_the_reference(attention_path, ctx_and_new, block_size, heads,
                                                                head_dim):
@@ -155,6 +155,20 @@ def test_bfloat16_rows_on_either_path_round_like_the_reference(attention_path, c
     last = (starts[1:] - 1).long()[seqs]
     decoded = cpu_ops.paged_attention_decode(query[last], cache, 1, tables[seqs], lens[seqs], head_dim ** -0.5)
     assert torch.equal(decoded, got[last])
+
+
+def test_a_tile_across_blocks_is_never_read_as_one(attention_path):
+    # Blocks of 6 positions, one layer: block 1 starts 12 slots after block 0, so a tile over
+    # blocks 0, 5 and 1 has its first and last rows 15 slots apart like 16 rows of one block.
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(8, 1, 2, 6, 2, 64, generator=g).bfloat16()
+    tables = torch.tensor([[0, 5, 1, 7]], dtype=torch.int32)
+    query = torch.randn(1, 4, 64, generator=g).bfloat16()
+    for ctx in (16, 19):
+        lens = torch.tensor([ctx], dtype=torch.int32)
+        got = cpu_ops.paged_attention_decode(query, cache, 0, tables, lens, 0.125)
+        want = reference.paged_attention_decode(query, cache, 0, tables, lens, 0.125)
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all(), ctx
 
 
 def test_decode_reads_strided_query_rows_in_place():
