@@ -38,7 +38,7 @@ def streamed_matrices(model) -> list[torch.Tensor]:
     from runtime.models.quant import Int4Linear
 
     found = [model.embed]
-    for w in model._linears():
+    for w in model.linear_weights():
         if isinstance(w, DualWeight):
             found.append(w.plain)
         elif isinstance(w, Int4Linear):

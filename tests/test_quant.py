@@ -201,12 +201,12 @@ def test_kept_matrices_equal_the_dequantized_ones(q4_gguf):
 def test_engine_runs_quantized_layers_and_none_is_dense(q4_gguf):
     loaded = load_model(q4_gguf, quantization="auto")
     model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32)
-    assert all(isinstance(lin, Int4Linear) for lin in model._linears())
+    assert all(isinstance(lin, Int4Linear) for lin in model.linear_weights())
     assert "Q4_1, Q8_0" in model.describe()
     if hasattr(mmap, "MADV_HUGEPAGE"):  # the 4-bit matrices are streamed from huge pages
-        assert all("hg" in vm_flags(lin.packed.data.data_ptr()) for lin in model._linears())
+        assert all("hg" in vm_flags(lin.packed.data.data_ptr()) for lin in model.linear_weights())
     dense = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32, keep_quantized=False)
-    assert not any(isinstance(lin, Int4Linear) for lin in dense._linears())
+    assert not any(isinstance(lin, Int4Linear) for lin in dense.linear_weights())
     assert EngineConfig(device="cpu").keeps_quantized() and not EngineConfig(device="cpu", quantization="none").keeps_quantized()
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="int3")

@@ -268,7 +268,7 @@ class LlamaModel:
         kinds = {"onednn": "oneDNN, weights prepacked" + few, "mm": "torch.mm on transposed weights",
                  "linear": "F.linear"}
         dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
-        quantized = [lin for lin in self._linears() if isinstance(lin, Int4Linear)]
+        quantized = [lin for lin in self.linear_weights() if isinstance(lin, Int4Linear)]
         if not quantized:
             return f"linear layers {dense}"
         formats = ", ".join(sorted({lin.fmt for lin in quantized}))
@@ -282,7 +282,8 @@ class LlamaModel:
             how = f"torch's int4 CPU kernel, bfloat16 activations (CPU bfloat16: {bf16})"
         return f"quantized linear layers ({formats}) by {how}, group size 32; other layers {dense}"
 
-    def _linears(self) -> list:
+    def linear_weights(self) -> list:
+        """The lm_head and every layer's matrices, as `linear` takes them."""
         return [self.lm_head] + [layer[k] for layer in self.layers for k in ("qkv", "o", "gate_up", "down")]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
