@@ -194,6 +194,7 @@ static inline __attribute__((always_inline)) void pass(const uint16_t *xa, int64
 int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed,
                     int half, int64_t n_out, int64_t w_cols, uint16_t *out, int num_threads) {
     if (!amx_supported()) return -5;
+    if (m <= 0) return 0;
     // Groups of x's columns; Q8_0's split codes have twice as many, `split` apart.
     const int64_t tiles = n_out / TILE, groups = x_cols / GROUP, tile_bytes = w_cols / GROUP * group_bytes(half);
     const int64_t split = w_cols == x_cols ? 0 : groups;

@@ -151,7 +151,7 @@ def _layer(kv_cache: torch.Tensor, layer: int) -> int:
 def check_rc(rc: int, what: str) -> None:
     """Raises the error a kernel's return code names (ERRORS), if any."""
     if rc:
-        kind = {-2: MemoryError, -4: ValueError}.get(rc, IndexError)
+        kind = {-2: MemoryError, -4: ValueError, -5: RuntimeError}.get(rc, IndexError)
         raise kind(f"{what}: {ERRORS.get(rc, f'error {rc}')}")
 
 

@@ -231,3 +231,19 @@ def test_preemption_is_invisible_quantized(q4_gguf, mode, dtype):
                                                                    for r in reference]
     bm = llm.engine.block_manager
     assert bm.num_free_device_blocks == bm.num_device_blocks and bm.num_free_cpu_blocks == bm.num_cpu_blocks
+
+
+@needs_amx
+def test_amx_int4_takes_no_rows_and_says_when_amx_is_off():
+    lin = Int4Linear(odd_weight(), kernel="pagedkv")
+    assert lin(torch.zeros(0, 576).bfloat16()).shape == (0, 48)
+    model_made_with_amx = cpu_ops.amx_supported()
+    try:
+        cpu_ops.set_amx(False)  # bfloat16 rows now take the float32 kernel, rounded once
+        x = torch.randn(3, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
+        want = cpu_ops.int4_linear(x.float(), lin.packed).bfloat16()
+        assert torch.equal(lin(x), want)
+        with pytest.raises(RuntimeError, match="no AMX"):  # what a plan made with AMX then meets
+            cpu_ops.check_rc(cpu_ops.library().int4_linear_amx(None, 0, 1, 32, None, 1, 16, 32, None, 1), "x")
+    finally:
+        cpu_ops.set_amx(model_made_with_amx)
