@@ -100,8 +100,14 @@ def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt):
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt, ROWS, COLS)
     lin = Int4Linear(weight, kernel="pagedkv")
     x = torch.randn(1100, COLS, generator=torch.Generator().manual_seed(6))  # 1,024 rows on: tile groups
+    assert_rows_independent(lin, x, [(0, 1), (3, 5), (10, 16), (20, 27), (0, 64), (69, 70), (100, 227), (1, 1030)])
+
+
+def assert_rows_independent(lin: Int4Linear, x: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:
+    """Each slice of x's rows gives the rows of the whole batch's result, and so does the other
+    thread count; returns that result."""
     full = lin(x)
-    for start, stop in [(0, 1), (3, 5), (10, 16), (20, 27), (0, 64), (69, 70), (100, 227), (1, 1030)]:
+    for start, stop in slices:
         assert torch.equal(lin(x[start:stop]), full[start:stop]), (start, stop)
     before = torch.get_num_threads()
     try:
@@ -109,6 +115,7 @@ def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt):
         assert torch.equal(lin(x), full)
     finally:
         torch.set_num_threads(before)
+    return full
 
 
 needs_amx = pytest.mark.skipif(not cpu_ops.amx_supported(), reason="no AMX on this CPU or operating system")
@@ -149,17 +156,10 @@ def test_amx_int4_rows_do_not_depend_on_their_batch(fmt):
                                                                   ROWS, COLS)
     lin = Int4Linear(weight, kernel="pagedkv")
     x = torch.randn(600, weight.shape[1], generator=torch.Generator().manual_seed(6)).bfloat16()  # blocks of 256
-    full = lin(x)
+    full = assert_rows_independent(lin, x, [(0, 1), (3, 5), (10, 16), (15, 33), (0, 64), (250, 260), (255, 300),
+                                            (1, 600)])
     reference = x.double() @ weight.dequantize().bfloat16().double().T
     assert bool(((full.double() - reference).abs() <= 2 ** -8 * reference.abs() + 1e-6).all())
-    for start, stop in [(0, 1), (3, 5), (10, 16), (15, 33), (0, 64), (250, 260), (255, 300), (1, 600)]:
-        assert torch.equal(lin(x[start:stop]), full[start:stop]), (start, stop)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2 if before == 1 else 1)
-        assert torch.equal(lin(x), full)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_rows_and_cat_follow_the_dense_weight():
