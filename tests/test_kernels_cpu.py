@@ -63,31 +63,26 @@ def contexts_and_new_tokens(draw, max_ctx=120):
 @settings(max_examples=40)
 @given(ctx_and_new=contexts_and_new_tokens(), block_size=st.sampled_from([1, 4, 16, 32]),
        heads=st.sampled_from(HEADS), head_dim=st.sampled_from(HEAD_DIMS),
-       cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]), sdpa_from=st.sampled_from([8, 320]))
-def test_prefill_equals_reference(ctx_and_new, block_size, heads, head_dim, cache_dtype, sdpa_from):
+       cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_prefill_equals_reference(ctx_and_new, block_size, heads, head_dim, cache_dtype):
     # New tokens: none, one (a decode row inside a prefill batch), the whole context (a prompt)
-    # or its last third (a prompt after a cached prefix); with sdpa_from=8 the longer prompts
-    # of the batch take the reference's SDPA and the rest the kernel.
+    # or its last third (a prompt after a cached prefix).
     cache, tables, query, starts, lens = prefill_case(ctx_and_new, block_size, heads, head_dim, cache_dtype)
     scale = head_dim ** -0.5
-    before = cpu_ops.SDPA_FROM_ROWS
-    cpu_ops.SDPA_FROM_ROWS = sdpa_from
-    try:
-        got = cpu_ops.paged_attention_prefill(query, cache, 1, tables, starts, lens, scale)
-    finally:
-        cpu_ops.SDPA_FROM_ROWS = before
+    got = cpu_ops.paged_attention_prefill(query, cache, 1, tables, starts, lens, scale)
     want = reference.paged_attention_prefill(query, cache, 1, tables, starts, lens, scale)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
 def test_a_prompt_row_equals_the_same_row_decoded(attention_path):
     # Recomputing a preempted sequence's prompt must give the attention its decode steps gave:
-    # row i of a prompt, and a decode of that token over the same context, bit for bit.
+    # row i of a prompt, and a decode of that token over the same context, bit for bit; long
+    # prompts too (torch's SDPA, which took prompts from 320 rows, did not).
     for cache_dtype in (torch.float32, torch.bfloat16):
-        cache, tables, query, starts, lens = prefill_case([(70, 70), (45, 20)], 16, (9, 3), 64, cache_dtype)
+        cache, tables, query, starts, lens = prefill_case([(400, 400), (45, 20)], 16, (9, 3), 64, cache_dtype)
         prompt = cpu_ops.paged_attention_prefill(query.bfloat16(), cache, 0, tables, starts, lens, 0.125)
-        seq = torch.tensor([0] * 70 + [1] * 20)
-        row_ctx = torch.cat([torch.arange(1, 71), torch.arange(26, 46)]).int()
+        seq = torch.tensor([0] * 400 + [1] * 20)
+        row_ctx = torch.cat([torch.arange(1, 401), torch.arange(26, 46)]).int()
         decoded = cpu_ops.paged_attention_decode(query.bfloat16(), cache, 0, tables[seq], row_ctx, 0.125)
         assert torch.equal(prompt, decoded)
 
