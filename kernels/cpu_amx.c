@@ -1,15 +1,15 @@
 // Weight-only 4-bit matrix products with bfloat16 activations on AMX: out = x @ W^T, x and out
 // bfloat16, W packed as kernels/cpu_int4.h lays it out. Each weight is dequantized in float32
-// (scale * code + offset, as cpu_int4.c; Q8_0's two halves added) and rounded to bfloat16, the
-// weight a bfloat16 model dequantized from the same file holds; TDPBF16PS adds the exact
-// products to float32 sums; each output is rounded once to bfloat16.
+// (scale * code + offset, as cpu_int4.c; Q8_0's halves joined into the 8-bit code) and rounded
+// to bfloat16, the weight a bfloat16 model dequantized from the same file holds; TDPBF16PS adds
+// the exact products to float32 sums; each output is rounded once to bfloat16.
 //
 // Why: with float32 arithmetic a batch (a prompt, a decode step of many sequences) runs at the
 // pace of float32 FMAs, and a bfloat16 model's activations were converted to float32 for it.
-// One AMX tile product is 8,192 multiply-adds. SmolLM2-135M's matrices (1 thread): 5 to 6 times
-// cpu_int4.c's speed from 64 rows on; at 1 to 16 rows, where dequantizing the weights is the
-// work, 1.5 times slower (a bfloat16 model's 4-bit layers take this kernel at every size all
-// the same: see below).
+// One AMX tile product is 8,192 multiply-adds. SmolLM2-135M's matrices (1 thread,
+// tools/bench_cpu_kernels): 2 times cpu_int4.c's speed at 16 rows, 3.5 at 64, 4.4 to 4.8 from
+// 128 on; at 1 row, where dequantizing the weights is the work, 0.63 times (a bfloat16 model's
+// 4-bit layers take this kernel at every size all the same: see below).
 //
 // Every output is the same sum, over groups of 32 columns in increasing order, whatever the
 // number of rows, the blocking and the threads: a row's result does not depend on its batch, so
@@ -78,14 +78,14 @@ static inline __attribute__((always_inline)) void weights_tile(const uint8_t *ti
     // Rounded to bfloat16, each row's column pair lands in one dword, lower column first.
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    vfloat scale, offset;  // read once: the stores below may alias the codes' bytes as far as the compiler knows
+    vfloat scale, offset;  // read once: as far as the compiler knows, the stores below may alias them
     group_scales(tile, g * GROUP, split * GROUP, half, &scale, &offset);
     for (int k = 0; k < GROUP; k += 4) {
         vfloat w[4];
         column_weights(tile, g * GROUP + k, split * GROUP, half, scale, offset, w);
         for (int p = 0; p < 2; p++) {
-            const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)w[2 * p + 1],
-                                                                                                     (__m512)w[2 * p]));
+            const __m512bh both = _mm512_cvtne2ps_pbh((__m512)w[2 * p + 1], (__m512)w[2 * p]);
+            const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)both);
             _mm512_store_si512(dst + (k / 2 + p) * 32, pairs);
         }
     }
@@ -237,7 +237,8 @@ int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_co
                 const int64_t g1 = g0 + chunk < groups ? g0 + chunk : groups;
                 for (int64_t g = g0; g < g1; g++) {
                     weights_tile(tile, g, half, split, weights + (g - g0) * A_WORDS);
-                    if (count == 2) weights_tile(tile + tile_bytes, g, half, split, weights + (chunk + g - g0) * A_WORDS);
+                    if (count == 2)
+                        weights_tile(tile + tile_bytes, g, half, split, weights + (chunk + g - g0) * A_WORDS);
                 }
                 for (int64_t i = 0; i < rows; i += ROWS_PER_PASS) {
                     const int n = rows - i < ROWS_PER_PASS ? (int)(rows - i) : ROWS_PER_PASS;

@@ -73,7 +73,8 @@ static inline __attribute__((always_inline)) void column_weights(const uint8_t *
     const vint first = widen(pair_codes(tile, k, half)), second = widen(pair_codes(tile, k, half) + TILE);
     vint codes[4] = {first & 15, first >> 4, second & 15, second >> 4};  // columns k, k + 1 | k + 2, k + 3
     if (split) {
-        const vint low1 = widen(pair_codes(tile, k + split, half)), low2 = widen(pair_codes(tile, k + split, half) + TILE);
+        const uint8_t *low = pair_codes(tile, k + split, half);
+        const vint low1 = widen(low), low2 = widen(low + TILE);
         codes[0] = codes[0] << 4 | (low1 & 15);
         codes[1] = (first & 0xF0) | low1 >> 4;
         codes[2] = codes[2] << 4 | (low2 & 15);

@@ -253,7 +253,8 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
     if (amx)
         for (int j = 0; j < nq; j++)
             for (int d = 0; d < d_len / 32; d++) {
-                const __m512 low = _mm512_loadu_ps(q + j * d_len + d * 32), high = _mm512_loadu_ps(q + j * d_len + d * 32 + 16);
+                const float *dims = q + j * d_len + d * 32;
+                const __m512 low = _mm512_loadu_ps(dims), high = _mm512_loadu_ps(dims + 16);
                 uint32_t pairs[TILE] __attribute__((aligned(64)));
                 _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(high, low));
                 for (int r = 0; r < TILE; r++) q_tiles[d][r * TILE + j] = pairs[r];
@@ -374,7 +375,9 @@ typedef struct {
     static void attend_bf16_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,     \
                                    float s, float *o) { attend(c, 1, vecs, 0, t, q, x, n, s, o); }                 \
     static void attend_bf16_amx_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n, \
-                                       float s, float *o) { attend(c, 1, vecs, HAVE_AMX && vecs % 2 == 0, t, q, x, n, s, o); }
+                                       float s, float *o) {                                                     \
+        attend(c, 1, vecs, HAVE_AMX && vecs % 2 == 0, t, q, x, n, s, o);                                           \
+    }
 ATTEND_CASES(ATTEND_FN)
 typedef void (*AttendFn)(const CacheLayer *, const int32_t *, const float *, const int *, int, float, float *);
 
@@ -383,8 +386,9 @@ typedef void (*AttendFn)(const CacheLayer *, const int32_t *, const float *, con
 // where AMX may be used.
 static AttendFn attend_fn(int bf16, int head_dim, int *amx) {
     *amx = *amx && HAVE_AMX && bf16 && head_dim % 32 == 0 && amx_supported();
-#define ATTEND_PICK(vecs) \
-    if (head_dim == (vecs) * LANES) return *amx ? attend_bf16_amx_##vecs : bf16 ? attend_bf16_##vecs : attend_f32_##vecs;
+#define ATTEND_PICK(vecs)            \
+    if (head_dim == (vecs) * LANES) \
+        return *amx ? attend_bf16_amx_##vecs : bf16 ? attend_bf16_##vecs : attend_f32_##vecs;
     ATTEND_CASES(ATTEND_PICK)
     return NULL;
 }

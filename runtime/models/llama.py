@@ -274,7 +274,8 @@ class LlamaModel:
         formats = ", ".join(sorted({lin.fmt for lin in quantized}))
         if all(lin.kernel == "pagedkv" for lin in quantized):
             if self.dtype == torch.bfloat16 and cpu_ops.amx_supported():
-                how = "pagedkv's 4-bit AMX kernel (bfloat16 activations and weights, float32 sums, batch-invariant rows)"
+                how = ("pagedkv's 4-bit AMX kernel (bfloat16 activations and weights, float32 sums, "
+                       "batch-invariant rows)")
             else:
                 how = "pagedkv's 4-bit CPU kernel (float32 activations, batch-invariant rows)"
         else:
