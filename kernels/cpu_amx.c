@@ -37,12 +37,8 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023  // Linux: ask for a state component (AMX's tile data, 18)
 #define XFEATURE_XTILEDATA 18
 #define ROWS_PER_PASS 32     // rows of x per pass over a group's weights: two A tiles
-#ifndef CHUNK_GROUPS
 #define CHUNK_GROUPS 8       // groups per chunk of weights dequantized for a block of rows (2 x 8 KB)
-#endif
-#ifndef ROW_BLOCK
 #define ROW_BLOCK 256        // rows of x per job: their A tiles stay in L2 while the weights pass
-#endif
 #define PREFETCH_BYTES 3072  // how far ahead a pass of few rows asks for the weights
 
 typedef struct {

@@ -381,23 +381,23 @@ typedef struct {
 ATTEND_CASES(ATTEND_FN)
 typedef void (*AttendFn)(const CacheLayer *, const int32_t *, const float *, const int *, int, float, float *);
 
-// The instance for a cache type and head size, NULL where none. With `amx` (bfloat16 queries),
-// *amx says whether it uses AMX's tiles: for bfloat16 caches of heads a multiple of 32 wide,
-// where AMX may be used.
-static AttendFn attend_fn(int bf16, int head_dim, int *amx) {
-    *amx = *amx && HAVE_AMX && bf16 && head_dim % 32 == 0 && amx_supported();
+// Whether attention takes its query-key products on AMX's tiles: bfloat16 queries and cache,
+// heads a multiple of 32 wide, and AMX usable here.
+static int attention_on_amx(int query_bf16, int cache_bf16, int head_dim) {
+    return HAVE_AMX && query_bf16 && cache_bf16 && head_dim % 32 == 0 && amx_supported();
+}
+
+// The instance for a cache type and head size (with AMX's tiles where `amx`), NULL where none.
+static AttendFn attend_fn(int bf16, int head_dim, int amx) {
 #define ATTEND_PICK(vecs)            \
     if (head_dim == (vecs) * LANES) \
-        return *amx ? attend_bf16_amx_##vecs : bf16 ? attend_bf16_##vecs : attend_f32_##vecs;
+        return amx ? attend_bf16_amx_##vecs : bf16 ? attend_bf16_##vecs : attend_f32_##vecs;
     ATTEND_CASES(ATTEND_PICK)
     return NULL;
 }
 
 // The head sizes `paged_attention` takes: multiples of 16 up to 128, and 256.
-int paged_attention_supports(int head_dim) {
-    int amx = 0;
-    return attend_fn(0, head_dim, &amx) != NULL;
-}
+int paged_attention_supports(int head_dim) { return attend_fn(0, head_dim, 0) != NULL; }
 
 // Attention over the paged cache for a ragged batch whose new K/V are already in it.
 // Sequence s owns query rows query_start_loc[s] .. query_start_loc[s+1]-1 (NULL: row s alone,
@@ -412,8 +412,8 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
                     int block_size, int num_kv_heads, int head_dim, int num_heads, const int32_t *block_tables,
                     int64_t table_stride, int64_t table_width, const int32_t *query_start_loc,
                     const int32_t *context_lens, int num_seqs, int64_t max_rows, float scale, int num_threads) {
-    int amx = query_bf16;
-    const AttendFn fn = attend_fn(cache_bf16, head_dim, &amx);
+    const int amx = attention_on_amx(query_bf16, cache_bf16, head_dim);
+    const AttendFn fn = attend_fn(cache_bf16, head_dim, amx);
     if (!fn || num_heads % num_kv_heads) return ERR_QUERY;
     const CacheLayer c = cache_layer(cache, cache_bf16, num_blocks, num_layers, layer, block_size, num_kv_heads,
                                      head_dim);
