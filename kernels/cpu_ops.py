@@ -271,8 +271,7 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, layer: 
     if starts.numel() != context_lens.numel() + 1:
         raise ValueError(f"paged_attention_prefill: {starts.numel()} query start offsets for "
                          f"{context_lens.numel()} sequences")
-    return _attention("paged_attention_prefill", query, kv_cache, layer, block_tables, starts, context_lens, scale,
-                      max_rows=max(query.shape[0], 1))
+    return _attention("paged_attention_prefill", query, kv_cache, layer, block_tables, starts, context_lens, scale)
 
 
 def _attention_usable(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -286,9 +285,8 @@ def paged_attention_supports(head_dim: int) -> bool:
 
 
 def _attention(what: str, query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
-               starts: torch.Tensor | None, context_lens: torch.Tensor, scale: float,
-               max_rows: int = 1) -> torch.Tensor:
-    """The kernel on sequences of at most `max_rows` query rows (others' rows are left unset)."""
+               starts: torch.Tensor | None, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The kernel on every sequence's rows (a row each where `starts` is None)."""
     query = _rows(query)
     tables = int_array(block_tables.cpu(), torch.int32)
     lens = int_array(context_lens.cpu(), torch.int32).contiguous()
@@ -305,7 +303,7 @@ def _attention(what: str, query: torch.Tensor, kv_cache: torch.Tensor, layer: in
         query.data_ptr(), query.stride(0), DTYPES[query.dtype], num_rows, out.data_ptr(), kv_cache.data_ptr(),
         DTYPES[kv_cache.dtype], num_blocks, num_layers, _layer(kv_cache, layer), block_size, num_kv_heads, head_dim,
         num_heads, tables.data_ptr(), tables.stride(0), tables.shape[1], None if starts is None else starts.data_ptr(),
-        lens.data_ptr(), num_seqs, max_rows, scale, torch.get_num_threads())
+        lens.data_ptr(), num_seqs, max(num_rows, 1), scale, torch.get_num_threads())
     check_rc(rc, what)
     return out
 
