@@ -52,12 +52,12 @@ static inline __attribute__((always_inline)) void multiply_rows(const float *x, 
             for (int p = 0; p < 4; p++) acc[i][p] = (vfloat){0};
         for (int64_t k = 0; k < x_cols; k += 4) {
 #pragma GCC unroll 4
-                for (int p = 0; p < 4; p++) {
-                    const vfloat w = buf[k + p];
+            for (int p = 0; p < 4; p++) {
+                const vfloat w = buf[k + p];
 #pragma GCC unroll 6
-                    for (int i = 0; i < rows; i++) acc[i][p] += x[i * x_stride + k + p] * w;
-                }
+                for (int i = 0; i < rows; i++) acc[i][p] += x[i * x_stride + k + p] * w;
             }
+        }
         for (int i = 0; i < rows; i++) {
             const vfloat sum = (acc[i][0] + acc[i][1]) + (acc[i][2] + acc[i][3]);
             memcpy(out + i * out_stride, &sum, sizeof sum);
@@ -70,14 +70,14 @@ static inline __attribute__((always_inline)) void multiply_rows(const float *x, 
         for (int i = 0; i < rows; i++)
             for (int t = 0; t < tiles; t++) acc[i][t] = (vfloat){0};
         for (int64_t k = p; k < x_cols; k += 4) {
-                vfloat w[TILE_GROUP];
-                for (int t = 0; t < tiles; t++) w[t] = buf[t * x_cols + k];
+            vfloat w[TILE_GROUP];
+            for (int t = 0; t < tiles; t++) w[t] = buf[t * x_cols + k];
 #pragma GCC unroll 6
-                for (int i = 0; i < rows; i++) {
-                    const float xi = x[i * x_stride + k];
-                    for (int t = 0; t < tiles; t++) acc[i][t] += xi * w[t];
-                }
+            for (int i = 0; i < rows; i++) {
+                const float xi = x[i * x_stride + k];
+                for (int t = 0; t < tiles; t++) acc[i][t] += xi * w[t];
             }
+        }
         for (int i = 0; i < rows; i++)
             for (int t = 0; t < tiles; t++) part[p][i][t] = acc[i][t];
     }

@@ -44,11 +44,8 @@ def best_ms(fn, repeats: int) -> float:
     return min(times) * 1e3
 
 
-def matrix_rows(model, rows: list[int], repeats: int) -> list[list[object]]:
-    """One row per batch size: both 4-bit kernels over all the model's quantized matrices."""
-    from runtime.models.quant import Int4Linear
-
-    linears = [w for w in model.linear_weights() if isinstance(w, Int4Linear)]
+def matrix_rows(linears: list, rows: list[int], repeats: int) -> list[list[object]]:
+    """One row per batch size: both 4-bit kernels over the model's quantized matrices."""
     table = []
     for m in rows:
         x = {w.in_features: torch.randn(m, w.in_features) for w in linears}
@@ -116,14 +113,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from pagedkv import default_model_path, load_model
     from runtime.models.llama import LlamaModel
+    from runtime.models.quant import Int4Linear
 
     path = args.model or default_model_path()
     loaded = load_model(path, quantization="auto")
     model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32)
+    linears = [w for w in model.linear_weights() if isinstance(w, Int4Linear)]
     with torch.inference_mode():
-        matrices = matrix_rows(model, rows, args.repeats)
+        matrices = matrix_rows(linears, rows, args.repeats)
         attention = attention_rows(loaded.config, args.seqs, args.context, args.repeats)
-    formats = ", ".join(sorted({w.fmt for w in model.linear_weights() if hasattr(w, "fmt")}))
+    formats = ", ".join(sorted({w.fmt for w in linears}))
     body = (f"Model {path.rsplit('/', 1)[-1]} ({formats} kept as stored), {args.threads} thread(s), best of "
             f"{args.repeats}; torch {torch.__version__}.\n\n"
             "4-bit matrices, one pass over all of them (ms):\n\n"
