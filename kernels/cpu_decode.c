@@ -1,7 +1,7 @@
 // A decode batch's decoder layers in one call: the kernels runtime/models/llama.py calls between
 // its matrix products (cpu_kernels.c), the matrix products themselves (the BLAS sgemm that
-// F.linear calls for few rows, cpu_int4.c, cpu_amx.c, cpu_bf16.c), in the loop's order, on the same
-// buffers' contents, so every output bit equals the loop's.
+// F.linear calls for few rows, cpu_int4.c and cpu_vnni.c through it, cpu_amx.c, cpu_bf16.c), in
+// the loop's order, on the same buffers' contents, so every output bit equals the loop's.
 //
 // Why: decoding one sequence, each matrix product streams its weights through the caches, and
 // the Python between the products (about 150 calls a step, their argument checks and tensor

@@ -26,6 +26,10 @@
 #define GROUPED_ROWS 1024  // the fewest rows that take tile groups
 #define PREFETCH_BYTES 3072          // how far ahead a pass of few rows asks for the weights
 
+int vnni_supported(void);  // cpu_vnni.c
+int int4_linear_vnni(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
+                     int64_t n_out, int64_t w_cols, float *out, int num_threads);
+
 // The weights of one tile (16 rows) as float32 vectors: buf[k] = the rows' w[k], k < x_cols.
 static inline __attribute__((always_inline)) void dequantize(const uint8_t *tile, int64_t x_cols, int64_t split,
                                                              vfloat *buf, const int half) {
@@ -173,6 +177,8 @@ static inline __attribute__((always_inline)) void tile_outputs(const float *x, i
 // float32 [m, n_out], contiguous. n_out a multiple of 16, x_cols of 32.
 int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
                 int64_t n_out, int64_t w_cols, float *out, int num_threads) {
+    if (vnni_supported())  // integer products where the CPU has them (cpu_vnni.c)
+        return int4_linear_vnni(x, x_stride, m, x_cols, packed, half, n_out, w_cols, out, num_threads);
     const int64_t tiles = n_out / TILE, tile_bytes = w_cols / GROUP * group_bytes(half);
     const int64_t split = w_cols == x_cols ? 0 : x_cols;
     // Jobs: with tile groups, a group of TILE_GROUP tiles against a block of up to ROW_BLOCK

@@ -7,6 +7,8 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
   (`rotary_and_cache`, `add_rms_norm`, `silu_and_mul`) and the sampler's
   `greedy_and_logsumexp`, which their callers use where `library()` builds;
 - kernels/cpu_int4.c: 4-bit weight-only matrix products (`int4_linear`), float32 activations;
+- kernels/cpu_vnni.c: the same in exact integer products (AVX512-VNNI, AMX), which `int4_linear`
+  hands float32 rows to where the CPU has them (`vnni_supported`);
 - kernels/cpu_amx.c: the same with bfloat16 activations on AMX (`int4_linear` of bfloat16 rows),
   and AMX's availability (`amx_supported`), which the attention kernel uses too;
 - kernels/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16);
@@ -34,10 +36,11 @@ from . import reference
 __all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "paged_attention_supports",
            "rotary_and_cache", "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp",
            "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4",
-           "int4_linear", "amx_supported", "set_amx"]
+           "int4_linear", "amx_supported", "set_amx", "vnni_supported", "set_vnni"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c",
-                                                                        "cpu_amx.c", "cpu_decode.c"))
+                                                                        "cpu_amx.c", "cpu_vnni.c",
+                                                                        "cpu_decode.c"))
 HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_bfloat16.h", "cpu_int4.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
@@ -118,6 +121,7 @@ def library() -> ctypes.CDLL | None:
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     lib.int4_linear_amx.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     lib.amx_enable.argtypes = [i32]
+    lib.vnni_enable.argtypes = [i32]
     lib.bf16_linear.argtypes = [ptr, i64, i32, i64, ptr, i64, ptr, ptr, i32]
     lib.decode_layers.argtypes = [ptr, ptr, i32, ptr, ptr]
     return lib
@@ -360,11 +364,28 @@ def set_amx(enabled: bool) -> None:
     amx_supported.cache_clear()
 
 
+@functools.lru_cache(maxsize=None)
+def vnni_supported() -> bool:
+    """Whether float32 rows through 4-bit weights take integer products (cpu_vnni.c: the library
+    builds for a CPU with AVX512-VNNI and VBMI), else float32 ones (cpu_int4.c)."""
+    return library() is not None and library().vnni_supported() == 1
+
+
+def set_vnni(enabled: bool) -> None:
+    """Hands float32 rows to cpu_int4.c (or back to cpu_vnni.c, where supported), so that both
+    can be tested on one CPU. Models built before keep the plans they made."""
+    if library() is not None:
+        library().vnni_enable(int(enabled))
+    vnni_supported.cache_clear()
+
+
 def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> torch.Tensor:
     """x @ W^T for a W packed by `pack_int4` (K columns of W; with repeat_x, W has 2 * x's
     columns: Q8_0's codes split into high and low halves, which the kernels join back into the
     8-bit code, w = d * q), in x's type. Float32 rows (and bfloat16 ones where AMX is missing,
-    converted): float32 weights and sums (cpu_int4.c). Bfloat16 rows with AMX: the weights
+    converted): each group's 32 activations as integers below a shared exponent (22 bits under
+    the largest), exact integer sums with the codes, float32 from there (cpu_vnni.c, where the CPU
+    has AVX512-VNNI); else float32 weights and sums (cpu_int4.c). Bfloat16 rows with AMX: the weights
     rounded to bfloat16, float32 sums, one rounding of each output (cpu_amx.c). Either way
     each row's result is the same whatever the other rows."""
     dtype = x.dtype

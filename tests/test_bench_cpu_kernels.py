@@ -1,4 +1,4 @@
-"""tools/bench_cpu_kernels.py on a tiny GGUF file: both 4-bit kernels and both attention paths
+"""tools/bench_cpu_kernels.py on a tiny GGUF file: the three 4-bit kernels and both attention paths
 timed side by side, and a one-line refusal where there is no AMX to compare."""
 import pytest
 
@@ -14,15 +14,17 @@ def test_kernels_side_by_side(q4_gguf, capsys, tmp_path):
     assert bench_cpu_kernels.main(args) == 0
     lines = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     cells = {row[0].strip(): [c.strip() for c in row[1:]] for row in lines}
-    for key in ("1", "33", "decode step", "prompts"):  # two timings and their ratio, all positive
+    for key in ("1", "33"):  # three kernels' timings and two ratios
+        assert min(float(c) for c in cells[key][:3]) > 0 and all(c.endswith("x") for c in cells[key][3:]), key
+    for key in ("decode step", "prompts"):  # two timings and their ratio
         assert min(float(c) for c in cells[key][:2]) > 0 and cells[key][2].endswith("x"), key
     assert (tmp_path / "out" / "BENCHMARKS-section.md").exists()
-    assert cpu_ops.amx_supported()  # the attention runs turned AMX back on
+    assert cpu_ops.amx_supported() and cpu_ops.vnni_supported()  # the runs turned both back on
 
 
 def test_refuses_without_amx_in_one_line(q4_gguf, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_ops, "amx_supported", lambda: False)
     assert bench_cpu_kernels.main(["--model", q4_gguf, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no AMX" in err
+    assert err.count("\n") == 1 and "no AMX or AVX512-VNNI" in err
     assert not (tmp_path / "out").exists()

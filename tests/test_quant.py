@@ -75,10 +75,24 @@ def test_torch_int4_linear_against_float32_reference(fmt, rows):
     assert float((out - reference).abs().max()) > 0  # it did run in bfloat16: the bound is the one that applies
 
 
+@pytest.fixture(params=["integers", "floats"])
+def float32_kernel(request):
+    """Float32 rows through 4-bit weights by exact integer products (kernels/cpu_vnni.c, where
+    the CPU has AVX512-VNNI), or by float32 FMAs (kernels/cpu_int4.c)."""
+    if cpu_ops.library() is None:
+        pytest.skip("no C compiler to build the CPU kernels")
+    if request.param == "integers" and not cpu_ops.vnni_supported():
+        pytest.skip("no AVX512-VNNI on this CPU")
+    cpu_ops.set_vnni(request.param == "integers")
+    yield request.param
+    cpu_ops.set_vnni(True)
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
-@pytest.mark.parametrize("rows", [1, 5, 7, 33])  # the fused path (up to 6 rows) and the buffered one
-def test_pagedkv_int4_linear_is_float32_accurate(fmt, rows):
+# floats: the fused path (up to 6 rows) and the buffered one; integers: vectors up to 7, AMX from 8
+@pytest.mark.parametrize("rows", [1, 5, 7, 8, 33])
+def test_pagedkv_int4_linear_is_float32_accurate(fmt, rows, float32_kernel):
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(1)), fmt, ROWS, COLS)
     x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(2))
     lin = Int4Linear(weight, kernel="pagedkv")
@@ -94,13 +108,65 @@ def test_pagedkv_int4_linear_is_float32_accurate(fmt, rows):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_K", "Q8_0"])
-def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt):
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt, float32_kernel):
     # What keeps preemption invisible: a row's output is the same alone or in any batch.
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt, ROWS, COLS)
     lin = Int4Linear(weight, kernel="pagedkv")
     x = torch.randn(1100, COLS, generator=torch.Generator().manual_seed(6))  # 1,024 rows on: tile groups
-    assert_rows_independent(lin, x, [(0, 1), (3, 5), (10, 16), (20, 27), (0, 64), (69, 70), (100, 227), (1, 1030)])
+    assert_rows_independent(lin, x, [(0, 1), (3, 5), (0, 7), (0, 8), (10, 16), (20, 27), (0, 64), (69, 70),
+                                     (100, 227), (1, 1030)])
+
+
+needs_vnni = pytest.mark.skipif(not cpu_ops.vnni_supported(), reason="no AVX512-VNNI on this CPU")
+
+
+@needs_vnni
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_integer_products_are_the_same_with_and_without_amx(fmt):
+    # The sums are exact integers, so AMX's tile products and the vectors' give the same bits.
+    weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(8)), fmt, ROWS, COLS)
+    lin = Int4Linear(weight, kernel="pagedkv")
+    x = torch.randn(40, COLS, generator=torch.Generator().manual_seed(9))
+    with_amx = lin(x)
+    made_with_amx = cpu_ops.amx_supported()
+    try:
+        cpu_ops.set_amx(False)
+        assert torch.equal(lin(x), with_amx)
+    finally:
+        cpu_ops.set_amx(made_with_amx)
+
+
+@needs_vnni
+def test_integer_products_follow_each_groups_scale():
+    weight = odd_weight()
+    lin = Int4Linear(weight, kernel="pagedkv")
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(12, 576, generator=g)
+    # Groups of very different sizes within a row, and an outlier within a group: each group
+    # keeps 22 bits below its own largest activation.
+    x[:, 32:64] *= 1e-12
+    x[:, 64:96] *= 1e12
+    x[:, 100] = 3e4
+    out = lin(x)
+    reference = x.double() @ weight.dequantize().double().T
+    magnitude = x.abs().double() @ (weight.dequantize().abs().double().T)
+    assert bool(((out.double() - reference).abs() <= 2 ** -20 * magnitude).all())
+    # Powers of two only move exponents: the same integers, results scaled exactly.
+    for k in (-60, -1, 3, 70):
+        assert torch.equal(lin(x * 2.0 ** k), out * 2.0 ** k)
+    # Rows of zeros give zeros; a group that holds a NaN or an infinity makes its row NaN and no other.
+    x[3] = 0
+    x[5, 40] = float("nan")
+    x[7, 500] = float("inf")
+    got = lin(x)
+    assert torch.equal(got[3], torch.zeros(48))
+    assert bool(got[5].isnan().all() and got[7].isnan().all())
+    rest = [i for i in range(12) if i not in (3, 5, 7)]
+    assert torch.equal(got[rest], lin(x[rest]))
+    # Rows further apart than their width (a view into a wider tensor).
+    wide = torch.randn(9, 700, generator=g)
+    assert torch.equal(lin(wide[:, :576]), lin(wide[:, :576].contiguous()))
 
 
 def assert_rows_independent(lin: Int4Linear, x: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:

@@ -5,7 +5,8 @@
 
 4-bit matrices: every quantized matrix of the model (its layers' fused q/k/v, o, gate/up and
 down, and the lm_head), kept as the GGUF file stores them, multiplied by `rows` rows of float32
-activations (kernels/cpu_int4.c) and of bfloat16 ones (kernels/cpu_amx.c on AMX): ms for one
+activations in float32 FMAs (kernels/cpu_int4.c) and in exact integer products (kernels/cpu_vnni.c:
+AVX512-VNNI, and AMX from 8 rows), and of bfloat16 ones (kernels/cpu_amx.c on AMX): ms for one
 pass over all of them, best of --repeats. Attention over a bfloat16 cache in the model's shape
 (every layer, --seqs sequences of --context positions in blocks of 16 scattered over the cache,
 bfloat16 queries): a decode step, and prompts of the same length, with the query-key products
@@ -45,17 +46,23 @@ def best_ms(fn, repeats: int) -> float:
 
 
 def matrix_rows(linears: list, rows: list[int], repeats: int) -> list[list[object]]:
-    """One row per batch size: both 4-bit kernels over the model's quantized matrices."""
+    """One row per batch size: the three 4-bit kernels over the model's quantized matrices."""
     table = []
     for m in rows:
         x = {w.in_features: torch.randn(m, w.in_features) for w in linears}
         times = {}
-        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        for name, dtype, integers in (("floats", torch.float32, False), ("integers", torch.float32, True),
+                                      ("bfloat16", torch.bfloat16, True)):
             inputs = {k: v.to(dtype) for k, v in x.items()}
-            times[name] = best_ms(lambda: [w(inputs[w.in_features]) for w in linears], repeats)
-        table.append([m, ms(times["float32"]), ms(times["bfloat16"]),
-                      f"{times['float32'] / times['bfloat16']:.2f}x"])
-        log(f"{m} rows: float32 {ms(times['float32'])} ms, bfloat16 {ms(times['bfloat16'])} ms")
+            cpu_ops.set_vnni(integers)
+            try:
+                times[name] = best_ms(lambda: [w(inputs[w.in_features]) for w in linears], repeats)
+            finally:
+                cpu_ops.set_vnni(True)
+        table.append([m, ms(times["floats"]), ms(times["integers"]), ms(times["bfloat16"]),
+                      f"{times['floats'] / times['integers']:.2f}x", f"{times['floats'] / times['bfloat16']:.2f}x"])
+        log(f"{m} rows: float32 FMAs {ms(times['floats'])} ms, integer products {ms(times['integers'])} ms, "
+            f"bfloat16 {ms(times['bfloat16'])} ms")
     return table
 
 
@@ -105,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if cpu_ops.library() is None:
         print("bench_cpu_kernels: the CPU kernels do not build here (no C compiler?)", file=sys.stderr)
         return 2
-    if not cpu_ops.amx_supported():
-        print("bench_cpu_kernels: no AMX on this CPU or operating system; nothing to compare", file=sys.stderr)
+    if not cpu_ops.amx_supported() or not cpu_ops.vnni_supported():
+        print("bench_cpu_kernels: no AMX or AVX512-VNNI on this CPU or operating system; nothing to compare",
+              file=sys.stderr)
         return 2
     out = output_folder(args, "bench_cpu_kernels")
     torch.set_num_threads(args.threads)
@@ -126,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"Model {path.rsplit('/', 1)[-1]} ({formats} kept as stored), {args.threads} thread(s), best of "
             f"{args.repeats}; torch {torch.__version__}.\n\n"
             "4-bit matrices, one pass over all of them (ms):\n\n"
-            + markdown_table(["rows", "float32 activations (cpu_int4.c)", "bfloat16 on AMX (cpu_amx.c)",
-                              "AMX's speed"], matrices)
+            + markdown_table(["rows", "float32 FMAs (cpu_int4.c)", "float32, integer products (cpu_vnni.c)",
+                              "bfloat16 on AMX (cpu_amx.c)", "integer products' speed", "bfloat16's speed"],
+                             matrices)
             + f"\n\nAttention over a bfloat16 cache, every layer, {args.seqs} sequences of {args.context} "
               f"positions in blocks of {BLOCK}, bfloat16 queries (ms):\n\n"
             + markdown_table(["step", "vector FMAs", "query-key products on AMX", "AMX's speed"], attention))

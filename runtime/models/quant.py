@@ -11,8 +11,10 @@ and run through the same kernel over twice the input width: the file's codes and
 (pagedkv's kernels join the halves back into the 8-bit code before multiplying: the file's
 d * q exactly, one product per weight.)
 
-They run on kernels/cpu_int4.c (float32 activations and arithmetic, the file's codes and
-scales as they are, every row's result independent of its batch); a bfloat16 model's on
+They run on kernels/cpu_vnni.c where the CPU has AVX512-VNNI (float32 activations, 22 bits of
+each below its group's largest kept in exact integer sums with the file's codes, then float32
+with the file's scales), else on kernels/cpu_int4.c (float32 activations and arithmetic, the
+file's codes and scales as they are), either way every row's result independent of its batch; a bfloat16 model's on
 kernels/cpu_amx.c where the CPU has AMX (the weights a bfloat16 model dequantized from the
 file holds, float32 sums, every row's result independent of its batch); or, where neither can be
 built, on torch's kernel, which is vectorised for bfloat16 activations only (float32 ones take
@@ -155,9 +157,9 @@ def int4_supported(weight: GroupQuantized) -> bool:
 
 
 class Int4Linear:
-    """x @ W^T for a GroupQuantized W. Where the CPU kernels build (kernels/cpu_int4.c): float32
-    activations and arithmetic, each row's result independent of the rest of the batch, and
-    about twice as fast as torch's kernel from 16 rows on; bfloat16 activations on AMX
+    """x @ W^T for a GroupQuantized W. Where the CPU kernels build (kernels/cpu_vnni.c, else
+    kernels/cpu_int4.c): float32 activations, float32-accurate, each row's result independent of
+    the rest of the batch, and two to three times as fast as torch's kernel from 16 rows on; bfloat16 activations on AMX
     (kernels/cpu_amx.c), 4 to 6 times faster again from 32 rows on. Else torch's int4 CPU
     kernel, whose vectorised path takes bfloat16 activations and bfloat16 scales."""
 
