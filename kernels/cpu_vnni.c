@@ -243,55 +243,47 @@ static void code_tiles(const uint8_t *tile, int64_t w_groups, const int half, ui
     }
 }
 
-// Group g's sums (tiles stored in `sums`: the parts a1 and a0) added to the slab's rows.
-#define ADD_SUMS(sums, g)                                                                              \
-    do {                                                                                               \
-        const GroupScales gs_ = scales_of(tile, (g), half);                                            \
-        const RowGroup *ri_ = info + slab * TILE * groups + ((g) < groups ? (g) : (g) - groups);         \
-        for (int i = 0; i < rows; i++) {                                                               \
-            const __m512i s_ = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512((sums)[0][i]), 12), \
-                                                _mm512_load_si512((sums)[1][i]));                      \
-            acc[i] = add_group(acc[i], s_, ri_ + i * groups, &gs_);                                    \
-        }                                                                                              \
-    } while (0)
+// Group g's sums (C tiles stored: the parts a1 and a0) added to the slab's rows.
+static inline __attribute__((always_inline)) void add_sums(__m512 *acc, int32_t sums[2][TILE][TILE],
+                                                           const uint8_t *tile, int64_t g, const int half,
+                                                           const RowGroup *info, int64_t groups, const int rows) {
+    const GroupScales gs = scales_of(tile, g, half);
+    const RowGroup *ri = info + (g < groups ? g : g - groups);
+    for (int i = 0; i < rows; i++) {
+        const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][i]), 12),
+                                           _mm512_load_si512(sums[1][i]));
+        acc[i] = add_group(acc[i], s, ri + i * groups, &gs);
+    }
+}
 
-// One slab's rows (up to 16) against one tile. Tiles 0-1 A (the parts), 2 B, C by turns in 4-5
-// and 6-7: each group's C tiles are stored after the next group's products are under way, and
-// added up one group later still, row by row as the vector path adds them.
+// One slab's rows (up to 16) against one tile. Tiles 0-1 A (the parts), 2 B, 3-4 C. Each group's
+// sums are added up two groups later, while the tile products run on, row by row as the vector
+// path adds them.
 static inline __attribute__((always_inline)) void amx_slab(const int8_t *xq, const RowGroup *info, int64_t groups,
                                                            int64_t w_groups, const uint8_t *codes, const uint8_t *tile,
                                                            const int half, int64_t slab, const int rows, float *out,
                                                            int64_t out_stride) {
     __m512 acc[TILE];
     int32_t sums[3][2][TILE][TILE] __attribute__((aligned(64)));
+    const RowGroup *slab_info = info + slab * TILE * groups;
     for (int i = 0; i < TILE; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t g = 0, turn = 0; g < w_groups; g++, turn = turn == 2 ? 0 : turn + 1) {
         const int8_t *parts = xq + (slab * groups + (g < groups ? g : g - groups)) * 2 * PART_BYTES;
-        if (g % 2 == 0) {
-            _tile_loadd(2, codes + g * 1024, 64);
-            _tile_loadd(0, parts, 64);
-            _tile_loadd(1, parts + PART_BYTES, 64);
-            _tile_zero(3);
-            _tile_zero(4);
-            _tile_dpbsud(3, 0, 2);
-            _tile_dpbsud(4, 1, 2);
-        } else {
-            _tile_loadd(7, codes + g * 1024, 64);
-            _tile_loadd(5, parts, 64);
-            _tile_loadd(6, parts + PART_BYTES, 64);
-            _tile_zero(3);
-            _tile_zero(4);
-            _tile_dpbsud(3, 5, 7);
-            _tile_dpbsud(4, 6, 7);
-        }
+        _tile_loadd(2, codes + g * 1024, 64);
+        _tile_loadd(0, parts, 64);
+        _tile_loadd(1, parts + PART_BYTES, 64);
+        _tile_zero(3);
+        _tile_zero(4);
+        _tile_dpbsud(3, 0, 2);
+        _tile_dpbsud(4, 1, 2);
         _tile_stored(3, sums[turn][0], 64);
         _tile_stored(4, sums[turn][1], 64);
-        if (g > 1) ADD_SUMS(sums[turn == 2 ? 0 : turn + 1], g - 2);
+        if (g > 1) add_sums(acc, sums[turn == 2 ? 0 : turn + 1], tile, g - 2, half, slab_info, groups, rows);
     }
-    for (int64_t g = w_groups > 1 ? w_groups - 2 : 0; g < w_groups; g++) ADD_SUMS(sums[g % 3], g);
+    for (int64_t g = w_groups > 1 ? w_groups - 2 : 0; g < w_groups; g++)
+        add_sums(acc, sums[g % 3], tile, g, half, slab_info, groups, rows);
     for (int i = 0; i < rows; i++) _mm512_storeu_ps(out + i * out_stride, acc[i]);
 }
-#undef ADD_SUMS
 
 // All rows on AMX: blocks of rows whose parts stay in L2 while every tile passes (one job a block
 // and tile, consecutive jobs one block through the tiles), each tile's codes made B tiles once
