@@ -1,20 +1,30 @@
-// Weight-only 4-bit matrix products with float32 activations in integer arithmetic: out = x @ W^T,
-// x and out float32, W packed as kernels/cpu_int4.h lays it out (GGUF's Q4_0/Q4_1/Q4_K codes, and
-// Q8_0's halves joined into the 8-bit code).
+// Weight-only 4-bit matrix products with float32 activations in exact integer arithmetic: out =
+// x @ W^T, x and out float32, W packed as kernels/cpu_int4.h lays it out (GGUF's Q4_0, Q4_1 and
+// Q4_K codes; Q8_0's two 4-bit halves stay two matrices over the same activations: each half's
+// sums fit int32, the 8-bit code's would not).
 //
-// Each row's 32 activations of a group share one exponent: a = x / 2^e rounded to an integer,
-// with 2^21 <= max |a| < 2^22, so each activation keeps 22 bits below its group's largest (float32
-// has 24). a is written as three signed bytes, a = 65536 h + 256 m + l, and each byte times the
-// codes gives exact int32 sums, by AVX512-VNNI's VPDPBUSD for few rows and by AMX's TDPBSUD for
-// more. Then, in float32 and in one order whatever the path: a group adds
-// scale * 2^e * (65536 H + (256 M + L)) + offset * sum(x) to each output, over groups in
-// increasing order. (Q4_0 and Q8_0, whose offset is -8 or -128 times the scale, take the code's
-// zero out of the integer sums first: no cancellation in float32.)
+// Each row's group of 32 activations shares one exponent: a = x * 2^-e rounded to an integer,
+// 2^21 <= max |a| < 2^22, so each activation keeps 22 bits below its group's largest (float32
+// keeps 24; the 4-bit weights' own error is about 2^-5). sum(a * code) over the group is then an
+// exact int32, computed
+// - for up to 7 rows by AVX512-VNNI: a as three signed bytes, a = 65536 h + 256 m + l, each
+//   byte's products with the codes by VPDPBUSD (64 products an instruction);
+// - from 8 rows by AMX: a = 4096 a1 + a0, each part two signed bytes 16 d1 + d0 in one 64-byte
+//   tile row, which TDPBSUD multiplies by 16 times the codes and by the codes (8,192 products an
+//   instruction).
+// Then, in float32 and in one order whatever the path, each group adds
+// scale * 2^e * sum(a * code) + offset * sum(x) to its 16 outputs, groups in increasing order
+// (where the offset is -8 times the scale, Q4_0's and Q8_0's high halves, 8 * sum(a) comes out of
+// the integer sum instead: nothing cancels in float32). A group holding a NaN or an infinity makes
+// its row's outputs NaN; a group of subnormals counts as zeros.
 //
-// Why: float32 FMAs set the pace of cpu_int4.c (16 multiply-adds per instruction, plus decoding
-// the weights); one VPDPBUSD does 64 and reads the codes as they are, one TDPBSUD 8,192. And the
-// sums are exact integers, so the two paths give the same bits: a row's result does not depend on
-// its batch (preemption stays invisible in the outputs), nor on whether the CPU has AMX.
+// Why: float32 FMAs set the pace of cpu_int4.c, and decoding the 4-bit weights that of a single
+// row. Here the codes go into the products as bytes, and AMX's products outrun FMAs. SmolLM2-135M's
+// matrices, 1 thread (tools/bench_cpu_kernels): 1.3 times cpu_int4.c's speed at 1 and 16 rows,
+// 1.4-1.5 from 32 to 128, 1.15 at 2,900. From 16 rows the float32 work each group adds to every
+// output (a conversion, two multiply-adds), not the tile products, sets the pace.
+// And exact sums make both paths give the same bits: a row's result depends neither on its batch
+// (preemption stays invisible in the outputs) nor on whether the CPU has AMX.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
