@@ -8,6 +8,8 @@ import mmap
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from gguf_files import QTYPES, write_gguf
@@ -226,6 +228,34 @@ def test_amx_int4_rows_do_not_depend_on_their_batch(fmt):
                                             (1, 600)])
     reference = x.double() @ weight.dequantize().bfloat16().double().T
     assert bool(((full.double() - reference).abs() <= 2 ** -8 * reference.abs() + 1e-6).all())
+
+
+@needs_vnni
+@settings(max_examples=30, deadline=None)
+@given(tiles=st.integers(1, 5), groups=st.integers(1, 40), rows=st.integers(1, 40),
+       kind=st.sampled_from(["offsets", "symmetric", "split"]), seed=st.integers(0, 2 ** 16))
+def test_integer_products_on_any_shape(tiles, groups, rows, kind, seed):
+    # Other models' shapes: any number of 16-row tiles and 32-column groups, Q4_1-like offsets,
+    # Q4_0-like symmetric codes, or Q8_0's split halves; float32-accurate, rows independent.
+    g = torch.Generator().manual_seed(seed)
+    n, k = 16 * tiles, 32 * groups
+    width = 2 * k if kind == "split" else k
+    scales = torch.rand(n, width // 32, generator=g).mul(0.02).add(0.001).half().float()
+    zeros = torch.randn(n, width // 32, generator=g).mul(0.02).half().float()
+    if kind == "symmetric":
+        zeros = torch.zeros_like(scales)
+    elif kind == "split":  # high halves 16 d, low halves d: w = d * q (Q8_0)
+        scales[:, groups:] = scales[:, :groups] / 16
+        zeros = torch.cat([torch.zeros_like(scales[:, :groups]), 8 * scales[:, groups:]], dim=1)
+    codes = torch.randint(0, 16, (n, width), generator=g, dtype=torch.uint8)
+    weight = GroupQuantized(codes, scales, zeros, kind == "split", "test")
+    lin = Int4Linear(weight, kernel="pagedkv")
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()
+    out = lin(x)
+    dense = weight.dequantize().double()
+    error = (out.double() - x.double() @ dense.T).abs()
+    assert bool((error <= 2 ** -20 * (x.abs().double() @ dense.abs().T) + 1e-30).all())
+    assert torch.equal(lin(x[rows // 2:]), out[rows // 2:]) and torch.equal(lin(x[:1]), out[:1])
 
 
 def test_rows_and_cat_follow_the_dense_weight():
