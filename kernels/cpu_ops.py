@@ -381,13 +381,13 @@ def set_vnni(enabled: bool) -> None:
 
 def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> torch.Tensor:
     """x @ W^T for a W packed by `pack_int4` (K columns of W; with repeat_x, W has 2 * x's
-    columns: Q8_0's codes split into high and low halves, which the kernels join back into the
-    8-bit code, w = d * q), in x's type. Float32 rows (and bfloat16 ones where AMX is missing,
-    converted): each group's 32 activations as integers below a shared exponent (22 bits under
-    the largest), exact integer sums with the codes, float32 from there (cpu_vnni.c, where the CPU
-    has AVX512-VNNI); else float32 weights and sums (cpu_int4.c). Bfloat16 rows with AMX: the weights
-    rounded to bfloat16, float32 sums, one rounding of each output (cpu_amx.c). Either way
-    each row's result is the same whatever the other rows."""
+    columns: Q8_0's codes split into high and low halves, w = d * q), in x's type. Float32 rows
+    (and bfloat16 ones where AMX is missing, converted): each group's 32 activations as integers
+    below a shared exponent (22 bits under the largest), exact integer sums with the codes,
+    float32 from there (cpu_vnni.c, where the CPU has AVX512-VNNI); else float32 weights and sums
+    (cpu_int4.c). Bfloat16 rows with AMX: the weights rounded to bfloat16, float32 sums, one
+    rounding of each output (cpu_amx.c). Either way each row's result is the same whatever the
+    other rows."""
     dtype = x.dtype
     amx = dtype == torch.bfloat16 and amx_supported()
     x = x if amx else x.float()

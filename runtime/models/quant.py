@@ -8,14 +8,14 @@ codes are kept as they are in the file. Q8_0 (w = d * q, q in -128..127) has no 
 int8 kernel in torch (`_weight_int8pack_mm` scales whole output rows); its codes are split
 into two 4-bit halves, q + 128 = 16 * hi + lo, that is w = 16d * (hi - 8) + (d * (lo - 8) + 8d),
 and run through the same kernel over twice the input width: the file's codes and scales again.
-(pagedkv's kernels join the halves back into the 8-bit code before multiplying: the file's
-d * q exactly, one product per weight.)
+(cpu_int4.c and cpu_amx.c join the halves back into the 8-bit code before multiplying: the
+file's d * q exactly, one product per weight; cpu_vnni.c sums each half exactly in integers.)
 
 They run on kernels/cpu_vnni.c where the CPU has AVX512-VNNI (float32 activations, 22 bits of
 each below its group's largest kept in exact integer sums with the file's codes, then float32
 with the file's scales), else on kernels/cpu_int4.c (float32 activations and arithmetic, the
-file's codes and scales as they are), either way every row's result independent of its batch; a bfloat16 model's on
-kernels/cpu_amx.c where the CPU has AMX (the weights a bfloat16 model dequantized from the
+file's codes and scales as they are), either way every row's result independent of its batch;
+a bfloat16 model's on kernels/cpu_amx.c where the CPU has AMX (the weights a bfloat16 model dequantized from the
 file holds, float32 sums, every row's result independent of its batch); or, where neither can be
 built, on torch's kernel, which is vectorised for bfloat16 activations only (float32 ones take
 a scalar path, about 20x slower) and wants its scales in the activations' type: a quantized
@@ -157,11 +157,12 @@ def int4_supported(weight: GroupQuantized) -> bool:
 
 
 class Int4Linear:
-    """x @ W^T for a GroupQuantized W. Where the CPU kernels build (kernels/cpu_vnni.c, else
-    kernels/cpu_int4.c): float32 activations, float32-accurate, each row's result independent of
-    the rest of the batch, and two to three times as fast as torch's kernel from 16 rows on; bfloat16 activations on AMX
-    (kernels/cpu_amx.c), 4 to 6 times faster again from 32 rows on. Else torch's int4 CPU
-    kernel, whose vectorised path takes bfloat16 activations and bfloat16 scales."""
+    """x @ W^T for a GroupQuantized W. Where the CPU kernels build: float32 activations,
+    float32-accurate, each row's result independent of the rest of the batch (kernels/cpu_int4.c,
+    about twice as fast as torch's kernel from 16 rows on; kernels/cpu_vnni.c, where the CPU has
+    AVX512-VNNI, 1.3 to 1.5 times faster again); bfloat16 activations on AMX (kernels/cpu_amx.c),
+    3 to 4.5 times cpu_int4.c's speed from 32 rows on. Else torch's int4 CPU kernel, whose
+    vectorised path takes bfloat16 activations and bfloat16 scales."""
 
     def __init__(self, weight: GroupQuantized, kernel: str | None = None) -> None:
         """kernel: "pagedkv" or "torch"; None takes pagedkv's where the CPU kernels build."""
