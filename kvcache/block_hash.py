@@ -6,7 +6,7 @@ import hashlib
 from array import array
 from collections.abc import Iterator
 
-from kvcache.sequence import Sequence
+from kvcache.sequence import PENDING_TOKEN, Sequence
 
 ROOT = b""  # the parent hash of a sequence's first block
 
@@ -27,6 +27,8 @@ def full_blocks(seq: Sequence, start: int, stop: int, block_size: int) -> Iterat
     for index in range(min(start, len(hashes)), stop):
         tokens = tuple(ids[index * block_size:(index + 1) * block_size])
         if index == len(hashes):
+            if PENDING_TOKEN in tokens:
+                raise ValueError(f"sequence {seq.seq_id}: block {index} holds a token not sampled yet")
             hashes.append(block_hash(hashes[-1] if hashes else ROOT, tokens))
         if index >= start:
             yield hashes[index], tokens

@@ -183,7 +183,8 @@ class BlockManager:
         table = self._tables.get(seq.seq_id)
         if table is None or table.device is not Device.DEVICE:
             table = self._table(seq, Device.DEVICE)  # raises the error that says why
-        full = seq.num_computed_tokens // self.block_size
+        # A pending last token (async scheduling) has no id yet: its block waits.
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         if full <= table.num_hashed:  # the common case: called every step, a block fills rarely
             return
         pool, blocks = self.pools[Device.DEVICE], table.blocks

@@ -27,6 +27,10 @@ _FINISHED = frozenset(s for s in SequenceStatus if s.name.startswith("FINISHED")
 
 _seq_ids = itertools.count()
 
+# The last token of a sequence whose next token is being sampled while the step after it is
+# scheduled already (async scheduling): it holds the token's place until the token is known.
+PENDING_TOKEN = -1
+
 
 def next_seq_id() -> int:
     return next(_seq_ids)
@@ -64,8 +68,25 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status in _FINISHED
 
+    @property
+    def has_pending_token(self) -> bool:
+        return bool(self.token_ids) and self.token_ids[-1] == PENDING_TOKEN
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids are known: all but a pending last one."""
+        return len(self.token_ids) - self.has_pending_token
+
+    def reserve_token(self) -> None:
+        """Holds the place of a token that a step in flight samples; `append` fills it."""
+        self.token_ids.append(PENDING_TOKEN)
+
     def append(self, token_id: int, logprob: float = 0.0) -> None:
-        self.token_ids.append(token_id)
+        """Adds a sampled token, in the place `reserve_token` held for it if there is one."""
+        if self.has_pending_token:
+            self.token_ids[-1] = token_id
+        else:
+            self.token_ids.append(token_id)
         self.cumulative_logprob += logprob
 
     def fork(self) -> "Sequence":

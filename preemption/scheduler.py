@@ -91,8 +91,13 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def free_finished(self) -> None:
-        """Drops the running groups that finished in the last step (their blocks are free)."""
+        """Drops the groups that finished in the last step (their blocks are free). With async
+        scheduling a preempted group can finish too: its last token arrives after preemption."""
         self.running = [g for g in self.running if not g.is_finished]
+        if any(g.is_finished for g in self.swapped):
+            self.swapped = [g for g in self.swapped if not g.is_finished]
+        if any(g.is_finished for g in self.waiting):
+            self.waiting = [g for g in self.waiting if not g.is_finished]
 
     def num_running_seqs(self) -> int:
         return sum(len(g.unfinished_seqs()) for g in self.running)
