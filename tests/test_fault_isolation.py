@@ -29,11 +29,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
     not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-def make_llm(loaded, device: str = "cpu") -> LLM:
+def make_llm(loaded, device: str = "cpu", async_scheduling: bool = False) -> LLM:
     # float32 on CUDA too: the comparison with and without the poison is exact only if a row's
     # logits do not depend on the batch around it.
     return LLM(loaded=loaded, block_size=4, num_device_blocks=256, swap_space_gib=0.01, device=device,
-               dtype="float32")
+               dtype="float32", async_scheduling=async_scheduling)
 
 
 def run(engine, requests: dict, poison_at: dict | None = None) -> dict:
@@ -104,14 +104,16 @@ POISONS = {
 }
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("poison", list(POISONS))
-def test_a_poisoned_request_fails_alone_and_the_others_finish_as_without_it(loaded, poison, device):
+def test_a_poisoned_request_fails_alone_and_the_others_finish_as_without_it(loaded, poison, device,
+                                                                             async_scheduling):
     good = {f"good{i}": (prompt, params) for i, (prompt, params) in enumerate(zip(PROMPTS, GOOD))}
     clean = run(make_llm(loaded, device).engine, good)
     beam = "length_penalty" in poison
     bad = SamplingParams(max_tokens=20, beam_width=2 if beam else 1, temperature=0.0 if beam else 0.9, seed=5)
-    engine = make_llm(loaded, device).engine
+    engine = make_llm(loaded, device, async_scheduling).engine
     mixed = run(engine, {**dict(list(good.items())[:4]), "poison": ([8, 9, 10, 11], bad),
                          **dict(list(good.items())[4:])}, POISONS[poison])
     assert set(mixed) == set(clean) | {"poison"}

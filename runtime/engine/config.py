@@ -55,6 +55,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1         # ranks that split the model (Megatron); rank 0 is this process
     distributed_timeout_s: float = 30.0   # how long a collective waits for the other ranks
     enable_prefix_caching: bool = True    # share computed prompt blocks across requests
+    async_scheduling: bool = False        # schedule step N+1 and finish step N-1 while step N computes
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -73,6 +74,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling (--async-scheduling) runs with one rank only, "
+                             f"not with tensor_parallel_size {self.tensor_parallel_size}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 
@@ -129,6 +133,9 @@ class EngineConfig:
             help="seconds a tensor-parallel collective waits for the other ranks (default 30)")
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
             help="reuse the KV blocks of prompt prefixes computed before (default on)")
+        add("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
+            help="schedule the next step and finish the last one on a second thread while a step computes "
+                 "(default off)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":

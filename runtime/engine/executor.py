@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -69,24 +70,31 @@ class ModelExecutor:
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         return self.upload(host_inputs(out, self.block_size))
 
-    def execute(self, out: SchedulerOutput, batch: ModelInput | None = None) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, batch: ModelInput | None = None,
+                inputs: HostInputs | None = None, started: Callable[[], None] | None = None) -> torch.Tensor:
         """Float32 logits on the model's device, one row per scheduled sequence that samples,
-        in `out.scheduled` order. `batch`: `prepare(out)` when the caller made it already."""
+        in `out.scheduled` order. `batch` (`prepare(out)`) or `inputs` (`host_inputs(out)`):
+        what the caller made already. `started` is called once, when the model's work is under
+        way (LlamaModel.forward says when), or at once for an empty step."""
         self.apply_cache_ops(out)
         self.profile.mark("cache ops")
         if out.is_empty:
+            if started is not None:
+                started()
             return torch.empty(0, self.model.config.vocab_size)
         if batch is None:
-            inputs = host_inputs(out, self.block_size)
+            inputs = inputs if inputs is not None else host_inputs(out, self.block_size)
             if self.graphs is not None and self.graphs.fits(inputs):
                 self.profile.mark("prepare")
                 logits = self.graphs.run(inputs)
+                if started is not None:
+                    started()
                 self.profile.mark("forward")
                 return logits
             batch = self.upload(inputs)
         self.profile.mark("prepare")
         start = time.perf_counter()
-        logits = self.model.forward(batch, self.cache.device_cache)
+        logits = self.model.forward(batch, self.cache.device_cache, started)
         if batch.num_prefill_tokens:
             self._sync()
             seconds = time.perf_counter() - start

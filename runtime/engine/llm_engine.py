@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -13,6 +14,7 @@ from preemption.scheduler import SchedulerOutput
 from runtime.engine.beam_search import BeamSearch
 from runtime.engine.config import EngineConfig, build_engine_parts
 from runtime.engine.outputs import FAILED, REJECTED, CompletionOutput, RequestOutput
+from runtime.engine.overlap import Drawn, Prepared, prepare
 from runtime.engine.quote import quote
 from runtime.engine.sampler import SampledToken, sample_batch
 from runtime.engine.sampling_params import SamplingParams
@@ -53,6 +55,13 @@ class LLMEngine:
         self.started = time.monotonic()
         self.generated_tokens = 0
         self.steps = 0
+        # Async scheduling: the host's work beside the model's runs on this thread. Only host
+        # work goes there (no torch operations that start threads), so that the compute
+        # threads keep the machine's cores.
+        self.host = (ThreadPoolExecutor(1, thread_name_prefix="pagedkv-host")
+                     if self.config.async_scheduling else None)
+        self.prepared: Prepared | None = None  # the next step, scheduled while this one computed
+        self.drawn: Drawn | None = None        # the last step's tokens, not yet given to their sequences
 
     # -- requests ---------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -104,26 +113,120 @@ class LLMEngine:
         if group is None:
             return None
         self.scheduler.abort(request_id)
+        for seq in group.seqs:
+            if seq.has_pending_token:  # a step in flight draws it; the request is gone first
+                seq.token_ids.pop()
         self.beams.pop(request_id, None)
         self.beam_results.pop(request_id, None)
         self.streaming.discard(request_id)
         return self._output(group, {})
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        # A scheduled step always runs: the blocks it writes may be in the prefix cache already.
+        return (self.scheduler.has_unfinished() or self.drawn is not None
+                or (self.prepared is not None and not self.prepared.out.is_empty))
 
     def close(self) -> None:
         """Stops the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        if self.host is not None:
+            self.host.shutdown()
         self.executor.close()
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Runs one step. With async scheduling, the outputs are those of the step before (the
+        last call's tokens reach their sequences while this step computes)."""
+        if self.host is not None:
+            return self._step_overlapped()
         self.profile.begin()
         out = self.scheduler.schedule()
         self.profile.mark("schedule")
         outputs = self.process(out, self.executor.execute(out))
         self.profile.end("prefill" if out.prefills else "decode")
         return outputs
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        self.profile.begin()
+        step = self.prepared or prepare(self.scheduler.schedule(), self.executor.block_size, {})
+        last, self.prepared, self.drawn = self.drawn, None, None
+        if last is not None:
+            step.fill(last.token_ids)
+        self.profile.mark("schedule")
+        host: list[Future] = []
+
+        def start() -> None:
+            host.append(self.host.submit(self._host_work, last, step.out))
+
+        try:
+            logits = self.executor.execute(step.out, inputs=step.inputs, started=start)
+        finally:  # the host's work must be over before this thread touches requests again
+            if not host:  # the step failed before its model work began
+                start()
+            outputs, self.prepared, seconds = host[0].result()
+        self.profile.mark("schedule")
+        self.profile.overlapped(seconds)
+        if self.prepared is None:  # this step forks sequences: its tokens reach them now
+            outputs += self.process(step.out, logits)
+        else:
+            rows = [row for row in step.out.scheduled if row.sample]
+            draws = [(row.seq, k) for k, row in enumerate(rows)]
+            self.steps += 1
+            if rows or step.out.rejected:
+                self.drawn = Drawn(step.out, rows, self._draw_rows(rows, draws, logits) if rows else [])
+            self.profile.mark("sample")
+        self.profile.end("prefill" if step.out.prefills else "decode")
+        return outputs
+
+    def _host_work(self, last: Drawn | None, out: SchedulerOutput) -> tuple[list[RequestOutput], Prepared | None,
+                                                                          float]:
+        """Beside the model's step `out`: the step before's tokens go to their sequences, and the
+        step after is scheduled, unless sampling `out` forks sequences (beam search, n samples)."""
+        started = time.perf_counter()
+        outputs = self._resolve(last) if last is not None else []
+        prepared = None if self._forks(out) else self._schedule_after(out)
+        return outputs, prepared, time.perf_counter() - started
+
+    def _forks(self, out: SchedulerOutput) -> bool:
+        """Whether sampling `out` changes which sequences run next: beam search forks and prunes
+        them, a fresh group of n samples forks them off its prompt."""
+        for row in out.scheduled:
+            group = row.group
+            if row.sample and (group.request_id in self.beams or (
+                    group.sampling_params.n > 1 and len(group.seqs) == 1 and not row.seq.output_ids)):
+                return True
+        return False
+
+    def _schedule_after(self, out: SchedulerOutput) -> Prepared:
+        """Schedules the step after `out` before `out`'s tokens are known: each sequence that
+        samples holds a pending token, and one that this token ends by length is not scheduled."""
+        sources: dict[int, int] = {}
+        for k, row in enumerate(row for row in out.scheduled if row.sample):
+            seq, group = row.seq, row.group
+            if seq.is_finished or self.groups.get(group.request_id) is not group:
+                continue
+            seq.reserve_token()
+            sources[id(seq)] = k
+            if self.stopping.length_reached(seq, group.sampling_params):
+                # Freed now; the status is settled when the token comes (EOS would say "stop").
+                self.scheduler.free_seq(seq, SequenceStatus.FINISHED_LENGTH)
+        self.scheduler.free_finished()
+        return prepare(self.scheduler.schedule(), self.executor.block_size, sources)
+
+    def _resolve(self, drawn: Drawn) -> list[RequestOutput]:
+        """Gives a step's drawn tokens to the sequences still waiting for them."""
+        live = [k for k, row in enumerate(drawn.rows)
+                if row.seq.has_pending_token and self.groups.get(row.group.request_id) is row.group]
+        for k in live:
+            drawn.rows[k].seq.status = SequenceStatus.RUNNING  # a pending token's sequence has not ended
+        new_tokens: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        self._append_drawn(drawn.rows, [(drawn.rows[k].seq, k) for k in live], [drawn.picked[k] for k in live],
+                           new_tokens)
+        for k in live:
+            if drawn.rows[k].seq.has_pending_token:  # its group failed
+                drawn.rows[k].seq.token_ids.pop()
+        changed = {drawn.rows[k].group.request_id: drawn.rows[k].group for k in live}
+        changed.update({g.request_id: g for g in drawn.out.rejected if self.groups.get(g.request_id) is g})
+        return self._outputs(changed, new_tokens)
 
     def process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         """Samples from one iteration's logits; returns the outputs of the requests it changed
@@ -134,6 +237,14 @@ class LLMEngine:
         self.profile.mark("sample")
         changed = {row.group.request_id: row.group for row in out.scheduled if row.sample}
         changed.update({g.request_id: g for g in out.rejected})
+        outputs = self._outputs(changed, new_tokens)
+        self.profile.mark("outputs")
+        return outputs
+
+    def _outputs(self, changed: dict[str, SequenceGroup],
+                 new_tokens: dict[str, dict[int, list[int]]]) -> list[RequestOutput]:
+        """The outputs of the changed requests that stream or finished; the finished ones are
+        forgotten."""
         outputs = [self._output(g, new_tokens.get(rid, {})) for rid, g in changed.items()
                    if g.is_finished or rid in self.streaming]
         for group in changed.values():
@@ -144,7 +255,6 @@ class LLMEngine:
                 self.failed.discard(group.request_id)
                 self.streaming.discard(group.request_id)
         self.scheduler.free_finished()
-        self.profile.mark("outputs")
         return outputs
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor,
@@ -174,30 +284,55 @@ class LLMEngine:
 
     def _sample_plain(self, sampling: list, draws: list[tuple[Sequence, int]], logits: torch.Tensor,
                       new_tokens: dict[str, dict[int, list[int]]]) -> None:
+        self._append_drawn(sampling, draws, self._draw_rows(sampling, draws, logits), new_tokens)
+
+    @staticmethod
+    def _by_group(sampling: list, draws: list[tuple[Sequence, int]]) -> list[list[int]]:
+        """Positions in `draws`, group by group."""
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for k, (_, i) in enumerate(draws):
+            by_group[id(sampling[i].group)].append(k)
+        return list(by_group.values())
+
+    def _draw_rows(self, sampling: list, draws: list[tuple[Sequence, int]],
+                   logits: torch.Tensor) -> list[SampledToken | Exception]:
         """All plain draws in one batch; if that fails, group by group, so that the group whose
         data broke it ends alone (seeded draws do not depend on the batch)."""
         try:
-            picked: list[SampledToken] | None = self._draw(sampling, draws, logits)
+            return list(self._draw(sampling, draws, logits))
         except Exception:
-            picked = None
-        by_group: dict[int, list[int]] = defaultdict(list)  # id(group) -> positions in draws
-        for k, (_, i) in enumerate(draws):
-            by_group[id(sampling[i].group)].append(k)
+            pass
+        picked: list[SampledToken | Exception] = [ValueError("not drawn")] * len(draws)
+        for positions in self._by_group(sampling, draws):
+            try:
+                tokens: list = self._draw(sampling, [draws[k] for k in positions], logits)
+            except Exception as e:
+                tokens = [e] * len(positions)
+            for k, token in zip(positions, tokens):
+                picked[k] = token
+        return picked
 
+    def _append_drawn(self, sampling: list, draws: list[tuple[Sequence, int]],
+                      picked: list[SampledToken | Exception], new_tokens: dict[str, dict[int, list[int]]]) -> None:
+        """Appends each draw's token, group by group; a group whose draw failed ends with its error."""
         def finish(positions: list[int]) -> None:
-            part = [draws[k] for k in positions]
-            tokens = [picked[k] for k in positions] if picked is not None else self._draw(sampling, part, logits)
-            for (seq, i), token in zip(part, tokens):
-                self._append(sampling[i].group, seq, token, new_tokens)
+            for k in positions:
+                if isinstance(picked[k], Exception):
+                    raise picked[k]
+            for k in positions:
+                seq, i = draws[k]
+                self._append(sampling[i].group, seq, picked[k], new_tokens)
 
-        for positions in by_group.values():
+        for positions in self._by_group(sampling, draws):
             self._guarded(sampling[draws[positions[0]][1]].group, lambda: finish(positions))
 
     def _draw(self, sampling: list, draws: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[SampledToken]:
         rows = [i for _, i in draws]
         picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
                               [sampling[i].group.sampling_params for _, i in draws],
-                              [(sampling[i].group.seqs.index(s), len(s)) for s, i in draws],
+                              # The position is the row's end: async scheduling may have added a
+                              # pending token to the sequence since.
+                              [(sampling[i].group.seqs.index(s), sampling[i].end) for s, i in draws],
                               self.executor.staging)
         vocab = logits.shape[-1]
         bad = [t.token_id for t in picked if not 0 <= t.token_id < vocab]

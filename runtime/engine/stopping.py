@@ -28,9 +28,14 @@ class StopChecker:
             if cut >= 0:
                 seq.output_text = text[:cut]  # the stop string itself is not returned
                 return SequenceStatus.FINISHED_STOPPED
-        if len(seq) - seq.prompt_len >= params.max_tokens or len(seq) >= self.max_len:
+        if self.length_reached(seq, params):
             return SequenceStatus.FINISHED_LENGTH
         return None
+
+    def length_reached(self, seq: Sequence, params: SamplingParams) -> bool:
+        """Whether the newest token (known or pending) is the last that max_tokens or the
+        model's context allows."""
+        return len(seq) - seq.prompt_len >= params.max_tokens or len(seq) >= self.max_len
 
     def completion(self, index: int, seq: Sequence, new_ids: list[int], params: SamplingParams) -> CompletionOutput:
         # Text is decoded once, when the sequence ends; streaming decodes deltas itself.

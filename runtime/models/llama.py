@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -322,9 +323,12 @@ class LlamaModel:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.inference_mode()
-    def forward(self, batch: ModelInput, kv_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: ModelInput, kv_cache: torch.Tensor,
+                started: Callable[[], None] | None = None) -> torch.Tensor:
         """Returns float32 logits [len(batch.logits_indices), vocab] (every token's when None;
-        [rows, 0] on tensor-parallel ranks other than 0)."""
+        [rows, 0] on tensor-parallel ranks other than 0). `started` is called once the
+        layers' work is under way: on the CPU as they begin (a thread that holds the GIL
+        meanwhile would stall the Python between the kernels), on a GPU once they are queued."""
         cfg = self.config
         cos, sin = self.rotary(batch.positions)
         # On the CPU, the steps between the matrix products are C kernels: rotary embedding with
@@ -332,6 +336,9 @@ class LlamaModel:
         fused = cpu_ops.model_kernels_usable(self.dtype, kv_cache)
         h = self.tp.embedding(batch.token_ids, self.embed)
         x = self.add_norm(h, None, self.layers[0]["input_norm"] if self.layers else self.norm, fused)
+        on_cpu = torch.device(self.device).type == "cpu"
+        if started is not None and on_cpu:
+            started()
         if (fused and self.decode_plan is not None and batch.num_prefill_tokens == 0
                 and self.decode_plan.takes(batch.token_ids.shape[0])):  # `layers` in one C call
             cpu_decode.decode_layers(self.decode_plan, h, x, cos[:, 0], sin[:, 0], kv_cache, batch.slot_mapping,
@@ -341,7 +348,10 @@ class LlamaModel:
             x = self.layers_forward(h, x, cos, sin, kv_cache, batch, fused)
         if batch.logits_indices is not None:
             x = x[batch.logits_indices]
-        return self.tp.gather_logits(self.linear(x, self.lm_head).float(), cfg.vocab_size)
+        logits = self.tp.gather_logits(self.linear(x, self.lm_head).float(), cfg.vocab_size)
+        if started is not None and not on_cpu:
+            started()
+        return logits
 
     def layers_forward(self, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        kv_cache: torch.Tensor, batch: ModelInput, fused: bool) -> torch.Tensor:
