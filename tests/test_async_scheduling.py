@@ -49,7 +49,8 @@ def assert_all_free(engine):
     bm = engine.block_manager
     assert bm.num_free_device_blocks == bm.num_device_blocks and bm.num_free_cpu_blocks == bm.num_cpu_blocks
     assert not engine.groups and not engine.beams and not engine.scheduler.has_unfinished()
-    assert engine.prepared is None or engine.prepared.out.is_empty
+    # A step scheduled ahead may be left: rows of sequences that stopped since, run by the next call.
+    assert engine.prepared is None or all(r.seq.is_finished for r in engine.prepared.out.scheduled)
     assert engine.drawn is None
 
 
@@ -210,6 +211,50 @@ def test_a_sequence_that_its_pending_token_ends_is_not_scheduled_again(loaded, m
         rows[async_scheduling] = sum(counted)
         assert_all_free(llm.engine)
     assert rows[True] == rows[False]
+
+
+def test_a_stop_on_a_block_boundary_then_a_turn_that_reuses_it(loaded):
+    """The row of a step scheduled ahead writes the stop token's K/V, and the prefix cache holds
+    its block: that step runs even when nothing else is left, so the next turn reads it."""
+    prompt = list(range(30, 39))  # 9 tokens: the 3rd output token fills the 3rd block of 4
+    free_run = make_llm(loaded).generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                                         use_tqdm=False)[0].outputs[0].token_ids
+    stop = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[free_run[2]])
+    turn = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1)
+    outputs = {}
+    for async_scheduling in (False, True):
+        llm = make_llm(loaded, async_scheduling=async_scheduling)
+        first = llm.generate([prompt], stop, use_tqdm=False)[0].outputs[0].token_ids
+        assert first == free_run[:3]
+        second = llm.generate([prompt + first + [7, 8]], turn, use_tqdm=False)
+        outputs[async_scheduling] = second
+        # The first turn's 12 tokens: without async scheduling the stop token's K/V is never computed.
+        assert llm.engine.stats()["prefix_cache"]["hit_tokens"] == (12 if async_scheduling else 8)
+        assert_all_free(llm.engine)
+    assert results(outputs[True]) == approx(outputs[False])
+
+
+def test_requests_that_stop_while_preempted(loaded, monkeypatch):
+    """Frequent stop tokens in a cache that preempts every few steps: a sequence preempted while
+    its token was in flight can stop on that token, and leaves the queue it waits in."""
+    frequent = list(range(0, 512, 3))
+    params = [SamplingParams(max_tokens=24, temperature=0.9, seed=i, stop_token_ids=frequent) for i in range(24)]
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(5 + i % 12)] for i in range(24)]
+    for mode in ("recompute", "swap"):
+        kwargs = dict(num_device_blocks=12, preemption_mode=mode, max_num_batched_tokens=16)
+        expected = make_llm(loaded, **kwargs).generate(prompts, params, use_tqdm=False)
+        llm = make_llm(loaded, async_scheduling=True, **kwargs)
+        scheduler, stopped_while_preempted = llm.engine.scheduler, []
+        free_finished = scheduler.free_finished
+
+        def counting(free_finished=free_finished, scheduler=scheduler, stopped=stopped_while_preempted):
+            stopped += [g for g in scheduler.waiting + scheduler.swapped if g.is_finished]
+            free_finished()
+
+        monkeypatch.setattr(scheduler, "free_finished", counting)
+        assert results(llm.generate(prompts, params, use_tqdm=False)) == approx(expected)
+        assert llm.engine.stats()["preemptions"][mode] >= 3 and stopped_while_preempted
+        assert_all_free(llm.engine)
 
 
 def test_a_pending_token_is_never_hashed():

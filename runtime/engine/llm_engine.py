@@ -122,9 +122,9 @@ class LLMEngine:
         return self._output(group, {})
 
     def has_unfinished(self) -> bool:
-        # A scheduled step always runs: the blocks it writes may be in the prefix cache already.
-        return (self.scheduler.has_unfinished() or self.drawn is not None
-                or (self.prepared is not None and not self.prepared.out.is_empty))
+        # A step scheduled ahead for requests that have all finished since is left for the next
+        # call: it runs before any step that could read the blocks it writes.
+        return self.scheduler.has_unfinished() or self.drawn is not None
 
     def close(self) -> None:
         """Stops the tensor-parallel workers, if any; the engine cannot step afterwards."""
