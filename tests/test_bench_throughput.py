@@ -91,6 +91,7 @@ def test_gpu_benchmark_path_runs_on_the_cpu(tmp_path):
     main_gpu(args)
     result = json.loads((tmp_path / "throughput.json").read_text())
     assert result["ways"][0]["tokens"] == 3 * NEW_TOKENS
+    assert result["ways"][3]["name"] == "pagedkv, --async-scheduling" and result["ways"][3]["tokens"] == 3 * NEW_TOKENS
     assert set(result["decode_step_ms"]) == {"1", "2"}
     text = (tmp_path / "throughput.md").read_text()
     assert "skipped (--no-transformers)" in text and "forward" in text

@@ -97,10 +97,11 @@ def workload(num_requests: int, vocab: int, seed: int) -> list[WorkloadRequest]:
 
 
 def new_engine(loaded: LoadedModel, device: torch.device, dtype: str, max_num_seqs: int, blocks: int,
-               enforce_eager: bool, profile: bool = False) -> LLMEngine:
+               enforce_eager: bool, profile: bool = False, async_scheduling: bool = False) -> LLMEngine:
     return LLMEngine(EngineConfig(device=device.type, dtype=dtype, num_device_blocks=blocks, swap_space_gib=0.05,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
-                                  enforce_eager=enforce_eager, profile_steps=profile), loaded)
+                                  enforce_eager=enforce_eager, profile_steps=profile,
+                                  async_scheduling=async_scheduling), loaded)
 
 
 def blocks_for(requests: list[WorkloadRequest], block_size: int = 16) -> int:
@@ -108,7 +109,8 @@ def blocks_for(requests: list[WorkloadRequest], block_size: int = 16) -> int:
     return sum(-(-(len(r.prompt_ids) + r.output_len) // block_size) + 1 for r in requests) + 16
 
 
-def run_pagedkv(engine: LLMEngine, requests: list[WorkloadRequest], device: torch.device) -> Way:
+def run_pagedkv(engine: LLMEngine, requests: list[WorkloadRequest], device: torch.device,
+                name: str = "pagedkv") -> Way:
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     sync(device)
     start = time.perf_counter()
@@ -118,7 +120,7 @@ def run_pagedkv(engine: LLMEngine, requests: list[WorkloadRequest], device: torc
     while engine.has_unfinished():
         tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
     sync(device)
-    return Way("pagedkv", tokens, time.perf_counter() - start)
+    return Way(name, tokens, time.perf_counter() - start)
 
 
 def run_generate_batch(model, requests: list[WorkloadRequest], device: torch.device) -> Way:
@@ -239,13 +241,20 @@ def main_gpu(args) -> None:
     num_requests = args.num_requests or (64 if args.quick else 256)
     requests = workload(num_requests, loaded.config.vocab_size, args.seed)
     print(describe(requests), flush=True)
-    engine = new_engine(loaded, device, dtype_name, 256, blocks_for(requests), args.enforce_eager)
-    run_pagedkv(engine, [dataclasses.replace(r, request_id=f"warm-{r.request_id}") for r in requests[:4]], device)
-    ours = run_pagedkv(engine, requests, device)
-    del engine
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    print(f"pagedkv: {ours.rate:.0f} tokens/s", flush=True)
+    runs = []
+    for async_scheduling in (False, True):  # the same requests with the host's work beside the GPU's
+        engine = new_engine(loaded, device, dtype_name, 256, blocks_for(requests), args.enforce_eager,
+                            async_scheduling=async_scheduling)
+        run_pagedkv(engine, [dataclasses.replace(r, request_id=f"warm-{r.request_id}") for r in requests[:4]],
+                    device)
+        runs.append(run_pagedkv(engine, requests, device,
+                                "pagedkv, --async-scheduling" if async_scheduling else "pagedkv"))
+        engine.close()
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"{runs[-1].name}: {runs[-1].rate:.0f} tokens/s", flush=True)
+    ours, ours_async = runs
     skipped = "skipped (--no-transformers)" if args.no_transformers else "not run (out of time?)"
     batch_ways = Way("transformers generate_batch", error=skipped)
     static_requests = requests[:args.static_requests or len(requests)]
@@ -256,13 +265,13 @@ def main_gpu(args) -> None:
 
     def report() -> str:
         """Writes what is measured so far: a run cut short by a time limit keeps its figures."""
-        text = body([ours, batch_ways, static], steps_ms, profile, requests, shape, device, args.enforce_eager)
+        text = body([ours, batch_ways, static, ours_async], steps_ms, profile, requests, shape, device, args.enforce_eager)
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "throughput.md").write_text(text + "\n")
             (out / "throughput.json").write_text(json.dumps({
-                "ways": [dataclasses.asdict(w) | {"tokens_per_s": w.rate} for w in (ours, batch_ways, static)],
+                "ways": [dataclasses.asdict(w) | {"tokens_per_s": w.rate} for w in (ours, batch_ways, static, ours_async)],
                 "decode_step_ms": steps_ms, "requests": len(requests), "model": shape}, indent=2) + "\n")
         return text
 
