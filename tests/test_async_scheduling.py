@@ -277,6 +277,50 @@ def test_a_pending_token_is_never_hashed():
     assert bm.num_free_device_blocks == 16
 
 
+@pytest.mark.timeout(300)
+def test_a_server_with_async_scheduling(tiny_model, tmp_path):
+    """`pagedkv serve --async-scheduling`: greedy and seeded replies equal the offline API's, a
+    stream adds up, an abort mid-stream frees its blocks."""
+    from server_process import running_server
+
+    from runtime.engine.llm import LLM
+    from runtime.serving.client import Client, ServerError
+
+    path = tiny_model()
+    offline = LLM(model=path, num_device_blocks=512, block_size=4)
+    with running_server(path, "--num-device-blocks", "128", "--block-size", "4", "--async-scheduling",
+                        log_path=str(tmp_path / "server.log")) as server, Client(server.address, timeout=60) as client:
+        for params in (dict(max_tokens=12, temperature=0.0), dict(max_tokens=10, temperature=0.8, seed=3, n=3)):
+            final = client.generate(prompt_ids=PROMPTS[2], **params)
+            expected = offline.generate([PROMPTS[2]], SamplingParams(**params), use_tqdm=False)[0]
+            assert [(o["token_ids"], o["finish_reason"]) for o in final["outputs"]] == [
+                (c.token_ids, c.finish_reason) for c in expected.outputs]
+        replies = list(client.stream(prompt_ids=PROMPTS[0], max_tokens=20, temperature=0.0, ignore_eos=True))
+        streamed = [t for r in replies[:-1] for t in r["outputs"][0]["token_ids"]]
+        assert replies[-1]["type"] == "final" and streamed == replies[-1]["outputs"][0]["token_ids"]
+        stream = client.stream(prompt_ids=PROMPTS[3], max_tokens=400, temperature=0.0, ignore_eos=True)
+        first = next(stream)
+        client.abort(first["id"])
+        with pytest.raises(ServerError) as error:
+            for reply in stream:
+                assert reply["type"] == "token"
+        assert error.value.code == "aborted"
+        blocks = client.stats()["blocks"]
+        assert blocks["device"]["used"] == 0 and blocks["cpu"]["used"] == 0
+
+
+def test_a_cpu_whose_cores_all_compute_gets_a_warning(loaded, caplog, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    with caplog.at_level("WARNING", logger="pagedkv.engine"):
+        make_llm(loaded, async_scheduling=True)
+    assert "host thread takes one from them" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})  # the tests run one torch thread
+    with caplog.at_level("WARNING", logger="pagedkv.engine"):
+        make_llm(loaded, async_scheduling=True)
+    assert "host thread" not in caplog.text
+
+
 def test_the_command_line_flag():
     parser = argparse.ArgumentParser()
     EngineConfig.add_arguments(parser)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,10 @@ log = logging.getLogger("pagedkv.engine")
 
 class RequestTooLong(ValueError):
     """A prompt longer than the model's context, or a request that can never fit in the KV cache."""
+
+
+def _cores_all_compute(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cpu" and torch.get_num_threads() >= len(os.sched_getaffinity(0))
 
 
 class LLMEngine:
@@ -60,6 +65,9 @@ class LLMEngine:
         # threads keep the machine's cores.
         self.host = (ThreadPoolExecutor(1, thread_name_prefix="pagedkv-host")
                      if self.config.async_scheduling else None)
+        if self.host is not None and _cores_all_compute(self.executor.device):
+            log.warning("async scheduling: the model's threads use every core this process may run on, so the "
+                        "host thread takes one from them; on a CPU it rarely pays (python -m tools.bench_async)")
         self.prepared: Prepared | None = None  # the next step, scheduled while this one computed
         self.drawn: Drawn | None = None        # the last step's tokens, not yet given to their sequences
 
