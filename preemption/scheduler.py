@@ -90,13 +90,13 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
-    def free_finished(self) -> None:
-        """Drops the groups that finished in the last step (their blocks are free). With async
-        scheduling a preempted group can finish too: its last token arrives after preemption."""
+    def free_finished(self, preempted_too: bool = False) -> None:
+        """Drops the running groups that finished in the last step (their blocks are free); with
+        `preempted_too` the waiting and swapped ones as well (async scheduling: a group's token
+        can arrive after the group was preempted, and end it)."""
         self.running = [g for g in self.running if not g.is_finished]
-        if any(g.is_finished for g in self.swapped):
+        if preempted_too:
             self.swapped = [g for g in self.swapped if not g.is_finished]
-        if any(g.is_finished for g in self.waiting):
             self.waiting = [g for g in self.waiting if not g.is_finished]
 
     def num_running_seqs(self) -> int:

@@ -247,9 +247,10 @@ def test_requests_that_stop_while_preempted(loaded, monkeypatch):
         scheduler, stopped_while_preempted = llm.engine.scheduler, []
         free_finished = scheduler.free_finished
 
-        def counting(free_finished=free_finished, scheduler=scheduler, stopped=stopped_while_preempted):
+        def counting(preempted_too=False, free_finished=free_finished, scheduler=scheduler,
+                     stopped=stopped_while_preempted):
             stopped += [g for g in scheduler.waiting + scheduler.swapped if g.is_finished]
-            free_finished()
+            free_finished(preempted_too)
 
         monkeypatch.setattr(scheduler, "free_finished", counting)
         assert results(llm.generate(prompts, params, use_tqdm=False)) == approx(expected)

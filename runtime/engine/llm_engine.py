@@ -224,8 +224,12 @@ class LLMEngine:
         """Gives a step's drawn tokens to the sequences still waiting for them."""
         live = [k for k, row in enumerate(drawn.rows)
                 if row.seq.has_pending_token and self.groups.get(row.group.request_id) is row.group]
+        preempted = False
         for k in live:
-            drawn.rows[k].seq.status = SequenceStatus.RUNNING  # a pending token's sequence has not ended
+            seq = drawn.rows[k].seq
+            if seq.status is SequenceStatus.FINISHED_LENGTH:  # freed ahead (_schedule_after): not ended yet
+                seq.status = SequenceStatus.RUNNING
+            preempted |= seq.status in (SequenceStatus.SWAPPED, SequenceStatus.WAITING)
         new_tokens: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         self._append_drawn(drawn.rows, [(drawn.rows[k].seq, k) for k in live], [drawn.picked[k] for k in live],
                            new_tokens)
@@ -234,7 +238,10 @@ class LLMEngine:
                 drawn.rows[k].seq.token_ids.pop()
         changed = {drawn.rows[k].group.request_id: drawn.rows[k].group for k in live}
         changed.update({g.request_id: g for g in drawn.out.rejected if self.groups.get(g.request_id) is g})
-        return self._outputs(changed, new_tokens)
+        outputs = self._outputs(changed, new_tokens)
+        if preempted:
+            self.scheduler.free_finished(preempted_too=True)
+        return outputs
 
     def process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         """Samples from one iteration's logits; returns the outputs of the requests it changed
