@@ -5,8 +5,9 @@ While step N computes, a second thread finishes step N-1 (gives its sampled toke
 sequences, checks stops, builds outputs) and schedules step N+1. Step N's tokens are not
 known then, so each sequence that samples in step N holds a pending token
 (`Sequence.reserve_token`) and step N+1 is scheduled as if that token were there; its input
-ids take the tokens when step N has drawn them (`Prepared.fill`). A sequence that step N
-finishes has computed one row of step N+1 for nothing; that row's results are dropped.
+ids take the tokens when step N has drawn them (`Prepared.fill`). A sequence whose token from
+step N is its last by length is not scheduled again; one that the token stops (a stop token or
+string) has computed one row of step N+1 for nothing, and that row's results are dropped.
 """
 from __future__ import annotations
 
