@@ -3,6 +3,7 @@ the sampled distribution, and logprobs."""
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -112,6 +113,28 @@ def test_greedy_is_argmax_with_ties_to_lowest_id():
     tokens = [t.token_id for t in sample_batch(logits, [greedy] * 8)]
     assert tokens == logits.argmax(dim=-1).tolist() and tokens[3] == 7
     assert sample_next(logits[5], SamplingParams(temperature=1e-7)).token_id == int(logits[5].argmax())
+
+
+def test_greedy_batches_take_the_short_path_with_the_same_results(monkeypatch):
+    """All-greedy CPU batches without top logprobs skip the plan and the packed copy: the same
+    tokens, logprobs (bit for bit) and top_logprobs as the general path, NaN and -inf rows too."""
+    torch.manual_seed(4)
+    logits = torch.randn(6, 300) * 3
+    logits[1, [5, 77]] = 20.0          # a tie
+    logits[2] = float("-inf")
+    logits[3, 10] = float("nan")
+    logits[4, 200] = float("inf")
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=0)] * 3
+    short = sample_batch(logits, params)
+    assert sampler.greedy_batch(logits, params) is not None
+    monkeypatch.setattr(sampler, "greedy_batch", lambda logits, params: None)
+    general = sample_batch(logits, params)
+    key = [(t.token_id, struct.pack("d", t.logprob), t.top_logprobs) for t in short]
+    assert key == [(t.token_id, struct.pack("d", t.logprob), t.top_logprobs) for t in general]
+    assert short[1].token_id == 5 and short[1].top_logprobs == {} and short[0].top_logprobs is None
+    mixed = params[:2] + [SamplingParams(temperature=0.7, seed=1)]
+    assert sampler.greedy_batch(logits[:3], mixed) is None
+    assert sampler.greedy_batch(logits[:1], [SamplingParams(temperature=0.0, logprobs=2)]) is None
 
 
 FILTERS = [

@@ -209,11 +209,29 @@ def sample_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],
     n = logits.shape[0]
     if len(params_list) != n:
         raise ValueError(f"{len(params_list)} sampling parameters for {n} logits rows")
+    greedy = greedy_batch(logits, params_list)
+    if greedy is not None:
+        return greedy
     plan = plan_batch(params_list, seed_keys, logits.shape[1])
     if n == 0:
         return []
     tensors = (staging or Staging(logits.device)).upload(plan.arrays)
     return unpack(sample_on_device(logits, tensors, plan).cpu(), plan)
+
+
+def greedy_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams]) -> list[SampledToken] | None:
+    """`sample_batch` of a CPU batch whose rows are all greedy and ask for no top logprobs (the
+    common case): the kernel's tokens and log-sum-exps, without a plan, an upload or a packed
+    copy. None where that does not apply."""
+    if not params_list or any(not p.is_greedy or p.logprobs or p.use_beam_search for p in params_list):
+        return None
+    fused = cpu_ops.greedy_and_logsumexp(logits)
+    if fused is None:
+        return None
+    tokens, log_total = fused
+    logprobs = (logits.gather(1, tokens[:, None]) - log_total)[:, 0].tolist()
+    return [SampledToken(t, lp, None if p.logprobs is None else {})
+            for t, lp, p in zip(tokens.tolist(), logprobs, params_list)]
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams,
