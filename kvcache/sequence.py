@@ -81,6 +81,11 @@ class Sequence:
         """Holds the place of a token that a step in flight samples; `append` fills it."""
         self.token_ids.append(PENDING_TOKEN)
 
+    def drop_pending_token(self) -> None:
+        """Gives up the place `reserve_token` held: its token will never come (failed, aborted)."""
+        if self.has_pending_token:
+            self.token_ids.pop()
+
     def append(self, token_id: int, logprob: float = 0.0) -> None:
         """Adds a sampled token, in the place `reserve_token` held for it if there is one."""
         if self.has_pending_token:

@@ -122,8 +122,7 @@ class LLMEngine:
             return None
         self.scheduler.abort(request_id)
         for seq in group.seqs:
-            if seq.has_pending_token:  # a step in flight draws it; the request is gone first
-                seq.token_ids.pop()
+            seq.drop_pending_token()  # a step in flight draws it; the request is gone first
         self.beams.pop(request_id, None)
         self.beam_results.pop(request_id, None)
         self.streaming.discard(request_id)
@@ -210,7 +209,7 @@ class LLMEngine:
         sources: dict[int, int] = {}
         for k, row in enumerate(row for row in out.scheduled if row.sample):
             seq, group = row.seq, row.group
-            if seq.is_finished or self.groups.get(group.request_id) is not group:
+            if seq.is_finished or not self._live(group):
                 continue
             seq.reserve_token()
             sources[id(seq)] = k
@@ -222,26 +221,27 @@ class LLMEngine:
 
     def _resolve(self, drawn: Drawn) -> list[RequestOutput]:
         """Gives a step's drawn tokens to the sequences still waiting for them."""
-        live = [k for k, row in enumerate(drawn.rows)
-                if row.seq.has_pending_token and self.groups.get(row.group.request_id) is row.group]
+        live = [k for k, row in enumerate(drawn.rows) if row.seq.has_pending_token and self._live(row.group)]
+        seqs = [drawn.rows[k].seq for k in live]
         preempted = False
-        for k in live:
-            seq = drawn.rows[k].seq
+        for seq in seqs:
             if seq.status is SequenceStatus.FINISHED_LENGTH:  # freed ahead (_schedule_after): not ended yet
                 seq.status = SequenceStatus.RUNNING
             preempted |= seq.status in (SequenceStatus.SWAPPED, SequenceStatus.WAITING)
         new_tokens: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-        self._append_drawn(drawn.rows, [(drawn.rows[k].seq, k) for k in live], [drawn.picked[k] for k in live],
-                           new_tokens)
-        for k in live:
-            if drawn.rows[k].seq.has_pending_token:  # its group failed
-                drawn.rows[k].seq.token_ids.pop()
+        self._append_drawn(drawn.rows, list(zip(seqs, live)), [drawn.picked[k] for k in live], new_tokens)
+        for seq in seqs:
+            seq.drop_pending_token()  # still there: its group failed
         changed = {drawn.rows[k].group.request_id: drawn.rows[k].group for k in live}
-        changed.update({g.request_id: g for g in drawn.out.rejected if self.groups.get(g.request_id) is g})
+        changed.update({g.request_id: g for g in drawn.out.rejected if self._live(g)})
         outputs = self._outputs(changed, new_tokens)
         if preempted:
             self.scheduler.free_finished(preempted_too=True)
         return outputs
+
+    def _live(self, group: SequenceGroup) -> bool:
+        """Whether the group is still this engine's request (not finished and forgotten, not aborted)."""
+        return self.groups.get(group.request_id) is group
 
     def process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         """Samples from one iteration's logits; returns the outputs of the requests it changed
@@ -314,7 +314,7 @@ class LLMEngine:
         """All plain draws in one batch; if that fails, group by group, so that the group whose
         data broke it ends alone (seeded draws do not depend on the batch)."""
         try:
-            return list(self._draw(sampling, draws, logits))
+            return self._draw(sampling, draws, logits)
         except Exception:
             pass
         picked: list[SampledToken | Exception] = [ValueError("not drawn")] * len(draws)
