@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"

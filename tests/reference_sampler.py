@@ -23,8 +23,8 @@ from typing import Sequence
 
 import torch
 
-from runtime.engine.sampler import draw_key
-from runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.engine.sampler import draw_key
+from pagedkv.runtime.engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15

@@ -33,7 +33,7 @@ class ServerProcess:
 def launch(model_path: str, *args: str, log_path: str, bind: str = "tcp://127.0.0.1:*") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "serve", "--model", model_path,
+        return subprocess.Popen([sys.executable, "-m", "pagedkv", "serve", "--model", model_path,
                                  "--bind", bind, *args], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=log, text=True)
 
@@ -88,7 +88,7 @@ def running_gateway(address: str, *args: str, log_path: str):
     """`pagedkv api` alone, in front of the engine at `address`: yields (process, base URL)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "api", "--address", address,
+        process = subprocess.Popen([sys.executable, "-m", "pagedkv", "api", "--address", address,
                                     "--port", "0", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=log, text=True)
     try:

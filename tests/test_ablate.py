@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from kvcache.sequence import Sequence, SequenceGroup
-from preemption.policy import CostModel, PreemptionMode, PreemptionPolicy, tokens_to_recompute
-from tools import ablate_preemption
-from tools.ablate_e2e import E2ERow, WorkloadSpec, build_workload, params_for
-from tools.ablate_micro import MicroRow, policy_gap
-from tools.ablate_report import verdict_table, verdicts
+from pagedkv.kvcache.sequence import Sequence, SequenceGroup
+from pagedkv.preemption.policy import CostModel, PreemptionMode, PreemptionPolicy, tokens_to_recompute
+from pagedkv.ablation import main as ablation
+from pagedkv.ablation.e2e import E2ERow, WorkloadSpec, build_workload, params_for
+from pagedkv.ablation.micro import MicroRow, policy_gap
+from pagedkv.ablation.summary import verdict_table, verdicts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,14 +41,14 @@ def tiny_run(tiny_model, tmp_path_factory):
 
     def write_section(title, body):
         calls.append(title)
-        from tools.report import write_section as real
+        from pagedkv.ablation.report import write_section as real
 
         real(title, body, path=benchmarks)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ablate_preemption, "BENCHMARKS", benchmarks)
-        mp.setattr(ablate_preemption, "write_section", write_section)
-        assert ablate_preemption.main(["--model", model, "--out", str(out), "--update-docs", *TINY]) == 0
+        mp.setattr(ablation, "BENCHMARKS", benchmarks)
+        mp.setattr(ablation, "write_section", write_section)
+        assert ablation.main(["--model", model, "--out", str(out), "--update-docs", *TINY]) == 0
     return out, benchmarks, calls
 
 
@@ -141,23 +141,23 @@ def test_without_update_docs_the_repository_is_left_alone(tiny_model, monkeypatc
     def fail(*_):
         raise AssertionError("without --update-docs, docs/BENCHMARKS.md must not be written")
 
-    monkeypatch.setattr(ablate_preemption, "write_section", fail)
+    monkeypatch.setattr(ablation, "write_section", fail)
     model = tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
     args = ["--model", model, "--skip", "e2e", "--skip", "memory", "--block-sizes", "2", "--contexts", "8",
             "--repeats", "1", "--no-progress"]
-    assert ablate_preemption.main(args) == 0
+    assert ablation.main(args) == 0
     named = capsys.readouterr().err.split("results go to ", 1)[1].splitlines()[0]
     out = Path(named)
-    root = Path(ablate_preemption.__file__).resolve().parent.parent
+    root = Path(ablation.__file__).resolve().parents[2]
     assert out.is_dir() and root not in out.resolve().parents
     assert (out / "micro.csv").exists() and not (out / "e2e.csv").exists()
     assert "### Verdict" not in (out / "summary.md").read_text()
-    assert ablate_preemption.main(args) == 0  # a second run gets a folder of its own
+    assert ablation.main(args) == 0  # a second run gets a folder of its own
     assert capsys.readouterr().err.split("results go to ", 1)[1].splitlines()[0] != named
 
 
 def test_clock_choice():
-    resolve = ablate_preemption.resolve_clock
+    resolve = ablation.resolve_clock
     assert resolve("auto", "cpu") == "cpu" and resolve("wall", "cpu") == "wall"
     assert resolve("auto", "cuda") == "wall" and resolve("wall", "cuda") == "wall"
     with pytest.raises(SystemExit, match="GPU work is not CPU time"):
@@ -305,11 +305,11 @@ def test_policy_gap():
 
 
 def test_cpu_clock_replay_jumps_over_idle_time(tiny_model):
-    from runtime.engine.config import EngineConfig
-    from runtime.engine.llm_engine import LLMEngine
-    from runtime.models.loader import load_model
-    from tools.replay import CpuClock, replay
-    from tools.workload import WorkloadRequest
+    from pagedkv.runtime.engine.config import EngineConfig
+    from pagedkv.runtime.engine.llm_engine import LLMEngine
+    from pagedkv.runtime.models.loader import load_model
+    from pagedkv.ablation.replay import CpuClock, replay
+    from pagedkv.ablation.workload import WorkloadRequest
 
     loaded = load_model(tiny_model(num_layers=2, num_heads=4, num_kv_heads=2))
     engine = LLMEngine(EngineConfig(num_device_blocks=64, block_size=4, swap_space_gib=0.0), loaded)

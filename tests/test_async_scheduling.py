@@ -8,12 +8,12 @@ import pytest
 import torch
 from models import MIXED_WORKLOAD, make_llm
 
-from kvcache.block_hash import full_blocks
-from kvcache.block_manager import BlockManager
-from kvcache.sequence import PENDING_TOKEN, Sequence, SequenceGroup
-from runtime.engine.config import EngineConfig
-from runtime.engine.sampling_params import SamplingParams
-from runtime.models.loader import load_model
+from pagedkv.kvcache.block_hash import full_blocks
+from pagedkv.kvcache.block_manager import BlockManager
+from pagedkv.kvcache.sequence import PENDING_TOKEN, Sequence, SequenceGroup
+from pagedkv.runtime.engine.config import EngineConfig
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.models.loader import load_model
 
 PROMPTS = [list(range(5, 12)), [3, 4], list(range(20, 41)), [7, 8, 9, 10, 11, 12, 13, 14, 15], [42] * 5,
            list(range(5, 12)) + [60, 61], [9] * 13]
@@ -284,8 +284,8 @@ def test_a_server_with_async_scheduling(tiny_model, tmp_path):
     stream adds up, an abort mid-stream frees its blocks."""
     from server_process import running_server
 
-    from runtime.engine.llm import LLM
-    from runtime.serving.client import Client, ServerError
+    from pagedkv.runtime.engine.llm import LLM
+    from pagedkv.runtime.serving.client import Client, ServerError
 
     path = tiny_model()
     offline = LLM(model=path, num_device_blocks=512, block_size=4)

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from runtime.engine.beam_search import BeamSearch
-from runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.engine.beam_search import BeamSearch
+from pagedkv.runtime.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

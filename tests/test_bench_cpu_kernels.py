@@ -2,7 +2,7 @@
 timed side by side, and a one-line refusal where there is no AMX to compare."""
 import pytest
 
-from kernels import cpu_ops
+from pagedkv.kernels.cpu import ops as cpu_ops
 from test_quant import q4_gguf  # noqa: F401 (a fixture)
 from tools import bench_cpu_kernels
 

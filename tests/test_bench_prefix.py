@@ -8,7 +8,7 @@ import pytest
 
 from tools import bench_prefix as bp
 from tools.prefix_workloads import multi_turn_chats, no_shared_prefix, shared_system_prompt
-from tools.report import BENCHMARKS
+from pagedkv.ablation.report import BENCHMARKS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

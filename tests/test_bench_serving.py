@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from tools import bench_serving, report
+from tools import bench_serving
+
+from pagedkv.ablation import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RATES = (10.0, 40.0)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from runtime.models.loader import load_model
+from pagedkv.runtime.models.loader import load_model
 from tools import bench_throughput as bt
-from tools.workload import WorkloadRequest, make_workload
+from pagedkv.ablation.workload import WorkloadRequest, make_workload
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,9 +1,9 @@
 """Unit tests of the block allocator and the block manager (vLLM's block-manager semantics)."""
 import pytest
 
-from kvcache.allocator import BlockAllocator, BlockAllocatorError, Device
-from kvcache.block_manager import AllocStatus, BlockManager, BlockManagerError
-from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedkv.kvcache.allocator import BlockAllocator, BlockAllocatorError, Device
+from pagedkv.kvcache.block_manager import AllocStatus, BlockManager, BlockManagerError
+from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
 def group_of(prompt, n=1, request_id="r"):

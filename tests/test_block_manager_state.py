@@ -12,10 +12,10 @@ from collections import Counter
 import hypothesis.strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kvcache.allocator import Device
-from kvcache.block_hash import ROOT, block_hash
-from kvcache.block_manager import AllocStatus, BlockManager, BlockManagerError
-from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedkv.kvcache.allocator import Device
+from pagedkv.kvcache.block_hash import ROOT, block_hash
+from pagedkv.kvcache.block_manager import AllocStatus, BlockManager, BlockManagerError
+from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 
 TOKENS = st.integers(min_value=0, max_value=50)
 # A few shared heads make cache hits (and evictions of them) frequent.

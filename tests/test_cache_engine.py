@@ -1,7 +1,7 @@
 """The cache engine carries out the block manager's plans: swaps and copy-on-write copies."""
 import torch
 
-from kvcache.cache_engine import CacheEngine, CacheSpec
+from pagedkv.kvcache.cache_engine import CacheEngine, CacheSpec
 
 
 def filled_engine(num_device=6, num_cpu=4):

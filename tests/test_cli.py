@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from runtime.cli.main import main
+from pagedkv.runtime.cli.main import main
 
 SMALL_CACHE = ["--num-device-blocks", "64", "--swap-space-gib", "0.01"]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from models import MIXED_WORKLOAD, make_llm
 
-from runtime.engine.sampling_params import SamplingParams
-from runtime.models.loader import load_model
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 

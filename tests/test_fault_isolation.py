@@ -4,9 +4,9 @@ while the requests beside it finish exactly as they would have without it."""
 import pytest
 import torch
 
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
-from runtime.models.loader import load_model
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.models.loader import load_model
 
 PROMPTS = [[5, 6, 7], list(range(20, 33)), [9] * 6, [100, 200, 300, 400], [3, 4], list(range(40, 49)),
            [77, 78], [11, 12, 13, 14, 15]]

@@ -11,9 +11,9 @@ import torch
 from gguf_files import QTYPES, gguf_name, gpt2_vocab, sentencepiece_vocab, stored, write_gguf
 from models import make_tiny_llama
 
-from runtime.models.gguf_loader import llama3_rope_factors
-from runtime.models.loader import default_model_path, load_model
-from runtime.models.tokenizer import Tokenizer
+from pagedkv.runtime.models.gguf_loader import llama3_rope_factors
+from pagedkv.runtime.models.loader import default_model_path, load_model
+from pagedkv.runtime.models.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()

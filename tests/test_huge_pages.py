@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memory_maps import vm_flags
-from runtime.models.huge_pages import into_huge_pages
+from pagedkv.runtime.models.huge_pages import into_huge_pages
 
 pytestmark = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no transparent huge pages here")
 
@@ -34,8 +34,8 @@ def test_tensors_it_cannot_move_stay_as_they_are():
 def streamed_matrices(model) -> list[torch.Tensor]:
     """The weights a decode step streams in plain layouts: the embedding, F.linear's float32
     matrices and the 4-bit kernel's (oneDNN's packed ones are opaque to torch)."""
-    from runtime.models.llama import DualWeight
-    from runtime.models.quant import Int4Linear
+    from pagedkv.runtime.models.llama import DualWeight
+    from pagedkv.runtime.models.quant import Int4Linear
 
     found = [model.embed]
     for w in model.linear_weights():
@@ -50,8 +50,8 @@ def streamed_matrices(model) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_models_streamed_weights_live_in_huge_pages(tiny_model, dtype):
-    from runtime.models.llama import LlamaModel
-    from runtime.models.loader import load_model
+    from pagedkv.runtime.models.llama import LlamaModel
+    from pagedkv.runtime.models.loader import load_model
 
     loaded = load_model(tiny_model(num_layers=2), dtype=dtype)
     model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), dtype)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import kernels
+from pagedkv import kernels
 from tools import bench_attention as bench
 
 

@@ -1,4 +1,4 @@
-"""The CPU kernels (kernels/cpu_kernels.c) against the torch reference, their oracle."""
+"""The CPU kernels (pagedkv/kernels/cpu/cpu_kernels.c) against the torch reference, their oracle."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import cpu_ops, reference
+from pagedkv import kernels
+from pagedkv.kernels.cpu import ops as cpu_ops
+from pagedkv.kernels import reference
 from paged_cases import random_paged_cache
 
 pytestmark = pytest.mark.skipif(cpu_ops.library() is None, reason="no C compiler to build the CPU kernels")
@@ -263,7 +264,7 @@ def test_without_a_compiler_the_reference_runs(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("PAGEDKV_CACHE_DIR", str(tmp_path))
     cpu_ops.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="kernels.cpu_ops"):
+        with caplog.at_level(logging.WARNING, logger="pagedkv.kernels.cpu.ops"):
             assert cpu_ops.library() is None
         assert "using the torch reference" in caplog.text and "no-such-compiler" in caplog.text
         cache, tables, query, lens = decode_case([20, 3], 16, (4, 2), 64, torch.float32)
@@ -304,7 +305,7 @@ def test_int4_packing_and_inputs_are_checked():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_rotary_and_cache_is_the_models_torch_ops_bit_for_bit(dtype, cache_dtype):
-    from runtime.models.llama import LlamaModel
+    from pagedkv.runtime.models.llama import LlamaModel
 
     hq, hkv, d, tokens = 6, 2, 64, 9
     cache, _, g = random_paged_cache([48], 16, hkv, d, cache_dtype, layers=3)
@@ -376,7 +377,7 @@ def test_bf16_linear_refuses_what_it_cannot_run():
 
 def model_ops(dtype):
     """The model's torch implementations of the steps the elementwise kernels replace."""
-    from runtime.models.llama import LlamaModel
+    from pagedkv.runtime.models.llama import LlamaModel
 
     def add_norm(h, delta, weight, eps):
         norm = LlamaModel.__new__(LlamaModel)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from paged_cases import assert_close, random_paged_cache
 
-import kernels
-from kernels import cuda_ops, reference as ref
+from pagedkv import kernels
+from pagedkv.kernels.cuda import ops as cuda_ops
+from pagedkv.kernels import reference as ref
 
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 

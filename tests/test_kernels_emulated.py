@@ -9,7 +9,11 @@ import pytest
 import torch
 from paged_cases import assert_close, random_paged_cache
 
-from kernels import cuda_ops, emulation, reference as ref
+from pagedkv.kernels.cuda import ops as cuda_ops
+
+from pagedkv.kernels.cuda import emulation
+
+from pagedkv.kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(emulation.compiler() is None, reason="no C++17 compiler for the emulation")
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cuda_ops
+from pagedkv.kernels.cuda import ops as cuda_ops
 
 HEADS = [(8, 8, 128), (32, 8, 128), (9, 3, 64), (8, 2, 96), (16, 1, 128), (32, 1, 64), (4, 2, 256),
          (16, 2, 128), (12, 4, 96), (8, 8, 64), (32, 1, 128)]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference as ref
+from pagedkv.kernels import reference as ref
 
 HEADS = [(4, 4), (8, 2), (6, 3)]  # (query heads, kv heads): MHA and two GQA ratios
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}

@@ -10,7 +10,7 @@ import torch
 from models import CHAT_TEMPLATE, make_tiny_llama
 from safetensors.torch import load_file, save_file
 
-from runtime.models.loader import default_model_path, hf_config, load_model
+from pagedkv.runtime.models.loader import default_model_path, hf_config, load_model
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from kernels import cpu_ops
-from kvcache.sequence import SequenceStatus
-from runtime.engine.config import EngineConfig
-from runtime.engine.llm_engine import LLMEngine
-from runtime.models.llama import LlamaModel
-from runtime.models.loader import load_model
+from pagedkv.kernels.cpu import ops as cpu_ops
+from pagedkv.kvcache.sequence import SequenceStatus
+from pagedkv.runtime.engine.config import EngineConfig
+from pagedkv.runtime.engine.llm_engine import LLMEngine
+from pagedkv.runtime.models.llama import LlamaModel
+from pagedkv.runtime.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,14 +1,16 @@
-"""kernels/cpu_decode.c runs a small decode batch's layers in one call: it must give the
+"""pagedkv/kernels/cpu/cpu_decode.c runs a small decode batch's layers in one call: it must give the
 model's Python loop's outputs bit for bit (float32, the file's 4-bit codes, bfloat16), and
 the same errors."""
 import pytest
 import torch
 
-from kernels import cpu_decode, cpu_ops
-from runtime.engine.config import EngineConfig
-from runtime.engine.llm_engine import LLMEngine
-from runtime.models.llama import LlamaModel
-from runtime.models.loader import load_model
+from pagedkv.kernels.cpu import decode as cpu_decode
+
+from pagedkv.kernels.cpu import ops as cpu_ops
+from pagedkv.runtime.engine.config import EngineConfig
+from pagedkv.runtime.engine.llm_engine import LLMEngine
+from pagedkv.runtime.models.llama import LlamaModel
+from pagedkv.runtime.models.loader import load_model
 from gguf_files import QTYPES, write_gguf
 from gguf.constants import GGMLQuantizationType as Q
 from models import make_tiny_llama

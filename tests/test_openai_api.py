@@ -24,9 +24,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import ROOT, running_gateway, running_http_server
 
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
-from runtime.serving.client import Client
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.serving.client import Client
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = "hello world, this is"
@@ -534,10 +534,10 @@ def test_503_when_the_engine_does_not_answer(tmp_path):
 
 
 def test_a_non_loopback_host_needs_a_key(tmp_path):
-    command = [sys.executable, "-m", "runtime.cli.main", "api", "--host", "0.0.0.0", "--port", "0"]
+    command = [sys.executable, "-m", "pagedkv", "api", "--host", "0.0.0.0", "--port", "0"]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--api-key" in out.stderr and "--insecure" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "runtime.cli.main", "serve", "--http-port", "0",
+    out = subprocess.run([sys.executable, "-m", "pagedkv", "serve", "--http-port", "0",
                           "--http-host", "0.0.0.0", "--model", "/nonexistent"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "--api-key" in out.stderr  # refused before the model loads

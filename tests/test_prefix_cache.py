@@ -2,12 +2,12 @@
 the evictable LRU list, exact admission, swapping, and the recompute cost that knows it."""
 import pytest
 
-from kvcache.allocator import BlockAllocator, Device
-from kvcache.block_hash import ROOT, block_hash, full_blocks
-from kvcache.block_manager import AllocStatus, BlockManager
-from kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
-from preemption.policy import CostModel, PreemptionMode, PreemptionPolicy
-from preemption.scheduler import Scheduler, SchedulerConfig
+from pagedkv.kvcache.allocator import BlockAllocator, Device
+from pagedkv.kvcache.block_hash import ROOT, block_hash, full_blocks
+from pagedkv.kvcache.block_manager import AllocStatus, BlockManager
+from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedkv.preemption.policy import CostModel, PreemptionMode, PreemptionPolicy
+from pagedkv.preemption.scheduler import Scheduler, SchedulerConfig
 
 
 def group_of(prompt, n=1, request_id="r"):

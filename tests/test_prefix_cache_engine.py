@@ -8,10 +8,10 @@ import torch
 from models import MIXED_WORKLOAD
 from test_engine import hf_beams, tokens
 
-from runtime.engine.config import EngineConfig
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
-from runtime.models.loader import load_model
+from pagedkv.runtime.engine.config import EngineConfig
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,8 +2,8 @@
 import msgpack
 import pytest
 
-from runtime.serving.protocol import BAD_REQUEST, TOO_LONG, ProtocolError, decode_message
-from runtime.serving.streaming import TextStream
+from pagedkv.runtime.serving.protocol import BAD_REQUEST, TOO_LONG, ProtocolError, decode_message
+from pagedkv.runtime.serving.streaming import TextStream
 
 
 def _decode(message, max_chars=1000):

@@ -16,12 +16,12 @@ from gguf_files import QTYPES, write_gguf
 from memory_maps import vm_flags
 from models import MIXED_WORKLOAD, make_tiny_llama
 
-from kernels import cpu_ops
-from runtime.engine.config import EngineConfig
-from runtime.engine.llm import LLM
-from runtime.models.llama import LlamaModel
-from runtime.models.loader import load_model
-from runtime.models.quant import GroupQuantized, Int4Linear, from_gguf_blocks, int4_cpu_available
+from pagedkv.kernels.cpu import ops as cpu_ops
+from pagedkv.runtime.engine.config import EngineConfig
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.models.llama import LlamaModel
+from pagedkv.runtime.models.loader import load_model
+from pagedkv.runtime.models.quant import GroupQuantized, Int4Linear, from_gguf_blocks, int4_cpu_available
 
 transformers = pytest.importorskip("transformers")
 needs_int4 = pytest.mark.skipif(not int4_cpu_available(), reason="this torch has no int4 CPU kernel")
@@ -79,8 +79,8 @@ def test_torch_int4_linear_against_float32_reference(fmt, rows):
 
 @pytest.fixture(params=["integers", "floats"])
 def float32_kernel(request):
-    """Float32 rows through 4-bit weights by exact integer products (kernels/cpu_vnni.c, where
-    the CPU has AVX512-VNNI), or by float32 FMAs (kernels/cpu_int4.c)."""
+    """Float32 rows through 4-bit weights by exact integer products (pagedkv/kernels/cpu/cpu_vnni.c, where
+    the CPU has AVX512-VNNI), or by float32 FMAs (pagedkv/kernels/cpu/cpu_int4.c)."""
     if cpu_ops.library() is None:
         pytest.skip("no C compiler to build the CPU kernels")
     if request.param == "integers" and not cpu_ops.vnni_supported():

@@ -42,7 +42,7 @@ def test_offline_block_runs(one_torch_thread):
 
 def test_client_block_runs(tmp_path):
     pytest.importorskip("gguf")
-    from runtime.models.loader import default_model_path
+    from pagedkv.runtime.models.loader import default_model_path
 
     with running_server(default_model_path(), "--num-device-blocks", "256", "--swap-space-gib", "0.01",
                         log_path=str(tmp_path / "server.log")) as server:

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tools import bench_blocks, report
+from tools import bench_blocks
+
+from pagedkv.ablation import report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def docs(tmp_path, monkeypatch):
-    """A stand-in for docs/: tools.report writes there instead of the repository."""
+    """A stand-in for docs/: pagedkv.ablation.report writes there instead of the repository."""
     folder = tmp_path / "docs"
     folder.mkdir()
     monkeypatch.setattr(report, "BENCHMARKS", folder / "BENCHMARKS.md")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.engine import sampler
-from runtime.engine.sampler import SampledToken, sample_batch, sample_next, set_global_seed
-from runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.engine import sampler
+from pagedkv.runtime.engine.sampler import SampledToken, sample_batch, sample_next, set_global_seed
+from pagedkv.runtime.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs,field,words", [

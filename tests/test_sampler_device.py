@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import reference_sampler
-from runtime.engine import sampler
-from runtime.engine.sampler import sample_batch, set_global_seed, uniform, uniform_tensor
-from runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.engine import sampler
+from pagedkv.runtime.engine.sampler import sample_batch, set_global_seed, uniform, uniform_tensor
+from pagedkv.runtime.engine.sampling_params import SamplingParams
 
 
 def random_params(rng: random.Random, vocab: int) -> SamplingParams:

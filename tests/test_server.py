@@ -7,10 +7,10 @@ import pytest
 import zmq
 from server_process import running_server
 
-from runtime.cli.main import main
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
-from runtime.serving.client import Client, ServerError
+from pagedkv.runtime.cli.main import main
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.serving.client import Client, ServerError
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = [5, 17, 42, 99, 7, 300, 12]
@@ -393,7 +393,7 @@ def test_cli_chat_streams_answers_and_keeps_the_conversation(server, offline, mo
 def test_cli_chat_samples_by_default_when_the_model_ships_no_settings(server, offline, monkeypatch, capsys):
     """Greedy chat loops with a small model; without settings of the model's own, chat samples
     with CHAT_SAMPLING (the tiny model has no generation_config.json)."""
-    from runtime.cli.args import CHAT_SAMPLING
+    from pagedkv.runtime.cli.args import CHAT_SAMPLING
 
     lines = iter(["Hi there.", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))

@@ -10,10 +10,10 @@ import pytest
 import zmq
 from server_process import running_server
 
-from runtime.cli.main import main
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
-from runtime.serving.client import Client, ServerError
+from pagedkv.runtime.cli.main import main
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.serving.client import Client, ServerError
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = [5, 17, 42, 99, 7, 300, 12]
@@ -238,9 +238,9 @@ def test_a_message_of_several_frames_is_refused(server):
 def test_a_failed_model_step_aborts_the_batch_says_why_and_the_next_requests_are_served(model_path, caplog):
     """In-process: the model step raises once; the requests in flight get `internal` errors,
     the log names the cause, and the server goes on serving."""
-    from runtime.engine.config import EngineConfig
-    from runtime.engine.llm_engine import LLMEngine
-    from runtime.serving.server import Server, ServerConfig
+    from pagedkv.runtime.engine.config import EngineConfig
+    from pagedkv.runtime.engine.llm_engine import LLMEngine
+    from pagedkv.runtime.serving.server import Server, ServerConfig
 
     engine = LLMEngine(EngineConfig(model=model_path, num_device_blocks=64, block_size=4))
     server = Server(engine, ServerConfig("tcp://127.0.0.1:*"))
@@ -285,7 +285,7 @@ def test_chat_samples_with_the_models_own_settings(server, offline, monkeypatch,
 def test_async_client_refuses_an_id_already_in_flight_without_sending_it(server):
     import asyncio
 
-    from runtime.serving.client import AsyncClient
+    from pagedkv.runtime.serving.client import AsyncClient
 
     async def scenario():
         async with AsyncClient(server.address, timeout=60) as client:
@@ -307,7 +307,7 @@ def test_a_reply_wait_cancelled_as_its_reply_arrives_is_cancelled():
     # left then ran on to its end, unaborted. Here both come together, every time.
     import asyncio
 
-    from runtime.serving.client import AsyncClient
+    from pagedkv.runtime.serving.client import AsyncClient
 
     async def scenario():
         async with AsyncClient("tcp://127.0.0.1:9", timeout=5) as client:  # nothing is sent

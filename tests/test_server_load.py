@@ -21,9 +21,9 @@ import pytest
 import torch
 from server_process import running_server
 
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
-from runtime.serving.client import AsyncClient, Client, ServerError
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.serving.client import AsyncClient, Client, ServerError
 
 NUM_REQUESTS = 400
 NUM_CLIENTS = 16

@@ -5,11 +5,11 @@ import pytest
 import torch
 from models import make_llm
 
-from runtime.engine.cuda_graphs import batch_buckets
-from runtime.engine.inputs import host_inputs
-from runtime.engine.profile import PHASES
-from runtime.engine.sampling_params import SamplingParams
-from runtime.models.loader import load_model
+from pagedkv.runtime.engine.cuda_graphs import batch_buckets
+from pagedkv.runtime.engine.inputs import host_inputs
+from pagedkv.runtime.engine.profile import PHASES
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.models.loader import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -176,8 +176,8 @@ def test_graph_replay_equals_eager_forward_on_the_same_inputs(loaded):
 def test_cupy_kernels_launch_on_the_current_stream_and_are_captured():
     """A graph captured on a side stream holds the CuPy kernels: capturing runs nothing, each
     replay runs them on the inputs of that moment (compared with the torch references)."""
-    import kernels
-    from kernels import reference
+    from pagedkv import kernels
+    from pagedkv.kernels import reference
 
     dev, dtype = torch.device("cuda"), torch.float16
     cache = torch.zeros(6, 1, 2, 4, 2, 64, device=dev, dtype=dtype)  # 6 blocks of 4 tokens, 2 KV heads

@@ -10,13 +10,13 @@ import pytest
 import torch
 from models import MIXED_WORKLOAD
 
-from runtime.engine.config import EngineConfig
-from runtime.engine.llm import LLM
-from runtime.engine.llm_engine import LLMEngine
-from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.step_message import StepMessage
-from runtime.models.loader import load_model
-from runtime.models.parallel import WeightShard
+from pagedkv.runtime.engine.config import EngineConfig
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.llm_engine import LLMEngine
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.engine.step_message import StepMessage
+from pagedkv.runtime.models.loader import load_model
+from pagedkv.runtime.models.parallel import WeightShard
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]

@@ -13,11 +13,11 @@ import time
 import pytest
 from server_process import ROOT, running_server
 
-from runtime.engine.distributed import WorkerFailure
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
-from runtime.models.loader import load_model
-from runtime.serving.client import Client
+from pagedkv.runtime.engine.distributed import WorkerFailure
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.models.loader import load_model
+from pagedkv.runtime.serving.client import Client
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -82,7 +82,7 @@ def test_launched_ranks_and_a_killed_one_fails_the_collective_within_seconds(pat
     args = ["--model", path, "--tensor-parallel-size", "2", "--block-size", "4", "--num-device-blocks", "256",
             "--swap-space-gib", "0.01"]
     log = open(tmp_path / "rank1.log", "w")
-    rank1 = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "generate", *args, "--prompt-ids", "1,2"],
+    rank1 = subprocess.Popen([sys.executable, "-m", "pagedkv", "generate", *args, "--prompt-ids", "1,2"],
                              cwd=ROOT, env={**os.environ, **env, "RANK": "1", "OMP_NUM_THREADS": "1"},
                              stdout=log, stderr=subprocess.STDOUT)
     for key, value in {**env, "RANK": "0"}.items():
@@ -113,7 +113,7 @@ def test_launched_ranks_and_a_killed_one_fails_the_collective_within_seconds(pat
 
 def test_rank1_of_a_launcher_exits_0_when_rank0_closes(path, monkeypatch):
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    rank1 = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "generate", "--model", path,
+    rank1 = subprocess.Popen([sys.executable, "-m", "pagedkv", "generate", "--model", path,
                               "--tensor-parallel-size", "2", "--prompt-ids", "1,2"],
                              cwd=ROOT, env={**os.environ, **env, "RANK": "1", "OMP_NUM_THREADS": "1"},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

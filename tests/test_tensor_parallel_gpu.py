@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-import kernels
-from runtime.engine.distributed import WorkerFailure
-from runtime.engine.llm import LLM
-from runtime.engine.sampling_params import SamplingParams
+from pagedkv import kernels
+from pagedkv.runtime.engine.distributed import WorkerFailure
+from pagedkv.runtime.engine.llm import LLM
+from pagedkv.runtime.engine.sampling_params import SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from tools.report import add_output_arguments, markdown_table, output_folder, publish
+from pagedkv.ablation.report import add_output_arguments, markdown_table, output_folder, publish
 
 TITLE = "Async scheduling on the CPU"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

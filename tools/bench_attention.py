@@ -32,8 +32,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-import kernels
-from tools.report import add_output_arguments, markdown_table, output_folder, write_section
+from pagedkv import kernels
+from pagedkv.ablation.report import add_output_arguments, markdown_table, output_folder, write_section
 
 TITLE = "Paged attention kernels (GPU)"
 PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIE": 2000.0, "H100 NVL": 3900.0,

@@ -8,9 +8,9 @@ import random
 import statistics
 import time
 
-from kvcache.block_manager import BlockManager
-from kvcache.sequence import Sequence, SequenceGroup
-from tools.report import add_output_arguments, markdown_table, output_folder, publish
+from pagedkv.kvcache.block_manager import BlockManager
+from pagedkv.kvcache.sequence import Sequence, SequenceGroup
+from pagedkv.ablation.report import add_output_arguments, markdown_table, output_folder, publish
 
 
 def decode_step_times(num_seqs: int, block_size: int, steps: int) -> list[float]:

@@ -5,8 +5,8 @@
 
 4-bit matrices: every quantized matrix of the model (its layers' fused q/k/v, o, gate/up and
 down, and the lm_head), kept as the GGUF file stores them, multiplied by `rows` rows of float32
-activations in float32 FMAs (kernels/cpu_int4.c) and in exact integer products (kernels/cpu_vnni.c:
-AVX512-VNNI, and AMX from 8 rows), and of bfloat16 ones (kernels/cpu_amx.c on AMX): ms for one
+activations in float32 FMAs (pagedkv/kernels/cpu/cpu_int4.c) and in exact integer products (pagedkv/kernels/cpu/cpu_vnni.c:
+AVX512-VNNI, and AMX from 8 rows), and of bfloat16 ones (pagedkv/kernels/cpu/cpu_amx.c on AMX): ms for one
 pass over all of them, best of --repeats. Attention over a bfloat16 cache in the model's shape
 (every layer, --seqs sequences of --context positions in blocks of 16 scattered over the cache,
 bfloat16 queries): a decode step, and prompts of the same length, with the query-key products
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from kernels import cpu_ops
-from tools.report import add_output_arguments, markdown_table, output_folder, publish
+from pagedkv.kernels.cpu import ops as cpu_ops
+from pagedkv.ablation.report import add_output_arguments, markdown_table, output_folder, publish
 
 TITLE = "CPU kernels with and without AMX, SmolLM2-135M"
 BLOCK = 16
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from pagedkv import default_model_path, load_model
-    from runtime.models.llama import LlamaModel
-    from runtime.models.quant import Int4Linear
+    from pagedkv.runtime.models.llama import LlamaModel
+    from pagedkv.runtime.models.quant import Int4Linear
 
     path = args.model or default_model_path()
     loaded = load_model(path, quantization="auto")

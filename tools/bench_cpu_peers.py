@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from tools.report import markdown_table, write_section
+from pagedkv.ablation.report import markdown_table, write_section
 
 TITLE = "CPU engines side by side, SmolLM2-135M"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --new-tokens >= 2, --prompt-len >= 1, --repeats >= 1 and thread counts >= 1")
 
     from pagedkv import default_model_path, load_model
-    from runtime.models.llama import cpu_has_bfloat16
+    from pagedkv.runtime.models.llama import cpu_has_bfloat16
     from tools.bench_decode import load_transformers, prompts
 
     path = args.model or default_model_path()

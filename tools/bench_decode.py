@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from tools.report import add_output_arguments, markdown_table, output_folder, publish
+from pagedkv.ablation.report import add_output_arguments, markdown_table, output_folder, publish
 
 TITLE = "Decode step, SmolLM2-135M (CPU)"
 LINEAR_KINDS = {"onednn": "oneDNN with weights prepacked at load", "mm": "torch.mm on transposed weights",

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Callable
 
 from pagedkv import EngineConfig, LLMEngine, LoadedModel, RequestOutput, SamplingParams, load_model
-from tools.ablate_preemption import resolve_clock
+from pagedkv.ablation.main import resolve_clock
 from tools.prefix_workloads import Chats, multi_turn_chats, no_shared_prefix, shared_system_prompt
-from tools.replay import CpuClock, WallClock, percentile, replay
-from tools.report import markdown_table, write_section
-from tools.workload import WorkloadRequest
+from pagedkv.ablation.replay import CpuClock, WallClock, percentile, replay
+from pagedkv.ablation.report import markdown_table, write_section
+from pagedkv.ablation.workload import WorkloadRequest
 
 TITLE = "Prefix caching"
 SHARED, CHAT, NONE = "shared system prompt", "multi-turn chat", "no shared prefix"

@@ -5,7 +5,7 @@
 
 Without --address it starts `pagedkv serve` on a free loopback port (the default model
 unless --model names another), and stops it with SIGTERM at the end. For every rate, one
-seeded workload (tools.workload: long-tailed prompt and output lengths, ShareGPT's shape
+seeded workload (pagedkv.ablation.workload: long-tailed prompt and output lengths, ShareGPT's shape
 scaled down for a small CPU) is sent through one AsyncClient as streams, greedy, each
 request generating exactly its drawn output length (ignore_eos). Per request:
 
@@ -54,9 +54,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pagedkv import AsyncClient, ServerError
-from tools.replay import percentile
-from tools.report import BENCHMARKS, add_output_arguments, markdown_table, output_folder, publish
-from tools.workload import WorkloadRequest, describe, make_workload
+from pagedkv.ablation.replay import percentile
+from pagedkv.ablation.report import BENCHMARKS, add_output_arguments, markdown_table, output_folder, publish
+from pagedkv.ablation.workload import WorkloadRequest, describe, make_workload
 
 TITLE = "Serving latency (ZeroMQ server, CPU)"
 HTTP_TITLE = "Serving latency: HTTP gateway vs ZeroMQ (CPU)"
@@ -146,7 +146,7 @@ def vocab_size_of(model: str | None) -> int:
     if os.path.isdir(path):
         with open(os.path.join(path, "config.json")) as f:
             return int(json.load(f)["vocab_size"])
-    from runtime.models.gguf_loader import gguf_config, open_gguf
+    from pagedkv.runtime.models.gguf_loader import gguf_config, open_gguf
 
     return gguf_config(open_gguf(path), path).vocab_size
 
@@ -157,7 +157,7 @@ def started_server(model: str | None, server_args: list[str], threads: int | Non
                    startup_timeout: float = 300, http: bool = False):
     """Starts `pagedkv serve` on a free loopback port (and its HTTP API on another, if asked);
     yields (ZeroMQ address, HTTP base URL or None); SIGTERM at the end."""
-    command = [sys.executable, "-m", "runtime.cli.main", "serve", "--bind", "tcp://127.0.0.1:*",
+    command = [sys.executable, "-m", "pagedkv", "serve", "--bind", "tcp://127.0.0.1:*",
                *(["--model", model] if model else []), *(["--http-port", "0"] if http else []), *server_args]
     log = tempfile.NamedTemporaryFile("w+", prefix="pagedkv-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tools.report import markdown_table, write_section
+from pagedkv.ablation.report import markdown_table, write_section
 
 TITLE = "Tensor parallelism (CPU, gloo)"
 SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2, head_dim=72,

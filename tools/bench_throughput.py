@@ -31,7 +31,7 @@ of this process's CPU time, which stays steady while other work shares the machi
 with `--threads 1`). Each way also records how much CPU other processes took meanwhile. The
 engine runs time the executor per step, which separates the model from the engine's own
 work and gives the step-cost model that explains the ratios. The continuous run samples the
-block manager after every step (KV waste). Sharing: `tools.sharing` on a smaller workload.
+block manager after every step (KV waste). Sharing: `pagedkv.ablation.sharing` on a smaller workload.
 
 Writes two sections (see TITLE_THROUGHPUT and TITLE_MEMORY) into --out (a fresh folder unless
 named), and with --update-docs into docs/BENCHMARKS.md.
@@ -49,15 +49,15 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from kernels.reference import decode_chunks
+from pagedkv.kernels.reference import decode_chunks
 from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams, default_model_path, load_model
-from runtime.models.config import ModelConfig
+from pagedkv.runtime.models.config import ModelConfig
 from tools.bench_decode import load_transformers
-from tools.replay import replay
-from tools.report import add_output_arguments, markdown_table, output_folder, publish
-from tools.sharing import measure_sharing, sharing_table
+from pagedkv.ablation.replay import replay
+from pagedkv.ablation.report import add_output_arguments, markdown_table, output_folder, publish
+from pagedkv.ablation.sharing import measure_sharing, sharing_table
 from tools.throughput_gpu import SHAPES, main_gpu
-from tools.workload import WorkloadRequest, describe, make_workload
+from pagedkv.ablation.workload import WorkloadRequest, describe, make_workload
 
 TITLE_THROUGHPUT = "Throughput: continuous vs static batching vs transformers (CPU)"
 TITLE_MEMORY = "Memory: KV waste and sharing savings (CPU)"

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 
 from pagedkv import RequestOutput
-from tools.workload import FIRST_PLAIN_TOKEN, WorkloadRequest, make_workload
+from pagedkv.ablation.workload import FIRST_PLAIN_TOKEN, WorkloadRequest, make_workload
 
 
 def _tokens(rng: random.Random, n: int, vocab_size: int) -> list[int]:
@@ -40,7 +40,7 @@ def no_shared_prefix(num_requests: int, vocab_size: int, prompt_mean: float = 12
 class Chats:
     """Conversations of several turns. The first turns arrive at t = 0; each later turn's
     prompt is the previous prompt, the answer to it and a new message, and it arrives when
-    that answer is complete (`follow_up`, for tools.replay)."""
+    that answer is complete (`follow_up`, for pagedkv.ablation.replay)."""
 
     messages: dict[str, list[list[int]]]  # conversation -> its user messages in order
     output_len: int

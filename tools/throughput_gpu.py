@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams
-from runtime.models.config import ModelConfig
-from tools.report import markdown_table, write_section
-from tools.workload import WorkloadRequest, describe, make_workload
+from pagedkv.runtime.models.config import ModelConfig
+from pagedkv.ablation.report import markdown_table, write_section
+from pagedkv.ablation.workload import WorkloadRequest, describe, make_workload
 
 TITLE = "Throughput on a GPU: pagedkv vs transformers generate_batch and generate"
 # Named random shapes (transformers LlamaConfig arguments).

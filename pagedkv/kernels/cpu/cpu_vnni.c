@@ -1,0 +1,392 @@
+// Weight-only 4-bit matrix products with float32 activations in exact integer arithmetic: out =
+// x @ W^T, x and out float32, W packed as pagedkv/kernels/cpu/cpu_int4.h lays it out (GGUF's Q4_0, Q4_1 and
+// Q4_K codes; Q8_0's two 4-bit halves stay two matrices over the same activations: each half's
+// sums fit int32, the 8-bit code's would not).
+//
+// Each row's group of 32 activations shares one exponent: a = x * 2^-e rounded to an integer,
+// 2^21 <= max |a| < 2^22, so each activation keeps 22 bits below its group's largest (float32
+// keeps 24; the 4-bit weights' own error is about 2^-5). sum(a * code) over the group is then an
+// exact int32, computed
+// - for up to 7 rows by AVX512-VNNI: a as three signed bytes, a = 65536 h + 256 m + l, each
+//   byte's products with the codes by VPDPBUSD (64 products an instruction);
+// - from 8 rows by AMX: a = 4096 a1 + a0, each part two signed bytes 16 d1 + d0 in one 64-byte
+//   tile row, which TDPBSUD multiplies by 16 times the codes and by the codes (8,192 products an
+//   instruction).
+// Then, in float32 and in one order whatever the path, each group adds
+// scale * 2^e * sum(a * code) + offset * sum(x) to its 16 outputs, groups in increasing order
+// (where the offset is -8 times the scale, Q4_0's and Q8_0's high halves, 8 * sum(a) comes out of
+// the integer sum instead: nothing cancels in float32). A group holding a NaN or an infinity makes
+// its row's outputs NaN; a group of subnormals counts as zeros.
+//
+// Why: float32 FMAs set the pace of cpu_int4.c, and decoding the 4-bit weights that of a single
+// row. Here the codes go into the products as bytes, and AMX's products outrun FMAs. SmolLM2-135M's
+// matrices, 1 thread (tools/bench_cpu_kernels): 1.3 times cpu_int4.c's speed at 1 and 16 rows,
+// 1.4-1.5 from 32 to 128, 1.15 at 2,900. From 16 rows the float32 work each group adds to every
+// output (a conversion, two multiply-adds), not the tile products, sets the pace.
+// And exact sums make both paths give the same bits: a row's result depends neither on its batch
+// (preemption stays invisible in the outputs) nor on whether the CPU has AMX.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_api.h"
+#include "cpu_int4.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#include <math.h>
+
+#define VECTOR_ROWS 4     // the most rows the vector path takes per pass over the weights
+#define AMX_ROWS 8        // from this many rows, AMX where the CPU has it
+#define BLOCK_BYTES (1024 * 1024)  // a block of rows' activations, as AMX's parts, kept in L2 while the tiles pass
+#define PREFETCH_BYTES 3072
+
+
+static int vnni_allowed = 1;  // vnni_enable(0) hands float32 rows back to cpu_int4.c, for tests
+
+int vnni_supported(void) { return vnni_allowed; }
+
+void vnni_enable(int on) { vnni_allowed = on; }
+
+// One row's constants for one group of its activations.
+typedef struct {
+    float scale;    // 2^e
+    float sum;      // 2^e * sum(a): the group's sum of x
+    int32_t total;  // sum(a)
+} RowGroup;
+
+// 2^k as a float, from its bits where it is a normal number.
+static inline float power_of_two(int k) {
+    if (k < -126) return ldexpf(1, k);
+    const uint32_t bits = (uint32_t)(k + 127) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// A group's 32 activations as integers a (two vectors) and its RowGroup.
+static inline __attribute__((always_inline)) void integers(const float *x, __m512i a[2], RowGroup *ri) {
+    const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    const float biggest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    a[0] = a[1] = _mm512_setzero_si512();
+    uint32_t bits;
+    memcpy(&bits, &biggest, 4);
+    const int exponent = (int)(bits >> 23);  // biggest = 1.f * 2^(exponent - 127)
+    // NaNs and infinities (VMAXPS may pass a NaN over): no integer holds them, the outputs become NaN.
+    if (_mm512_fpclass_ps_mask(v0, 0x99) | _mm512_fpclass_ps_mask(v1, 0x99)) {
+        ri->scale = NAN;
+    } else if (exponent == 0) {  // zeros, or subnormals too small to count
+        ri->scale = 0;
+    } else {  // a = x * 2^(148 - exponent): 2^21 <= max |a| < 2^22
+        const int up = 148 - exponent;  // 2^up may overflow a float: two steps
+        const __m512 half_up = _mm512_set1_ps(power_of_two(up / 2)), rest = _mm512_set1_ps(power_of_two(up - up / 2));
+        a[0] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v0, half_up), rest));  // nearest, ties even
+        a[1] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v1, half_up), rest));
+        ri->scale = power_of_two(-up);
+    }
+    ri->total = _mm512_reduce_add_epi32(_mm512_add_epi32(a[0], a[1]));
+    ri->sum = (float)ri->total * ri->scale;
+}
+
+// v mod 2^bits as a signed digit, from -offset to 2^bits - 1 - offset.
+static inline __m512i digit(__m512i v, int bits, int offset) {
+    const __m512i shift = _mm512_set1_epi32(offset);
+    return _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, shift), _mm512_set1_epi32((1 << bits) - 1)), shift);
+}
+
+static inline void store_bytes(int8_t *dst, __m512i v) { _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(v)); }
+
+// For the vector path: a = 65536 h + 256 m + l, three signed bytes (|h| <= 64), stored [h | m | l],
+// 32 bytes each: 96 bytes a group.
+static void byte_digits(const float *x, int64_t groups, int8_t *dst, RowGroup *info) {
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i a[2];
+        integers(x + g * GROUP, a, info + g);
+        for (int i = 0; i < 2; i++) {
+            const __m512i l = digit(a[i], 8, 128), rest = _mm512_srai_epi32(_mm512_sub_epi32(a[i], l), 8);
+            const __m512i m = digit(rest, 8, 128), h = _mm512_srai_epi32(_mm512_sub_epi32(rest, m), 8);
+            store_bytes(dst + g * 96 + i * 16, h);
+            store_bytes(dst + g * 96 + 32 + i * 16, m);
+            store_bytes(dst + g * 96 + 64 + i * 16, l);
+        }
+    }
+}
+
+#define PART_BYTES (TILE * 64)  // AMX: one part of one group of 16 rows
+
+// For AMX: a = 4096 a1 + a0, a0 in -2056..2039 and |a1| <= 1025, each as 16 d1 + d0 (d0 in -8..7,
+// d1 a signed byte): an A tile row's 64 bytes, the 32 d1 then the 32 d0. Slab s (16 rows), group g,
+// part p (a1, a0) at ((s * groups + g) * 2 + p) * PART_BYTES, the slab's row r 64 r bytes on.
+static void tile_digits(const float *x, int64_t groups, int64_t row, int8_t *xq, RowGroup *info) {
+    const int64_t slab = row / TILE, r = row % TILE;
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i a[2];
+        integers(x + g * GROUP, a, info + g);
+        for (int i = 0; i < 2; i++) {
+            const __m512i a0 = digit(a[i], 12, 2056);
+            const __m512i parts[2] = {_mm512_srai_epi32(_mm512_sub_epi32(a[i], a0), 12), a0};
+            for (int p = 0; p < 2; p++) {
+                const __m512i d0 = digit(parts[p], 4, 8), d1 = _mm512_srai_epi32(_mm512_sub_epi32(parts[p], d0), 4);
+                int8_t *d = xq + ((slab * groups + g) * 2 + p) * PART_BYTES + r * 64 + i * 16;
+                store_bytes(d, d1);
+                store_bytes(d + GROUP, d0);
+            }
+        }
+    }
+}
+
+// Group g of a tile's codes as VPDPBUSD's B operand: 8 vectors, vector kk holding output n's codes
+// for columns 4kk .. 4kk + 3 in bytes 4n .. 4n + 3.
+static inline __attribute__((always_inline)) void code_rows(const uint8_t *tile, int64_t g, const int half,
+                                                            __m512i rows[8]) {
+    // Byte 4n + c of vector 2j + r: the code of column 8j + 4r + c, from pair 4j + 2r + c / 2 (byte
+    // (2r + c / 2) * 16 + n of the j-th 64 bytes), the low nibble for even c, else the high.
+    __m512i pick[2];
+    for (int r = 0; r < 2; r++) {
+        uint8_t idx[64];
+        for (int n = 0; n < 16; n++)
+            for (int c = 0; c < 4; c++) idx[4 * n + c] = (uint8_t)((c & 1) * 64 + (2 * r + c / 2) * 16 + n);
+        pick[r] = _mm512_loadu_si512(idx);
+    }
+    const __m512i nibble = _mm512_set1_epi8(15);
+    const uint8_t *codes = tile + g * group_bytes(half);
+    for (int j = 0; j < 4; j++) {
+        const __m512i z = _mm512_loadu_si512(codes + 64 * j);
+        const __m512i even = _mm512_and_si512(z, nibble), odd = _mm512_and_si512(_mm512_srli_epi16(z, 4), nibble);
+        for (int r = 0; r < 2; r++) rows[2 * j + r] = _mm512_permutex2var_epi8(even, pick[r], odd);
+    }
+}
+
+// A tile's group: its scales and offsets, and how the offsets add: z = 8 where they are -8 times
+// the scales (Q4_0, Q8_0's high halves), taken out of the integer sums; else 0, and `plain` says
+// whether any offset is nonzero.
+typedef struct {
+    __m512 scale, offset;
+    int z, plain;
+} GroupScales;
+
+static inline __attribute__((always_inline)) GroupScales scales_of(const uint8_t *tile, int64_t g, const int half) {
+    GroupScales s;
+    s.scale = (__m512)group_vector(tile, g * GROUP, 0, half);
+    s.offset = (__m512)group_vector(tile, g * GROUP, 1, half);
+    s.plain = _mm512_cmpneq_ps_mask(s.offset, _mm512_setzero_ps()) != 0;
+    const __m512 shifted = _mm512_fmadd_ps(_mm512_set1_ps(8), s.scale, s.offset);
+    s.z = _mm512_cmpneq_ps_mask(shifted, _mm512_setzero_ps()) ? 0 : 8;
+    return s;
+}
+
+// One row's group added to its 16 outputs, in float32 and in this order whichever path computed
+// `sums`: sum(a * code) per output, exact (under 2^31 for codes up to 15).
+static inline __attribute__((always_inline)) __m512 add_group(__m512 acc, __m512i sums, const RowGroup *ri,
+                                                              const GroupScales *gs) {
+    if (gs->z) sums = _mm512_sub_epi32(sums, _mm512_set1_epi32(gs->z * ri->total));
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(gs->scale, _mm512_set1_ps(ri->scale)), _mm512_cvtepi32_ps(sums), acc);
+    return gs->plain && !gs->z ? _mm512_fmadd_ps(gs->offset, _mm512_set1_ps(ri->sum), acc) : acc;
+}
+
+// Up to VECTOR_ROWS rows (xv: byte_digits' rows, `groups` groups each) against one tile: w_groups
+// groups of codes, Q8_0's high halves and then its low halves (`groups` apart) against the same
+// activations.
+static inline __attribute__((always_inline)) void vector_rows(const int8_t *xv, const RowGroup *info, int64_t groups,
+                                                              int64_t w_groups, const uint8_t *tile, const int half,
+                                                              float *out, int64_t out_stride, const int rows) {
+    __m512 acc[VECTOR_ROWS];
+    for (int i = 0; i < rows; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < w_groups; g++) {
+        const int64_t ag = g < groups ? g : g - groups;  // Q8_0's low halves: the same activations
+        for (int line = 0; line < group_bytes(half); line += 64)
+            __builtin_prefetch(tile + g * group_bytes(half) + PREFETCH_BYTES + line);
+        __m512i b[8];
+        code_rows(tile, g, half, b);
+        const GroupScales gs = scales_of(tile, g, half);
+        for (int i = 0; i < rows; i++) {
+            __m512i s[3];
+            for (int p = 0; p < 3; p++) {  // two chains each: integer sums, exact in any order
+                const int8_t *a = xv + (i * groups + ag) * 96 + p * GROUP;
+                __m512i even = _mm512_setzero_si512(), odd = even;
+                for (int kk = 0; kk < 8; kk += 2) {
+                    int32_t four[2];
+                    memcpy(four, a + 4 * kk, 8);
+                    even = _mm512_dpbusd_epi32(even, b[kk], _mm512_set1_epi32(four[0]));
+                    odd = _mm512_dpbusd_epi32(odd, b[kk + 1], _mm512_set1_epi32(four[1]));
+                }
+                s[p] = _mm512_add_epi32(even, odd);
+            }
+            // 65536 h + 256 m + l: int32 arithmetic wraps, and the sum fits, so it is exact.
+            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(s[0], 16),
+                                                  _mm512_add_epi32(_mm512_slli_epi32(s[1], 8), s[2]));
+            acc[i] = add_group(acc[i], sums, info + i * groups + ag, &gs);
+        }
+    }
+    for (int i = 0; i < rows; i++) _mm512_storeu_ps(out + i * out_stride, acc[i]);
+}
+
+// Rows 0 .. m - 1 against one tile, VECTOR_ROWS at a time.
+static void vector_tile(const int8_t *xv, const RowGroup *info, int64_t groups, int64_t w_groups, const uint8_t *tile,
+                        const int half, int64_t m, float *out, int64_t out_stride) {
+    for (int64_t r = 0; r < m; r += VECTOR_ROWS) {
+        const int8_t *x = xv + r * groups * 96;
+        const RowGroup *ri = info + r * groups;
+        float *o = out + r * out_stride;
+        switch (m - r < VECTOR_ROWS ? (int)(m - r) : VECTOR_ROWS) {
+            case 1: vector_rows(x, ri, groups, w_groups, tile, half, o, out_stride, 1); break;
+            case 2: vector_rows(x, ri, groups, w_groups, tile, half, o, out_stride, 2); break;
+            case 3: vector_rows(x, ri, groups, w_groups, tile, half, o, out_stride, 3); break;
+            default: vector_rows(x, ri, groups, w_groups, tile, half, o, out_stride, 4); break;
+        }
+    }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+// A tile's codes as TDPBSUD's B tiles, 1 KB a group: rows 0-7 the codes times 16 (for the d1),
+// rows 8-15 the codes (for the d0). Codes are at most 15: shifting bytes within words carries
+// nothing over.
+static void code_tiles(const uint8_t *tile, int64_t w_groups, const int half, uint8_t *dst) {
+    for (int64_t g = 0; g < w_groups; g++) {
+        __m512i c[8];
+        code_rows(tile, g, half, c);
+        for (int kk = 0; kk < 8; kk++) {
+            _mm512_store_si512(dst + g * 1024 + kk * 64, _mm512_slli_epi16(c[kk], 4));
+            _mm512_store_si512(dst + g * 1024 + (8 + kk) * 64, c[kk]);
+        }
+    }
+}
+
+// Group g's sums (C tiles stored: the parts a1 and a0) added to the slab's rows.
+static inline __attribute__((always_inline)) void add_sums(__m512 *acc, int32_t sums[2][TILE][TILE],
+                                                           const uint8_t *tile, int64_t g, const int half,
+                                                           const RowGroup *info, int64_t groups, const int rows) {
+    const GroupScales gs = scales_of(tile, g, half);
+    const RowGroup *ri = info + (g < groups ? g : g - groups);
+    for (int i = 0; i < rows; i++) {
+        const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][i]), 12),
+                                           _mm512_load_si512(sums[1][i]));
+        acc[i] = add_group(acc[i], s, ri + i * groups, &gs);
+    }
+}
+
+// One slab's rows (up to 16) against one tile. Tiles 0-1 A (the parts), 2 B, 3-4 C. Each group's
+// sums are added up two groups later, while the tile products run on, row by row as the vector
+// path adds them.
+static inline __attribute__((always_inline)) void amx_slab(const int8_t *xq, const RowGroup *info, int64_t groups,
+                                                           int64_t w_groups, const uint8_t *codes, const uint8_t *tile,
+                                                           const int half, int64_t slab, const int rows, float *out,
+                                                           int64_t out_stride) {
+    __m512 acc[TILE];
+    int32_t sums[3][2][TILE][TILE] __attribute__((aligned(64)));
+    const RowGroup *slab_info = info + slab * TILE * groups;
+    for (int i = 0; i < TILE; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0, turn = 0; g < w_groups; g++, turn = turn == 2 ? 0 : turn + 1) {
+        const int8_t *parts = xq + (slab * groups + (g < groups ? g : g - groups)) * 2 * PART_BYTES;
+        _tile_loadd(2, codes + g * 1024, 64);
+        _tile_loadd(0, parts, 64);
+        _tile_loadd(1, parts + PART_BYTES, 64);
+        _tile_zero(3);
+        _tile_zero(4);
+        _tile_dpbsud(3, 0, 2);
+        _tile_dpbsud(4, 1, 2);
+        _tile_stored(3, sums[turn][0], 64);
+        _tile_stored(4, sums[turn][1], 64);
+        if (g > 1) add_sums(acc, sums[turn == 2 ? 0 : turn + 1], tile, g - 2, half, slab_info, groups, rows);
+    }
+    for (int64_t g = w_groups > 1 ? w_groups - 2 : 0; g < w_groups; g++)
+        add_sums(acc, sums[g % 3], tile, g, half, slab_info, groups, rows);
+    for (int i = 0; i < rows; i++) _mm512_storeu_ps(out + i * out_stride, acc[i]);
+}
+
+// All rows on AMX: blocks of rows whose parts stay in L2 while every tile passes (one job a block
+// and tile, consecutive jobs one block through the tiles), each tile's codes made B tiles once
+// per block.
+static int amx_rows(const float *x, int64_t x_stride, int64_t m, int64_t groups, int64_t w_groups,
+                    const uint8_t *packed, int64_t tile_bytes, const int half, int64_t tiles, float *out,
+                    int64_t n_out, int num_threads) {
+    const int64_t slabs = (m + TILE - 1) / TILE, slab_bytes = groups * 2 * PART_BYTES;
+    const int64_t block = BLOCK_BYTES / slab_bytes > 1 ? BLOCK_BYTES / slab_bytes : 1;  // slabs a block
+    const int64_t blocks = (slabs + block - 1) / block, jobs = blocks * tiles;
+    int8_t *xq = aligned_alloc(64, slabs * slab_bytes);
+    RowGroup *info = malloc(slabs * TILE * groups * sizeof(RowGroup));
+    int failed = !xq || !info;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && !failed)
+    if (!failed) {
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < slabs; s++)
+            for (int64_t row = s * TILE; row < (s + 1) * TILE; row++) {
+                if (row < m) {
+                    tile_digits(x + row * x_stride, groups, row, xq, info + row * groups);
+                    continue;
+                }
+                for (int64_t gp = 0; gp < groups * 2; gp++)  // rows past m multiply as zeros
+                    memset(xq + (s * groups * 2 + gp) * PART_BYTES + row % TILE * 64, 0, 64);
+            }
+        amx_configure_tiles();
+        uint8_t *codes = aligned_alloc(64, w_groups * 1024);
+        if (!codes) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < jobs; j++) {
+            if (!codes) continue;
+            const int64_t b = j / tiles, t = j % tiles;
+            const uint8_t *tile = packed + t * tile_bytes;
+            code_tiles(tile, w_groups, half, codes);
+            for (int64_t s = b * block; s < (b + 1) * block && s < slabs; s++) {
+                float *o = out + s * TILE * n_out + t * TILE;
+                if (m - s * TILE >= TILE)  // a whole slab: the sums stay in registers
+                    amx_slab(xq, info, groups, w_groups, codes, tile, half, s, TILE, o, n_out);
+                else
+                    amx_slab(xq, info, groups, w_groups, codes, tile, half, s, (int)(m - s * TILE), o, n_out);
+            }
+        }
+        free(codes);
+        _tile_release();
+    }
+    free(xq);
+    free(info);
+    return failed ? -2 : 0;
+}
+#endif
+
+// x: float32 [m, x_cols], rows x_stride apart; W: [n_out, w_cols] packed (cpu_int4.h), w_cols =
+// x_cols, or 2 * x_cols for Q8_0's split codes; out: float32 [m, n_out], contiguous. n_out a
+// multiple of 16, x_cols of 32. Returns 0 or -2 (out of memory).
+int int4_linear_vnni(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
+                     int64_t n_out, int64_t w_cols, float *out, int num_threads) {
+    if (m <= 0) return 0;
+    const int64_t tiles = n_out / TILE, groups = x_cols / GROUP, w_groups = w_cols / GROUP;
+    const int64_t tile_bytes = w_groups * group_bytes(half);
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+    if (m >= AMX_ROWS && amx_supported())
+        return amx_rows(x, x_stride, m, groups, w_groups, packed, tile_bytes, half, tiles, out, n_out, num_threads);
+#endif
+    int8_t *xv = malloc(m * groups * 96);
+    RowGroup *info = malloc(m * groups * sizeof(RowGroup));
+    if (!xv || !info) {
+        free(xv);
+        free(info);
+        return -2;
+    }
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; r++) byte_digits(x + r * x_stride, groups, xv + r * groups * 96, info + r * groups);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++)
+            vector_tile(xv, info, groups, w_groups, packed + t * tile_bytes, half, m, out + t * TILE, n_out);
+    }
+    free(xv);
+    free(info);
+    return 0;
+}
+#else
+int vnni_supported(void) { return 0; }
+
+void vnni_enable(int on) { (void)on; }
+
+int int4_linear_vnni(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
+                     int64_t n_out, int64_t w_cols, float *out, int num_threads) {
+    (void)x, (void)x_stride, (void)m, (void)x_cols, (void)packed, (void)half, (void)n_out, (void)w_cols, (void)out;
+    (void)num_threads;
+    return -5;
+}
+#endif

@@ -1,0 +1,406 @@
+"""The block manager: maps each sequence's logical blocks onto physical KV-cache blocks.
+
+Semantics follow vLLM's block manager: a group's prompt is mapped once and shared by its
+sequences (reference counts), `fork` shares a parent's blocks with a child, the block that
+receives a new token is copied first when it is shared (copy-on-write), and a group is
+swapped between the device pool and the bounded CPU pool as a whole, each shared block
+moving once and staying shared.
+
+Prefix caching shares blocks across requests: once its tokens are computed, every full
+device block is indexed by a hash chained on its parent's, and `allocate` maps the longest
+cached prefix of each sequence onto those blocks. A cached block no sequence holds keeps its
+contents until the allocator needs it back (see BlockAllocator). Pure Python: nothing
+heavier than the standard library.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from collections import Counter
+
+from pagedkv.kvcache.allocator import BlockAllocator, Device
+from pagedkv.kvcache.block_hash import full_blocks
+from pagedkv.kvcache.sequence import Sequence, SequenceGroup
+
+
+class AllocStatus(enum.Enum):
+    OK = "ok"        # fits now, with the watermark kept back
+    LATER = "later"  # fits once running sequences free blocks
+    NEVER = "never"  # cannot fit even in an empty cache
+
+
+class BlockManagerError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Table:
+    seq: Sequence
+    device: Device
+    blocks: list[int]
+    num_hashed: int = 0  # leading blocks already offered to the prefix cache
+
+
+@dataclass
+class Allocation:
+    """What `allocate` mapped: the group's shared head and each sequence's cached head."""
+
+    shared_tokens: int          # leading tokens stored once for the whole group
+    computed_tokens: list[int]  # per unfinished sequence: leading tokens whose K/V are cached
+
+
+@dataclass
+class _Plan:
+    num_shared: int            # blocks at the head stored once for every sequence
+    shared_tokens: int
+    shared_hits: list[int]     # cached blocks at the head of the shared part
+    own_hits: list[list[int]]  # per sequence, cached blocks right after the shared part
+    num_new: int               # blocks to take from the free pool
+    num_revived: int           # hits on evictable blocks: they stop counting as free
+    num_total: int             # blocks the group holds once mapped (what an empty cache needs)
+
+    @property
+    def need(self) -> int:
+        return self.num_new + self.num_revived
+
+
+@dataclass
+class BlockStats:
+    block_size: int
+    device_blocks_total: int
+    device_blocks_used: int
+    cpu_blocks_total: int
+    cpu_blocks_used: int
+    slots_allocated: int       # slots in the device blocks in use
+    slots_used: int            # of those, the slots that hold a token
+    logical_blocks: int        # device blocks the sequences would need without sharing
+    copy_on_write_copies: int
+    blocks_swapped_out: int
+    blocks_swapped_in: int
+    cached_blocks: int = 0     # device blocks in the prefix cache (in use or evictable)
+    evictable_blocks: int = 0  # of those, the ones no sequence holds (counted as free)
+    evicted_blocks: int = 0    # cached blocks reused for other contents so far
+
+    @property
+    def waste(self) -> float:
+        """Internal fragmentation: allocated slots that hold no token."""
+        return 1.0 - self.slots_used / self.slots_allocated if self.slots_allocated else 0.0
+
+    @property
+    def sharing_saved_blocks(self) -> int:
+        return self.logical_blocks - self.device_blocks_used
+
+    @property
+    def sharing_saved(self) -> float:
+        """Fraction of the blocks that sharing saves against one private copy per sequence."""
+        return self.sharing_saved_blocks / self.logical_blocks if self.logical_blocks else 0.0
+
+
+class BlockManager:
+    def __init__(self, block_size: int, num_device_blocks: int, num_cpu_blocks: int,
+                 watermark: float = 0.01, enable_prefix_caching: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not 0.0 <= watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+        self.block_size = block_size
+        self.num_device_blocks = num_device_blocks
+        self.num_cpu_blocks = num_cpu_blocks
+        self.watermark_blocks = int(watermark * num_device_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pools = {Device.DEVICE: BlockAllocator(Device.DEVICE, num_device_blocks),
+                      Device.CPU: BlockAllocator(Device.CPU, num_cpu_blocks)}
+        self._tables: dict[int, _Table] = {}
+        self.cow_copies = 0
+        self.blocks_swapped_out = 0
+        self.blocks_swapped_in = 0
+
+    # -- helpers -------------------------------------------------------------------------
+    def _num_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _table(self, seq: Sequence, device: Device | None = None) -> _Table:
+        table = self._tables.get(seq.seq_id)
+        if table is None:
+            raise BlockManagerError(f"sequence {seq.seq_id} has no blocks")
+        if device is not None and table.device is not device:
+            raise BlockManagerError(f"sequence {seq.seq_id} is in the {table.device.value} pool, "
+                                    f"not the {device.value} pool")
+        return table
+
+    def _status(self, need: int, total: int) -> AllocStatus:
+        """OK if `need` free blocks can go now with the watermark kept back; NEVER if the
+        `total` blocks would not fit even in an empty cache; LATER otherwise."""
+        if self.pools[Device.DEVICE].num_free_blocks - need >= self.watermark_blocks:
+            return AllocStatus.OK
+        if self.num_device_blocks - total < self.watermark_blocks:
+            return AllocStatus.NEVER
+        return AllocStatus.LATER
+
+    def _shared_prefix_blocks(self, seqs: list[Sequence]) -> tuple[int, int]:
+        """(blocks, tokens) at the head of every sequence that are stored once for all of them.
+
+        Identical sequences (a fresh request) share every block, the partial last one too;
+        sequences that diverged (a multi-sequence group being recomputed) share the full
+        blocks of their common prefix, which holds at least the prompt's full blocks.
+        """
+        first = seqs[0].token_ids
+        if all(s.token_ids == first for s in seqs[1:]):
+            return self._num_blocks(len(first)), len(first)
+        common = min(len(s) for s in seqs)
+        for s in seqs[1:]:
+            tokens = s.token_ids
+            common = next((i for i in range(common) if tokens[i] != first[i]), common)
+        return common // self.block_size, common // self.block_size * self.block_size
+
+    def _unique_blocks(self, group: SequenceGroup, device: Device) -> list[int]:
+        seen: dict[int, None] = {}
+        for seq in group.unfinished_seqs():
+            seen.update(dict.fromkeys(self._table(seq, device).blocks))
+        return list(seen)
+
+    # -- prefix cache ----------------------------------------------------------------------------
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached device blocks holding the sequence's leading full blocks, up to the first
+        miss. The block of the last token never counts: that token is computed for its logits."""
+        if not self.enable_prefix_caching:
+            return []
+        pool, bs = self.pools[Device.DEVICE], self.block_size
+        hits: list[int] = []
+        for block_hash, tokens in full_blocks(seq, 0, (len(seq) - 1) // bs, bs):
+            block = pool.lookup(block_hash, tokens)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Offers the sequence's full blocks among its first `num_computed_tokens` tokens (those
+        whose K/V are written by the end of the current step) to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables.get(seq.seq_id)
+        if table is None or table.device is not Device.DEVICE:
+            table = self._table(seq, Device.DEVICE)  # raises the error that says why
+        # A pending last token (async scheduling) has no id yet: its block waits.
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
+        if full <= table.num_hashed:  # the common case: called every step, a block fills rarely
+            return
+        pool, blocks = self.pools[Device.DEVICE], table.blocks
+        for index, (block_hash, tokens) in enumerate(full_blocks(seq, table.num_hashed, full, self.block_size),
+                                                     table.num_hashed):
+            pool.cache(blocks[index], block_hash, tokens)
+        table.num_hashed = full
+
+    def num_kept_tokens(self, group: SequenceGroup) -> int:
+        """Leading tokens of the group's first sequence whose cached blocks other requests hold
+        as well: they stay cached when the group lets go of its blocks (recompute finds them)."""
+        seqs = group.unfinished_seqs()
+        pool = self.pools[Device.DEVICE]
+        held = Counter(b for s in seqs for b in self._table(s, Device.DEVICE).blocks)
+        kept = 0
+        for block in self._table(seqs[0]).blocks[: len(seqs[0]) // self.block_size]:
+            if block not in pool.cached or pool.ref_counts[block] <= held[block]:
+                break
+            kept += 1
+        return kept * self.block_size
+
+    # -- admission and allocation ---------------------------------------------------------
+    def _plan(self, seqs: list[Sequence]) -> _Plan:
+        num_shared, shared_tokens = self._shared_prefix_blocks(seqs)
+        hits = [self._cached_prefix(s) for s in seqs]
+        # The shared part is one set of blocks, so it hits only as far as every sequence does;
+        # a sequence's own blocks hit only after a fully cached shared part (a prefix chain).
+        shared_hits = hits[0][: min(num_shared, *(len(h) for h in hits))]
+        full = len(shared_hits) == num_shared
+        own_hits = [h[num_shared:] if full else [] for h in hits]
+        own_total = [self._num_blocks(len(s)) - num_shared for s in seqs]
+        pool = self.pools[Device.DEVICE]
+        revived = {b for b in shared_hits if pool.ref_counts[b] == 0}
+        revived.update(b for own in own_hits for b in own if pool.ref_counts[b] == 0)
+        num_new = num_shared - len(shared_hits) + sum(t - len(o) for t, o in zip(own_total, own_hits))
+        return _Plan(num_shared, shared_tokens, shared_hits, own_hits, num_new, len(revived),
+                     num_shared + sum(own_total))
+
+    def can_allocate(self, group: SequenceGroup) -> AllocStatus:
+        plan = self._plan(group.unfinished_seqs())
+        return self._status(plan.need, plan.num_total)
+
+    def allocate(self, group: SequenceGroup) -> Allocation:
+        """Maps every unfinished sequence's tokens, reusing cached blocks for the longest
+        cached prefix of each; returns what is shared and what is computed already."""
+        seqs = group.unfinished_seqs()
+        if not seqs:
+            raise BlockManagerError(f"request {group.request_id} has no unfinished sequence")
+        for seq in seqs:
+            if seq.seq_id in self._tables:
+                raise BlockManagerError(f"sequence {seq.seq_id} already has blocks")
+        pool = self.pools[Device.DEVICE]
+        plan = self._plan(seqs)
+        if plan.need > pool.num_free_blocks:
+            raise BlockManagerError(f"request {group.request_id} needs {plan.need} blocks, "
+                                    f"{pool.num_free_blocks} are free")
+        # Hits first, so that taking new blocks cannot evict them.
+        for block in plan.shared_hits:
+            for _ in seqs:
+                pool.acquire(block)
+        for own in plan.own_hits:
+            for block in own:
+                pool.acquire(block)
+        shared = list(plan.shared_hits)
+        for _ in range(plan.num_shared - len(shared)):
+            block = pool.allocate()
+            for _ in range(len(seqs) - 1):
+                pool.incref(block)
+            shared.append(block)
+        computed = []
+        for seq, own in zip(seqs, plan.own_hits):
+            new = [pool.allocate() for _ in range(self._num_blocks(len(seq)) - plan.num_shared - len(own))]
+            hashed = len(plan.shared_hits) + len(own)
+            self._tables[seq.seq_id] = _Table(seq, Device.DEVICE, shared + own + new, hashed)
+            computed.append(hashed * self.block_size)
+        return Allocation(plan.shared_tokens, computed)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _blocks_to_append(self, table: _Table) -> int:
+        num_tokens = len(table.seq.token_ids)
+        missing = self._num_blocks(num_tokens) - len(table.blocks)
+        if missing > 0:
+            return missing
+        last = table.blocks[(num_tokens - 1) // self.block_size]
+        return 1 if self.pools[Device.DEVICE].ref_counts[last] > 1 else 0
+
+    def can_append_slots(self, group: SequenceGroup) -> bool:
+        need = sum(self._blocks_to_append(self._table(seq, Device.DEVICE))
+                   for seq in group.unfinished_seqs())
+        return need <= self.pools[Device.DEVICE].num_free_blocks
+
+    def append_slots(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Makes room for the sequence's newest token. Returns the copy-on-write pairs
+        (src, dst) that the executor must copy before the token is written."""
+        table = self._table(seq, Device.DEVICE)
+        blocks, pool = table.blocks, self.pools[Device.DEVICE]
+        num_tokens = len(seq.token_ids)
+        while len(blocks) * self.block_size < num_tokens:
+            blocks.append(pool.allocate())
+        index = (num_tokens - 1) // self.block_size
+        last = blocks[index]
+        if pool.ref_counts[last] == 1:
+            return []
+        fresh = pool.allocate()
+        pool.free(last)  # one reference fewer; the other sequences keep the original
+        blocks[index] = fresh
+        self.cow_copies += 1
+        return [(last, fresh)]
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        table = self._table(parent)
+        if child.seq_id in self._tables:
+            raise BlockManagerError(f"sequence {child.seq_id} already has blocks")
+        pool = self.pools[table.device]
+        for block in table.blocks:
+            pool.incref(block)
+        self._tables[child.seq_id] = _Table(child, table.device, list(table.blocks), table.num_hashed)
+
+    def free(self, seq: Sequence) -> None:
+        table = self._tables.get(seq.seq_id)
+        if table is None:
+            raise BlockManagerError(f"sequence {seq.seq_id} has no blocks to free")
+        if table.device is Device.DEVICE:
+            # Blocks filled by decoding are offered to the cache here, once, rather than every
+            # step: a chat's next turn or a recomputed group finds them when they are done.
+            self.cache_computed(seq)
+        del self._tables[seq.seq_id]
+        pool = self.pools[table.device]
+        # Tail first: on the evictable list, a prefix's last blocks then go before its head.
+        for block in reversed(table.blocks):
+            pool.free(block)
+
+    # -- swapping ----------------------------------------------------------------------------
+    def can_swap_out(self, group: SequenceGroup) -> bool:
+        return len(self._unique_blocks(group, Device.DEVICE)) <= self.pools[Device.CPU].num_free_blocks
+
+    def can_swap_in(self, group: SequenceGroup) -> AllocStatus:
+        # Room for the blocks plus one new block per sequence, so that all can grow at once.
+        need = len(self._unique_blocks(group, Device.CPU)) + len(group.unfinished_seqs())
+        return self._status(need, need)
+
+    def swap_out(self, group: SequenceGroup) -> dict[int, int]:
+        """Moves the group to the CPU pool; returns {device_block: cpu_block}."""
+        if not self.can_swap_out(group):
+            raise BlockManagerError(f"no room in the CPU pool to swap out request {group.request_id}")
+        mapping = self._move(group, Device.DEVICE, Device.CPU)
+        self.blocks_swapped_out += len(mapping)
+        return mapping
+
+    def swap_in(self, group: SequenceGroup) -> dict[int, int]:
+        """Moves the group back to the device pool; returns {cpu_block: device_block}."""
+        need = len(self._unique_blocks(group, Device.CPU))
+        if need > self.pools[Device.DEVICE].num_free_blocks:
+            raise BlockManagerError(f"request {group.request_id} needs {need} device blocks to swap in, "
+                                    f"{self.pools[Device.DEVICE].num_free_blocks} are free")
+        mapping = self._move(group, Device.CPU, Device.DEVICE)
+        self.blocks_swapped_in += len(mapping)
+        for seq in group.unfinished_seqs():
+            self.cache_computed(seq)  # fresh device blocks: hashed again
+        return mapping
+
+    def _move(self, group: SequenceGroup, src: Device, dst: Device) -> dict[int, int]:
+        src_pool, dst_pool = self.pools[src], self.pools[dst]
+        mapping: dict[int, int] = {}
+        for seq in group.unfinished_seqs():
+            table = self._table(seq, src)
+            moved = []
+            for block in table.blocks:
+                target = mapping.get(block)
+                if target is None:
+                    target = mapping[block] = dst_pool.allocate()
+                else:
+                    dst_pool.incref(target)
+                # A block that leaves the device leaves the prefix cache with its last holder.
+                src_pool.free(block, keep_cached=False)
+                moved.append(target)
+            table.blocks, table.device, table.num_hashed = moved, dst, 0
+        return mapping
+
+    # -- queries -------------------------------------------------------------------------------
+    def get_block_table(self, seq: Sequence) -> list[int]:
+        """The sequence's physical blocks in order (the live list: do not modify it)."""
+        return self._table(seq).blocks
+
+    def get_device(self, seq: Sequence) -> Device:
+        return self._table(seq).device
+
+    def num_group_blocks(self, group: SequenceGroup) -> int:
+        """Distinct device blocks the group holds (what swapping it would move)."""
+        return len(self._unique_blocks(group, Device.DEVICE))
+
+    def has_blocks(self, seq: Sequence) -> bool:
+        return seq.seq_id in self._tables
+
+    @property
+    def num_free_device_blocks(self) -> int:
+        return self.pools[Device.DEVICE].num_free_blocks
+
+    @property
+    def num_free_cpu_blocks(self) -> int:
+        return self.pools[Device.CPU].num_free_blocks
+
+    def stats(self) -> BlockStats:
+        filled: dict[int, int] = {}  # device block -> tokens it holds
+        logical = 0
+        for table in self._tables.values():
+            if table.device is not Device.DEVICE:
+                continue
+            logical += len(table.blocks)
+            num_tokens = min(len(table.seq.token_ids), len(table.blocks) * self.block_size)
+            for i, block in enumerate(table.blocks):
+                held = min(self.block_size, num_tokens - i * self.block_size)
+                filled[block] = max(filled.get(block, 0), held)
+        device, cpu = self.pools[Device.DEVICE], self.pools[Device.CPU]
+        return BlockStats(self.block_size, device.num_blocks, device.num_used_blocks,
+                          cpu.num_blocks, cpu.num_used_blocks,
+                          device.num_used_blocks * self.block_size, sum(filled.values()), logical,
+                          self.cow_copies, self.blocks_swapped_out, self.blocks_swapped_in,
+                          len(device.cached), device.num_evictable_blocks, device.num_evicted)

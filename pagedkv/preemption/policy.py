@@ -1,0 +1,72 @@
+"""Which way to preempt a victim: swap its blocks to the CPU pool, or free them and recompute.
+
+The cost model compares the two with throughputs the executor measures as it runs: recompute
+costs a prefill of the group's tokens that the prefix cache will not hold when it returns;
+swap costs moving its unique blocks out and back.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from pagedkv.kvcache.sequence import SequenceGroup
+
+
+class PreemptionMode(enum.Enum):
+    SWAP = "swap"
+    RECOMPUTE = "recompute"
+
+
+MODES = ("auto", "swap", "recompute")
+
+
+@dataclass
+class CostModel:
+    """Running estimates (exponential moving averages), with priors before the first measurement."""
+
+    prefill_tokens_per_s: float = 2_000.0
+    swap_bytes_per_s: float = 2e9
+    smoothing: float = 0.3
+
+    def _blend(self, old: float, new: float) -> float:
+        return (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens > 0 and seconds > 0:
+            self.prefill_tokens_per_s = self._blend(self.prefill_tokens_per_s, num_tokens / seconds)
+
+    def observe_swap(self, num_bytes: int, seconds: float) -> None:
+        if num_bytes > 0 and seconds > 0:
+            self.swap_bytes_per_s = self._blend(self.swap_bytes_per_s, num_bytes / seconds)
+
+    def recompute_seconds(self, num_tokens: int) -> float:
+        return num_tokens / self.prefill_tokens_per_s
+
+    def swap_seconds(self, num_bytes: int) -> float:
+        return 2 * num_bytes / self.swap_bytes_per_s  # out now, back in later
+
+
+def tokens_to_recompute(group: SequenceGroup) -> int:
+    """The prompt once, then every sequence's own tokens after it."""
+    seqs = group.unfinished_seqs()
+    return group.prompt_len + sum(len(s) - s.prompt_len for s in seqs)
+
+
+class PreemptionPolicy:
+    def __init__(self, mode: str, cost: CostModel, bytes_per_block: int) -> None:
+        if mode not in MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode, self.cost, self.bytes_per_block = mode, cost, bytes_per_block
+
+    def choose(self, group: SequenceGroup, num_unique_blocks: int, can_swap: bool,
+               cached_tokens: int = 0) -> PreemptionMode:
+        """`cached_tokens`: leading tokens that stay cached after the group frees its blocks
+        (other requests hold them), which recompute does not compute again."""
+        # A group still in prefill has little to lose and no decode state to restore.
+        if group.is_prefilling or not can_swap or self.mode == "recompute":
+            return PreemptionMode.RECOMPUTE
+        if self.mode == "swap":
+            return PreemptionMode.SWAP
+        swap = self.cost.swap_seconds(num_unique_blocks * self.bytes_per_block)
+        recompute = self.cost.recompute_seconds(max(tokens_to_recompute(group) - cached_tokens, 0))
+        return PreemptionMode.SWAP if swap < recompute else PreemptionMode.RECOMPUTE

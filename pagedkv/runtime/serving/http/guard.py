@@ -1,0 +1,95 @@
+"""What stands between the network and the gateway: the bind rule, the API key, the body size
+limit, and noticing a client that went away."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from typing import Any, Awaitable, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagedkv.runtime.serving.http.errors import ApiError, bad_request
+
+T = TypeVar("T")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_http_bind(host: str, api_key: str | None, insecure: bool) -> None:
+    """Loopback, or an API key, or the user's explicit --insecure."""
+    if not (is_loopback(host) or api_key or insecure):
+        raise ValueError(f"binding the HTTP API to {host} exposes it beyond this machine: give --api-key KEY "
+                         "(clients send 'Authorization: Bearer KEY') or --insecure")
+
+
+class ApiKeyMiddleware:
+    """OpenAI's (and vLLM's) scheme: `Authorization: Bearer KEY` on every /v1 path. /health and
+    /metrics stay open, as in vLLM, for probes and scrapers."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key")
+                await JSONResponse(error.body(), 401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The JSON body, refused with 413 past `limit` bytes (before reading it, when it says its size)."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(413, f"the request body is larger than this server takes ({limit} bytes)",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is larger than this server takes ({limit} bytes)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON") from None
+
+
+class Disconnected(Exception):
+    """The HTTP client went away before its answer was ready."""
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Runs `work`; if the client disconnects first, cancels it (its engine requests are aborted
+    as the cancellation unwinds them) and raises Disconnected."""
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        watch.cancel()
+    if task.cancelled():
+        raise Disconnected
+    return task.result()

@@ -1,0 +1,159 @@
+"""The wire protocol: msgpack maps in, msgpack maps out (docs/protocol.md).
+
+Parsing is strict and never raises anything but ProtocolError, which carries the error
+code, a readable message and the request id when one could be read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+
+from pagedkv.runtime.engine.outputs import RequestOutput
+from pagedkv.runtime.engine.quote import quote
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+
+# Stable error codes.
+BAD_REQUEST, TOO_LONG, OVERLOADED, ABORTED, INTERNAL = "bad_request", "too_long", "overloaded", "aborted", "internal"
+
+REQUEST_TYPES = ("generate", "abort", "stats", "health")
+# Fields each message type accepts; anything else is a bad request.
+FIELDS = {
+    "generate": {"type", "id", "prompt", "prompt_ids", "messages", "params", "stream"},
+    "abort": {"type", "id"},
+    "stats": {"type", "id"},
+    "health": {"type", "id"},
+}
+MAX_ID_LENGTH = 256
+MAX_ERROR_CHARS = 1000  # an error reply's message; quoted values are shorter still
+# Text allowed per context token before tokenizing: generous for any tokenizer. A chat
+# message costs at least one token (its role marker), so a chat has at most that many.
+CHARS_PER_TOKEN = 32
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+@dataclass
+class Message:
+    type: str
+    id: str | int
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+
+
+def decode_message(payload: bytes, max_prompt_chars: int) -> Message:
+    try:
+        data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types for bad bytes
+        raise ProtocolError(BAD_REQUEST, f"the message is not valid msgpack ({type(e).__name__})")
+    if not isinstance(data, dict):
+        raise ProtocolError(BAD_REQUEST, f"a message must be a msgpack map, got {type(data).__name__}")
+    request_id = data.get("id")
+    if not _valid_id(request_id):
+        raise ProtocolError(BAD_REQUEST, "the message needs an 'id': a non-empty string (at most "
+                            f"{MAX_ID_LENGTH} characters) or an integer")
+    kind = data.get("type")
+    if kind not in REQUEST_TYPES:
+        raise ProtocolError(BAD_REQUEST, f"unknown message type {quote(kind)}; expected one of "
+                            f"{', '.join(REQUEST_TYPES)}", request_id)
+    unknown = sorted(quote(k, 60) for k in data if k not in FIELDS[kind])
+    if unknown:
+        raise ProtocolError(BAD_REQUEST, f"unknown field(s) in a {kind} message: {', '.join(unknown[:5])}",
+                            request_id)
+    if kind != "generate":
+        return Message(kind, request_id)
+    return _generate(data, request_id, max_prompt_chars)
+
+
+def _generate(data: dict, request_id: str | int, max_prompt_chars: int) -> Message:
+    sources = [k for k in ("prompt", "prompt_ids", "messages") if k in data]
+    if len(sources) != 1:
+        raise ProtocolError(BAD_REQUEST, "a generate message needs exactly one of 'prompt', 'prompt_ids' "
+                            f"and 'messages', got {sources or 'none'}", request_id)
+    msg = Message("generate", request_id, stream=data.get("stream", False))
+    if not isinstance(msg.stream, bool):
+        raise ProtocolError(BAD_REQUEST, f"'stream' must be a boolean, got {quote(msg.stream)}", request_id)
+    if "prompt" in data:
+        msg.prompt = data["prompt"]
+        if not isinstance(msg.prompt, str):
+            raise ProtocolError(BAD_REQUEST, "'prompt' must be a string", request_id)
+        _check_size(len(msg.prompt), max_prompt_chars, request_id)
+    elif "prompt_ids" in data:
+        msg.prompt_ids = data["prompt_ids"]
+        if not isinstance(msg.prompt_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in msg.prompt_ids):
+            raise ProtocolError(BAD_REQUEST, "'prompt_ids' must be a list of integers", request_id)
+    else:
+        msg.messages = data["messages"]
+        max_messages = max_prompt_chars // CHARS_PER_TOKEN
+        if isinstance(msg.messages, list) and len(msg.messages) > max_messages:
+            raise ProtocolError(TOO_LONG, f"the chat has {len(msg.messages)} messages, more than this server "
+                                f"takes ({max_messages}: one per token of the model's context)", request_id)
+        if not isinstance(msg.messages, list) or not msg.messages or not all(
+                isinstance(m, dict) and set(m) == {"role", "content"}
+                and isinstance(m["role"], str) and isinstance(m["content"], str) for m in msg.messages):
+            raise ProtocolError(BAD_REQUEST, "'messages' must be a non-empty list of maps with a string "
+                                "'role' and a string 'content'", request_id)
+        # Roles count as much as contents: the template renders both.
+        _check_size(sum(len(m["role"]) + len(m["content"]) for m in msg.messages), max_prompt_chars, request_id)
+    try:
+        msg.params = SamplingParams.from_dict(data.get("params", {}))
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(BAD_REQUEST, f"invalid sampling parameters: {e}", request_id)
+    return msg
+
+
+def _check_size(num_chars: int, max_chars: int, request_id: str | int) -> None:
+    # Checked before tokenizing, so that several MiB of text cost nothing.
+    if num_chars > max_chars:
+        raise ProtocolError(TOO_LONG, f"the prompt has {num_chars} characters, more than this "
+                            f"server takes ({max_chars})", request_id)
+
+
+def encode(reply: dict) -> bytes:
+    return msgpack.packb(reply, use_bin_type=True)
+
+
+def error_reply(request_id: Any, code: str, message: str) -> dict:
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 3] + "..."
+    return {"type": "error", "id": request_id, "code": code, "message": message}
+
+
+def final_reply(request_id: Any, output: RequestOutput, token_text: Callable[[int], str] | None = None) -> dict:
+    """token_text (one token id -> its text) adds `token_texts` for the ids in the logprobs."""
+    reply = {"type": "final", "id": request_id, "prompt_tokens": len(output.prompt_token_ids),
+             "queue_s": output.queue_time,
+             "outputs": [{"index": c.index, "token_ids": c.token_ids, "text": c.text,
+                          "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
+                          "logprobs": logprob_lists(c.logprobs)} for c in output.outputs]}
+    if token_text is not None:
+        for out, c in zip(reply["outputs"], output.outputs):
+            if c.logprobs is not None:
+                out["token_texts"] = token_texts(c.logprobs, token_text)
+    return reply
+
+
+def logprob_lists(logprobs: list[dict[int, float]] | None) -> list[list[tuple[int, float]]] | None:
+    return None if logprobs is None else [sorted(d.items()) for d in logprobs]
+
+
+def token_texts(logprobs: list[dict[int, float]], token_text: Callable[[int], str]) -> dict[int, str]:
+    """The text of every token id that the logprobs name (each token decoded alone)."""
+    return {t: token_text(t) for d in logprobs for t in d}
