@@ -46,15 +46,17 @@ def project_imports(path: Path) -> set[str]:
             base = node.module or ""
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+            # `from x import y` imports the module x.y where there is one, else x (for y)
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in KNOWN else base for a in node.names}
     return {m for m in found if m.split(".")[0] in TOP}
 
 
+FILES = [p for top in TOP for p in (ROOT / top).rglob("*.py")]
+KNOWN = {module_name(p) for p in FILES}
+
+
 def modules() -> dict[str, set[str]]:
-    files = [p for top in TOP for p in (ROOT / top).rglob("*.py")]
-    known = {module_name(p) for p in files}
-    # keep only names that are modules (from x import function -> x)
-    return {module_name(p): {m for m in project_imports(p) if m in known} for p in files}
+    return {module_name(p): {m for m in project_imports(p) if m in KNOWN} for p in FILES}
 
 
 def layer(module: str) -> str:
