@@ -1,4 +1,4 @@
-"""The CUDA C kernels and cuda_ops' launch planning, run on the CPU by kernels.emulation
+"""The CUDA C kernels and cuda_ops' launch planning, run on the CPU by pagedkv.kernels.cuda.emulation
 (g++; CUDA threads become user-level contexts) and compared with the torch reference. This is how the
 kernels' logic is tested where no GPU is at hand; tests/test_kernels_cuda.py runs the
 same comparisons on a real device."""

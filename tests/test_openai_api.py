@@ -623,7 +623,7 @@ def test_readme_openai_block_works(url, offline):
 
 
 def test_the_gateway_does_not_import_torch():
-    code = "import sys, runtime.serving.http.app, runtime.cli.api; print('torch' in sys.modules)"
+    code = "import sys, pagedkv.runtime.serving.http.app, pagedkv.runtime.cli.api; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
 

@@ -31,8 +31,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, docs_folder: str | Non
 
 def output_folder(args: argparse.Namespace, tool: str, docs_folder: str | None = None) -> Path:
     """args.out, else docs/<docs_folder> with --update-docs, else a fresh temporary folder."""
-    if args.update_docs and not BENCHMARKS.exists():
-        raise SystemExit(f"--update-docs writes a checkout's docs/, and {BENCHMARKS} is not there: run it from a "
+    if args.update_docs and not BENCHMARKS.parent.is_dir():
+        raise SystemExit(f"--update-docs writes a checkout's docs/, and {BENCHMARKS.parent} is not there: run it from a "
                          "checkout of pagedkv, or leave --update-docs out")
     if args.out:
         out = Path(args.out)
