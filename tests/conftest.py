@@ -2,6 +2,10 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# Every engine the suite builds, here or in a child process, verifies before each model call
+# that each KV slot it reads holds its own token at its own position (kv_check.py).
+os.environ.setdefault("PAGEDKV_CHECK_KV", "1")
+
 # CI runs more examples of the property-based tests than a quick local run.
 settings.register_profile("ci", max_examples=400, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -192,7 +192,7 @@ def test_swap_out_and_in_moves_shared_blocks_once():
     free_dev, free_cpu = bm.num_free_device_blocks, bm.num_free_cpu_blocks
 
     assert bm.can_swap_out(g)
-    out = bm.swap_out(g)
+    out = dict(bm.swap_out(g))
     assert set(out) == unique and len(set(out.values())) == 3
     assert bm.num_free_device_blocks == free_dev + 3 and bm.num_free_cpu_blocks == free_cpu - 3
     assert bm.get_device(a) is Device.CPU
@@ -200,7 +200,7 @@ def test_swap_out_and_in_moves_shared_blocks_once():
     assert bm.get_block_table(b)[0] == shared_cpu and refs(bm, shared_cpu, Device.CPU) == 2
 
     assert bm.can_swap_in(g) is AllocStatus.OK
-    back = bm.swap_in(g)
+    back = dict(bm.swap_in(g))
     assert set(back) == set(out.values()) and len(set(back.values())) == 3
     assert bm.num_free_device_blocks == free_dev and bm.num_free_cpu_blocks == free_cpu
     assert bm.get_block_table(a)[0] == bm.get_block_table(b)[0]

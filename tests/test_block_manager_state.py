@@ -6,6 +6,10 @@ Each slot of the fake memory holds what real K/V depend on: the whole prefix up 
 including its token. Every sequence must read back exactly its own prefixes through its block
 table after any copy-on-write copies, swaps, cache hits and evictions, and a prefix-cache hit
 may skip writing only what the memory already holds.
+
+Swaps come one group at a time and as a step does them: several groups (which may share
+cached blocks) moved together, their plans joined as the scheduler joins them, and carried
+out once, all reads before all writes.
 """
 from collections import Counter
 
@@ -65,9 +69,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def live_seqs(self):
         return [s for g in self.groups for s in g.unfinished_seqs()]
 
-    def copy_blocks(self, src_dev, dst_dev, mapping):
-        for src, dst in mapping:
-            self.memory[dst_dev][dst] = list(self.memory[src_dev][src])
+    def copy_blocks(self, src_dev, dst_dev, pairs):
+        """One step's copies: every source read before any destination is written."""
+        assert len({dst for _, dst in pairs}) == len(pairs)  # no block written twice
+        contents = [list(self.memory[src_dev][src]) for src, _ in pairs]
+        for (_, dst), content in zip(pairs, contents):
+            self.memory[dst_dev][dst] = content
 
     def cached_prefixes(self):
         """Full prefixes that cached device blocks hold, read from the memory model."""
@@ -171,41 +178,73 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq.status = SequenceStatus.FINISHED_STOPPED
         self.groups = [g for g in self.groups if not g.is_finished]
 
+    def swap_group_out(self, group) -> list[tuple[int, int]] | None:
+        """Swaps one group out (its copies not carried out yet); None if the CPU pool is full."""
+        held = Counter(b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s))
+        free_cpu = self.bm.num_free_cpu_blocks
+        if not self.bm.can_swap_out(group):
+            assert len(held) > free_cpu  # refused only when it might not fit
+            return None
+        # Blocks that other requests hold too (cache hits) stay on the device for them.
+        released = {b for b in held if self.device_pool.ref_counts[b] == held[b]}
+        free_dev = self.bm.num_free_device_blocks
+        pairs = self.bm.swap_out(group)
+        assert {src for src, _ in pairs} <= set(held)  # the rest went onto copies made before
+        assert self.bm.num_free_device_blocks == free_dev + len(released)
+        assert self.bm.num_free_cpu_blocks == free_cpu - len(pairs)
+        assert not released & set(self.device_pool.cached)  # they left the prefix cache
+        return pairs
+
+    def swap_group_in(self, group) -> list[tuple[int, int]] | None:
+        held = {b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s)}
+        if self.bm.can_swap_in(group) is not AllocStatus.OK:
+            return None
+        free_dev = self.bm.num_free_device_blocks
+        pairs = self.bm.swap_in(group)
+        assert {src for src, _ in pairs} <= held
+        assert self.bm.num_free_device_blocks == free_dev - len(pairs)
+        return pairs
+
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data())
     def swap_out(self, data):
         groups = self.groups_on(Device.DEVICE)
-        if not groups:
+        if groups:
+            pairs = self.swap_group_out(data.draw(st.sampled_from(groups)))
+            self.copy_blocks(Device.DEVICE, Device.CPU, pairs or [])
+
+    @precondition(lambda self: len(self.live_seqs()) > 1)
+    @rule(data=st.data())
+    def swap_out_in_one_step(self, data):
+        """Several groups preempted by swap in one step: one plan, carried out once."""
+        groups = self.groups_on(Device.DEVICE)
+        if len(groups) < 2:
             return
-        group = data.draw(st.sampled_from(groups))
-        held = Counter(b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s))
-        unique = set(held)
-        if not self.bm.can_swap_out(group):
-            assert len(unique) > self.bm.num_free_cpu_blocks
-            return
-        # Blocks that other requests hold too (cache hits) stay on the device for them.
-        released = {b for b in unique if self.device_pool.ref_counts[b] == held[b]}
-        free_dev, free_cpu = self.bm.num_free_device_blocks, self.bm.num_free_cpu_blocks
-        mapping = self.bm.swap_out(group)
-        assert set(mapping) == unique and len(set(mapping.values())) == len(unique)
-        assert self.bm.num_free_device_blocks == free_dev + len(released)
-        assert self.bm.num_free_cpu_blocks == free_cpu - len(unique)
-        assert not released & set(self.device_pool.cached)  # they left the prefix cache
-        self.copy_blocks(Device.DEVICE, Device.CPU, mapping.items())
+        chosen = data.draw(st.lists(st.sampled_from(groups), min_size=2, max_size=4, unique=True))
+        plan = []
+        for group in chosen:
+            plan += self.swap_group_out(group) or []
+        self.copy_blocks(Device.DEVICE, Device.CPU, plan)
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data())
     def swap_in(self, data):
         groups = self.groups_on(Device.CPU)
-        if not groups:
+        if groups:
+            pairs = self.swap_group_in(data.draw(st.sampled_from(groups)))
+            self.copy_blocks(Device.CPU, Device.DEVICE, pairs or [])
+
+    @precondition(lambda self: len(self.live_seqs()) > 1)
+    @rule(data=st.data())
+    def swap_in_in_one_step(self, data):
+        groups = self.groups_on(Device.CPU)
+        if len(groups) < 2:
             return
-        group = data.draw(st.sampled_from(groups))
-        unique = {b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s)}
-        if self.bm.can_swap_in(group) is not AllocStatus.OK:
-            return
-        mapping = self.bm.swap_in(group)
-        assert set(mapping) == unique and len(set(mapping.values())) == len(unique)
-        self.copy_blocks(Device.CPU, Device.DEVICE, mapping.items())
+        chosen = data.draw(st.lists(st.sampled_from(groups), min_size=2, max_size=4, unique=True))
+        plan = []
+        for group in chosen:
+            plan += self.swap_group_in(group) or []
+        self.copy_blocks(Device.CPU, Device.DEVICE, plan)
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data())

@@ -219,16 +219,67 @@ def test_swapped_out_blocks_leave_the_cache_and_are_hashed_again_on_the_way_back
     bm.swap_out(a)
     # a's third block had no other holder: it left the cache; the 2 shared ones stay.
     assert bm.stats().cached_blocks == 3
-    assert bm.allocate(group_of(SYSTEM + [2], request_id="c")).computed_tokens == [8]
+    c = group_of(SYSTEM + [2], request_id="c")
+    assert bm.allocate(c).computed_tokens == [8]
     bm.free(b.seqs[0])
-    bm.swap_in(a)
+    shared = bm.get_block_table(c.seqs[0])[:2]
+    copies = bm.swap_in(a)
     table = bm.get_block_table(a.seqs[0])
     pool = bm.pools[Device.DEVICE]
-    # The fresh copies of the 2 shared blocks are duplicates of cached blocks that c holds;
-    # the third one is cached again.
+    # The 2 shared blocks never left the device (c holds them): a comes back onto them, without
+    # a copy; its own 2 are copied, and the full one of them is cached again.
+    assert table[:2] == shared and [dst for _, dst in copies] == table[2:]
     assert table[2] in pool.cached and table[3] not in pool.cached
-    assert not {table[0], table[1]} & set(pool.cached)
+    assert bm.stats().swap_copies_saved == 2
     assert bm.allocate(group_of(SYSTEM + [3], request_id="d")).computed_tokens == [12]
+
+
+@pytest.mark.parametrize("same_step", [True, False])
+def test_groups_sharing_cached_blocks_swap_them_once_each_way(same_step):
+    """Two requests share a cached head. Swapped out (in one step's plan or in two), the head
+    takes one set of CPU blocks; swapped back in, one set of device blocks. A plan keyed by
+    block kept only the second group's copy of the head, and the first came back with garbage."""
+    bm = BlockManager(block_size=4, num_device_blocks=16, num_cpu_blocks=16, watermark=0.0)
+    a, b = group_of(SYSTEM + [1], request_id="a"), group_of(SYSTEM + [2, 3], request_id="b")
+    run_prefill(bm, a)
+    assert run_prefill(bm, b).computed_tokens == [12]
+    head = bm.get_block_table(a.seqs[0])[:3]
+    assert bm.get_block_table(b.seqs[0])[:3] == head
+    out_a = bm.swap_out(a)
+    out_b = bm.swap_out(b)
+    plan = out_a + out_b
+    assert sorted(src for src, _ in plan) == sorted(set(src for src, _ in plan))  # each block moves once
+    assert len(plan) == 3 + 2 and bm.num_free_cpu_blocks == 16 - 5
+    cpu_head = bm.get_block_table(a.seqs[0])[:3]
+    assert bm.get_block_table(b.seqs[0])[:3] == cpu_head
+    assert all(bm.pools[Device.CPU].ref_counts[block] == 2 for block in cpu_head)
+    if same_step:
+        back = bm.swap_in(a) + bm.swap_in(b)
+    else:
+        back = bm.swap_in(b)
+        back += bm.swap_in(a)
+    assert len({dst for _, dst in back}) == len(back) == 5 and bm.stats().swap_copies_saved == 3 + 3
+    assert bm.get_block_table(a.seqs[0])[:3] == bm.get_block_table(b.seqs[0])[:3]
+    assert all(refs(bm, block) == 2 for block in bm.get_block_table(a.seqs[0])[:3])
+    for group in (a, b):
+        bm.free(group.seqs[0])
+    assert bm.num_free_device_blocks == 16 and bm.num_free_cpu_blocks == 16
+
+
+def test_a_twin_is_dropped_when_its_block_is_freed():
+    """A device block freed after its copy went to the CPU may be rewritten: the next group that
+    swaps the same contents copies them again instead of trusting the old link."""
+    bm = BlockManager(block_size=4, num_device_blocks=16, num_cpu_blocks=16, watermark=0.0,
+                      enable_prefix_caching=False)
+    a = group_of(SYSTEM, n=2, request_id="a")
+    run_prefill(bm, a)
+    first = bm.swap_out(a)
+    assert len(first) == 3  # once for both sequences
+    back = bm.swap_in(a)
+    assert len(back) == 3  # the device originals were freed: their links went with them
+    for seq in a.seqs:
+        bm.free(seq)
+    assert not any(bm._twins.values())
 
 
 def test_fork_and_copy_on_write_with_cached_blocks():

@@ -73,20 +73,23 @@ class BlockAllocator:
             raise BlockAllocatorError(f"{self.device.value} block {block} is free; cannot share it")
         self.ref_counts[block] += 1
 
-    def free(self, block: int, keep_cached: bool = True) -> None:
-        """Drops one reference. With none left, a cached block becomes evictable (unless
-        `keep_cached` is False, which drops its cache entry) and any other block is free."""
+    def free(self, block: int, keep_cached: bool = True) -> bool:
+        """Drops one reference; True if that was the last. With none left, a cached block
+        becomes evictable (unless `keep_cached` is False, which drops its cache entry) and any
+        other block is free."""
         count = self.ref_counts[block]
         if count <= 0:
             raise BlockAllocatorError(f"double free of {self.device.value} block {block}")
         self.ref_counts[block] = count - 1
-        if count == 1:
-            if not keep_cached:
-                self._uncache(block)
-            if block in self.cached:
-                self._evictable[block] = None
-            else:
-                self._free.append(block)
+        if count > 1:
+            return False
+        if not keep_cached:
+            self._uncache(block)
+        if block in self.cached:
+            self._evictable[block] = None
+        else:
+            self._free.append(block)
+        return True
 
     # -- prefix cache ----------------------------------------------------------------------------
     def lookup(self, block_hash: bytes, token_ids: tuple[int, ...]) -> int | None:

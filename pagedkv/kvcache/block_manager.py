@@ -6,6 +6,15 @@ receives a new token is copied first when it is shared (copy-on-write), and a gr
 swapped between the device pool and the bounded CPU pool as a whole, each shared block
 moving once and staying shared.
 
+Blocks are shared across groups too (prefix caching), and such a block may move with one
+group while another keeps it. A complete block (every slot written) that is copied to the
+other pool keeps a link to its copy, its twin, for as long as both stay allocated: a complete
+block is never written again, so the two hold the same K/V, and the next group that moves the
+block shares the twin instead of copying it again. Two groups that swap out a common prefix,
+in one step or in two, so hold it once in the CPU pool, and come back to one device copy.
+Plans are lists of (src, dst) pairs, which cannot drop an entry as a dict keyed by block
+would when two groups move the same block in one step.
+
 Prefix caching shares blocks across requests: once its tokens are computed, every full
 device block is indexed by a hash chained on its parent's, and `allocate` maps the longest
 cached prefix of each sequence onto those blocks. A cached block no sequence holds keeps its
@@ -32,6 +41,9 @@ class AllocStatus(enum.Enum):
 
 class BlockManagerError(RuntimeError):
     pass
+
+
+_OTHER = {Device.DEVICE: Device.CPU, Device.CPU: Device.DEVICE}
 
 
 @dataclass
@@ -81,6 +93,7 @@ class BlockStats:
     cached_blocks: int = 0     # device blocks in the prefix cache (in use or evictable)
     evictable_blocks: int = 0  # of those, the ones no sequence holds (counted as free)
     evicted_blocks: int = 0    # cached blocks reused for other contents so far
+    swap_copies_saved: int = 0  # block moves that found their contents in the other pool already
 
     @property
     def waste(self) -> float:
@@ -112,9 +125,12 @@ class BlockManager:
         self.pools = {Device.DEVICE: BlockAllocator(Device.DEVICE, num_device_blocks),
                       Device.CPU: BlockAllocator(Device.CPU, num_cpu_blocks)}
         self._tables: dict[int, _Table] = {}
+        # Complete blocks with an identical copy in the other pool (see the module's docstring).
+        self._twins: dict[Device, dict[int, int]] = {Device.DEVICE: {}, Device.CPU: {}}
         self.cow_copies = 0
         self.blocks_swapped_out = 0
         self.blocks_swapped_in = 0
+        self.swap_copies_saved = 0
 
     # -- helpers -------------------------------------------------------------------------
     def _num_blocks(self, num_tokens: int) -> int:
@@ -159,6 +175,19 @@ class BlockManager:
         for seq in group.unfinished_seqs():
             seen.update(dict.fromkeys(self._table(seq, device).blocks))
         return list(seen)
+
+    def _blocks_to_move(self, group: SequenceGroup, device: Device) -> int:
+        """Distinct blocks of the group in `device` that moving it would copy: those without a
+        twin in the other pool."""
+        twins = self._twins[device]
+        return sum(1 for block in self._unique_blocks(group, device) if block not in twins)
+
+    def _release(self, device: Device, block: int, keep_cached: bool = True) -> None:
+        """Drops one reference; a block that becomes free loses its twin (it may be rewritten)."""
+        if self.pools[device].free(block, keep_cached):
+            twin = self._twins[device].pop(block, None)
+            if twin is not None:
+                del self._twins[_OTHER[device]][twin]
 
     # -- prefix cache ----------------------------------------------------------------------------
     def _cached_prefix(self, seq: Sequence) -> list[int]:
@@ -289,7 +318,7 @@ class BlockManager:
         if pool.ref_counts[last] == 1:
             return []
         fresh = pool.allocate()
-        pool.free(last)  # one reference fewer; the other sequences keep the original
+        self._release(Device.DEVICE, last)  # one reference fewer; the other sequences keep the original
         blocks[index] = fresh
         self.cow_copies += 1
         return [(last, fresh)]
@@ -312,57 +341,69 @@ class BlockManager:
             # step: a chat's next turn or a recomputed group finds them when they are done.
             self.cache_computed(seq)
         del self._tables[seq.seq_id]
-        pool = self.pools[table.device]
         # Tail first: on the evictable list, a prefix's last blocks then go before its head.
         for block in reversed(table.blocks):
-            pool.free(block)
+            self._release(table.device, block)
 
     # -- swapping ----------------------------------------------------------------------------
     def can_swap_out(self, group: SequenceGroup) -> bool:
-        return len(self._unique_blocks(group, Device.DEVICE)) <= self.pools[Device.CPU].num_free_blocks
+        return self._blocks_to_move(group, Device.DEVICE) <= self.pools[Device.CPU].num_free_blocks
 
     def can_swap_in(self, group: SequenceGroup) -> AllocStatus:
         # Room for the blocks plus one new block per sequence, so that all can grow at once.
-        need = len(self._unique_blocks(group, Device.CPU)) + len(group.unfinished_seqs())
+        need = self._blocks_to_move(group, Device.CPU) + len(group.unfinished_seqs())
         return self._status(need, need)
 
-    def swap_out(self, group: SequenceGroup) -> dict[int, int]:
-        """Moves the group to the CPU pool; returns {device_block: cpu_block}."""
+    def swap_out(self, group: SequenceGroup) -> list[tuple[int, int]]:
+        """Moves the group to the CPU pool; returns the (device_block, cpu_block) copies."""
         if not self.can_swap_out(group):
             raise BlockManagerError(f"no room in the CPU pool to swap out request {group.request_id}")
-        mapping = self._move(group, Device.DEVICE, Device.CPU)
-        self.blocks_swapped_out += len(mapping)
-        return mapping
+        copies = self._move(group, Device.DEVICE, Device.CPU)
+        self.blocks_swapped_out += len(copies)
+        return copies
 
-    def swap_in(self, group: SequenceGroup) -> dict[int, int]:
-        """Moves the group back to the device pool; returns {cpu_block: device_block}."""
-        need = len(self._unique_blocks(group, Device.CPU))
+    def swap_in(self, group: SequenceGroup) -> list[tuple[int, int]]:
+        """Moves the group back to the device pool; returns the (cpu_block, device_block) copies."""
+        need = self._blocks_to_move(group, Device.CPU)
         if need > self.pools[Device.DEVICE].num_free_blocks:
             raise BlockManagerError(f"request {group.request_id} needs {need} device blocks to swap in, "
                                     f"{self.pools[Device.DEVICE].num_free_blocks} are free")
-        mapping = self._move(group, Device.CPU, Device.DEVICE)
-        self.blocks_swapped_in += len(mapping)
+        copies = self._move(group, Device.CPU, Device.DEVICE)
+        self.blocks_swapped_in += len(copies)
         for seq in group.unfinished_seqs():
             self.cache_computed(seq)  # fresh device blocks: hashed again
-        return mapping
+        return copies
 
-    def _move(self, group: SequenceGroup, src: Device, dst: Device) -> dict[int, int]:
-        src_pool, dst_pool = self.pools[src], self.pools[dst]
-        mapping: dict[int, int] = {}
+    def _move(self, group: SequenceGroup, src: Device, dst: Device) -> list[tuple[int, int]]:
+        """Moves every table of the group to `dst`: each distinct block once, onto its twin
+        where it has one, else onto a fresh block that a copy fills (returned)."""
+        dst_pool, twins = self.pools[dst], self._twins[src]
+        targets: dict[int, int] = {}
+        copies: list[tuple[int, int]] = []
         for seq in group.unfinished_seqs():
             table = self._table(seq, src)
+            complete = seq.num_computed_tokens // self.block_size  # blocks never written again
             moved = []
-            for block in table.blocks:
-                target = mapping.get(block)
+            for index, block in enumerate(table.blocks):
+                target = targets.get(block)
                 if target is None:
-                    target = mapping[block] = dst_pool.allocate()
+                    target = twins.get(block)
+                    if target is None:
+                        target = dst_pool.allocate()
+                        copies.append((block, target))
+                        if index < complete:
+                            twins[block], self._twins[dst][target] = target, block
+                    else:
+                        dst_pool.incref(target)
+                        self.swap_copies_saved += 1
+                    targets[block] = target
                 else:
                     dst_pool.incref(target)
                 # A block that leaves the device leaves the prefix cache with its last holder.
-                src_pool.free(block, keep_cached=False)
+                self._release(src, block, keep_cached=False)
                 moved.append(target)
             table.blocks, table.device, table.num_hashed = moved, dst, 0
-        return mapping
+        return copies
 
     # -- queries -------------------------------------------------------------------------------
     def get_block_table(self, seq: Sequence) -> list[int]:
@@ -373,8 +414,8 @@ class BlockManager:
         return self._table(seq).device
 
     def num_group_blocks(self, group: SequenceGroup) -> int:
-        """Distinct device blocks the group holds (what swapping it would move)."""
-        return len(self._unique_blocks(group, Device.DEVICE))
+        """Distinct device blocks that swapping the group out would copy."""
+        return self._blocks_to_move(group, Device.DEVICE)
 
     def has_blocks(self, seq: Sequence) -> bool:
         return seq.seq_id in self._tables
@@ -403,4 +444,5 @@ class BlockManager:
                           cpu.num_blocks, cpu.num_used_blocks,
                           device.num_used_blocks * self.block_size, sum(filled.values()), logical,
                           self.cow_copies, self.blocks_swapped_out, self.blocks_swapped_in,
-                          len(device.cached), device.num_evictable_blocks, device.num_evicted)
+                          len(device.cached), device.num_evictable_blocks, device.num_evicted,
+                          self.swap_copies_saved)

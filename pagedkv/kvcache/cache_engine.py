@@ -64,11 +64,10 @@ class CacheEngine:
     def num_cpu_blocks(self) -> int:
         return self.cpu_cache.shape[0]
 
-    def _pairs(self, pairs: list[tuple[int, int]] | dict[int, int], device: torch.device) -> torch.Tensor:
-        items = list(pairs.items()) if isinstance(pairs, dict) else list(pairs)
-        return torch.tensor(items, dtype=torch.int64, device=device).view(-1, 2)
+    def _pairs(self, pairs: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+        return torch.tensor(pairs, dtype=torch.int64, device=device).view(-1, 2)
 
-    def _swap(self, src: torch.Tensor, dst: torch.Tensor, mapping: dict[int, int]) -> None:
+    def _swap(self, src: torch.Tensor, dst: torch.Tensor, mapping: list[tuple[int, int]]) -> None:
         if not mapping:
             return
         start = time.perf_counter()
@@ -79,11 +78,11 @@ class CacheEngine:
         self.swap_seconds += time.perf_counter() - start
         self.bytes_swapped += len(mapping) * self.spec.bytes_per_block
 
-    def swap_out(self, mapping: dict[int, int]) -> None:
+    def swap_out(self, mapping: list[tuple[int, int]]) -> None:
         """Device block -> CPU block, for each pair of the block manager's plan."""
         self._swap(self.device_cache, self.cpu_cache, mapping)
 
-    def swap_in(self, mapping: dict[int, int]) -> None:
+    def swap_in(self, mapping: list[tuple[int, int]]) -> None:
         """CPU block -> device block."""
         self._swap(self.cpu_cache, self.device_cache, mapping)
 

@@ -45,10 +45,14 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
+    """One iteration's plan. The cache operations are lists of (src, dst) block pairs, carried
+    out in this order: swap out, swap in, copy. A list cannot drop a pair, and `check_plan`
+    refuses a plan that writes a block twice."""
+
     prefills: list[ScheduledSeq] = field(default_factory=list)
     decodes: list[ScheduledSeq] = field(default_factory=list)
-    blocks_to_swap_out: dict[int, int] = field(default_factory=dict)
-    blocks_to_swap_in: dict[int, int] = field(default_factory=dict)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[tuple[SequenceGroup, PreemptionMode]] = field(default_factory=list)
     rejected: list[SequenceGroup] = field(default_factory=list)  # finished with an error
@@ -62,6 +66,13 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.prefills and not self.decodes
+
+    def check_plan(self) -> None:
+        """Raises if a cache operation's destination block is written twice in this step."""
+        for name in ("blocks_to_swap_out", "blocks_to_swap_in", "blocks_to_copy"):
+            pairs = getattr(self, name)
+            if len({dst for _, dst in pairs}) != len(pairs):
+                raise RuntimeError(f"{name} writes a block twice: {sorted(pairs, key=lambda p: p[1])}")
 
 
 def _arrival(group: SequenceGroup) -> float:
@@ -153,6 +164,8 @@ class Scheduler:
             self._swap_in(out)
             if not self.swapped:
                 self._admit(out)
+        if out.blocks_to_swap_out or out.blocks_to_swap_in or out.blocks_to_copy:
+            out.check_plan()
         return out
 
     def _room(self, group: SequenceGroup, out: SchedulerOutput) -> bool:
@@ -252,14 +265,14 @@ class Scheduler:
         self._schedule_prefill(group, out)
 
     def _resume(self, group: SequenceGroup, out: SchedulerOutput) -> None:
-        out.blocks_to_swap_in.update(self.bm.swap_in(group))
+        out.blocks_to_swap_in += self.bm.swap_in(group)
         self._schedule_decode(group, out)
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         num_blocks = self.bm.num_group_blocks(group)
         mode = self.policy.choose(group, num_blocks, self.bm.can_swap_out(group), self.bm.num_kept_tokens(group))
         if mode is PreemptionMode.SWAP:
-            out.blocks_to_swap_out.update(self.bm.swap_out(group))
+            out.blocks_to_swap_out += self.bm.swap_out(group)
             for seq in group.unfinished_seqs():
                 seq.status = SequenceStatus.SWAPPED
             bisect.insort(self.swapped, group, key=_arrival)

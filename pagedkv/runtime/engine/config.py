@@ -9,11 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
-
-from pagedkv.preemption.policy import MODES
-
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from pagedkv.preemption.policy import MODES
@@ -33,6 +29,10 @@ if TYPE_CHECKING:
 
 DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
 log = logging.getLogger(__name__)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 @dataclass
@@ -56,6 +56,8 @@ class EngineConfig:
     distributed_timeout_s: float = 30.0   # how long a collective waits for the other ranks
     enable_prefix_caching: bool = True    # share computed prompt blocks across requests
     async_scheduling: bool = False        # schedule step N+1 and finish step N-1 while step N computes
+    # Verify every slot a step reads holds its own prefix's K/V (kv_check.py): a debug mode.
+    check_kv: bool = field(default_factory=lambda: _env_flag("PAGEDKV_CHECK_KV"))
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -136,6 +138,9 @@ class EngineConfig:
         add("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
             help="schedule the next step and finish the last one on a second thread while a step computes "
                  "(default off)")
+        add("--check-kv", action=argparse.BooleanOptionalAction, default=_env_flag("PAGEDKV_CHECK_KV"),
+            help="debug: before each model call, verify that every KV slot a sequence reads holds its own "
+                 "token at its own position (slow; default: the environment variable PAGEDKV_CHECK_KV)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":
@@ -214,6 +219,7 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     from pagedkv.kvcache.cache_engine import GIB, CacheSpec
     from pagedkv.preemption.policy import CostModel
     from pagedkv.runtime.engine.executor import ModelExecutor
+    from pagedkv.runtime.engine.kv_check import KVContentChecker
     from pagedkv.runtime.engine.parallel_executor import TensorParallelExecutor
     from pagedkv.runtime.engine.profile import StepProfile
     from pagedkv.runtime.models.llama import LlamaModel, cpu_has_bfloat16
@@ -242,11 +248,15 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
         raise ValueError("no memory is left for the KV cache: lower the model size or raise the budget")
     cache = _allocate_cache(spec, num_device, num_cpu, device)
     profile = StepProfile(config.profile_steps, device)
+    # Rank 0 checks for all: every rank carries out the same plan on its share of the heads.
+    checker = (KVContentChecker(num_device, num_cpu, config.block_size)
+               if config.check_kv and (group is None or group.rank == 0) else None)
     if group is not None and group.rank == 0:
-        return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile)
+        return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile,
+                                              checker)
     # Decode graphs capture no collectives: tensor-parallel ranks run eagerly.
     eager = config.enforce_eager or group is not None
-    return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile)
+    return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile, checker)
 
 
 def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,

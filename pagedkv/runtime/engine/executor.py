@@ -16,6 +16,7 @@ from pagedkv.preemption.policy import CostModel
 from pagedkv.preemption.scheduler import SchedulerOutput
 from pagedkv.runtime.engine.cuda_graphs import DecodeGraphs
 from pagedkv.runtime.engine.inputs import HostInputs, host_inputs
+from pagedkv.runtime.engine.kv_check import KVContentChecker
 from pagedkv.runtime.engine.profile import StepProfile
 from pagedkv.runtime.engine.staging import Staging
 from pagedkv.runtime.models.llama import LlamaModel, ModelInput
@@ -25,8 +26,10 @@ log = logging.getLogger(__name__)
 
 class ModelExecutor:
     def __init__(self, model: LlamaModel, cache: CacheEngine, cost: CostModel, max_num_seqs: int = 256,
-                 enforce_eager: bool = False, profile: StepProfile | None = None) -> None:
+                 enforce_eager: bool = False, profile: StepProfile | None = None,
+                 checker: KVContentChecker | None = None) -> None:
         self.model, self.cache, self.cost = model, cache, cost
+        self.checker = checker  # the debug check of every slot's contents (kv_check.py), or None
         self.device = model.device
         self.block_size = cache.spec.block_size
         self.staging = Staging(self.device)
@@ -57,6 +60,8 @@ class ModelExecutor:
         self.cache.swap_in(out.blocks_to_swap_in)
         self.cost.observe_swap(self.cache.bytes_swapped - before_bytes, self.cache.swap_seconds - before_s)
         self.cache.copy(out.blocks_to_copy)
+        if self.checker is not None:
+            self.checker.apply_cache_ops(out)
 
     def upload(self, inputs: HostInputs) -> ModelInput:
         t = self.staging.upload(inputs.arrays())
@@ -82,6 +87,9 @@ class ModelExecutor:
             if started is not None:
                 started()
             return torch.empty(0, self.model.config.vocab_size)
+        if self.checker is not None:
+            inputs = inputs if inputs is not None else host_inputs(out, self.block_size)
+            self.checker.check_step(out, inputs)
         if batch is None:
             inputs = inputs if inputs is not None else host_inputs(out, self.block_size)
             if self.graphs is not None and self.graphs.fits(inputs):

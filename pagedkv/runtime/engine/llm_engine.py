@@ -483,6 +483,7 @@ class LLMEngine:
             "copy_on_write_copies": s.copy_on_write_copies,
             "preemptions": {"swap": sched.preemptions["swap"], "recompute": sched.preemptions["recompute"]},
             "blocks_swapped_out": s.blocks_swapped_out, "blocks_swapped_in": s.blocks_swapped_in,
+            "swap_copies_saved": s.swap_copies_saved,
             "tokens_recomputed": sched.tokens_recomputed,
             "prefix_cache": self._prefix_cache_stats(s),
             "generated_tokens": self.generated_tokens, "steps": self.steps,

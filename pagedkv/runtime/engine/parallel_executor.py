@@ -12,6 +12,7 @@ from pagedkv.preemption.policy import CostModel
 from pagedkv.preemption.scheduler import SchedulerOutput
 from pagedkv.runtime.engine.distributed import REPORT, REPORT_WITH_POOLS, ParallelGroup, WorkerFailure
 from pagedkv.runtime.engine.executor import ModelExecutor
+from pagedkv.runtime.engine.kv_check import KVContentChecker
 from pagedkv.runtime.engine.profile import StepProfile
 from pagedkv.runtime.engine.step_message import StepMessage
 from pagedkv.runtime.models.llama import LlamaModel, ModelInput
@@ -19,9 +20,10 @@ from pagedkv.runtime.models.llama import LlamaModel, ModelInput
 
 class TensorParallelExecutor(ModelExecutor):
     def __init__(self, model: LlamaModel, cache: CacheEngine, cost: CostModel, group: ParallelGroup,
-                 max_num_seqs: int = 256, profile: StepProfile | None = None) -> None:
+                 max_num_seqs: int = 256, profile: StepProfile | None = None,
+                 checker: KVContentChecker | None = None) -> None:
         # Decode graphs capture no collectives: a tensor-parallel group runs eagerly.
-        super().__init__(model, cache, cost, max_num_seqs, enforce_eager=True, profile=profile)
+        super().__init__(model, cache, cost, max_num_seqs, enforce_eager=True, profile=profile, checker=checker)
         self.group = group
         self.broadcasts = 0
         self.broadcast_bytes = 0

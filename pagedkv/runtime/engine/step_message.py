@@ -23,8 +23,8 @@ STEP = b"S"  # the first byte of an encoded step
 class StepMessage:
     """The part of a SchedulerOutput a worker needs (ModelExecutor.execute reads these names)."""
 
-    blocks_to_swap_out: dict[int, int]
-    blocks_to_swap_in: dict[int, int]
+    blocks_to_swap_out: list[tuple[int, int]]
+    blocks_to_swap_in: list[tuple[int, int]]
     blocks_to_copy: list[tuple[int, int]]
     batch: ModelInput | None  # None: cache operations only
 

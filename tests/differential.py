@@ -1,0 +1,130 @@
+"""Differential testing of the engine's exactness promise: a request returns under concurrency,
+preemption (each mode), prefix hits, chunked prefill, async scheduling and other requests'
+aborts exactly what it returns alone.
+
+`random_workload(seed)` draws requests that share heads at and off block boundaries, with
+greedy, beam search, seeded n-sampling and top-p parameters; `run_concurrently` keeps up to
+`concurrency` of them live in one engine (arrivals staggered, some aborted part-way);
+`LoneRuns` runs each request by itself in a roomy engine without prefix caching, once per
+distinct request. Outputs are compared as token ids and cumulative log-probabilities' tokens.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pagedkv.runtime.engine.config import EngineConfig
+from pagedkv.runtime.engine.llm_engine import LLMEngine
+from pagedkv.runtime.engine.sampling_params import SamplingParams
+from pagedkv.runtime.models.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    abort_after: int | None = None  # steps after its arrival; None: runs to the end
+
+    @property
+    def key(self) -> tuple:
+        return self.prompt, repr(self.params)
+
+
+def _params(rng: random.Random) -> SamplingParams:
+    kind = rng.choice(["greedy", "greedy", "beam", "seeded_n", "top_p"])
+    max_tokens = rng.randint(2, 12)
+    if kind == "greedy":
+        return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=rng.random() < 0.7)
+    if kind == "beam":
+        width = rng.randint(2, 3)
+        return SamplingParams(max_tokens=max_tokens, beam_width=width, n=rng.randint(1, width))
+    if kind == "seeded_n":
+        return SamplingParams(max_tokens=max_tokens, n=rng.randint(2, 3), temperature=0.9,
+                              seed=rng.randrange(1000), ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.9, seed=rng.randrange(1000),
+                          ignore_eos=True)
+
+
+def random_workload(seed: int, vocab_size: int, num_requests: int = 40, abort_share: float = 0.1) -> list[Request]:
+    """Requests over a few shared heads (lengths at and off block boundaries for any block size
+    up to 16), some identical to others, some aborted."""
+    rng = random.Random(seed)
+    tokens = lambda n: tuple(rng.randrange(3, vocab_size) for _ in range(n))  # noqa: E731 (0-2: special)
+    heads = [(), tokens(16), tokens(23), tokens(33)]
+    heads.append(heads[1] + tokens(9))  # a head that extends another
+    distinct = []
+    for _ in range(max(4, num_requests // 3)):
+        prompt = rng.choice(heads) + tokens(rng.randint(1, 14))
+        distinct.append(Request(prompt, _params(rng)))
+    requests = []
+    for _ in range(num_requests):
+        request = rng.choice(distinct)
+        if rng.random() < abort_share:
+            request = Request(request.prompt, request.params, abort_after=rng.randint(0, 6))
+        requests.append(request)
+    return requests
+
+
+def outputs_of(output) -> list[tuple[int, ...]]:
+    return [tuple(c.token_ids) for c in output.outputs]
+
+
+def run_concurrently(engine: LLMEngine, requests: list[Request], concurrency: int,
+                     seed: int = 0) -> dict[int, list[tuple[int, ...]]]:
+    """Feeds the requests in order, keeping at most `concurrency` live (a random number joins
+    each step); returns each finished, not aborted, request's outputs by its index."""
+    rng = random.Random(seed)
+    pending = list(enumerate(requests))
+    live: dict[str, tuple[int, int]] = {}  # request id -> (index, steps since arrival)
+    results: dict[int, list[tuple[int, ...]]] = {}
+    step = 0
+    while pending or engine.has_unfinished():
+        for _ in range(rng.randint(0, concurrency)):
+            if not pending or len(live) >= concurrency:
+                break
+            index, request = pending.pop(0)
+            request_id = f"req{index}"
+            engine.add_request(request_id, list(request.prompt), request.params, stream=False)
+            live[request_id] = (index, 0)
+        for request_id, (index, age) in list(live.items()):
+            limit = requests[index].abort_after
+            if limit is not None and age >= limit:
+                engine.abort(request_id)
+                del live[request_id]
+            else:
+                live[request_id] = (index, age + 1)
+        for output in engine.step():
+            if output.finished and output.request_id in live:
+                index, _ = live.pop(output.request_id)
+                results[index] = outputs_of(output)
+        step += 1
+        if step > 20000:
+            raise AssertionError("the workload did not finish")
+    return results
+
+
+class LoneRuns:
+    """Each distinct request run by itself, once, in an engine that never preempts and has no
+    prefix cache: what the request returns alone."""
+
+    def __init__(self, loaded: LoadedModel, block_size: int = 16):
+        self.engine = LLMEngine(EngineConfig(block_size=block_size, num_device_blocks=1024, swap_space_gib=0.01,
+                                             enable_prefix_caching=False), loaded)
+        self.known: dict[tuple, list[tuple[int, ...]]] = {}
+
+    def __call__(self, request: Request) -> list[tuple[int, ...]]:
+        if request.key not in self.known:
+            self.engine.add_request("alone", list(request.prompt), request.params, stream=False)
+            while self.engine.has_unfinished():
+                for output in self.engine.step():
+                    if output.finished:
+                        self.known[request.key] = outputs_of(output)
+        return self.known[request.key]
+
+
+def assert_all_blocks_free(engine: LLMEngine) -> None:
+    """Exact accounting: after the workload every block of every pool is free or cached."""
+    bm = engine.block_manager
+    for pool in bm.pools.values():
+        assert pool.num_free_blocks == pool.num_blocks, (pool.device, pool.num_free_blocks, pool.num_blocks)
+        assert not any(pool.ref_counts)
