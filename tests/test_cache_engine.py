@@ -15,11 +15,11 @@ def filled_engine(num_device=6, num_cpu=4):
 def test_swap_out_overwrite_swap_in_restores_contents():
     engine = filled_engine()
     original = engine.device_cache.clone()
-    engine.swap_out({1: 0, 4: 2})
+    engine.swap_out([(1, 0), (4, 2)])
     assert torch.equal(engine.cpu_cache[0], original[1]) and torch.equal(engine.cpu_cache[2], original[4])
     engine.device_cache[1] = -1   # the freed blocks are reused by others
     engine.device_cache[4] = -2
-    engine.swap_in({0: 5, 2: 1})
+    engine.swap_in([(0, 5), (2, 1)])
     assert torch.equal(engine.device_cache[5], original[1])
     assert torch.equal(engine.device_cache[1], original[4])
     for b in (0, 2, 3):           # untouched blocks stay as they were

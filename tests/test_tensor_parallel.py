@@ -95,10 +95,10 @@ def test_step_message_round_trip(paths):
     engine = llm.engine
     engine.add_request("a", PROMPTS[2], SamplingParams(max_tokens=4))
     out = engine.scheduler.schedule()
-    out.blocks_to_swap_out, out.blocks_to_copy = {3: 1}, [(4, 5)]
+    out.blocks_to_swap_out, out.blocks_to_copy = [(3, 1)], [(4, 5)]
     batch = engine.executor.prepare(out)
     back = StepMessage.decode(StepMessage.of(out, batch).encode(), torch.device("cpu"))
-    assert (back.blocks_to_swap_out, back.blocks_to_swap_in, back.blocks_to_copy) == ({3: 1}, {}, [(4, 5)])
+    assert (back.blocks_to_swap_out, back.blocks_to_swap_in, back.blocks_to_copy) == ([(3, 1)], [], [(4, 5)])
     for field in dataclasses.fields(batch):
         sent, received = getattr(batch, field.name), getattr(back.batch, field.name)
         if torch.is_tensor(sent):

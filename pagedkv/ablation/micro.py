@@ -110,7 +110,7 @@ def measure_micro(loaded: LoadedModel, engine_args: dict, block_sizes: list[int]
         # Warm up: the first model call, and every page of both pools touched once.
         group, _ = _prefill(parts, prompts[min(contexts)][:8], f"warm-{bs}")
         parts.scheduler.abort(group.request_id)
-        every = {i: i for i in range(min(parts.cache.num_device_blocks, parts.cache.num_cpu_blocks))}
+        every = [(i, i) for i in range(min(parts.cache.num_device_blocks, parts.cache.num_cpu_blocks))]
         parts.cache.swap_out(every)
         parts.cache.swap_in(every)
         measured = []
