@@ -7,7 +7,7 @@ from pagedkv.kvcache.block_hash import ROOT, block_hash, full_blocks
 from pagedkv.kvcache.block_manager import AllocStatus, BlockManager
 from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 from pagedkv.preemption.policy import CostModel, PreemptionMode, PreemptionPolicy
-from pagedkv.preemption.scheduler import Scheduler, SchedulerConfig
+from pagedkv.preemption.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 
 def group_of(prompt, n=1, request_id="r"):
@@ -374,6 +374,25 @@ def test_chunked_prefill_starts_at_the_cached_length():
     sched.add(request(SYSTEM + list(range(10)), "b", 1.0))
     spans = [(r.start, r.end) for _ in range(2) for r in step(sched).prefills]
     assert spans == [(12, 17), (17, 22)]
+
+
+@pytest.mark.parametrize("how", ["abort", "preempt"])
+def test_a_group_ended_mid_prefill_offers_only_what_its_lead_computed(how):
+    """n samples share their prompt, which the lead computes for all of them; the others count it
+    as computed from the start. Ended before the lead got through it, the group must not offer
+    the unwritten blocks to the prefix cache (the others' counts once did)."""
+    sched = make_scheduler(budget=5)
+    group = group_of(SYSTEM + [1], n=3, request_id="a")
+    sched.add(group)
+    assert [(r.start, r.end) for r in step(sched).prefills] == [(0, 5)]
+    if how == "abort":
+        sched.abort("a")
+    else:
+        sched._preempt(group, SchedulerOutput())
+    bm = sched.bm
+    pool = bm.pools[Device.DEVICE]
+    assert len(pool.cached) == 1  # the lead's first block; not the 2 it had not reached
+    assert bm.allocate(group_of(SYSTEM + [2], request_id="b")).computed_tokens == [4]
 
 
 def test_caching_off_computes_everything():

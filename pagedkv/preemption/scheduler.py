@@ -79,6 +79,17 @@ def _arrival(group: SequenceGroup) -> float:
     return group.arrival_time
 
 
+def _settle_shared(group: SequenceGroup) -> None:
+    """Before a group still in prefill lets go of its blocks. Its other sequences count the
+    shared head as computed from the start, since the lead computes it for all of them; but
+    only what the lead has computed so far is written, and freeing offers each sequence's
+    computed blocks to the prefix cache, which must not take the rest."""
+    seqs = group.unfinished_seqs()
+    if group.is_prefilling and seqs and seqs[0].num_computed_tokens < group.shared_tokens:
+        for seq in seqs[1:]:
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seqs[0].num_computed_tokens)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: PreemptionPolicy) -> None:
         self.config, self.bm, self.policy = config, block_manager, policy
@@ -124,6 +135,7 @@ class Scheduler:
 
     def finish(self, group: SequenceGroup, status: SequenceStatus, error: str | None = None) -> None:
         """Ends every unfinished sequence of the group and frees its blocks."""
+        _settle_shared(group)
         for seq in group.unfinished_seqs():
             self.free_seq(seq, status)
         group.error = error or group.error
@@ -277,6 +289,7 @@ class Scheduler:
                 seq.status = SequenceStatus.SWAPPED
             bisect.insort(self.swapped, group, key=_arrival)
         else:
+            _settle_shared(group)
             for seq in group.unfinished_seqs():
                 self.tokens_recomputed += seq.num_computed_tokens
                 self.bm.free(seq)
