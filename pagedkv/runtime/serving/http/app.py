@@ -136,7 +136,11 @@ class Gateway:
 
     # -- endpoints ----------------------------------------------------------------------------------
     async def generate(self, request: Request, chat: bool) -> Response:
-        body = await read_json(request, self.config.max_body_bytes)
+        try:
+            body = await read_json(request, self.config.max_body_bytes)
+        except Disconnected:  # an ordinary event, not an error of ours
+            log.info("a client disconnected while sending its request (%s %s)", request.method, request.url.path)
+            return Response(status_code=499)
         info = await self.model_info()
         job = parse(body, chat, info.max_model_len)
         if job.model is not None and job.model not in (info.name, info.root):
@@ -359,6 +363,8 @@ def run(config: ApiConfig, announce: Callable[[str], None] | None = None, log_le
     host, port = sock.getsockname()[:2]
     if announce is not None:
         announce(f"http://{f'[{host}]' if ':' in host else host}:{port}")
-    server = uvicorn.Server(uvicorn.Config(build_app(config), log_level=log_level, access_log=False,
-                                           timeout_graceful_shutdown=5))
+    from pagedkv.runtime.serving.http.framing import JsonErrorH11Protocol
+
+    server = uvicorn.Server(uvicorn.Config(build_app(config), http=JsonErrorH11Protocol, log_level=log_level,
+                                           access_log=False, timeout_graceful_shutdown=5))
     server.run(sockets=[sock])

@@ -1,5 +1,5 @@
-"""What stands between the network and the gateway: the bind rule, the API key, the body size
-limit, and noticing a client that went away."""
+"""What stands between the network and the gateway: the bind rule, the API key, the content type
+and size of bodies, and noticing a client that went away."""
 from __future__ import annotations
 
 import asyncio
@@ -8,10 +8,11 @@ import ipaddress
 import json
 from typing import Any, Awaitable, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pagedkv.runtime.engine.quote import quote
 from pagedkv.runtime.serving.http.errors import ApiError, bad_request
 
 T = TypeVar("T")
@@ -51,19 +52,35 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def check_json_content_type(request: Request) -> None:
+    """Bodies must say they are JSON, as vLLM requires. A POST whose type a plain HTML form can
+    send (text/plain, form encodings) needs no CORS preflight, so any web page a user opens could
+    otherwise start generations on a loopback server that has no API key."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        given = quote(content_type, 100) if content_type else "none"
+        raise ApiError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' "
+                       f"(got {given})", code="unsupported_media_type")
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The JSON body, refused with 413 past `limit` bytes (before reading it, when it says its size)."""
+    """The JSON body: 415 unless it says it is JSON, 413 past `limit` bytes (before reading it, when
+    it says its size)."""
+    check_json_content_type(request)
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413, f"the request body is larger than this server takes ({limit} bytes)",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is larger than this server takes ({limit} bytes)",
-                           code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is larger than this server takes ({limit} bytes)",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Disconnected from None
     try:
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError):

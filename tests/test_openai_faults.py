@@ -1,0 +1,151 @@
+"""What fuzzing the HTTP gateway found, each reproduced against a real `pagedkv serve --http-port`
+process: bad input gets OpenAI's JSON error shape with a 4xx status (never a 500, a crash or a
+hang), is refused before any work is done, and hurts no other request."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from server_process import running_http_server
+
+from pagedkv.runtime.serving.client import Client
+
+pytestmark = pytest.mark.timeout(300)
+PROMPT = "hello world, this is"
+MESSAGES = [{"role": "user", "content": "Say something."}]
+CONTEXT = 2048
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model):
+    return tiny_model(max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("http-faults") / "server.log"
+    with running_http_server(model_path, "--num-device-blocks", "1200", "--block-size", "4",
+                             log_path=str(log)) as (proc, url):
+        yield proc, url
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[1]
+
+
+@pytest.fixture(scope="module")
+def engine(server):
+    with Client(server[0].address, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(url):
+    return httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
+
+
+def error_of(response: httpx.Response) -> dict:
+    assert response.headers["content-type"].startswith("application/json"), response.text[:200]
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def post(url: str, path: str, body, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=60, **kwargs)
+
+
+def raw_exchange(url: str, request: bytes, timeout: float = 30) -> bytes:
+    """Sends bytes as they are and reads until the server closes (or `timeout`)."""
+    parsed = urlparse(url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+    return b"".join(chunks)
+
+
+def served_requests(engine) -> int:
+    """Messages the engine has received, less the stats requests that ask."""
+    return engine.stats()["server"]["messages"]
+
+
+# -- 5: only JSON bodies; CORS stays closed ------------------------------------------------------
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_a_body_that_is_not_declared_json_is_refused_with_415(url, model, engine, content_type):
+    """A text/plain POST needs no CORS preflight: any web page could start generations on a
+    loopback server with no key. It was served."""
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 2}).encode()
+    headers = {} if content_type is None else {"content-type": content_type}
+    before = served_requests(engine)
+    response = httpx.post(f"{url}/v1/completions", content=body, headers=headers, timeout=60)
+    assert response.status_code == 415
+    assert error_of(response)["code"] == "unsupported_media_type"
+    assert served_requests(engine) == before + 1  # only the stats request above: nothing was sent
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                          "Application/JSON;charset=UTF-8"])
+def test_json_with_or_without_a_charset_is_accepted(url, model, content_type):
+    body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": 2}).encode()
+    response = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": content_type},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_cors_is_closed(url, model):
+    preflight = httpx.options(f"{url}/v1/completions", timeout=60,
+                              headers={"origin": "https://example.com", "access-control-request-method": "POST",
+                                       "access-control-request-headers": "content-type"})
+    assert "access-control-allow-origin" not in preflight.headers
+    simple = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "x"}', timeout=60,
+                        headers={"origin": "https://example.com", "content-type": "text/plain"})
+    assert simple.status_code == 415 and "access-control-allow-origin" not in simple.headers
+
+
+# -- 6: a client that leaves while uploading -------------------------------------------------------
+def test_a_client_that_disconnects_mid_upload_costs_one_log_line(server, url, model):
+    proc, _ = server
+    parsed = urlparse(url)
+    before = len(proc.log())
+    body = json.dumps({"model": model, "prompt": PROMPT}).encode()
+    for _ in range(3):
+        with socket.create_connection((parsed.hostname, parsed.port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body) + 1000, body))
+            time.sleep(0.2)  # the gateway is reading the body
+    assert httpx.get(f"{url}/health", timeout=60).status_code == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.log()[before:].count("disconnected") < 3:
+        time.sleep(0.1)
+    log = proc.log()[before:]
+    assert "Traceback" not in log and "internal error" not in log, log
+    assert log.count("disconnected while sending its request") == 3, log
+
+
+# -- 9: broken HTTP framing ------------------------------------------------------------------------
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: twelve\r\n\r\n{}",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"GARBAGE\r\n\r\n",
+], ids=["length-not-a-number", "two-lengths", "no-request-line"])
+def test_broken_http_framing_gets_a_json_error(url, request_bytes):
+    raw = raw_exchange(url, request_bytes)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
+    assert status_line.startswith("HTTP/1.1 400"), raw[:300]
+    assert headers["content-type"].startswith("application/json")
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
