@@ -149,3 +149,78 @@ def test_broken_http_framing_gets_a_json_error(url, request_bytes):
     assert headers["content-type"].startswith("application/json")
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+
+
+# -- 4: integers beyond 64 bits, lone surrogates, deep nesting -------------------------------------
+def post_raw_json(url: str, path: str, text: str) -> httpx.Response:
+    """JSON text as written (json.dumps escapes a lone surrogate as \\ud800, which httpx's own
+    encoder cannot send)."""
+    return httpx.post(f"{url}{path}", content=text.encode(), headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+@pytest.mark.parametrize("value", [2**64, -2**63 - 1, 2**63], ids=["2**64", "-2**63-1", "2**63"])
+@pytest.mark.parametrize("field", ["max_tokens", "seed", "top_k", "n", "best_of", "beam_width"])
+def test_integers_beyond_64_bits_are_a_400_that_names_them(url, model, engine, field, value):
+    before = served_requests(engine)
+    response = post(url, "/v1/completions", {"model": model, "prompt": PROMPT, field: value})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == field
+    assert served_requests(engine) == before + 1  # refused before anything reached the engine
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": [5, 2**64]}, "prompt"),
+    ({"prompt": [[5], [-2**63 - 1]]}, "prompt"),
+    ({"prompt": PROMPT, "stop_token_ids": [2**64]}, "stop_token_ids"),
+    ({"prompt": PROMPT, "max_tokens": 2, "logprobs": 2**64}, "logprobs"),
+], ids=["prompt ids", "prompt id lists", "stop_token_ids", "logprobs"])
+def test_huge_integers_in_lists_and_elsewhere_are_a_400(url, model, body, param):
+    response = post(url, "/v1/completions", {"model": model, **body})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == param
+
+
+def test_a_valid_number_sent_as_a_huge_integer_is_served(url, model):
+    """A temperature of 10**30 is valid (the sampler takes it as a float); the integer itself
+    cannot travel to the engine."""
+    response = post(url, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 2,
+                                             "temperature": 10**30})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "\udfff"]}, "prompt"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["\ud800"]}, "stop"),
+    ("/v1/completions", {"prompt": PROMPT, "model": "m\ud800"}, "model"),
+    ("/v1/completions", {"prompt": PROMPT, "user": "\ud800"}, "user"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "us\ud800er", "content": "hi"}]}, "messages"),
+], ids=["prompt", "prompt list", "stop", "model", "ignored field", "content", "content part", "role"])
+def test_lone_surrogates_are_a_400(url, model, path, body, param):
+    response = post_raw_json(url, path, json.dumps({"model": model, **body}))
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param and "surrogate" in error["message"]
+
+
+def test_a_lone_surrogate_in_a_field_name_is_a_400(url, model):
+    response = post_raw_json(url, "/v1/completions", json.dumps({"model": model, "prompt": PROMPT, "\ud800": 1}))
+    assert response.status_code == 400 and "surrogate" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("depth", [100, 10_000])
+@pytest.mark.parametrize("where", ["prompt", "stop", "messages", "user"])
+def test_deeply_nested_json_is_a_400(url, model, where, depth):
+    deep = "[" * depth + "]" * depth
+    path = "/v1/chat/completions" if where == "messages" else "/v1/completions"
+    source = "" if where in ("prompt", "messages") else ', "prompt": "x"'
+    response = post_raw_json(url, path, f'{{"model": {json.dumps(model)}{source}, "{where}": {deep}}}')
+    if where == "user" and depth == 100:  # an ignored field: nothing reads it, as in vLLM
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 400, response.text
+    assert error_of(response)["type"] == "invalid_request_error"

@@ -108,3 +108,40 @@ def test_chat_size_counts_roles_and_messages_before_any_template_runs(messages, 
         decode_message(msgpack.packb({"type": "generate", "id": 2, "messages": messages}), 1000)
     assert (e.value.code, e.value.request_id) == (TOO_LONG, 2)
     assert words in e.value.message
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"max_tokens": 2**64 - 1}, "max_tokens"),
+    ({"max_tokens": 2**63}, "max_tokens"),
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -(2**63)}, None),
+    ({"top_k": 2**64 - 1}, "top_k"),
+    ({"n": 2**63}, "n"),
+    ({"beam_width": 2**64 - 1}, "beam_width"),
+    ({"stop_token_ids": [5, 2**64 - 1]}, "stop_token_ids"),
+], ids=lambda x: str(x) if isinstance(x, dict) else None)
+def test_integers_beyond_int64_are_a_bad_request(params, words):
+    """msgpack carries integers up to 2**64 - 1; parameters are signed 64-bit, as in vLLM."""
+    message = {"type": "generate", "id": 4, "prompt": "x", "params": params}
+    if words is None:
+        assert _decode(message).params.seed == params["seed"]
+        return
+    with pytest.raises(ProtocolError) as e:
+        _decode(message)
+    assert (e.value.code, e.value.request_id) == (BAD_REQUEST, 4)
+    assert words in e.value.message and "64-bit" in e.value.message
+
+
+def _with_raw_string(message: dict, field: str, utf8: bytes) -> bytes:
+    """The message packed with `field`'s string made of these bytes, valid UTF-8 or not."""
+    packed = msgpack.packb({**message, field: "\x00PLACEHOLDER\x00"})
+    return packed.replace(msgpack.packb("\x00PLACEHOLDER\x00"), b"\xd9" + bytes([len(utf8)]) + utf8)
+
+
+@pytest.mark.parametrize("field", ["prompt", "id"])
+def test_a_lone_surrogate_is_a_bad_request(field):
+    """CESU-style bytes of U+D800: no valid UTF-8, so no string; msgpack refuses to decode it."""
+    payload = _with_raw_string({"type": "generate", "id": 8, "prompt": "x"}, field, b"a\xed\xa0\x80b")
+    with pytest.raises(ProtocolError) as e:
+        decode_message(payload, 1000)
+    assert e.value.code == BAD_REQUEST and "msgpack" in e.value.message

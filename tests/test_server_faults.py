@@ -111,6 +111,56 @@ def test_poisoned_parameters_are_refused_and_hurt_no_request_in_flight(server, o
         sock.close()
 
 
+OUT_OF_RANGE = {
+    "top_k 2**64 - 1": ({"top_k": 2**64 - 1}, "top_k"),
+    "seed 2**64 - 1": ({"seed": 2**64 - 1}, "seed"),
+    "max_tokens 2**63": ({"max_tokens": 2**63}, "max_tokens"),
+    "n 2**63": ({"n": 2**63}, "n"),
+    "stop_token_ids [2**64 - 1]": ({"stop_token_ids": [2**64 - 1]}, "stop_token_ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE))
+def test_integers_beyond_int64_are_refused_and_hurt_no_request_in_flight(server, offline, case):
+    """msgpack carries integers up to 2**64 - 1; the parameters are signed 64-bit (as in vLLM),
+    and the largest ones failed in the sampler's tensors or in the gateway's encoder."""
+    params, name = OUT_OF_RANGE[case]
+    other, sock = _raw(server), _raw(server)
+    try:
+        other.send(_pack({"type": "generate", "id": "bystander", "prompt_ids": PROMPT, "params": LONG,
+                          "stream": True}))
+        assert _reply(other)["type"] == "token"
+        sock.send(_pack({"type": "generate", "id": 6, "prompt_ids": [5, 6], "params": params}))
+        reply = _reply(sock)
+        assert (reply["type"], reply["id"], reply["code"]) == ("error", 6, "bad_request"), reply
+        assert name in reply["message"]
+        sock.send(_pack({"type": "generate", "id": 7, "prompt_ids": [5, 2**64 - 1]}))
+        reply = _reply(sock)
+        assert (reply["type"], reply["id"], reply["code"]) == ("error", 7, "bad_request"), reply
+        final = _terminal(other, "bystander")
+        expected = offline.generate([PROMPT], SamplingParams(**LONG), use_tqdm=False)[0].outputs[0]
+        assert final["type"] == "final" and final["outputs"][0]["token_ids"] == expected.token_ids
+    finally:
+        other.close()
+        sock.close()
+
+
+def test_a_string_that_is_not_utf8_is_refused(server):
+    """A lone surrogate's bytes (ED A0 80) in the prompt: msgpack cannot decode the message."""
+    sock = _raw(server)
+    try:
+        placeholder = "\x00PLACEHOLDER\x00"
+        payload = _pack({"type": "generate", "id": 9, "prompt": placeholder}).replace(
+            _pack(placeholder), b"\xa5a\xed\xa0\x80b")
+        sock.send(payload)
+        reply = _reply(sock)
+        assert (reply["type"], reply["code"]) == ("error", "bad_request"), reply
+        with Client(server.address, timeout=60) as client:
+            assert len(client.generate(prompt_ids=PROMPT, max_tokens=3)["outputs"][0]["token_ids"]) == 3
+    finally:
+        sock.close()
+
+
 def test_negative_length_penalty_gets_outputs(server):
     """Failure 4: a `final` reply with `outputs: []`."""
     with Client(server.address, timeout=60) as client:

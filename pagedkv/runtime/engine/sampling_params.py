@@ -21,12 +21,23 @@ FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 MAX_LENGTH_FACTOR_LOG10 = 30.0
 
 
+# Every integer is a signed 64-bit one, as in vLLM (its seed is a torch.long): what msgpack and
+# JSON clients carry, numpy and torch hold, and the sampler's seed hash takes.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _check_int(name: str, value: Any, low: int, rule: str) -> None:
     # bool is an int subclass; True for max_tokens is a bug on the caller's side.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer {rule}, got {quote(value)}")
     if value < low:
         raise ValueError(f"{name} must be {rule}, got {quote(value)}")
+    _check_int64(name, value)
+
+
+def _check_int64(name: str, value: int) -> None:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be a 64-bit integer (from -2**63 to 2**63 - 1), got {quote(value)}")
 
 
 def _as_float(name: str, value: Any, rule: str) -> float:
@@ -85,6 +96,7 @@ class SamplingParams:
                              f"the sampler's precision), got {self.temperature:.4g}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (off) or an integer >= 1, got {quote(self.top_k)}")
+        _check_int64("top_k", self.top_k)
         self.top_p = _as_float("top_p", self.top_p, "in (0, 1]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -94,8 +106,10 @@ class SamplingParams:
         self.min_p = _as_float("min_p", self.min_p, "in [0, 1]")
         if not 0.0 <= self.min_p <= 1.0:  # in float32 too: rounding keeps it in [0, 1]
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {quote(self.seed)}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise ValueError(f"seed must be an integer or None, got {quote(self.seed)}")
+            _check_int64("seed", self.seed)
         _check_int("beam_width", self.beam_width, 1, ">= 1")
         _check_int("n", self.n, 1, ">= 1")
         if self.beam_width > 1 and self.n > self.beam_width:
@@ -111,9 +125,10 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {quote(self.stop)}")
         self.stop = list(self.stop)
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in self.stop_token_ids
         ):
-            raise ValueError(f"stop_token_ids must be a list of integers >= 0, got {quote(self.stop_token_ids)}")
+            raise ValueError(f"stop_token_ids must be a list of integers >= 0 (64-bit), got "
+                             f"{quote(self.stop_token_ids)}")
         self.stop_token_ids = list(self.stop_token_ids)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a boolean, got {quote(self.ignore_eos)}")

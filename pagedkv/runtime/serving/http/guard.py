@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import re
 from typing import Any, Awaitable, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -81,10 +82,44 @@ async def read_json(request: Request, limit: int) -> Any:
             chunks.append(chunk)
     except ClientDisconnect:
         raise Disconnected from None
+    raw = b"".join(chunks)
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("the request body is not valid JSON") from None
+    except RecursionError:  # nesting beyond Python's recursion limit
+        raise bad_request("the request body nests too deeply") from None
+    check_unicode(body, raw)
+    return body
+
+
+# A lone surrogate reaches a decoded string only through a \uD800-\uDFFF escape or the raw bytes
+# of one (json.loads decodes bytes with "surrogatepass"). Pairs (an emoji written as two
+# escapes) match too, and are fine: this only decides whether to look closer.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def check_unicode(body: Any, raw: bytes) -> None:
+    """Strings with lone surrogates are valid JSON ("\\ud800") but no Unicode text: they cannot be
+    encoded, sent to the engine or tokenized. Refused wherever they are, ignored fields included,
+    naming the top-level field; the search runs at C speed, and only when the bytes hint at one."""
+    if not _MAYBE_SURROGATE.search(raw) or _encodable(body):
+        return
+    fields = body.items() if isinstance(body, dict) else [(None, body)]
+    field = next((key for key, value in fields if not _encodable(value)), None)
+    where = f"'{field}'" if field is not None else "a field name" if isinstance(body, dict) else "the body"
+    raise bad_request(f"{where} is not valid Unicode text: it holds a lone surrogate (a code point from "
+                      "U+D800 to U+DFFF outside a pair)", field if field and len(field) <= 64 else None)
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+    except RecursionError:  # nested nearly as deep as json.loads goes
+        raise bad_request("the request body nests too deeply") from None
 
 
 class Disconnected(Exception):

@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pagedkv.runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from pagedkv.runtime.engine.quote import quote
+from pagedkv.runtime.engine.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams
 from pagedkv.runtime.serving.http.errors import bad_request
 
 log = logging.getLogger("pagedkv.api")
@@ -49,6 +50,9 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) ->
         raise bad_request(f"'{name}' must be {_describe(kinds)}, got {value!r}", name)
     if not isinstance(value, kinds):
         raise bad_request(f"'{name}' must be {_describe(kinds)}, got {type(value).__name__}", name)
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise bad_request(f"'{name}' must be a 64-bit integer (from -2**63 to 2**63 - 1), got {quote(value)}",
+                          name)
     return value
 
 
@@ -82,13 +86,16 @@ def _prompts(body: dict) -> list[dict]:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return [{"prompt": p} for p in prompt]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if _token_ids(prompt):
             return [{"prompt_ids": prompt}]
-        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-               for p in prompt):
+        if all(isinstance(p, list) and p and _token_ids(p) for p in prompt):
             return [{"prompt_ids": p} for p in prompt]
-    raise bad_request("'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                      "such lists (none empty)", "prompt")
+    raise bad_request("'prompt' must be a string, a list of strings, a list of token ids (integers from 0 to "
+                      "2**63 - 1) or a list of such lists (none empty)", "prompt")
+
+
+def _token_ids(ids: list) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in ids)
 
 
 def _messages(body: dict) -> list[dict]:
@@ -165,7 +172,10 @@ def parse(body: Any, chat: bool, max_model_len: int | None) -> Job:
     job = Job(chat, model, sources, params, n, best_of if best_of and best_of > n else None, stream,
               include_usage, unknown=sorted(k for k in body if k not in _known(chat)))
     _logprobs(body, job)
-    _validate(params)
+    checked = _validate(params)
+    # What the engine gets is what was checked: 10**30 as a temperature is valid, but an integer
+    # that size cannot travel.
+    job.params = {name: getattr(checked, name) for name in params}
     if job.unknown:
         log.warning("ignoring unknown request field(s): %s", ", ".join(job.unknown))
     return job
@@ -189,10 +199,10 @@ def _logprobs(body: dict, job: Job) -> None:
     job.logprobs, job.params["logprobs"] = True, count
 
 
-def _validate(params: dict) -> None:
+def _validate(params: dict) -> SamplingParams:
     """SamplingParams' own checks, here too, so that the error names the field."""
     try:
-        SamplingParams.from_dict(params)
+        return SamplingParams.from_dict(params)
     except (TypeError, ValueError) as e:
         message = str(e)
         name = message.split(" ", 1)[0]
