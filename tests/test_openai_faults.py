@@ -224,3 +224,23 @@ def test_deeply_nested_json_is_a_400(url, model, where, depth):
         return
     assert response.status_code == 400, response.text
     assert error_of(response)["type"] == "invalid_request_error"
+
+
+# -- 8: chat roles ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("role", ["<|im_end|>", "root", "User", "", "system\n"])
+def test_a_role_the_api_does_not_define_is_a_400_naming_it(url, model, engine, role):
+    """Roles were rendered into the chat template verbatim, control tokens included."""
+    before = served_requests(engine)
+    response = post(url, "/v1/chat/completions", {"model": model, "max_tokens": 2,
+                                                  "messages": [{"role": role, "content": "hi"}]})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "messages" and repr(role) in error["message"]
+    assert served_requests(engine) == before + 1
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "assistant", "tool", "function"])
+def test_the_roles_the_api_defines_are_served(url, model, role):
+    messages = [{"role": role, "content": "hi"}, {"role": "user", "content": "Say something."}]
+    response = post(url, "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 2})
+    assert response.status_code == 200, response.text

@@ -22,6 +22,8 @@ IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_
            "spaces_between_special_tokens", "add_generation_prompt", "echo", "min_tokens", "repetition_penalty",
            "presence_penalty", "frequency_penalty", "logit_bias", "suffix", "tools", "tool_choice",
            "response_format", "functions", "function_call", "reasoning_effort", "modalities"}
+# The chat roles OpenAI's API defines, and vLLM's "function" (the older name of "tool").
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
             "length_penalty", "early_stopping")
 
@@ -106,6 +108,10 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
+        if m["role"] not in ROLES:
+            # The template renders a role verbatim: another one could carry control tokens.
+            raise bad_request(f"messages[{i}].role {quote(m['role'], 60)} is not one of the roles of the "
+                              f"API: {', '.join(ROLES)}", "messages")
         out.append({"role": m["role"], "content": _content(m.get("content"), i)})
     return out
 
