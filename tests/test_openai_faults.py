@@ -244,3 +244,47 @@ def test_the_roles_the_api_defines_are_served(url, model, role):
     messages = [{"role": role, "content": "hi"}, {"role": "user", "content": "Say something."}]
     response = post(url, "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 2})
     assert response.status_code == 200, response.text
+
+
+# -- 1: fan-out ------------------------------------------------------------------------------------
+def test_a_prompt_list_of_20000_is_refused_at_once_and_sends_nothing(url, model, engine):
+    """It held up every other client for about 20 s (20,000 engine requests, most refused as
+    overloaded) and grew the gateway from 39 to 240 MiB."""
+    before = served_requests(engine)
+    started = time.monotonic()
+    response = post(url, "/v1/completions", {"model": model, "prompt": ["hello"] * 20_000, "max_tokens": 1})
+    assert response.status_code == 400 and error_of(response)["param"] == "prompt"
+    assert "256" in error_of(response)["message"]
+    assert time.monotonic() - started < 5
+    assert served_requests(engine) == before + 1
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": ["hello"] * 257}, "prompt"),
+    ({"prompt": [[5, 6]] * 257}, "prompt"),
+    ({"prompt": ["a", "b"], "n": 129}, "n"),
+    ({"prompt": PROMPT, "n": 2, "best_of": 257}, "best_of"),
+    ({"prompt": ["a"] * 16, "n": 17}, "n"),
+    ({"prompt": PROMPT, "beam_width": 300, "max_tokens": 4}, "beam_width"),
+    ({"prompt": PROMPT, "n": 2**62}, "n"),
+], ids=["257 prompts", "257 token prompts", "2 x n 129", "best_of 257", "16 x n 17", "beam 300", "n 2**62"])
+def test_more_than_256_sequences_per_request_are_refused_before_anything_is_sent(url, model, engine, body, param):
+    before = served_requests(engine)
+    response = post(url, "/v1/completions", {"model": model, "max_tokens": 1, **body})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == param
+    assert served_requests(engine) == before + 1
+
+
+def test_256_sequences_are_served(url, model):
+    response = post(url, "/v1/completions", {"model": model, "prompt": ["hello"] * 64, "n": 4, "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 256
+
+
+def test_a_token_prompt_longer_than_the_context_is_refused_before_its_ids_are_read(url, model, engine):
+    before = served_requests(engine)
+    response = post(url, "/v1/completions", {"model": model, "prompt": [5] * (CONTEXT + 1), "max_tokens": 1})
+    assert response.status_code == 413 and error_of(response)["code"] == "context_length_exceeded"
+    assert str(CONTEXT) in error_of(response)["message"]
+    assert served_requests(engine) == before + 1

@@ -13,7 +13,7 @@ from typing import Any
 
 from pagedkv.runtime.engine.quote import quote
 from pagedkv.runtime.engine.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams
-from pagedkv.runtime.serving.http.errors import bad_request
+from pagedkv.runtime.serving.http.errors import ApiError, bad_request
 
 log = logging.getLogger("pagedkv.api")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -22,6 +22,9 @@ IGNORED = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_
            "spaces_between_special_tokens", "add_generation_prompt", "echo", "min_tokens", "repetition_penalty",
            "presence_penalty", "frequency_penalty", "logit_bias", "suffix", "tools", "tool_choice",
            "response_format", "functions", "function_call", "reasoning_effort", "modalities"}
+# Engine sequences one HTTP request may ask for: its prompts times n (or best_of, or beam_width).
+# OpenAI's n goes up to 128.
+MAX_SEQUENCES = 256
 # The chat roles OpenAI's API defines, and vLLM's "function" (the older name of "tool").
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
@@ -81,6 +84,30 @@ def _unsupported(body: dict) -> None:
             raise bad_request(f"'{name}' is not supported by this server", name)
 
 
+def _check_fan_out(body: dict, chat: bool, max_model_len: int | None) -> None:
+    """Before anything else is looked at: how many engine requests (one per prompt) and
+    sequences (n, best_of or beam_width per prompt) the request asks for, and how long a
+    token-id prompt is. 20,000 prompts once meant 20,000 engine requests, which held up every
+    other client for 20 s before most of them were refused as overloaded."""
+    prompt = None if chat else body.get("prompt")
+    prompts = 1
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompts = len(prompt)
+    widths = {name: _get(body, name, (int,)) for name in ("n", "best_of", "beam_width")}
+    width = max([1, *(w for w in widths.values() if w is not None)])
+    if prompts * width > MAX_SEQUENCES:
+        param = "prompt" if width == 1 else max(widths, key=lambda k: widths[k] or 0)
+        raise bad_request(f"the request asks for {prompts} prompt(s) of {width} sequence(s) each, "
+                          f"{prompts * width} in all; this server takes at most {MAX_SEQUENCES} per request "
+                          "(a prompt list times n, best_of or beam_width)", param)
+    token_lists = [prompt] if prompts == 1 else prompt
+    if max_model_len and isinstance(prompt, list) and any(
+            isinstance(p, list) and len(p) >= max_model_len for p in token_lists):
+        longest = max(len(p) for p in token_lists if isinstance(p, list))
+        raise ApiError(413, f"the prompt has {longest} tokens; the model's context is {max_model_len}",
+                       code="context_length_exceeded")
+
+
 def _prompts(body: dict) -> list[dict]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -131,6 +158,7 @@ def parse(body: Any, chat: bool, max_model_len: int | None) -> Job:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     _unsupported(body)
+    _check_fan_out(body, chat, max_model_len)
     model = _get(body, "model", (str,))
     sources = [{"messages": _messages(body)}] if chat else _prompts(body)
     stream = _get(body, "stream", (bool,), False)
@@ -176,14 +204,16 @@ def parse(body: Any, chat: bool, max_model_len: int | None) -> Job:
         if best_of is not None and best_of > n and stream:
             raise bad_request("'best_of' larger than 'n' cannot be streamed", "best_of")
     job = Job(chat, model, sources, params, n, best_of if best_of and best_of > n else None, stream,
-              include_usage, unknown=sorted(k for k in body if k not in _known(chat)))
+              include_usage, unknown=sorted(body.keys() - _known(chat)))
     _logprobs(body, job)
     checked = _validate(params)
     # What the engine gets is what was checked: 10**30 as a temperature is valid, but an integer
     # that size cannot travel.
     job.params = {name: getattr(checked, name) for name in params}
     if job.unknown:
-        log.warning("ignoring unknown request field(s): %s", ", ".join(job.unknown))
+        shown = ", ".join(quote(k, 60) for k in job.unknown[:10])
+        more = f" and {len(job.unknown) - 10} more" if len(job.unknown) > 10 else ""
+        log.warning("ignoring unknown request field(s): %s%s", shown, more)
     return job
 
 
