@@ -288,3 +288,28 @@ def test_a_token_prompt_longer_than_the_context_is_refused_before_its_ids_are_re
     assert response.status_code == 413 and error_of(response)["code"] == "context_length_exceeded"
     assert str(CONTEXT) in error_of(response)["message"]
     assert served_requests(engine) == before + 1
+
+
+# -- 2: stop lists ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("body, words", [
+    ({"stop": [f"s{i}" for i in range(300_000)]}, "at most 64"),
+    ({"prompt": ["a", "b", "c", "d"], "stop": [f"stop string {i}" for i in range(30_000)]}, "at most 64"),
+    ({"stop": ["x" * 257]}, "at most 256 characters"),
+    ({"stop_token_ids": list(range(1025))}, "at most 1024"),
+], ids=["300k strings", "30k strings over a prompt list", "a 257-character string", "1025 token ids"])
+def test_stop_lists_are_bounded(url, model, engine, body, words):
+    """300,000 stop strings slowed every other request 13-fold (each token searched the text for
+    each of them), and a megabyte of them over a prompt list took 1.3 GiB of the engine."""
+    before = served_requests(engine)
+    response = post(url, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == ("stop_token_ids" if "stop_token_ids" in body else "stop") and words in error["message"]
+    assert served_requests(engine) == before + 1
+
+
+def test_the_most_stop_strings_allowed_are_served(url, model):
+    stops = [f"{i:03d}" + "q" * 250 for i in range(64)]
+    response = post(url, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4, "stop": stops,
+                                             "stop_token_ids": list(range(1024))})
+    assert response.status_code == 200, response.text

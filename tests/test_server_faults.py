@@ -161,6 +161,23 @@ def test_a_string_that_is_not_utf8_is_refused(server):
         sock.close()
 
 
+@pytest.mark.parametrize("params, words", [
+    ({"stop": [f"s{i}" for i in range(300_000)]}, "at most 64"),
+    ({"stop": ["x" * 100_000]}, "at most 256 characters"),
+    ({"stop_token_ids": list(range(100_000))}, "at most 1024"),
+], ids=["300k stop strings", "a long stop string", "100k stop token ids"])
+def test_stop_lists_are_bounded(server, params, words):
+    """Each token searched the text for each stop string: 300,000 of them slowed every request."""
+    sock = _raw(server)
+    try:
+        sock.send(_pack({"type": "generate", "id": "stops", "prompt_ids": PROMPT, "params": params}))
+        reply = _reply(sock)
+        assert (reply["type"], reply["id"], reply["code"]) == ("error", "stops", "bad_request"), reply
+        assert words in reply["message"] and len(reply["message"]) < 500
+    finally:
+        sock.close()
+
+
 def test_negative_length_penalty_gets_outputs(server):
     """Failure 4: a `final` reply with `outputs: []`."""
     with Client(server.address, timeout=60) as client:

@@ -48,8 +48,10 @@ class Sequence:
     num_computed_tokens: int = 0
     cumulative_logprob: float = 0.0
     output_logprobs: list[Any] = field(default_factory=list)
-    # Text already handed to the client (for stop strings and streaming deltas).
-    output_text: str = ""
+    # The text before the stop string that ended the sequence, if one did.
+    output_text: str | None = None
+    # Output text already searched for stop strings (the search looks only past it).
+    searched_text: str = ""
     # Chained content hashes of the leading full blocks (prefix caching), filled as needed.
     block_hashes: list[bytes] = field(default_factory=list)
 
@@ -98,7 +100,8 @@ class Sequence:
         """A copy with a fresh id: same tokens, same computed state (the blocks are shared)."""
         return Sequence(next_seq_id(), list(self.token_ids), self.prompt_len, self.status,
                         self.num_computed_tokens, self.cumulative_logprob,
-                        list(self.output_logprobs), self.output_text, list(self.block_hashes))
+                        list(self.output_logprobs), self.output_text, self.searched_text,
+                        list(self.block_hashes))
 
 
 @dataclass(eq=False)

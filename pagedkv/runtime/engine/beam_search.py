@@ -77,6 +77,7 @@ class BeamSearch:
         self.prompt_len = prompt_len
         self.max_length = prompt_len + params.max_tokens
         self.eos = list(dict.fromkeys(eos_token_ids))
+        self.eos_set = frozenset(self.eos)  # up to 1 + MAX_STOP_TOKEN_IDS, looked up per candidate
         self.cur_len = prompt_len
         self.beams_to_keep = max(2, 1 + len(self.eos)) * self.num_beams
         self.done = False
@@ -123,7 +124,7 @@ class BeamSearch:
         parents = [0] * len(top_idx) if first else [i // vocab for i in top_idx]
         tokens = [i % vocab for i in top_idx]
         at_max = self.cur_len + 1 >= self.max_length
-        hits = torch.tensor([at_max or t in self.eos for t in tokens], dtype=torch.bool)
+        hits = torch.tensor([at_max or t in self.eos_set for t in tokens], dtype=torch.bool)
 
         # Running beams for the next step: the best k that did not just finish.
         running_scores = top_scores + hits.to(torch.float32) * _NEG
@@ -150,7 +151,7 @@ class BeamSearch:
                 hyps.append(None)
             else:
                 ids, lps = self._running[parents[c]]
-                reason = "stop" if tokens[c] in self.eos else "length"
+                reason = "stop" if tokens[c] in self.eos_set else "length"
                 hyps.append(Hypothesis(ids + [tokens[c]], lps + [token_lps[c]], cum_list[c],
                                        cand_list[c], reason))
         self._hyp_scores = merged[best]

@@ -10,8 +10,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from pagedkv.runtime.engine.quote import quote
+from pagedkv.runtime.engine.stop_strings import StopStrings
 
 MAX_LOGPROBS = 20
+# Stops are matched every token (stop_strings.py) and streams hold back the longest stop string
+# less one character: both are bounded, as OpenAI bounds stop (to 4 strings).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024  # matched through a set; beam search keeps (1 + this) * width candidates
 # Temperatures below this are treated as greedy: dividing by them overflows (vLLM does the same).
 GREEDY_EPS = 1e-5
 FLOAT32_MAX = 3.4028234663852886e38
@@ -121,15 +127,27 @@ class SamplingParams:
             raise ValueError(f"early_stopping must be True, False or 'never', got {quote(self.early_stopping)}")
         if isinstance(self.stop, str):  # a single stop string is common enough to accept
             self.stop = [self.stop]
+        if isinstance(self.stop, (list, tuple)) and len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must be a list of at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {quote(self.stop)}")
+        longest = max(self.stop, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long, got one of "
+                             f"{len(longest)}: {quote(longest, 60)}")
         self.stop = list(self.stop)
+        # Matched from here on: the list is read once, at construction.
+        self.stop_strings = StopStrings(self.stop)
+        if isinstance(self.stop_token_ids, (list, tuple)) and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids, got "
+                             f"{len(self.stop_token_ids)}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in self.stop_token_ids
         ):
             raise ValueError(f"stop_token_ids must be a list of integers >= 0 (64-bit), got "
                              f"{quote(self.stop_token_ids)}")
         self.stop_token_ids = list(self.stop_token_ids)
+        self.stop_token_set = frozenset(self.stop_token_ids)  # read once, as stop_strings
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a boolean, got {quote(self.ignore_eos)}")
         if self.logprobs is not None:

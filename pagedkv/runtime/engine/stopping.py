@@ -8,6 +8,9 @@ from pagedkv.runtime.models.config import ModelConfig
 from pagedkv.runtime.models.tokenizer import Tokenizer
 
 
+REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 character
+
+
 class StopChecker:
     def __init__(self, tokenizer: Tokenizer | None, config: ModelConfig) -> None:
         self.tokenizer = tokenizer
@@ -20,14 +23,19 @@ class StopChecker:
     def check(self, seq: Sequence, params: SamplingParams) -> SequenceStatus | None:
         """The status the sequence ends with after its newest token, or None to go on."""
         last = seq.token_ids[-1]
-        if (last in self.eos and not params.ignore_eos) or last in params.stop_token_ids:
+        if (last in self.eos and not params.ignore_eos) or last in params.stop_token_set:
             return SequenceStatus.FINISHED_STOPPED
         if params.stop and self.tokenizer:
             text = self.decode(seq.output_ids)
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            # Only what the new token can have completed needs a look, unless the text before
+            # changed (decoding is not always prefix-stable; then it is all searched again).
+            searched = len(seq.searched_text) if text.startswith(seq.searched_text) else 0
+            cut = params.stop_strings.find(text, searched)
             if cut >= 0:
                 seq.output_text = text[:cut]  # the stop string itself is not returned
                 return SequenceStatus.FINISHED_STOPPED
+            # A trailing U+FFFD may be half a character that the next token completes.
+            seq.searched_text = text.rstrip(REPLACEMENT)
         if self.length_reached(seq, params):
             return SequenceStatus.FINISHED_LENGTH
         return None
@@ -41,8 +49,7 @@ class StopChecker:
         # Text is decoded once, when the sequence ends; streaming decodes deltas itself.
         text = ""
         if seq.is_finished:
-            stopped_by_string = params.stop and seq.output_text
-            text = seq.output_text if stopped_by_string else self.decode(seq.output_ids)
+            text = seq.output_text if seq.output_text is not None else self.decode(seq.output_ids)
         return CompletionOutput(index, list(seq.output_ids), text, seq.cumulative_logprob,
                                 seq.status.value if seq.is_finished else None,
                                 list(seq.output_logprobs) if params.logprobs is not None else None,
