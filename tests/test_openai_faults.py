@@ -313,3 +313,30 @@ def test_the_most_stop_strings_allowed_are_served(url, model):
     response = post(url, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4, "stop": stops,
                                              "stop_token_ids": list(range(1024))})
     assert response.status_code == 200, response.text
+
+
+# -- 7: max_tokens beyond the context ------------------------------------------------------------
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": [5] * 10, "max_tokens": CONTEXT - 9}, "max_tokens"),
+    ("/v1/completions", {"prompt": [5] * (CONTEXT - 5)}, "max_tokens"),  # completions' default, 16
+    ("/v1/completions", {"prompt": [[5], [5] * 10], "max_tokens": CONTEXT - 9}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": CONTEXT}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": CONTEXT}, "max_completion_tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 2**63 - 1}, "max_tokens"),
+], ids=["token prompt", "the default", "one of two prompts", "chat", "max_completion_tokens", "2**63 - 1"])
+def test_max_tokens_beyond_the_context_left_is_a_400_naming_the_numbers(url, model, path, body, param):
+    """It was silently clamped; OpenAI and vLLM refuse it."""
+    response = post(url, path, {"model": model, **body})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param and str(CONTEXT) in error["message"]
+    if path == "/v1/completions" and isinstance(body["prompt"][0], int):
+        wanted = body.get("max_tokens", 16)
+        assert f"{wanted} > {CONTEXT} - {len(body['prompt'])}" in error["message"]
+
+
+def test_max_tokens_that_fill_the_context_exactly_are_served(url, model):
+    response = post(url, "/v1/completions", {"model": model, "prompt": [5] * (CONTEXT - 3), "max_tokens": 3,
+                                             "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 3

@@ -178,6 +178,27 @@ def test_stop_lists_are_bounded(server, params, words):
         sock.close()
 
 
+def test_max_tokens_beyond_the_context_is_refused_when_asked(server):
+    """`clamp_max_tokens: false`, which the HTTP gateway sends, as OpenAI's API refuses what the
+    context cannot hold; without it generation ends at the context."""
+    with Client(server.address, timeout=60) as client:
+        context = client.health()["max_model_len"]
+        sock = _raw(server)
+        try:
+            sock.send(_pack({"type": "generate", "id": "m", "prompt_ids": PROMPT, "clamp_max_tokens": False,
+                             "params": {"max_tokens": context - len(PROMPT) + 1}}))
+            reply = _reply(sock)
+            assert (reply["type"], reply["code"], reply["param"]) == ("error", "bad_request", "max_tokens"), reply
+            assert f"{context - len(PROMPT) + 1} > {context} - {len(PROMPT)}" in reply["message"]
+            sock.send(_pack({"type": "generate", "id": "c", "prompt_ids": PROMPT, "stream": True,
+                             "params": {"max_tokens": context - len(PROMPT) + 1}}))
+            assert _reply(sock)["type"] == "token"  # accepted: it would end at the context
+            sock.send(_pack({"type": "abort", "id": "c"}))
+            assert _terminal(sock, "c")["code"] == "aborted"
+        finally:
+            sock.close()
+
+
 def test_negative_length_penalty_gets_outputs(server):
     """Failure 4: a `final` reply with `outputs: []`."""
     with Client(server.address, timeout=60) as client:

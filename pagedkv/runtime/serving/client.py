@@ -27,18 +27,21 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_
 class ServerError(Exception):
     """An `error` reply: `code` is one of bad_request, too_long, overloaded, aborted, internal."""
 
-    def __init__(self, code: str, message: str, request_id: Any = None) -> None:
+    def __init__(self, code: str, message: str, request_id: Any = None, param: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
-        self.code, self.message, self.request_id = code, message, request_id
+        self.code, self.message, self.request_id, self.param = code, message, request_id, param
 
 
 def generate_message(request_id: str, prompt: str | None, prompt_ids: list[int] | None,
-                     messages: list[dict] | None, stream: bool, params: dict) -> dict:
+                     messages: list[dict] | None, stream: bool, params: dict, clamp_max_tokens: bool = True) -> dict:
     sources = {"prompt": prompt, "prompt_ids": prompt_ids, "messages": messages}
     given = {k: v for k, v in sources.items() if v is not None}
     if len(given) != 1:
         raise ValueError("give exactly one of prompt, prompt_ids and messages")
-    return {"type": "generate", "id": request_id, **given, "params": params, "stream": stream}
+    message = {"type": "generate", "id": request_id, **given, "params": params, "stream": stream}
+    if not clamp_max_tokens:
+        message["clamp_max_tokens"] = False
+    return message
 
 
 def _unpack(payload: bytes) -> dict:
@@ -48,7 +51,7 @@ def _unpack(payload: bytes) -> dict:
 def _done(reply: dict) -> bool:
     """True for the last reply of a request; raises ServerError for an error reply."""
     if reply.get("type") == "error":
-        raise ServerError(reply.get("code", "internal"), reply.get("message", ""), reply.get("id"))
+        raise ServerError(reply.get("code", "internal"), reply.get("message", ""), reply.get("id"), reply.get("param"))
     return reply.get("type") == "final"
 
 

@@ -20,7 +20,7 @@ BAD_REQUEST, TOO_LONG, OVERLOADED, ABORTED, INTERNAL = "bad_request", "too_long"
 REQUEST_TYPES = ("generate", "abort", "stats", "health")
 # Fields each message type accepts; anything else is a bad request.
 FIELDS = {
-    "generate": {"type", "id", "prompt", "prompt_ids", "messages", "params", "stream"},
+    "generate": {"type", "id", "prompt", "prompt_ids", "messages", "params", "stream", "clamp_max_tokens"},
     "abort": {"type", "id"},
     "stats": {"type", "id"},
     "health": {"type", "id"},
@@ -33,9 +33,9 @@ CHARS_PER_TOKEN = 32
 
 
 class ProtocolError(Exception):
-    def __init__(self, code: str, message: str, request_id: Any = None) -> None:
+    def __init__(self, code: str, message: str, request_id: Any = None, param: str | None = None) -> None:
         super().__init__(message)
-        self.code, self.message, self.request_id = code, message, request_id
+        self.code, self.message, self.request_id, self.param = code, message, request_id, param
 
 
 @dataclass
@@ -47,6 +47,9 @@ class Message:
     messages: list[dict[str, str]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
+    # False: a max_tokens that the context cannot hold after the prompt is refused, as OpenAI's
+    # API does; true: generation ends where the context does.
+    clamp_max_tokens: bool = True
 
 
 def _valid_id(value: Any) -> bool:
@@ -86,9 +89,12 @@ def _generate(data: dict, request_id: str | int, max_prompt_chars: int) -> Messa
     if len(sources) != 1:
         raise ProtocolError(BAD_REQUEST, "a generate message needs exactly one of 'prompt', 'prompt_ids' "
                             f"and 'messages', got {sources or 'none'}", request_id)
-    msg = Message("generate", request_id, stream=data.get("stream", False))
-    if not isinstance(msg.stream, bool):
-        raise ProtocolError(BAD_REQUEST, f"'stream' must be a boolean, got {quote(msg.stream)}", request_id)
+    msg = Message("generate", request_id, stream=data.get("stream", False),
+                  clamp_max_tokens=data.get("clamp_max_tokens", True))
+    for name in ("stream", "clamp_max_tokens"):
+        if not isinstance(getattr(msg, name), bool):
+            raise ProtocolError(BAD_REQUEST, f"'{name}' must be a boolean, got {quote(getattr(msg, name))}",
+                                request_id)
     if "prompt" in data:
         msg.prompt = data["prompt"]
         if not isinstance(msg.prompt, str):
@@ -130,10 +136,14 @@ def encode(reply: dict) -> bytes:
     return msgpack.packb(reply, use_bin_type=True)
 
 
-def error_reply(request_id: Any, code: str, message: str) -> dict:
+def error_reply(request_id: Any, code: str, message: str, param: str | None = None) -> dict:
+    """`param`, when given, names the parameter at fault."""
     if len(message) > MAX_ERROR_CHARS:
         message = message[: MAX_ERROR_CHARS - 3] + "..."
-    return {"type": "error", "id": request_id, "code": code, "message": message}
+    reply = {"type": "error", "id": request_id, "code": code, "message": message}
+    if param is not None:
+        reply["param"] = param
+    return reply
 
 
 def final_reply(request_id: Any, output: RequestOutput, token_text: Callable[[int], str] | None = None) -> dict:

@@ -195,7 +195,7 @@ class Server:
             else:
                 self._send(envelope, {"type": "final", "id": msg.id, "health": self.health()})
         except ProtocolError as e:
-            self._error(envelope, e.request_id, e.code, e.message)
+            self._error(envelope, e.request_id, e.code, e.message, e.param)
         except Exception as e:  # a bug must not take the server down
             log.exception("internal error while handling a message")
             self._error(envelope, msg.id if msg else None, INTERNAL,
@@ -207,6 +207,8 @@ class Server:
             raise ProtocolError(OVERLOADED, f"{self.config.max_queued} requests are already waiting; "
                                 "retry later", msg.id)
         ids = self._prompt_ids(msg)
+        if not msg.clamp_max_tokens:
+            self._check_max_tokens(len(ids), msg)
         request_id = str(self.next_id)
         self.next_id += 1
         try:
@@ -219,6 +221,15 @@ class Server:
         stream = RequestStream(self.engine.stopping.decode, msg.params.stop, token_text) if msg.stream else None
         self.in_flight[request_id] = InFlight(envelope, msg.id, stream)
         self.by_client[key] = request_id
+
+    def _check_max_tokens(self, prompt_len: int, msg: Message) -> None:
+        """As OpenAI's API (and vLLM's server): max_tokens must fit in the context the prompt leaves.
+        A prompt that fills the context is the engine's to refuse (too_long)."""
+        context, wanted = self.engine.model_config.max_position_embeddings, msg.params.max_tokens
+        if prompt_len < context and prompt_len + wanted > context:
+            raise ProtocolError(BAD_REQUEST, f"max_tokens is too large: {wanted}. This model's context is {context} "
+                                f"tokens and the prompt has {prompt_len} ({wanted} > {context} - {prompt_len})",
+                                msg.id, param="max_tokens")
 
     def _prompt_ids(self, msg: Message) -> list[int]:
         if msg.prompt_ids is not None:
@@ -304,9 +315,9 @@ class Server:
         except zmq.ZMQError as e:  # a client that stopped reading loses its replies, nobody else
             log.warning("could not send a reply to a client: %s", e)
 
-    def _error(self, envelope: list[bytes], client_id, code: str, message: str) -> None:
+    def _error(self, envelope: list[bytes], client_id, code: str, message: str, param: str | None = None) -> None:
         self.counters["errors"] += 1
-        reply = error_reply(client_id, code, message)
+        reply = error_reply(client_id, code, message, param)
         log.warning("request %s: %s: %s", quote(client_id), code, reply["message"])
         self._send(envelope, reply)
 

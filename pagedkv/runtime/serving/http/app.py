@@ -108,7 +108,7 @@ class Gateway:
     async def _replies(self, source: dict, job: Job, model: str) -> AsyncIterator[dict]:
         """One engine request's replies (token ones only when streamed), timed for the metrics."""
         message = generate_message(self.client.new_id(), source.get("prompt"), source.get("prompt_ids"),
-                                   source.get("messages"), job.stream, job.params)
+                                   source.get("messages"), job.stream, job.params, job.clamp_max_tokens)
         timer = RequestTimer(self.metrics, model)
         try:
             async with aclosing(self.client.replies(message, self.config.engine_timeout)) as replies:
@@ -119,7 +119,10 @@ class Gateway:
                         timer.token_reply()
                     yield reply
         except ServerError as e:
-            raise from_engine(e) from None
+            error = from_engine(e)
+            if error.param == "max_tokens":
+                error.param = job.max_tokens_param
+            raise error from None
         except TimeoutError:
             raise from_timeout(self.config.engine_timeout) from None
 

@@ -43,7 +43,9 @@ _ENGINE_CODES = {
 
 def from_engine(error: ServerError) -> ApiError:
     status, kind, code = _ENGINE_CODES.get(error.code, (500, "server_error", error.code))
-    return ApiError(status, error.message, kind, code=code)
+    if error.param is not None and code is None:
+        code = "invalid_parameter"
+    return ApiError(status, error.message, kind, param=error.param, code=code)
 
 
 def from_timeout(seconds: float) -> ApiError:

@@ -44,6 +44,10 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False        # answer with logprobs (their count is params["logprobs"])
+    # A max_tokens given (or completions' default) must fit in the context the prompt leaves, as
+    # in OpenAI's API and vLLM's; a chat without one runs to the end of the context.
+    clamp_max_tokens: bool = False
+    max_tokens_param: str = "max_tokens"  # the name the client used, for errors
     unknown: list[str] = field(default_factory=list)
 
 
@@ -168,10 +172,14 @@ def parse(body: Any, chat: bool, max_model_len: int | None) -> Job:
     include_usage = bool((options or {}).get("include_usage", False))
 
     params: dict[str, Any] = {}
+    max_tokens_param, clamp = "max_tokens", False
     if chat:  # max_completion_tokens replaces max_tokens in OpenAI's chat API
         max_tokens = _get(body, "max_completion_tokens", (int,))
+        if max_tokens is not None:
+            max_tokens_param = "max_completion_tokens"
         max_tokens = _get(body, "max_tokens", (int,)) if max_tokens is None else max_tokens
         # Unset: as many as the context leaves (the engine stops at the model's context).
+        clamp = max_tokens is None
         params["max_tokens"] = max_tokens if max_tokens is not None else max_model_len or COMPLETION_DEFAULT_MAX_TOKENS
     else:
         params["max_tokens"] = _get(body, "max_tokens", (int,), COMPLETION_DEFAULT_MAX_TOKENS)
@@ -204,7 +212,8 @@ def parse(body: Any, chat: bool, max_model_len: int | None) -> Job:
         if best_of is not None and best_of > n and stream:
             raise bad_request("'best_of' larger than 'n' cannot be streamed", "best_of")
     job = Job(chat, model, sources, params, n, best_of if best_of and best_of > n else None, stream,
-              include_usage, unknown=sorted(body.keys() - _known(chat)))
+              include_usage, clamp_max_tokens=clamp, max_tokens_param=max_tokens_param,
+              unknown=sorted(body.keys() - _known(chat)))
     _logprobs(body, job)
     checked = _validate(params)
     # What the engine gets is what was checked: 10**30 as a temperature is valid, but an integer
