@@ -4,13 +4,16 @@ hang), is refused before any work is done, and hurts no other request."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import threading
 import time
 from urllib.parse import urlparse
 
 import httpx
 import pytest
-from server_process import running_http_server
+from server_process import running_gateway, running_http_server
 
 from pagedkv.runtime.serving.client import Client
 
@@ -340,3 +343,65 @@ def test_max_tokens_that_fill_the_context_exactly_are_served(url, model):
                                              "ignore_eos": True})
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 3
+
+
+# -- 3: long requests and the gateway's --timeout --------------------------------------------------
+@pytest.fixture(scope="module")
+def impatient(server, tmp_path_factory):
+    """A second gateway in front of the same engine, with a timeout far shorter than a long request."""
+    log = tmp_path_factory.mktemp("impatient") / "gateway.log"
+    with running_gateway(server[0].address, "--timeout", str(TIMEOUT), log_path=str(log)) as (_, gateway_url):
+        yield gateway_url
+
+
+TIMEOUT = 0.2
+LONG = {"prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "temperature": 0}  # a second or more
+
+
+def test_a_request_the_engine_works_on_outlives_the_timeout(impatient, model, engine):
+    """It got a 503 "the engine did not answer" after --timeout, and its work was thrown away."""
+    started = time.monotonic()
+    response = post(impatient, "/v1/completions", {"model": model, **LONG})
+    took = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == LONG["max_tokens"]
+    assert took > 3 * TIMEOUT, f"{took:.2f} s: too short to show anything"
+
+
+def test_a_silent_stream_outlives_the_timeout(impatient, model):
+    """Beam search streams its tokens only when it ends."""
+    body = {"model": model, **LONG, "max_tokens": 600, "beam_width": 2, "stream": True}
+    started = time.monotonic()
+    with httpx.stream("POST", f"{impatient}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        text = response.read().decode()
+    assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text, text[-300:]
+    assert time.monotonic() - started > 3 * TIMEOUT
+
+
+def test_an_engine_that_stops_answering_gets_a_503_and_the_request_is_aborted(server, impatient, model, engine):
+    proc, _ = server
+    result: dict = {}
+
+    def ask():
+        result["response"] = post(impatient, "/v1/completions", {"model": model, **LONG})
+
+    thread = threading.Thread(target=ask)
+    before = engine.stats()["generated_tokens"]
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while engine.stats()["server"]["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.process.pid, signal.SIGSTOP)  # the engine hangs with the request in flight
+        thread.join(30)
+    finally:
+        os.kill(proc.process.pid, signal.SIGCONT)
+    response = result["response"]
+    assert response.status_code == 503 and error_of(response)["code"] == "engine_unavailable"
+    assert "did not answer" in error_of(response)["message"]
+    deadline = time.monotonic() + 30  # back: the abort the gateway sent ends the request
+    while (stats := engine.stats())["server"]["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats["server"]["in_flight"] == 0 and stats["blocks"]["device"]["used"] == 0
+    assert stats["generated_tokens"] - before < LONG["max_tokens"]

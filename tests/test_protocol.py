@@ -28,6 +28,9 @@ def test_generate_message_is_parsed_into_sampling_params():
     ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x" * 1001}]}, TOO_LONG, 1, "1005"),
     ({"type": "stats", "id": 1, "verbose": True}, BAD_REQUEST, 1, "verbose"),
     ({"type": "generate", "id": 1, "prompt": "x", "clamp_max_tokens": 0}, BAD_REQUEST, 1, "clamp_max_tokens"),
+    ({"type": "health", "id": 1, "requests": "g"}, BAD_REQUEST, 1, "requests"),
+    ({"type": "health", "id": 1, "requests": list(range(257))}, BAD_REQUEST, 1, "at most 256"),
+    ({"type": "health", "id": 1, "requests": [True]}, BAD_REQUEST, 1, "requests"),
 ])
 def test_bad_messages_name_what_is_wrong(message, code, request_id, words):
     with pytest.raises(ProtocolError) as e:

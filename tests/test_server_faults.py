@@ -199,6 +199,25 @@ def test_max_tokens_beyond_the_context_is_refused_when_asked(server):
             sock.close()
 
 
+def test_health_says_which_requests_are_in_flight_on_the_connection(server):
+    """What a client that waits long for a reply asks (AsyncClient's probe)."""
+    sock, other = _raw(server), _raw(server)
+    try:
+        sock.send(_pack({"type": "generate", "id": "g", "prompt_ids": PROMPT, "params": LONG, "stream": True}))
+        assert _reply(sock)["type"] == "token"
+        sock.send(_pack({"type": "health", "id": "h", "requests": ["g", "nothing", 5]}))
+        assert _terminal(sock, "h")["health"]["requests"] == ["g"]
+        other.send(_pack({"type": "health", "id": "h", "requests": ["g"]}))  # another connection's "g"
+        assert _terminal(other, "h")["health"]["requests"] == []
+        sock.send(_pack({"type": "abort", "id": "g"}))
+        assert _terminal(sock, "g")["code"] == "aborted"
+        sock.send(_pack({"type": "health", "id": "h2", "requests": ["g"]}))
+        assert _terminal(sock, "h2")["health"]["requests"] == []
+    finally:
+        sock.close()
+        other.close()
+
+
 def test_negative_length_penalty_gets_outputs(server):
     """Failure 4: a `final` reply with `outputs: []`."""
     with Client(server.address, timeout=60) as client:
@@ -407,3 +426,70 @@ def test_a_reply_wait_cancelled_as_its_reply_arrives_is_cancelled():
             return (await asyncio.gather(waiting, return_exceptions=True))[0]
 
     assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
+
+
+class FakeEngine:
+    """A ROUTER that answers `health` (holding the request for `holds` probes, then not) and
+    answers a generate request only after `final_after` probes (never when None)."""
+
+    def __init__(self, holds: int, final_after: int | None) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://127.0.0.1:{self.socket.bind_to_random_port('tcp://127.0.0.1')}"
+        self.holds, self.final_after, self.received = holds, final_after, []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        probes, generate = 0, None
+        while self.socket.poll(2000):
+            identity, payload = self.socket.recv_multipart()
+            message = msgpack.unpackb(payload, raw=False)
+            self.received.append(message)
+            if message["type"] == "generate":
+                generate = message["id"]
+            elif message["type"] == "health":
+                probes += 1
+                held = message["requests"] if probes <= self.holds else []
+                self.socket.send_multipart([identity, _pack({"type": "final", "id": message["id"],
+                                                             "health": {"status": "ok", "requests": held}})])
+                if self.final_after is not None and probes == self.final_after:
+                    self.socket.send_multipart([identity, _pack({"type": "final", "id": generate, "prompt_tokens": 1,
+                                                                 "queue_s": 0.0, "outputs": []})])
+            elif message["type"] == "abort":
+                return
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.socket.close()
+
+
+@pytest.mark.parametrize("holds, final_after, outcome", [
+    (3, 3, "final"),            # silent for three timeouts, and the engine holds it all along
+    (2, None, "no longer holds"),  # the engine lost it (restarted, say) after two probes
+])
+def test_a_silent_request_waits_while_the_engine_holds_it(holds, final_after, outcome):
+    import asyncio
+
+    from pagedkv.runtime.serving.client import AsyncClient
+
+    engine = FakeEngine(holds, final_after)
+
+    async def scenario():
+        async with AsyncClient(engine.address, timeout=0.1) as client:
+            message = {"type": "generate", "id": "long", "prompt_ids": [1], "params": {}, "stream": False}
+            try:
+                return [reply async for reply in client.replies(message, probe=True)]
+            except TimeoutError as e:
+                return str(e)
+
+    result = asyncio.run(scenario())
+    engine.close()
+    if outcome == "final":
+        assert [r["type"] for r in result] == ["final"]
+        assert not any(m["type"] == "abort" for m in engine.received)
+    else:
+        assert outcome in result
+        assert engine.received[-1] == {"type": "abort", "id": "long"}  # in case it is still there after all
+    probes = [m for m in engine.received if m["type"] == "health"]
+    assert len(probes) == (holds if outcome == "final" else holds + 1) and probes[0]["requests"] == ["long"]

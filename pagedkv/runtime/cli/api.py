@@ -22,7 +22,8 @@ TRY_PROMPT = "The capital of France is"
 
 def add_api_parser(sub) -> None:
     api = sub.add_parser("api", help="an OpenAI-compatible HTTP API (and /metrics) in front of a running server")
-    add_connection_arguments(api)  # the engine's ZeroMQ address; --timeout: seconds per engine reply
+    add_connection_arguments(api, timeout_help="seconds the engine may stay silent on a request before it is asked "
+                             "whether it still holds it; no answer within as long again is a 503 (default 120)")
     add = api.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

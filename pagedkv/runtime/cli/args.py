@@ -71,8 +71,9 @@ def parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}")
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser,
+                             timeout_help: str = "seconds to wait for each reply") -> None:
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
+    parser.add_argument("--timeout", type=float, default=120.0, help=timeout_help)
     parser.add_argument("--curve-keys", help="key directory from `pagedkv keys` (CurveZMQ; default: none, plain)")
     parser.add_argument("--client-name", default="client", help="which client key pair in --curve-keys")

@@ -210,8 +210,10 @@ class AsyncClient(_Base):
             if queue is not None:
                 queue.put_nowait(reply)
 
-    async def replies(self, message: dict, timeout: float | None = None) -> AsyncIterator[dict]:
-        """Sends a request and yields its replies up to the final one."""
+    async def replies(self, message: dict, timeout: float | None = None, probe: bool = False) -> AsyncIterator[dict]:
+        """Sends a request and yields its replies up to the final one. TimeoutError when none
+        comes within `timeout` seconds; with `probe`, only when the server does not say, when
+        asked after that long, that it still holds the request (see _next_held)."""
         if message["id"] in self._queues:  # its replies could not be told apart (docs/protocol.md)
             raise ValueError(f"request id {message['id']!r} is already in flight on this client")
         if self._reader is None:
@@ -221,8 +223,9 @@ class AsyncClient(_Base):
         finished = False
         try:
             await self.socket.send(msgpack.packb(message, use_bin_type=True))
+            wait = self.timeout if timeout is None else timeout
             while not finished:
-                reply = await self._next(queue, self.timeout if timeout is None else timeout)
+                reply = await (self._next_held(queue, wait, message["id"]) if probe else self._next(queue, wait))
                 finished = reply.get("type") in ("final", "error")
                 _done(reply)  # raises ServerError for an error reply
                 yield reply
@@ -243,6 +246,31 @@ class AsyncClient(_Base):
         if not done:
             raise TimeoutError(f"no reply from {self.address} in time")
         return getter.result()
+
+    async def _next_held(self, queue: asyncio.Queue, timeout: float, request_id: Any) -> dict:
+        """The next reply of a request that may take long (queued behind others, or generating
+        many tokens without streaming them). Silence for `timeout` seconds alone says nothing:
+        the server is then asked (`health` with `requests`) whether it still holds the request,
+        and has `timeout` seconds to answer. TimeoutError when it does not answer, or no longer
+        holds the request (it restarted, say): no reply will come."""
+        while True:
+            try:
+                return await self._next(queue, timeout)
+            except TimeoutError:
+                pass
+            try:
+                held = (await self._call("health", timeout, requests=[request_id])).get("requests", [])
+            except TimeoutError:
+                held = None
+            except ServerError:  # a server that cannot be asked
+                held = []
+            if not queue.empty():  # the reply came before the answer (one socket keeps their order)
+                return queue.get_nowait()
+            if held is None:
+                raise TimeoutError(f"the engine at {self.address} did not answer for {2 * timeout:g} s")
+            if request_id not in held:
+                raise TimeoutError(f"the engine at {self.address} no longer holds the request (it may have "
+                                   "restarted); no reply will come")
 
     async def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
                        messages: list[dict] | None = None, timeout: float | None = None,
@@ -269,8 +297,8 @@ class AsyncClient(_Base):
     async def health(self, timeout: float | None = None) -> dict:
         return await self._call("health", timeout)
 
-    async def _call(self, kind: str, timeout: float | None) -> dict:
-        async for reply in self.replies({"type": kind, "id": self.new_id()}, timeout):
+    async def _call(self, kind: str, timeout: float | None, **fields) -> dict:
+        async for reply in self.replies({"type": kind, "id": self.new_id(), **fields}, timeout):
             if reply["type"] == "final":
                 return reply[kind]
         raise RuntimeError("the reply stream ended without a final message")

@@ -23,8 +23,9 @@ FIELDS = {
     "generate": {"type", "id", "prompt", "prompt_ids", "messages", "params", "stream", "clamp_max_tokens"},
     "abort": {"type", "id"},
     "stats": {"type", "id"},
-    "health": {"type", "id"},
+    "health": {"type", "id", "requests"},
 }
+MAX_HEALTH_REQUESTS = 256  # request ids one `health` may ask about
 MAX_ID_LENGTH = 256
 MAX_ERROR_CHARS = 1000  # an error reply's message; quoted values are shorter still
 # Text allowed per context token before tokenizing: generous for any tokenizer. A chat
@@ -50,6 +51,7 @@ class Message:
     # False: a max_tokens that the context cannot hold after the prompt is refused, as OpenAI's
     # API does; true: generation ends where the context does.
     clamp_max_tokens: bool = True
+    requests: list[str | int] | None = None  # health: which of these ids are in flight
 
 
 def _valid_id(value: Any) -> bool:
@@ -79,6 +81,13 @@ def decode_message(payload: bytes, max_prompt_chars: int) -> Message:
     if unknown:
         raise ProtocolError(BAD_REQUEST, f"unknown field(s) in a {kind} message: {', '.join(unknown[:5])}",
                             request_id)
+    if kind == "health" and "requests" in data:
+        requests = data["requests"]
+        if not isinstance(requests, list) or len(requests) > MAX_HEALTH_REQUESTS or not all(
+                _valid_id(i) for i in requests):
+            raise ProtocolError(BAD_REQUEST, f"'requests' must be a list of at most {MAX_HEALTH_REQUESTS} request "
+                                "ids", request_id)
+        return Message(kind, request_id, requests=requests)
     if kind != "generate":
         return Message(kind, request_id)
     return _generate(data, request_id, max_prompt_chars)

@@ -193,7 +193,10 @@ class Server:
             elif msg.type == "stats":
                 self._send(envelope, {"type": "final", "id": msg.id, "stats": self.stats()})
             else:
-                self._send(envelope, {"type": "final", "id": msg.id, "health": self.health()})
+                health = self.health()
+                if msg.requests is not None:  # which of these are in flight on this connection
+                    health["requests"] = [i for i in msg.requests if (envelope[0], i) in self.by_client]
+                self._send(envelope, {"type": "final", "id": msg.id, "health": health})
         except ProtocolError as e:
             self._error(envelope, e.request_id, e.code, e.message, e.param)
         except Exception as e:  # a bug must not take the server down

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from pagedkv.runtime.serving.client import DEFAULT_ADDRESS, AsyncClient, ServerError, generate_message
-from pagedkv.runtime.serving.http.errors import ApiError, engine_unavailable, from_engine, from_timeout
+from pagedkv.runtime.serving.http.errors import ApiError, engine_unavailable, from_engine
 from pagedkv.runtime.serving.http.guard import (
     ApiKeyMiddleware, Disconnected, check_http_bind, read_json, until_disconnected
 )
@@ -111,7 +111,9 @@ class Gateway:
                                    source.get("messages"), job.stream, job.params, job.clamp_max_tokens)
         timer = RequestTimer(self.metrics, model)
         try:
-            async with aclosing(self.client.replies(message, self.config.engine_timeout)) as replies:
+            # The engine may work on a request for longer than --timeout: what ends the wait is an
+            # engine that does not answer, or that no longer holds the request (AsyncClient).
+            async with aclosing(self.client.replies(message, self.config.engine_timeout, probe=True)) as replies:
                 async for reply in replies:
                     if reply["type"] == "final":
                         timer.final(reply)
@@ -123,8 +125,8 @@ class Gateway:
             if error.param == "max_tokens":
                 error.param = job.max_tokens_param
             raise error from None
-        except TimeoutError:
-            raise from_timeout(self.config.engine_timeout) from None
+        except TimeoutError as e:  # the request is aborted as the stream closes, in case the engine lives
+            raise engine_unavailable(str(e)) from None
 
     async def _open(self, job: Job, model: str) -> list[AsyncIterator[dict]]:
         """Sends every prompt's engine request and waits for each one's first reply, so that

@@ -47,6 +47,3 @@ def from_engine(error: ServerError) -> ApiError:
         code = "invalid_parameter"
     return ApiError(status, error.message, kind, param=error.param, code=code)
 
-
-def from_timeout(seconds: float) -> ApiError:
-    return engine_unavailable(f"the engine did not answer within {seconds:g} s")
