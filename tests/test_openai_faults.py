@@ -210,6 +210,23 @@ def test_lone_surrogates_are_a_400(url, model, path, body, param):
     assert error["param"] == param and "surrogate" in error["message"]
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "a\xed\xa0\x80b"}',                           # the UTF-8 bytes of U+D800
+    '{"prompt": "a\ud800b"}'.encode("utf-16-le", "surrogatepass"),  # UTF-16, surrogate and all
+    b'{"prompt": "caf\xe9"}',                                    # Latin-1
+], ids=["surrogate bytes", "utf-16", "latin-1"])
+def test_a_body_that_is_not_utf8_is_a_400(url, raw):
+    response = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"},
+                          timeout=60)
+    assert response.status_code == 400 and "UTF-8" in error_of(response)["message"]
+
+
+def test_emoji_written_as_surrogate_pairs_are_text(url, model):
+    response = post_raw_json(url, "/v1/completions", json.dumps({"model": model, "prompt": "hi 🙂",
+                                                                 "max_tokens": 2, "stop": ["🙂"]}))
+    assert response.status_code == 200, response.text
+
+
 def test_a_lone_surrogate_in_a_field_name_is_a_400(url, model):
     response = post_raw_json(url, "/v1/completions", json.dumps({"model": model, "prompt": PROMPT, "\ud800": 1}))
     assert response.status_code == 400 and "surrogate" in error_of(response)["message"]
@@ -287,9 +304,10 @@ def test_256_sequences_are_served(url, model):
 
 def test_a_token_prompt_longer_than_the_context_is_refused_before_its_ids_are_read(url, model, engine):
     before = served_requests(engine)
-    response = post(url, "/v1/completions", {"model": model, "prompt": [5] * (CONTEXT + 1), "max_tokens": 1})
-    assert response.status_code == 413 and error_of(response)["code"] == "context_length_exceeded"
-    assert str(CONTEXT) in error_of(response)["message"]
+    for prompt in ([5] * (CONTEXT + 1), [[5] * (CONTEXT + 1)], [[5], [5] * CONTEXT]):
+        response = post(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 1})
+        assert response.status_code == 413 and error_of(response)["code"] == "context_length_exceeded"
+        assert str(CONTEXT) in error_of(response)["message"]
     assert served_requests(engine) == before + 1
 
 

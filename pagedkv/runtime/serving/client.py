@@ -260,14 +260,16 @@ class AsyncClient(_Base):
                 pass
             try:
                 held = (await self._call("health", timeout, requests=[request_id])).get("requests", [])
+                why = None
             except TimeoutError:
-                held = None
-            except ServerError:  # a server that cannot be asked
-                held = []
+                why = f"the engine at {self.address} did not answer for {2 * timeout:g} s"
+            except ServerError as e:  # a server that cannot be asked
+                why = (f"no reply from {self.address} within {timeout:g} s, and it cannot say whether it "
+                       f"still holds the request ({e.message})")
             if not queue.empty():  # the reply came before the answer (one socket keeps their order)
                 return queue.get_nowait()
-            if held is None:
-                raise TimeoutError(f"the engine at {self.address} did not answer for {2 * timeout:g} s")
+            if why is not None:
+                raise TimeoutError(why)
             if request_id not in held:
                 raise TimeoutError(f"the engine at {self.address} no longer holds the request (it may have "
                                    "restarted); no reply will come")

@@ -82,28 +82,30 @@ async def read_json(request: Request, limit: int) -> Any:
             chunks.append(chunk)
     except ClientDisconnect:
         raise Disconnected from None
-    raw = b"".join(chunks)
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("the request body is not valid JSON") from None
+        # UTF-8, as JSON between systems must be (json.loads would also take UTF-16 and UTF-32,
+        # and the bytes of lone surrogates, which it decodes with "surrogatepass").
+        text = b"".join(chunks).decode("utf-8-sig")
+        body = json.loads(text)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError among them
+        raise bad_request("the request body is not valid JSON in UTF-8") from None
     except RecursionError:  # nesting beyond Python's recursion limit
         raise bad_request("the request body nests too deeply") from None
-    check_unicode(body, raw)
+    check_unicode(body, text)
     return body
 
 
-# A lone surrogate reaches a decoded string only through a \uD800-\uDFFF escape or the raw bytes
-# of one (json.loads decodes bytes with "surrogatepass"). Pairs (an emoji written as two
-# escapes) match too, and are fine: this only decides whether to look closer.
-_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+# A lone surrogate reaches a string that json.loads decoded from UTF-8 text only through a
+# \uD800-\uDFFF escape. Pairs (an emoji written as two escapes) match too, and are fine: this
+# only decides whether to look closer.
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def check_unicode(body: Any, raw: bytes) -> None:
+def check_unicode(body: Any, text: str) -> None:
     """Strings with lone surrogates are valid JSON ("\\ud800") but no Unicode text: they cannot be
     encoded, sent to the engine or tokenized. Refused wherever they are, ignored fields included,
     naming the top-level field; the search runs at C speed, and only when the bytes hint at one."""
-    if not _MAYBE_SURROGATE.search(raw) or _encodable(body):
+    if not _MAYBE_SURROGATE.search(text) or _encodable(body):
         return
     fields = body.items() if isinstance(body, dict) else [(None, body)]
     field = next((key for key, value in fields if not _encodable(value)), None)

@@ -94,9 +94,8 @@ def _check_fan_out(body: dict, chat: bool, max_model_len: int | None) -> None:
     token-id prompt is. 20,000 prompts once meant 20,000 engine requests, which held up every
     other client for 20 s before most of them were refused as overloaded."""
     prompt = None if chat else body.get("prompt")
-    prompts = 1
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        prompts = len(prompt)
+    several = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+    prompts = len(prompt) if several else 1
     widths = {name: _get(body, name, (int,)) for name in ("n", "best_of", "beam_width")}
     width = max([1, *(w for w in widths.values() if w is not None)])
     if prompts * width > MAX_SEQUENCES:
@@ -104,7 +103,7 @@ def _check_fan_out(body: dict, chat: bool, max_model_len: int | None) -> None:
         raise bad_request(f"the request asks for {prompts} prompt(s) of {width} sequence(s) each, "
                           f"{prompts * width} in all; this server takes at most {MAX_SEQUENCES} per request "
                           "(a prompt list times n, best_of or beam_width)", param)
-    token_lists = [prompt] if prompts == 1 else prompt
+    token_lists = prompt if several else [prompt]
     if max_model_len and isinstance(prompt, list) and any(
             isinstance(p, list) and len(p) >= max_model_len for p in token_lists):
         longest = max(len(p) for p in token_lists if isinstance(p, list))
