@@ -302,6 +302,14 @@ def test_256_sequences_are_served(url, model):
     assert len(response.json()["choices"]) == 256
 
 
+def test_a_chat_of_more_messages_than_the_context_holds_is_refused_before_they_are_read(url, model, engine):
+    before = served_requests(engine)
+    messages = [{"role": "user", "content": ""}] * (CONTEXT + 1)
+    response = post(url, "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 1})
+    assert response.status_code == 413 and error_of(response)["code"] == "context_length_exceeded"
+    assert served_requests(engine) == before + 1
+
+
 def test_a_token_prompt_longer_than_the_context_is_refused_before_its_ids_are_read(url, model, engine):
     before = served_requests(engine)
     for prompt in ([5] * (CONTEXT + 1), [[5] * (CONTEXT + 1)], [[5], [5] * CONTEXT]):

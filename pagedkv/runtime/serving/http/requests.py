@@ -90,8 +90,8 @@ def _unsupported(body: dict) -> None:
 
 def _check_fan_out(body: dict, chat: bool, max_model_len: int | None) -> None:
     """Before anything else is looked at: how many engine requests (one per prompt) and
-    sequences (n, best_of or beam_width per prompt) the request asks for, and how long a
-    token-id prompt is. 20,000 prompts once meant 20,000 engine requests, which held up every
+    sequences (n, best_of or beam_width per prompt) the request asks for, how long a token-id
+    prompt is and how many messages a chat has. 20,000 prompts once meant 20,000 engine requests, which held up every
     other client for 20 s before most of them were refused as overloaded."""
     prompt = None if chat else body.get("prompt")
     several = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
@@ -109,6 +109,11 @@ def _check_fan_out(body: dict, chat: bool, max_model_len: int | None) -> None:
         longest = max(len(p) for p in token_lists if isinstance(p, list))
         raise ApiError(413, f"the prompt has {longest} tokens; the model's context is {max_model_len}",
                        code="context_length_exceeded")
+    messages = body.get("messages") if chat else None
+    if max_model_len and isinstance(messages, list) and len(messages) > max_model_len:
+        # Each message costs at least one token (its role marker); the engine counts so too.
+        raise ApiError(413, f"the chat has {len(messages)} messages, more than the model's context holds "
+                       f"({max_model_len} tokens)", code="context_length_exceeded")
 
 
 def _prompts(body: dict) -> list[dict]:
