@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 
 class Device(enum.Enum):
@@ -17,10 +17,12 @@ class BlockAllocatorError(RuntimeError):
 
 
 class CachedBlock(NamedTuple):
-    """What a cached block holds: its chained hash and, to rule out collisions, its token ids."""
+    """What a cached block holds: its chained hash and, to rule out collisions, its token ids;
+    and its parent's hash (the block before it in its prefix; b"" for a first block)."""
 
     block_hash: bytes
     token_ids: tuple[int, ...]
+    parent: bytes = b""
 
 
 class BlockAllocator:
@@ -31,7 +33,8 @@ class BlockAllocator:
     free: `allocate` takes never-used and uncached blocks first, and evicts only when none is left.
     """
 
-    def __init__(self, device: Device, num_blocks: int) -> None:
+    def __init__(self, device: Device, num_blocks: int,
+                 on_evict: Callable[[int, CachedBlock], None] | None = None) -> None:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.device = device
@@ -43,6 +46,9 @@ class BlockAllocator:
         self._by_hash: dict[bytes, int] = {}
         self.cached: dict[int, CachedBlock] = {}  # block -> contents (read-only outside)
         self.num_evicted = 0
+        # Called with a cached block and what it held just before `allocate` hands it out for
+        # other contents: the block manager demotes the contents to a lower tier there.
+        self.on_evict = on_evict
 
     @property
     def num_free_blocks(self) -> int:
@@ -61,8 +67,11 @@ class BlockAllocator:
             block = self._free.pop()
         elif self._evictable:
             block, _ = self._evictable.popitem(last=False)
+            entry = self.cached[block]
             self._uncache(block)
             self.num_evicted += 1
+            if self.on_evict is not None:
+                self.on_evict(block, entry)
         else:
             raise BlockAllocatorError(f"out of {self.device.value} blocks ({self.num_blocks} in the pool)")
         self.ref_counts[block] = 1
@@ -105,14 +114,14 @@ class BlockAllocator:
             del self._evictable[block]
         self.ref_counts[block] += 1
 
-    def cache(self, block: int, block_hash: bytes, token_ids: tuple[int, ...]) -> None:
+    def cache(self, block: int, block_hash: bytes, token_ids: tuple[int, ...], parent: bytes = b"") -> None:
         """Indexes a full, in-use block by its contents. A block with the same contents that
         is cached already stays the one that hits; this one is then simply not cached."""
         if self.ref_counts[block] <= 0:
             raise BlockAllocatorError(f"{self.device.value} block {block} is free; cannot cache it")
         if block_hash not in self._by_hash and block not in self.cached:
             self._by_hash[block_hash] = block
-            self.cached[block] = CachedBlock(block_hash, token_ids)
+            self.cached[block] = CachedBlock(block_hash, token_ids, parent)
 
     def _uncache(self, block: int) -> None:
         entry = self.cached.pop(block, None)

@@ -18,8 +18,10 @@ would when two groups move the same block in one step.
 Prefix caching shares blocks across requests: once its tokens are computed, every full
 device block is indexed by a hash chained on its parent's, and `allocate` maps the longest
 cached prefix of each sequence onto those blocks. A cached block no sequence holds keeps its
-contents until the allocator needs it back (see BlockAllocator). Pure Python: nothing
-heavier than the standard library.
+contents until the allocator needs it back (see BlockAllocator). Below the device, the CPU
+pool (host tier) and a directory (disk tier) can keep the blocks the device evicts, and
+`allocate` continues the cached prefix there (tiering.py). Pure Python: nothing heavier than
+the standard library.
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ from dataclasses import dataclass
 from collections import Counter
 
 from pagedkv.kvcache.allocator import BlockAllocator, Device
-from pagedkv.kvcache.block_hash import full_blocks
+from pagedkv.kvcache.block_hash import ROOT, full_blocks
+from pagedkv.kvcache.disk_tier import DiskTier
 from pagedkv.kvcache.sequence import Sequence, SequenceGroup
+from pagedkv.kvcache.tiering import LowerHit, TierOps, Tiers
 
 
 class AllocStatus(enum.Enum):
@@ -60,6 +64,7 @@ class Allocation:
 
     shared_tokens: int          # leading tokens stored once for the whole group
     computed_tokens: list[int]  # per unfinished sequence: leading tokens whose K/V are cached
+    loading: bool = False       # blocks after those are being read from the disk tier
 
 
 @dataclass
@@ -68,6 +73,7 @@ class _Plan:
     shared_tokens: int
     shared_hits: list[int]     # cached blocks at the head of the shared part
     own_hits: list[list[int]]  # per sequence, cached blocks right after the shared part
+    lower: list[LowerHit]      # blocks after the shared hits that a tier below holds
     num_new: int               # blocks to take from the free pool
     num_revived: int           # hits on evictable blocks: they stop counting as free
     num_total: int             # blocks the group holds once mapped (what an empty cache needs)
@@ -112,7 +118,8 @@ class BlockStats:
 
 class BlockManager:
     def __init__(self, block_size: int, num_device_blocks: int, num_cpu_blocks: int,
-                 watermark: float = 0.01, enable_prefix_caching: bool = True) -> None:
+                 watermark: float = 0.01, enable_prefix_caching: bool = True, host_caching: bool = False,
+                 disk: DiskTier | None = None, block_bytes: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not 0.0 <= watermark < 1.0:
@@ -122,8 +129,12 @@ class BlockManager:
         self.num_cpu_blocks = num_cpu_blocks
         self.watermark_blocks = int(watermark * num_device_blocks)
         self.enable_prefix_caching = enable_prefix_caching
+        if (host_caching or disk is not None) and not enable_prefix_caching:
+            raise ValueError("the host and disk KV tiers keep prefix-cache blocks: they need prefix caching on")
         self.pools = {Device.DEVICE: BlockAllocator(Device.DEVICE, num_device_blocks),
                       Device.CPU: BlockAllocator(Device.CPU, num_cpu_blocks)}
+        self.tiers = Tiers(self.pools[Device.DEVICE], self.pools[Device.CPU], host_caching, disk,
+                           self._release, block_bytes)
         self._tables: dict[int, _Table] = {}
         # Complete blocks with an identical copy in the other pool (see the module's docstring).
         self._twins: dict[Device, dict[int, int]] = {Device.DEVICE: {}, Device.CPU: {}}
@@ -219,7 +230,7 @@ class BlockManager:
         pool, blocks = self.pools[Device.DEVICE], table.blocks
         for index, (block_hash, tokens) in enumerate(full_blocks(seq, table.num_hashed, full, self.block_size),
                                                      table.num_hashed):
-            pool.cache(blocks[index], block_hash, tokens)
+            pool.cache(blocks[index], block_hash, tokens, seq.block_hashes[index - 1] if index else ROOT)
         table.num_hashed = full
 
     def num_kept_tokens(self, group: SequenceGroup) -> int:
@@ -249,8 +260,19 @@ class BlockManager:
         revived = {b for b in shared_hits if pool.ref_counts[b] == 0}
         revived.update(b for own in own_hits for b in own if pool.ref_counts[b] == 0)
         num_new = num_shared - len(shared_hits) + sum(t - len(o) for t, o in zip(own_total, own_hits))
-        return _Plan(num_shared, shared_tokens, shared_hits, own_hits, num_new, len(revived),
-                     num_shared + sum(own_total))
+        return _Plan(num_shared, shared_tokens, shared_hits, own_hits, self._lower_hits(seqs[0], num_shared,
+                     len(shared_hits)), num_new, len(revived), num_shared + sum(own_total))
+
+    def _lower_hits(self, lead: Sequence, num_shared: int, num_hits: int) -> list[LowerHit]:
+        """The shared part's blocks after the device's hits that a tier below holds (never the
+        block of the last token, which is computed for its logits)."""
+        stop = min(num_shared, (len(lead) - 1) // self.block_size)
+        if not self.tiers.enabled or num_hits >= stop:
+            return []
+        blocks = list(full_blocks(lead, num_hits, stop, self.block_size))
+        hashes = lead.block_hashes
+        return self.tiers.lower_hits([(h, tokens, hashes[i - 1] if i else ROOT)
+                                      for i, (h, tokens) in enumerate(blocks, num_hits)])
 
     def can_allocate(self, group: SequenceGroup) -> AllocStatus:
         plan = self._plan(group.unfinished_seqs())
@@ -283,13 +305,49 @@ class BlockManager:
             for _ in range(len(seqs) - 1):
                 pool.incref(block)
             shared.append(block)
+        num_hits = len(plan.shared_hits)
+        lower = plan.lower
+        loaded = self.tiers.load(seqs[0].seq_id, lower, shared[num_hits:num_hits + len(lower)]) if lower else 0
+        if self.tiers.enabled:
+            self.tiers.count_misses(min(plan.num_shared, (len(seqs[0]) - 1) // self.block_size) - num_hits
+                                    - len(lower))
         computed = []
         for seq, own in zip(seqs, plan.own_hits):
             new = [pool.allocate() for _ in range(self._num_blocks(len(seq)) - plan.num_shared - len(own))]
-            hashed = len(plan.shared_hits) + len(own)
+            hashed = num_hits + len(own)
             self._tables[seq.seq_id] = _Table(seq, Device.DEVICE, shared + own + new, hashed)
-            computed.append(hashed * self.block_size)
-        return Allocation(plan.shared_tokens, computed)
+            computed.append((hashed + loaded) * self.block_size)
+        return Allocation(plan.shared_tokens, computed, loaded < len(lower))
+
+    # -- the tiers below the device ------------------------------------------------------------
+    def begin_step(self) -> list[tuple[str, int, float]]:
+        """At the start of a step's planning: the last step's copies are done (their pins go)
+        and finished disk reads come in. Returns the reads' (tier, bytes, seconds)."""
+        return self.tiers.begin_step()
+
+    def release_pins(self) -> None:
+        """When no step follows (the engine is idle): the last step's copies are done."""
+        self.tiers.release_pins()
+
+    def is_loading(self, group: SequenceGroup) -> bool:
+        """Whether the group waits for blocks being read from the disk tier."""
+        return self.tiers.is_loading(group.seqs[0].seq_id) if self.tiers.enabled else False
+
+    def finish_loads(self, group: SequenceGroup) -> int:
+        """Once its reads are done: plans the copies of the good blocks into the group's table
+        (the rest are recomputed); returns the tokens they hold, the shared head's computed
+        tokens from now on."""
+        lead = group.seqs[0]
+        good = self.tiers.finish_loads(lead.seq_id)
+        return lead.num_computed_tokens + good * self.block_size
+
+    def take_tier_ops(self) -> TierOps:
+        return self.tiers.take_ops()
+
+    def flush_to_disk(self) -> TierOps:
+        """The stores that put every cached block the disk tier lacks on disk (shutdown)."""
+        self.tiers.flush()
+        return self.tiers.take_ops()
 
     # -- decoding ----------------------------------------------------------------------------
     def _blocks_to_append(self, table: _Table) -> int:
@@ -341,6 +399,8 @@ class BlockManager:
             # step: a chat's next turn or a recomputed group finds them when they are done.
             self.cache_computed(seq)
         del self._tables[seq.seq_id]
+        if self.tiers.enabled:
+            self.tiers.cancel_loads(seq.seq_id)
         # Tail first: on the evictable list, a prefix's last blocks then go before its head.
         for block in reversed(table.blocks):
             self._release(table.device, block)
@@ -377,12 +437,14 @@ class BlockManager:
     def _move(self, group: SequenceGroup, src: Device, dst: Device) -> list[tuple[int, int]]:
         """Moves every table of the group to `dst`: each distinct block once, onto its twin
         where it has one, else onto a fresh block that a copy fills (returned)."""
-        dst_pool, twins = self.pools[dst], self._twins[src]
+        dst_pool, twins, bs = self.pools[dst], self._twins[src], self.block_size
+        # The host tier keeps a swapped group's hashed blocks in its prefix cache.
+        host_keeps = dst is Device.CPU and self.tiers.host_caching
         targets: dict[int, int] = {}
         copies: list[tuple[int, int]] = []
         for seq in group.unfinished_seqs():
             table = self._table(seq, src)
-            complete = seq.num_computed_tokens // self.block_size  # blocks never written again
+            complete = seq.num_computed_tokens // bs  # blocks never written again
             moved = []
             for index, block in enumerate(table.blocks):
                 target = targets.get(block)
@@ -393,14 +455,22 @@ class BlockManager:
                         copies.append((block, target))
                         if index < complete:
                             twins[block], self._twins[dst][target] = target, block
+                        if host_keeps and index < table.num_hashed:
+                            dst_pool.cache(target, seq.block_hashes[index], tuple(seq.token_ids[index * bs:(index + 1) * bs]),
+                                           seq.block_hashes[index - 1] if index else ROOT)
                     else:
                         dst_pool.incref(target)
                         self.swap_copies_saved += 1
                     targets[block] = target
                 else:
                     dst_pool.incref(target)
-                # A block that leaves the device leaves the prefix cache with its last holder.
-                self._release(src, block, keep_cached=False)
+                if src is Device.CPU and self.tiers.enabled:
+                    # Read by this step's swap-in, after its demotions and swap-outs have written
+                    # the host pool: nothing may take the block before the next step.
+                    self.tiers.pin(Device.CPU, block)
+                else:
+                    # A block that leaves the device leaves the prefix cache with its last holder.
+                    self._release(src, block, keep_cached=False)
                 moved.append(target)
             table.blocks, table.device, table.num_hashed = moved, dst, 0
         return copies

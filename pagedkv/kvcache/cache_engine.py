@@ -86,6 +86,24 @@ class CacheEngine:
         """CPU block -> device block."""
         self._swap(self.cpu_cache, self.device_cache, mapping)
 
+    def read_blocks(self, from_cpu_pool: bool, blocks: list[int]) -> list[bytes]:
+        """Each block's bytes, every layer's K and V (the block-major layout keeps them together),
+        in one gather and one transfer."""
+        pool = self.cpu_cache if from_cpu_pool else self.device_cache
+        index = torch.tensor(blocks, dtype=torch.int64, device=pool.device)
+        data = pool.index_select(0, index).cpu().contiguous()
+        raw = data.view(torch.uint8).reshape(len(blocks), -1).numpy()
+        return [raw[i].tobytes() for i in range(len(blocks))]
+
+    def write_blocks(self, blocks: list[int], payloads: list[bytes]) -> None:
+        """Puts blocks' bytes (as `read_blocks` gives them) into device blocks, in one transfer."""
+        if not blocks:
+            return
+        joined = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8)
+        data = joined.view(self.spec.dtype).view(len(blocks), *self.spec.block_shape)
+        index = torch.tensor(blocks, dtype=torch.int64, device=self.device)
+        self.device_cache.index_copy_(0, index, data.to(self.device, non_blocking=False))
+
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: each (src, dst) device block."""
         if pairs:

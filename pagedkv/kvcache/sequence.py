@@ -123,6 +123,8 @@ class SequenceGroup:
     # Preempted by recompute and not yet back: the cache hits it then finds are its own
     # blocks, not prefix-cache hits.
     recomputing: bool = False
+    # Admitted, and waiting for blocks being read from the disk tier before its prefill.
+    loading: bool = False
 
     def unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]

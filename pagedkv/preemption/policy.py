@@ -1,13 +1,15 @@
-"""Which way to preempt a victim: swap its blocks to the CPU pool, or free them and recompute.
+"""Which way to preempt a victim: swap its blocks to the CPU pool, or free them and recompute;
+and at admission, whether to load cached blocks from a tier below the device or recompute them.
 
-The cost model compares the two with throughputs the executor measures as it runs: recompute
-costs a prefill of the group's tokens that the prefix cache will not hold when it returns;
-swap costs moving its unique blocks out and back.
+One cost model decides both, with throughputs measured as the engine runs: recompute costs a
+prefill of the tokens (at the measured prefill rate); swap costs moving the group's unique
+blocks out and back (at the measured copy bandwidth); a load costs the blocks' bytes at the
+tier's measured read bandwidth (the host tier's is the copy bandwidth).
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagedkv.kvcache.sequence import SequenceGroup
 
@@ -27,6 +29,8 @@ class CostModel:
     prefill_tokens_per_s: float = 2_000.0
     swap_bytes_per_s: float = 2e9
     smoothing: float = 0.3
+    # Read bandwidth of the tiers below the host (the disk), with a prior until measured.
+    load_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"disk": 1e9})
 
     def _blend(self, old: float, new: float) -> float:
         return (1 - self.smoothing) * old + self.smoothing * new
@@ -38,6 +42,17 @@ class CostModel:
     def observe_swap(self, num_bytes: int, seconds: float) -> None:
         if num_bytes > 0 and seconds > 0:
             self.swap_bytes_per_s = self._blend(self.swap_bytes_per_s, num_bytes / seconds)
+
+    def observe_load(self, tier: str, num_bytes: int, seconds: float) -> None:
+        if num_bytes > 0 and seconds > 0:
+            self.load_bytes_per_s[tier] = self._blend(self.load_bytes_per_s.get(tier, num_bytes / seconds),
+                                                      num_bytes / seconds)
+
+    def load_seconds(self, tier: str, num_bytes: int) -> float:
+        """Seconds to bring `num_bytes` from `tier` to the device: the host tier's blocks come
+        with the swap kernel, at the copy bandwidth."""
+        rate = self.swap_bytes_per_s if tier == "host" else self.load_bytes_per_s.get(tier, 1e9)
+        return num_bytes / rate
 
     def recompute_seconds(self, num_tokens: int) -> float:
         return num_tokens / self.prefill_tokens_per_s
@@ -70,3 +85,8 @@ class PreemptionPolicy:
         swap = self.cost.swap_seconds(num_unique_blocks * self.bytes_per_block)
         recompute = self.cost.recompute_seconds(max(tokens_to_recompute(group) - cached_tokens, 0))
         return PreemptionMode.SWAP if swap < recompute else PreemptionMode.RECOMPUTE
+
+    def should_load(self, tier: str, num_blocks: int, block_size: int) -> bool:
+        """Whether `num_blocks` cached in `tier` come back faster loaded than recomputed."""
+        load = self.cost.load_seconds(tier, num_blocks * self.bytes_per_block)
+        return load <= self.cost.recompute_seconds(num_blocks * block_size)

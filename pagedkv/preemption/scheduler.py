@@ -15,6 +15,7 @@ from typing import Callable
 
 from pagedkv.kvcache.block_manager import AllocStatus, BlockManager
 from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
+from pagedkv.kvcache.tiering import LoadOp, StoreOp
 from pagedkv.preemption.policy import PreemptionMode, PreemptionPolicy
 
 
@@ -45,14 +46,18 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    """One iteration's plan. The cache operations are lists of (src, dst) block pairs, carried
-    out in this order: swap out, swap in, copy. A list cannot drop a pair, and `check_plan`
-    refuses a plan that writes a block twice."""
+    """One iteration's plan. The cache operations are carried out in this order: stores to the
+    disk tier (blocks' bytes read out), swap out (device -> CPU pool, demotions to the host tier
+    included), swap in (CPU pool -> device, host-tier loads included), loads from the disk
+    tier, copies. Block moves are lists of (src, dst) pairs: a list cannot drop a pair, and
+    `check_plan` refuses a plan that writes a block twice."""
 
     prefills: list[ScheduledSeq] = field(default_factory=list)
     decodes: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_store: list[StoreOp] = field(default_factory=list)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_load: list[LoadOp] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[tuple[SequenceGroup, PreemptionMode]] = field(default_factory=list)
     rejected: list[SequenceGroup] = field(default_factory=list)  # finished with an error
@@ -67,12 +72,20 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.prefills and not self.decodes
 
+    @property
+    def has_cache_ops(self) -> bool:
+        return bool(self.blocks_to_store or self.blocks_to_swap_out or self.blocks_to_swap_in
+                    or self.blocks_to_load or self.blocks_to_copy)
+
     def check_plan(self) -> None:
-        """Raises if a cache operation's destination block is written twice in this step."""
-        for name in ("blocks_to_swap_out", "blocks_to_swap_in", "blocks_to_copy"):
-            pairs = getattr(self, name)
-            if len({dst for _, dst in pairs}) != len(pairs):
-                raise RuntimeError(f"{name} writes a block twice: {sorted(pairs, key=lambda p: p[1])}")
+        """Raises if a block is written twice in this step (CPU pool: swap-outs; device:
+        swap-ins, loads and copies)."""
+        cpu = [dst for _, dst in self.blocks_to_swap_out]
+        device = ([dst for _, dst in self.blocks_to_swap_in] + [op.block for op in self.blocks_to_load]
+                  + [dst for _, dst in self.blocks_to_copy])
+        for pool, written in (("CPU", cpu), ("device", device)):
+            if len(set(written)) != len(written):
+                raise RuntimeError(f"a step writes a {pool} block twice: {sorted(written)}")
 
 
 def _arrival(group: SequenceGroup) -> float:
@@ -93,6 +106,8 @@ def _settle_shared(group: SequenceGroup) -> None:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: PreemptionPolicy) -> None:
         self.config, self.bm, self.policy = config, block_manager, policy
+        # Blocks a tier below the device holds: loaded, or recomputed where that is faster.
+        block_manager.tiers.should_load = lambda tier, n: policy.should_load(tier, n, block_manager.block_size)
         self.waiting: list[SequenceGroup] = []   # all three queues in arrival order
         self.running: list[SequenceGroup] = []
         self.swapped: list[SequenceGroup] = []
@@ -148,6 +163,8 @@ class Scheduler:
     # -- one iteration ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        for tier, num_bytes, seconds in self.bm.begin_step():
+            self.policy.cost.observe_load(tier, num_bytes, seconds)
         todo = [g for g in self.running if not g.is_finished]
         kept: list[SequenceGroup] = []
         preempted = False
@@ -176,7 +193,13 @@ class Scheduler:
             self._swap_in(out)
             if not self.swapped:
                 self._admit(out)
-        if out.blocks_to_swap_out or out.blocks_to_swap_in or out.blocks_to_copy:
+        ops = self.bm.take_tier_ops()
+        if ops:
+            out.blocks_to_store = ops.stores
+            out.blocks_to_swap_out = ops.demotions + out.blocks_to_swap_out
+            out.blocks_to_swap_in += ops.host_loads
+            out.blocks_to_load = ops.loads
+        if out.has_cache_ops:
             out.check_plan()
         return out
 
@@ -203,6 +226,10 @@ class Scheduler:
         out.num_batched_tokens += end - start
 
     def _schedule_prefill(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        if group.loading:
+            if self.bm.is_loading(group):
+                return  # its blocks are still being read from disk; the others go on
+            self._finish_loads(group)
         before = out.num_batched_tokens
         self._schedule_prefill_rows(group, out)
         self.prefill_tokens_computed += out.num_batched_tokens - before
@@ -272,9 +299,21 @@ class Scheduler:
         else:
             self.prefix_queried_tokens += len(seqs[0])
             self.prefix_hit_tokens += alloc.computed_tokens[0]
-        group.recomputing = False
-        group.is_prefilling = True
+        group.is_prefilling, group.loading = True, alloc.loading
         self._schedule_prefill(group, out)
+        group.recomputing = group.recomputing and group.loading  # counted apart until its loads are in
+
+    def _finish_loads(self, group: SequenceGroup) -> None:
+        """The group's disk reads are in: the blocks read well count as computed (their copies
+        are in this step's plan), the rest are prefilled."""
+        lead = group.unfinished_seqs()[0]
+        loaded = self.bm.finish_loads(group) - lead.num_computed_tokens
+        lead.num_computed_tokens += loaded
+        if group.recomputing:
+            self.recompute_cached_tokens += loaded
+        else:
+            self.prefix_hit_tokens += loaded
+        group.loading = group.recomputing = False
 
     def _resume(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         out.blocks_to_swap_in += self.bm.swap_in(group)
@@ -294,7 +333,7 @@ class Scheduler:
                 self.tokens_recomputed += seq.num_computed_tokens
                 self.bm.free(seq)
                 seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
-            group.is_prefilling, group.recomputing = True, True
+            group.is_prefilling, group.recomputing, group.loading = True, True, False
             bisect.insort(self.waiting, group, key=_arrival)
         self.preemptions[mode.value] += 1
         out.preempted.append((group, mode))

@@ -22,6 +22,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                         add_special_tokens=False) if isinstance(p, str) else p
                    for p in prompts]
     results = llm.generate(prompts, params, use_tqdm=not args.json and sys.stderr.isatty())
+    llm.close()  # the disk tier, if any, keeps what the prefix cache holds
     if args.json:
         outputs = [{"prompt_index": i, "index": c.index, "token_ids": c.token_ids, "text": c.text,
                     "finish_reason": c.finish_reason, "cumulative_logprob": c.cumulative_logprob}

@@ -35,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.serve_forever()
     finally:
         api.stop_gateway(gateway)
+        server.engine.close()  # the disk tier keeps what the prefix cache holds
     print("pagedkv: stopped", file=sys.stderr)
     return 0
 

@@ -58,6 +58,12 @@ class EngineConfig:
     async_scheduling: bool = False        # schedule step N+1 and finish step N-1 while step N computes
     # Verify every slot a step reads holds its own prefix's K/V (kv_check.py): a debug mode.
     check_kv: bool = field(default_factory=lambda: _env_flag("PAGEDKV_CHECK_KV"))
+    # Tiers below the device pool (kvcache/tiering.py). Host: prefix blocks the device evicts
+    # kept in the CPU pool beside the swap space; None = a quarter of the free RAM on a GPU
+    # (at most 64 GiB), none on the CPU. Disk: blocks kept in a directory across restarts.
+    kv_host_cache_gb: float | None = None
+    kv_disk_cache_dir: str | None = None
+    kv_disk_cache_gb: float = 10.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -81,6 +87,16 @@ class EngineConfig:
                              f"not with tensor_parallel_size {self.tensor_parallel_size}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+        if self.kv_host_cache_gb is not None and self.kv_host_cache_gb < 0:
+            raise ValueError(f"kv_host_cache_gb must be >= 0, got {self.kv_host_cache_gb}")
+        if self.kv_disk_cache_gb <= 0:
+            raise ValueError(f"kv_disk_cache_gb must be > 0, got {self.kv_disk_cache_gb}")
+        if (self.kv_disk_cache_dir or self.kv_host_cache_gb) and not self.enable_prefix_caching:
+            raise ValueError("the KV host and disk caches (--kv-host-cache-gb, --kv-disk-cache-dir) keep prefix-cache "
+                             "blocks: they need prefix caching on")
+        if self.kv_disk_cache_dir and self.tensor_parallel_size > 1:
+            raise ValueError("the KV disk cache (--kv-disk-cache-dir) runs with one rank only, "
+                             f"not with tensor_parallel_size {self.tensor_parallel_size}")
 
     def torch_device(self) -> "torch.device":
         import torch
@@ -138,6 +154,12 @@ class EngineConfig:
         add("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
             help="schedule the next step and finish the last one on a second thread while a step computes "
                  "(default off)")
+        add("--kv-host-cache-gb", type=float,
+            help="host tier: GiB of CPU memory that keep the prefix blocks the device evicts, beside the swap "
+                 "space (default: a quarter of the free RAM, at most 64, on a GPU; none on the CPU)")
+        add("--kv-disk-cache-dir", help="disk tier: a directory that keeps KV blocks across restarts and engines "
+            "(default: none)")
+        add("--kv-disk-cache-gb", type=float, default=10.0, help="the disk tier's size (GiB)")
         add("--check-kv", action=argparse.BooleanOptionalAction, default=_env_flag("PAGEDKV_CHECK_KV"),
             help="debug: before each model call, verify that every KV slot a sequence reads holds its own "
                  "token at its own position (slow; default: the environment variable PAGEDKV_CHECK_KV)")
@@ -220,6 +242,7 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     from pagedkv.preemption.policy import CostModel
     from pagedkv.runtime.engine.executor import ModelExecutor
     from pagedkv.runtime.engine.kv_check import KVContentChecker
+    from pagedkv.runtime.engine.kv_tiers import build_disk_tier, host_cache_bytes
     from pagedkv.runtime.engine.parallel_executor import TensorParallelExecutor
     from pagedkv.runtime.engine.profile import StepProfile
     from pagedkv.runtime.models.llama import LlamaModel, cpu_has_bfloat16
@@ -241,7 +264,8 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     log.info("model %s on %s: %s", loaded.source, device, model.describe())
     spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads // world, cfg.head_dim, config.block_size, dtype)
     num_device = _num_device_blocks(config, spec, device)
-    num_cpu = spec.blocks_for_bytes(config.swap_space_gib * GIB)
+    host = host_cache_bytes(config.kv_host_cache_gb, device) if config.enable_prefix_caching else 0
+    num_cpu = spec.blocks_for_bytes(config.swap_space_gib * GIB + host)
     if group is not None:
         num_device, num_cpu = group.agree_min(num_device, num_cpu)
     if num_device < 1:
@@ -254,9 +278,11 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     if group is not None and group.rank == 0:
         return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile,
                                               checker)
+    disk = (build_disk_tier(config.kv_disk_cache_dir, config.kv_disk_cache_gb, loaded, spec, device, keep)
+            if config.kv_disk_cache_dir else None)
     # Decode graphs capture no collectives: tensor-parallel ranks run eagerly.
     eager = config.enforce_eager or group is not None
-    return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile, checker)
+    return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile, checker, disk)
 
 
 def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
@@ -264,12 +290,14 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     """Rank 0's parts: the executor, and the scheduler and block manager that plan for all ranks."""
     from pagedkv.kvcache.block_manager import BlockManager
     from pagedkv.preemption.policy import PreemptionPolicy
+    from pagedkv.runtime.engine.kv_tiers import host_cache_bytes
     from pagedkv.preemption.scheduler import Scheduler, SchedulerConfig
 
     loaded, executor = build_executor(config, loaded, group)
     cache, cost = executor.cache, executor.cost
+    host_caching = config.enable_prefix_caching and host_cache_bytes(config.kv_host_cache_gb, cache.device) > 0
     bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark,
-                      config.enable_prefix_caching)
+                      config.enable_prefix_caching, host_caching, executor.disk, cache.spec.bytes_per_block)
     policy = PreemptionPolicy(config.preemption_mode, cost, cache.spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                           config.preemption_mode), bm, policy)

@@ -11,7 +11,10 @@ from typing import Callable
 
 import torch
 
+from pagedkv.kvcache.allocator import Device
 from pagedkv.kvcache.cache_engine import CacheEngine
+from pagedkv.kvcache.disk_tier import DiskTier
+from pagedkv.kvcache.tiering import StoreOp
 from pagedkv.preemption.policy import CostModel
 from pagedkv.preemption.scheduler import SchedulerOutput
 from pagedkv.runtime.engine.cuda_graphs import DecodeGraphs
@@ -27,9 +30,10 @@ log = logging.getLogger(__name__)
 class ModelExecutor:
     def __init__(self, model: LlamaModel, cache: CacheEngine, cost: CostModel, max_num_seqs: int = 256,
                  enforce_eager: bool = False, profile: StepProfile | None = None,
-                 checker: KVContentChecker | None = None) -> None:
+                 checker: KVContentChecker | None = None, disk: DiskTier | None = None) -> None:
         self.model, self.cache, self.cost = model, cache, cost
         self.checker = checker  # the debug check of every slot's contents (kv_check.py), or None
+        self.disk = disk  # the disk tier the stores go to, or None
         self.device = model.device
         self.block_size = cache.spec.block_size
         self.staging = Staging(self.device)
@@ -53,15 +57,30 @@ class ModelExecutor:
             torch.cuda.synchronize(self.device)
 
     def apply_cache_ops(self, out: SchedulerOutput) -> None:
-        # Swap out before anything can overwrite the freed blocks; swap in and copies before
-        # attention reads them.
+        # Stores and swap-outs read blocks before anything can overwrite them; swap-ins, loads
+        # and copies write blocks before attention reads them.
+        if out.blocks_to_store:
+            self.store(out.blocks_to_store)
         before_bytes, before_s = self.cache.bytes_swapped, self.cache.swap_seconds
         self.cache.swap_out(out.blocks_to_swap_out)
         self.cache.swap_in(out.blocks_to_swap_in)
         self.cost.observe_swap(self.cache.bytes_swapped - before_bytes, self.cache.swap_seconds - before_s)
+        if out.blocks_to_load:
+            self.cache.write_blocks([op.block for op in out.blocks_to_load], [op.payload for op in out.blocks_to_load])
         self.cache.copy(out.blocks_to_copy)
         if self.checker is not None:
             self.checker.apply_cache_ops(out)
+
+    def store(self, ops: list[StoreOp]) -> None:
+        """Hands the blocks' bytes to the disk tier, which writes them on its own thread."""
+        for on_cpu in (False, True):
+            chosen = [op for op in ops if (op.device is Device.CPU) == on_cpu]
+            if not chosen:
+                continue
+            payloads = self.cache.read_blocks(on_cpu, [op.block for op in chosen])
+            for op, payload in zip(chosen, payloads):
+                extra = self.checker.stored(op.device is Device.CPU, op.block) if self.checker is not None else None
+                self.disk.prepare_store(op.entry.block_hash, op.entry.token_ids, payload, op.entry.parent, extra)
 
     def upload(self, inputs: HostInputs) -> ModelInput:
         t = self.staging.upload(inputs.arrays())

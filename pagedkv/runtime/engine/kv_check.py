@@ -15,6 +15,8 @@ each row's context per step (numpy), so it stays off in service.
 """
 from __future__ import annotations
 
+from collections import defaultdict, deque
+
 import numpy as np
 
 from pagedkv.preemption.scheduler import ScheduledSeq, SchedulerOutput
@@ -22,6 +24,7 @@ from pagedkv.runtime.engine.inputs import HostInputs
 
 _MASK = (1 << 64) - 1
 EMPTY = 0  # a slot never written
+UNKNOWN = _MASK  # a slot loaded from a disk block written without the check: not verifiable
 
 
 class KVContentError(RuntimeError):
@@ -36,7 +39,7 @@ def extend_prefix_ids(ids: list[int], tokens: list[int]) -> None:
         x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
         h = (x ^ (x >> 31)) or 1  # never EMPTY
-        ids.append(h)
+        ids.append(h if h != UNKNOWN else UNKNOWN - 1)
 
 
 class KVContentChecker:
@@ -49,6 +52,12 @@ class KVContentChecker:
         self._known: dict[int, tuple[list[int], list[int]]] = {}
         self.steps_checked = 0
         self.slots_checked = 0
+        self.slots_unverifiable = 0  # reads of UNKNOWN slots
+        # The last things that happened to each device block, for the error message.
+        self._history: defaultdict[int, deque] = defaultdict(lambda: deque(maxlen=6))
+
+    def _note(self, block: int, what: str) -> None:
+        self._history[block].append(f"step {self.steps_checked + 1}: {what}")
 
     # -- cache operations ---------------------------------------------------------------------
     def _block_slots(self, blocks: list[int]) -> np.ndarray:
@@ -60,10 +69,26 @@ class KVContentChecker:
             from_blocks, to_blocks = zip(*pairs)
             dst[self._block_slots(list(to_blocks))] = src[self._block_slots(list(from_blocks))]
 
+    def stored(self, from_cpu_pool: bool, block: int) -> dict:
+        """A block's slots as it goes to the disk tier: the block file carries them, so that a
+        load (in this process or a later one) brings them back."""
+        pool = self.cpu if from_cpu_pool else self.device
+        return {"check": pool[self._block_slots([block])].tolist()}
+
     def apply_cache_ops(self, out: SchedulerOutput) -> None:
-        """The step's swaps and copies, in the executor's order."""
+        """The step's swaps, loads and copies, in the executor's order (stores were recorded
+        as they happened: `stored`)."""
         self._copy(out.blocks_to_swap_out, self.device, self.cpu)
         self._copy(out.blocks_to_swap_in, self.cpu, self.device)
+        for src, dst in out.blocks_to_swap_in:
+            self._note(dst, f"swapped in from CPU block {src}")
+        for src, dst in out.blocks_to_copy:
+            self._note(dst, f"copied from block {src}")
+        for op in out.blocks_to_load:
+            self._note(op.block, f"loaded from disk block {op.header.get('hash', '?')[:12]}")
+            ids = op.header.get("check")
+            slots = self._block_slots([op.block])
+            self.device[slots] = np.array(ids, dtype=np.uint64) if ids and len(ids) == len(slots) else np.uint64(UNKNOWN)
         self._copy(out.blocks_to_copy, self.device, self.device)
 
     # -- a step -------------------------------------------------------------------------------
@@ -94,6 +119,9 @@ class KVContentChecker:
             arr = np.array(ids, dtype=np.uint64)
             ids_of.append(arr)
             slots = inputs.slot_mapping[firsts[k]:firsts[k + 1]]
+            for block in sorted(set((slots // bs).tolist())):
+                self._note(block, f"written by request {row.group.request_id} (sequence {row.seq.seq_id}), "
+                                  f"positions {row.start}..{row.end - 1}")
             for slot, value in zip(slots.tolist(), arr[row.start:row.end].tolist()):
                 if writes.setdefault(slot, value) != value:
                     raise KVContentError(f"step writes two different tokens to slot {slot} "
@@ -109,13 +137,16 @@ class KVContentChecker:
             positions = np.arange(row.end, dtype=np.int64)
             slots = table[positions // bs].astype(np.int64) * bs + positions % bs
             found = self.device[slots]
-            wrong = np.flatnonzero(found != ids_of[k])
+            unknown = found == np.uint64(UNKNOWN)
+            self.slots_unverifiable += int(np.count_nonzero(unknown))
+            wrong = np.flatnonzero((found != ids_of[k]) & ~unknown)
             if len(wrong):
                 p = int(wrong[0])
                 what = "nothing (never written)" if found[p] == EMPTY else "another prefix's K/V"
+                block = int(slots[p]) // bs
                 raise KVContentError(
                     f"request {row.group.request_id} (sequence {row.seq.seq_id}) would read {what} at position "
-                    f"{p} of {row.end}: slot {int(slots[p])} (block {int(slots[p]) // bs}); "
-                    f"{len(wrong)} of its {row.end} slots are wrong")
+                    f"{p} of {row.end}: slot {int(slots[p])} (block {block}); {len(wrong)} of its {row.end} slots "
+                    f"are wrong; the block's last events: {'; '.join(self._history[block]) or 'none'}")
             self.slots_checked += row.end
         self.steps_checked += 1

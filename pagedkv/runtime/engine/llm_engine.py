@@ -58,6 +58,7 @@ class LLMEngine:
         self.streaming: set[str] = set()  # requests that get an output every step, not only the last
         self.stopping = StopChecker(self.tokenizer, self.model_config)
         self.started = time.monotonic()
+        self.closed = False
         self.generated_tokens = 0
         self.steps = 0
         # Async scheduling: the host's work beside the model's runs on this thread. Only host
@@ -134,9 +135,15 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or self.drawn is not None
 
     def close(self) -> None:
-        """Stops the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        """Keeps what the prefix cache holds in the disk tier, if there is one, and stops the
+        tensor-parallel workers, if any; the engine cannot step afterwards."""
         if self.host is not None:
             self.host.shutdown()
+        disk = self.executor.disk
+        if disk is not None and not self.closed:
+            self.executor.store(self.block_manager.flush_to_disk().stores)
+            disk.close()
+        self.closed = True
         self.executor.close()
 
     # -- one iteration --------------------------------------------------------------------------
@@ -150,7 +157,14 @@ class LLMEngine:
         self.profile.mark("schedule")
         outputs = self.process(out, self.executor.execute(out))
         self.profile.end("prefill" if out.prefills else "decode")
+        self._release_if_idle()
         return outputs
+
+    def _release_if_idle(self) -> None:
+        """With no step to follow, the blocks the last step's copies pinned go back now, so that
+        an idle engine holds nothing (the next step's planning would release them)."""
+        if self.prepared is None and not self.has_unfinished():
+            self.block_manager.release_pins()
 
     def _step_overlapped(self) -> list[RequestOutput]:
         self.profile.begin()
@@ -182,6 +196,7 @@ class LLMEngine:
                 self.drawn = Drawn(step.out, rows, self._draw_rows(rows, draws, logits) if rows else [])
             self.profile.mark("sample")
         self.profile.end("prefill" if step.out.prefills else "decode")
+        self._release_if_idle()
         return outputs
 
     def _host_work(self, last: Drawn | None, out: SchedulerOutput) -> tuple[list[RequestOutput], Prepared | None,
@@ -486,6 +501,7 @@ class LLMEngine:
             "swap_copies_saved": s.swap_copies_saved,
             "tokens_recomputed": sched.tokens_recomputed,
             "prefix_cache": self._prefix_cache_stats(s),
+            "kv_tiers": self.block_manager.tiers.stats(),
             "generated_tokens": self.generated_tokens, "steps": self.steps,
             "throughput_tokens_per_s": self.generated_tokens / elapsed,
             "prefill_tokens_per_s": self.cost.prefill_tokens_per_s,

@@ -27,9 +27,14 @@ class StepMessage:
     blocks_to_swap_in: list[tuple[int, int]]
     blocks_to_copy: list[tuple[int, int]]
     batch: ModelInput | None  # None: cache operations only
+    # The disk tier's operations: never in a tensor-parallel plan (the tier runs with one rank).
+    blocks_to_store: tuple = ()
+    blocks_to_load: tuple = ()
 
     @classmethod
     def of(cls, out: SchedulerOutput, batch: ModelInput | None) -> "StepMessage":
+        if out.blocks_to_store or out.blocks_to_load:
+            raise ValueError("a tensor-parallel step cannot carry disk-tier operations")
         return cls(out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy, batch)
 
     @property

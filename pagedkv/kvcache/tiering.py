@@ -1,0 +1,264 @@
+"""The tiers below the device pool, as the block manager sees them: where a prefix block that
+the device does not hold can be found, where an evicted block goes, and what the executor must
+copy for them this step.
+
+- Host tier: the CPU pool, the one the preemption swap uses (one allocator, one accounting).
+  It keeps a prefix cache of its own (hash -> block, least recently used first): a block the
+  device evicts is copied there (demoted) instead of dropped, and a swapped-out group's
+  complete blocks stay there after it comes back. Its cached blocks count as free, so swapping
+  takes them back when it needs the room, the least recently used first.
+- Disk tier (DiskTier, disk_tier.py): a block that the lowest memory tier evicts is written
+  there, and admission reads blocks back from it asynchronously.
+
+Each step's work for the executor is plain data (`TierOps`), carried out before anything
+else of the step, in this order: stores (blocks' bytes to the disk tier), demotions (device to
+host copies), host loads (host to device copies), disk loads (bytes to device blocks). A block
+that a copy reads or writes is pinned (a reference held) until the step after, so that no
+other plan of the same step can hand it out again. Whether a run of blocks is loaded or
+recomputed is the cost model's call (`should_load`), the one that picks swap or recompute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pagedkv.kvcache.allocator import BlockAllocator, CachedBlock, Device
+from pagedkv.kvcache.disk_tier import DiskTier, TierStats
+
+HOST, DISK = "host", "disk"
+
+
+@dataclass
+class StoreOp:
+    """Copy a block's bytes out of its pool to the disk tier (before the block is reused)."""
+
+    device: Device
+    block: int
+    entry: CachedBlock  # what the block holds: hash, token ids, parent hash
+
+
+@dataclass
+class LoadOp:
+    """Copy a block read from the disk tier into a device block."""
+
+    block: int
+    payload: bytes
+    header: dict
+
+
+@dataclass
+class TierOps:
+    stores: list[StoreOp] = field(default_factory=list)
+    demotions: list[tuple[int, int]] = field(default_factory=list)   # (device block, host block)
+    host_loads: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    loads: list[LoadOp] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.stores or self.demotions or self.host_loads or self.loads)
+
+
+@dataclass
+class LowerHit:
+    """A block that a tier below the device holds: the host block, or None for the disk."""
+
+    tier: str
+    block_hash: bytes
+    token_ids: tuple[int, ...]
+    host_block: int | None = None
+
+
+@dataclass
+class _PendingLoad:
+    hit: LowerHit
+    device_block: int
+    payload: bytes | None = None
+    header: dict | None = None
+    done: bool = False
+
+
+class Tiers:
+    def __init__(self, device_pool: BlockAllocator, host_pool: BlockAllocator, host_caching: bool,
+                 disk: DiskTier | None, release: Callable[[Device, int], None], block_bytes: int = 0) -> None:
+        self.device_pool, self.host_pool = device_pool, host_pool
+        self.release = release  # drops a reference the way the block manager does (twins included)
+        self.host_caching, self.disk = host_caching, disk
+        self.block_bytes = block_bytes
+        # The cost model's call: load `num_blocks` from `tier`, or recompute them? Set by the
+        # scheduler; loading is taken while nothing says otherwise.
+        self.should_load: Callable[[str, int], bool] = lambda tier, num_blocks: True
+        self.host_stats = TierStats()
+        self.ops = TierOps()
+        self._pins: list[tuple[Device, int]] = []
+        self._loading: dict[int, list[_PendingLoad]] = {}  # sequence id -> its disk reads
+        self._reads: dict[bytes, list[_PendingLoad]] = {}  # block hash -> reads waiting for it
+        if host_caching or disk is not None:
+            device_pool.on_evict = self._device_evicted
+        if disk is not None:
+            host_pool.on_evict = self._host_evicted
+
+    @property
+    def enabled(self) -> bool:
+        return self.host_caching or self.disk is not None
+
+    # -- finding blocks below the device ------------------------------------------------------
+    def lower_hits(self, blocks: list[tuple[bytes, tuple[int, ...], bytes]]) -> list[LowerHit]:
+        """The leading `blocks` (hash, token ids, parent hash) that the tiers below hold, in order, host
+        first, up to the first that none holds; cut where the cost model would rather recompute
+        a run of them."""
+        hits: list[LowerHit] = []
+        disk_from = None
+        parent = blocks[0][2] if blocks else b""
+        for block_hash, tokens, _ in blocks:
+            host = self.host_pool.lookup(block_hash, tokens) if self.host_caching else None
+            if host is not None and disk_from is None:
+                hits.append(LowerHit(HOST, block_hash, tokens, host))
+                continue
+            if self.disk is None:
+                break
+            disk_from = len(hits) if disk_from is None else disk_from
+            hits.append(LowerHit(DISK, block_hash, tokens))
+        if disk_from is not None:
+            parent = hits[disk_from - 1].block_hash if disk_from else parent
+            held = self.disk.lookup([h.block_hash for h in hits[disk_from:]], parent)
+            del hits[disk_from + held:]
+        # Runs of one tier, each loaded only if that beats recomputing it.
+        kept = 0
+        while kept < len(hits):
+            end = kept
+            while end < len(hits) and hits[end].tier == hits[kept].tier:
+                end += 1
+            if not self.should_load(hits[kept].tier, end - kept):
+                break
+            kept = end
+        return hits[:kept]
+
+    def count_misses(self, num_blocks: int) -> None:
+        """Blocks after the device's hits that admission found in no tier."""
+        if self.disk is not None:
+            self.disk.stats.miss_blocks += num_blocks
+        elif self.host_caching:
+            self.host_stats.miss_blocks += num_blocks
+
+    # -- loads ------------------------------------------------------------------------------------
+    def load(self, seq_id: int, hits: list[LowerHit], device_blocks: list[int]) -> int:
+        """Plans the loads of `hits` into `device_blocks`; host loads are copied this step,
+        disk reads start now and finish in a later step (`finish_loads`). Returns how many
+        blocks are in place this step (the host run at the head)."""
+        ready = 0
+        reads = []
+        for hit, block in zip(hits, device_blocks):
+            if hit.tier == HOST:
+                self.host_pool.acquire(hit.host_block)
+                self._pins.append((Device.CPU, hit.host_block))
+                self.ops.host_loads.append((hit.host_block, block))
+                self.host_stats.hit_blocks += 1
+                self.host_stats.loaded_bytes += self.block_bytes
+                ready += 1
+            else:
+                pending = _PendingLoad(hit, block)
+                reads.append(pending)
+                self._reads.setdefault(hit.block_hash, []).append(pending)
+        if reads:
+            self._loading[seq_id] = reads
+            self.disk.stats.hit_blocks += len(reads)
+            self.disk.prepare_load([(p.hit.block_hash, p.hit.token_ids) for p in reads])
+        return ready
+
+    def is_loading(self, seq_id: int) -> bool:
+        reads = self._loading.get(seq_id)
+        return reads is not None and not all(p.done for p in reads)
+
+    def finish_loads(self, seq_id: int) -> int:
+        """Once every read of the sequence is done: plans the copies of the blocks read well,
+        up to the first that failed (the rest are recomputed). Returns how many."""
+        reads = self._loading.pop(seq_id, [])
+        good = 0
+        for pending in reads:
+            if pending.payload is None:
+                break
+            self.ops.loads.append(LoadOp(pending.device_block, pending.payload, pending.header or {}))
+            good += 1
+        return good
+
+    def pin(self, device: Device, block: int) -> None:
+        """Hands the caller's reference on `block` to the tiers, which drop it at the next step."""
+        self._pins.append((device, block))
+
+    def cancel_loads(self, seq_id: int) -> None:
+        """The sequence let go of its blocks: reads still in flight are dropped when they land."""
+        for pending in self._loading.pop(seq_id, []):
+            pending.done = True
+            pending.payload = None
+
+    # -- demotion ---------------------------------------------------------------------------------
+    def _device_evicted(self, block: int, entry: CachedBlock) -> None:
+        """A cached device block is about to hold other contents: keep a copy below."""
+        host = self.host_pool
+        if self.host_caching:
+            if host.lookup(entry.block_hash, entry.token_ids) is not None:
+                return  # the host holds it already
+            if host.num_free_blocks > 0:
+                target = host.allocate()  # may evict a host block to the disk
+                host.cache(target, *entry)
+                self._pins.append((Device.CPU, target))
+                self.ops.demotions.append((block, target))
+                self.host_stats.stored_blocks += 1
+                self.host_stats.stored_bytes += self.block_bytes
+                return
+        self._store(Device.DEVICE, block, entry)
+
+    def _host_evicted(self, block: int, entry: CachedBlock) -> None:
+        self.host_stats.evicted_blocks += 1
+        self._store(Device.CPU, block, entry)
+
+    def _store(self, device: Device, block: int, entry: CachedBlock) -> None:
+        if self.disk is not None and self.disk.wants(entry.block_hash):
+            self.ops.stores.append(StoreOp(device, block, entry))
+
+    def flush(self) -> None:
+        """Plans stores of every cached block of both pools that the disk does not hold: what a
+        restarted engine then finds (on shutdown)."""
+        for device, pool in ((Device.DEVICE, self.device_pool), (Device.CPU, self.host_pool)):
+            for block, entry in pool.cached.items():
+                self._store(device, block, entry)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def release_pins(self) -> None:
+        """The last planned step's copies are done: its pinned blocks go back."""
+        for device, block in reversed(self._pins):  # tail first: a prefix's head stays longer
+            self.release(device, block)
+        self._pins.clear()
+
+    def begin_step(self) -> list[tuple[str, int, float]]:
+        """Releases the last step's pins and takes in finished disk work. Returns what was read
+        since the last step as (tier, bytes, seconds), for the cost model."""
+        self.release_pins()
+        if self.disk is None:
+            return []
+        measured = []
+        for loaded in self.disk.poll():
+            waiting = self._reads.get(loaded.block_hash)
+            if not waiting:
+                continue
+            pending = waiting.pop(0)
+            if not waiting:
+                del self._reads[loaded.block_hash]
+            if loaded.payload is not None:
+                measured.append((DISK, len(loaded.payload), loaded.seconds))
+            if pending.done:  # cancelled while in flight
+                continue
+            pending.done, pending.payload, pending.header = True, loaded.payload, loaded.header
+        return measured
+
+    def take_ops(self) -> TierOps:
+        ops, self.ops = self.ops, TierOps()
+        return ops
+
+    def stats(self) -> dict[str, dict]:
+        out = {}
+        if self.host_caching:
+            out[HOST] = {**self.host_stats.as_dict(), "cached_blocks": len(self.host_pool.cached)}
+        if self.disk is not None:
+            out[DISK] = {**self.disk.stats.as_dict(), "cached_blocks": self.disk.num_blocks,
+                         "used_bytes": self.disk.used_bytes, "capacity_bytes": self.disk.capacity_bytes}
+        return out
