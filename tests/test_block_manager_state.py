@@ -10,15 +10,24 @@ may skip writing only what the memory already holds.
 Swaps come one group at a time and as a step does them: several groups (which may share
 cached blocks) moved together, their plans joined as the scheduler joins them, and carried
 out once, all reads before all writes.
+
+With the tiers below the device on (the CPU pool as a host tier, a disk tier in a temporary
+folder), the memory model follows blocks through them too: evicted blocks demoted to the host
+or stored on disk (their slots pickled as the payload), loaded back at admission, disk reads
+landing in a later step; every rule is one step, whose pinned blocks go back at its end.
 """
+import pickle
+import shutil
+import tempfile
 from collections import Counter
 
 import hypothesis.strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pagedkv.kvcache.allocator import Device
+from pagedkv.kvcache.allocator import CachedBlock, Device
 from pagedkv.kvcache.block_hash import ROOT, block_hash
 from pagedkv.kvcache.block_manager import AllocStatus, BlockManager, BlockManagerError
+from pagedkv.kvcache.disk_tier import DiskTier
 from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 
 TOKENS = st.integers(min_value=0, max_value=50)
@@ -38,12 +47,20 @@ def chain_hash(prefix: tuple[int, ...], block_size: int) -> bytes:
 class BlockManagerMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([1, 2, 3, 4, 8]),
                 num_device=st.integers(4, 40), num_cpu=st.integers(0, 24),
-                watermark=st.sampled_from([0.0, 0.1]), caching=st.sampled_from([True, True, False]))
-    def setup(self, block_size, num_device, num_cpu, watermark, caching):
-        self.bm = BlockManager(block_size, num_device, num_cpu, watermark, enable_prefix_caching=caching)
+                watermark=st.sampled_from([0.0, 0.1]), caching=st.sampled_from([True, True, False]),
+                tiers=st.sampled_from(["none", "none", "host", "disk", "host+disk"]),
+                disk_blocks=st.integers(2, 30))
+    def setup(self, block_size, num_device, num_cpu, watermark, caching, tiers, disk_blocks):
+        caching = caching or tiers != "none"
+        self.folder = tempfile.mkdtemp(prefix="pagedkv-state-") if "disk" in tiers else None
+        # A block's payload is its pickled slots: a few hundred bytes at most.
+        self.disk = DiskTier(self.folder, disk_blocks * 600, "f" * 64) if self.folder else None
+        self.bm = BlockManager(block_size, num_device, num_cpu, watermark, enable_prefix_caching=caching,
+                               host_caching="host" in tiers, disk=self.disk)
         self.memory = {Device.DEVICE: [[None] * block_size for _ in range(num_device)],
                        Device.CPU: [[None] * block_size for _ in range(num_cpu)]}
         self.groups: list[SequenceGroup] = []
+        self.loading: list[SequenceGroup] = []  # admitted, waiting for disk reads
         self.counter = 0
 
     # -- helpers ----------------------------------------------------------------------------
@@ -55,6 +72,25 @@ class BlockManagerMachine(RuleBasedStateMachine):
         bs = self.bm.block_size
         block = self.bm.get_block_table(seq)[position // bs]
         self.memory[self.bm.get_device(seq)][block][position % bs] = tuple(seq.token_ids[: position + 1])
+
+    def apply_tier_ops(self):
+        """The tiers' part of this step, in the executor's order: stores read blocks out,
+        demotions copy device blocks to the host, host loads copy them back, disk loads land."""
+        ops = self.bm.take_tier_ops()
+        for op in ops.stores:
+            slots = self.memory[op.device][op.block]
+            self.disk.prepare_store(op.entry.block_hash, op.entry.token_ids, pickle.dumps(slots), op.entry.parent)
+        if self.disk is not None:
+            self.disk.wait_idle()  # the I/O thread's timing must not change what the rules draw
+        self.copy_blocks(Device.DEVICE, Device.CPU, ops.demotions)
+        self.copy_blocks(Device.CPU, Device.DEVICE, ops.host_loads)
+        for op in ops.loads:
+            self.memory[Device.DEVICE][op.block] = pickle.loads(op.payload)
+
+    def end_step(self):
+        """The step's copies are done: what they pinned goes back; finished disk work comes in."""
+        self.apply_tier_ops()
+        self.bm.begin_step()
 
     def compute(self, seq, start):
         """A prefill or decode of positions start.. of the sequence, as the executor does it."""
@@ -88,8 +124,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seqs = group.unfinished_seqs()
         refs_before, free_before = list(pool.ref_counts), self.bm.num_free_device_blocks
         alloc = self.bm.allocate(group)
+        loaded = {dst for _, dst in self.bm.tiers.ops.host_loads}
         hit_blocks = {b for s, done in zip(seqs, alloc.computed_tokens)
-                      for b in self.bm.get_block_table(s)[: done // bs]}
+                      for b in self.bm.get_block_table(s)[: done // bs]} - loaded
         total = len({b for s in seqs for b in self.bm.get_block_table(s)})
         revived = sum(1 for b in hit_blocks if refs_before[b] == 0)
         assert free_before - self.bm.num_free_device_blocks == total - len(hit_blocks) + revived
@@ -114,6 +151,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self.bm.num_free_device_blocks < self.bm.watermark_blocks
             for seq in group.seqs:
                 self.bm.free(seq)
+            self.end_step()
             return
         alloc = self.allocate(group)
         assert self.bm.num_free_device_blocks >= self.bm.watermark_blocks
@@ -125,11 +163,35 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert done == 0
         # The longest cached prefix: the first block it did not hit (before the last token)
         # was not cached. The blocks it hit are checked by reading them back.
-        if done + bs <= len(prompt) - 1:
+        if done + bs <= len(prompt) - 1 and not self.bm.tiers.enabled:
             assert tuple(prompt[: done + bs]) not in held
-        self.groups.append(group)
-        for seq in group.seqs:
-            self.compute(seq, done)
+        self.apply_tier_ops()  # evicted blocks leave, host blocks come back, before the prefill writes
+        if alloc.loading:
+            for seq in group.seqs:
+                seq.num_computed_tokens = done
+            self.loading.append(group)
+        else:
+            self.groups.append(group)
+            for seq in group.seqs:
+                self.compute(seq, done)
+        self.end_step()
+
+    @precondition(lambda self: self.loading)
+    @rule()
+    def land_disk_reads(self):
+        """Steps until every group waiting for disk reads has them, then prefills the rest."""
+        self.disk.wait_idle()
+        self.end_step()
+        for group in list(self.loading):
+            if self.bm.is_loading(group):
+                continue
+            done = self.bm.finish_loads(group)
+            self.apply_tier_ops()
+            self.loading.remove(group)
+            self.groups.append(group)
+            for seq in group.unfinished_seqs():
+                self.compute(seq, done)
+        self.end_step()
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data(), token=TOKENS)
@@ -152,11 +214,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
             pairs = self.bm.append_slots(seq)
             for src, dst in pairs:
                 assert src != dst and dst not in before
+            self.apply_tier_ops()
             self.copy_blocks(Device.DEVICE, Device.DEVICE, pairs)
             block = self.bm.get_block_table(seq)[(len(seq) - 1) // self.bm.block_size]
             assert self.device_pool.ref_counts[block] == 1  # never write a shared block
             assert block not in self.device_pool.cached      # nor a cached one
             self.compute(seq, len(seq) - 1)
+        self.end_step()
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data())
@@ -211,7 +275,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         groups = self.groups_on(Device.DEVICE)
         if groups:
             pairs = self.swap_group_out(data.draw(st.sampled_from(groups)))
+            self.apply_tier_ops()
             self.copy_blocks(Device.DEVICE, Device.CPU, pairs or [])
+            self.end_step()
 
     @precondition(lambda self: len(self.live_seqs()) > 1)
     @rule(data=st.data())
@@ -224,7 +290,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         plan = []
         for group in chosen:
             plan += self.swap_group_out(group) or []
+        self.apply_tier_ops()
         self.copy_blocks(Device.DEVICE, Device.CPU, plan)
+        self.end_step()
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data())
@@ -232,7 +300,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         groups = self.groups_on(Device.CPU)
         if groups:
             pairs = self.swap_group_in(data.draw(st.sampled_from(groups)))
+            self.apply_tier_ops()
             self.copy_blocks(Device.CPU, Device.DEVICE, pairs or [])
+            self.end_step()
 
     @precondition(lambda self: len(self.live_seqs()) > 1)
     @rule(data=st.data())
@@ -244,7 +314,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         plan = []
         for group in chosen:
             plan += self.swap_group_in(group) or []
+        self.apply_tier_ops()
         self.copy_blocks(Device.CPU, Device.DEVICE, plan)
+        self.end_step()
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data())
@@ -258,21 +330,31 @@ class BlockManagerMachine(RuleBasedStateMachine):
             for seq in group.unfinished_seqs():
                 seq.status = SequenceStatus.FINISHED_ABORTED
             self.groups.remove(group)
+            self.end_step()
             return
         seqs = group.unfinished_seqs()
         alloc = self.allocate(group)
+        self.apply_tier_ops()
         first = seqs[0]
-        for seq, done in zip(seqs, alloc.computed_tokens):
-            assert seq.token_ids[: alloc.shared_tokens] == first.token_ids[: alloc.shared_tokens]
-            self.compute(seq, done)
+        if alloc.loading:
+            for seq, done in zip(seqs, alloc.computed_tokens):
+                seq.num_computed_tokens = done
+            self.groups.remove(group)
+            self.loading.append(group)
+        else:
+            for seq, done in zip(seqs, alloc.computed_tokens):
+                assert seq.token_ids[: alloc.shared_tokens] == first.token_ids[: alloc.shared_tokens]
+                self.compute(seq, done)
+        self.end_step()
 
     # -- invariants -------------------------------------------------------------------------
     @invariant()
     def reference_counts_match_tables(self):
         if not hasattr(self, "bm"):
             return
+        holders = self.live_seqs() + [s for g in self.loading for s in g.unfinished_seqs()]
         for device, pool in self.bm.pools.items():
-            expected = Counter(b for s in self.live_seqs() if self.bm.get_device(s) is device
+            expected = Counter(b for s in holders if self.bm.get_device(s) is device
                                for b in self.bm.get_block_table(s))
             free = pool.free_block_ids()
             assert pool.num_free_blocks == len(free)  # no block twice on the free lists
@@ -285,23 +367,28 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def cached_blocks_hold_what_their_hash_says(self):
         if not hasattr(self, "bm"):
             return
-        pool, bs = self.device_pool, self.bm.block_size
-        table = pool.hash_table()
-        assert len(table) == len(pool.cached)  # each cached block once in the hash table
-        if not self.bm.enable_prefix_caching:
-            assert not table
-        for block, entry in pool.cached.items():
-            assert table[entry.block_hash] == block
-            slots = self.memory[Device.DEVICE][block]
-            prefix = slots[-1]
-            assert prefix is not None and len(prefix) % bs == 0
-            assert [slot[-1] for slot in slots] == list(entry.token_ids) == list(prefix[-bs:])
-            assert all(slot == prefix[: len(prefix) - bs + i + 1] for i, slot in enumerate(slots))
-            assert entry.block_hash == chain_hash(prefix, bs)
-        evictable = pool.evictable_block_ids()
-        assert all(pool.ref_counts[b] == 0 and b in pool.cached for b in evictable)
-        assert set(evictable) == {b for b in pool.cached if pool.ref_counts[b] == 0}
-        assert not self.bm.pools[Device.CPU].cached
+        bs = self.bm.block_size
+        for device, pool in self.bm.pools.items():
+            table = pool.hash_table()
+            assert len(table) == len(pool.cached)  # each cached block once in the hash table
+            if not self.bm.enable_prefix_caching or (device is Device.CPU and not self.bm.tiers.host_caching):
+                assert not table
+            for block, entry in pool.cached.items():
+                assert table[entry.block_hash] == block
+                self.assert_holds(self.memory[device][block], entry)
+            evictable = pool.evictable_block_ids()
+            assert all(pool.ref_counts[b] == 0 and b in pool.cached for b in evictable)
+            assert set(evictable) == {b for b in pool.cached if pool.ref_counts[b] == 0}
+
+    def assert_holds(self, slots, entry):
+        """The block's slots are the prefix its cache entry (hash, tokens, parent) names."""
+        bs = self.bm.block_size
+        prefix = slots[-1]
+        assert prefix is not None and len(prefix) % bs == 0
+        assert [slot[-1] for slot in slots] == list(entry.token_ids) == list(prefix[-bs:])
+        assert all(slot == prefix[: len(prefix) - bs + i + 1] for i, slot in enumerate(slots))
+        assert entry.block_hash == chain_hash(prefix, bs)
+        assert entry.parent == chain_hash(prefix[:-bs], bs)
 
     @invariant()
     def every_sequence_reads_back_its_tokens(self):
@@ -318,11 +405,25 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "bm"):
             return
-        for seq in self.live_seqs():
+        for seq in self.live_seqs() + [s for g in self.loading for s in g.unfinished_seqs()]:
             self.bm.free(seq)
+        self.end_step()
         for pool in self.bm.pools.values():
             assert pool.num_free_blocks == pool.num_blocks
             assert not any(pool.ref_counts)
+        if self.disk is not None:  # every block on disk holds what its hash says
+            self.disk.wait_idle()
+            self.disk.poll()
+            held = [(h, None) for h in list(self.disk._index)]
+            self.disk.prepare_load(held)
+            self.disk.wait_idle()
+            for loaded in self.disk.poll():
+                slots = pickle.loads(loaded.payload)
+                header = loaded.header
+                entry = CachedBlock(loaded.block_hash, tuple(header["tokens"]), bytes.fromhex(header["parent"]))
+                self.assert_holds(slots, entry)
+            self.disk.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase

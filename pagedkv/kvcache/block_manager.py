@@ -292,7 +292,8 @@ class BlockManager:
         if plan.need > pool.num_free_blocks:
             raise BlockManagerError(f"request {group.request_id} needs {plan.need} blocks, "
                                     f"{pool.num_free_blocks} are free")
-        # Hits first, so that taking new blocks cannot evict them.
+        # Hits first, so that taking new blocks cannot evict them (or demote onto them).
+        self.tiers.hold(plan.lower)
         for block in plan.shared_hits:
             for _ in seqs:
                 pool.acquire(block)
@@ -331,13 +332,13 @@ class BlockManager:
 
     def is_loading(self, group: SequenceGroup) -> bool:
         """Whether the group waits for blocks being read from the disk tier."""
-        return self.tiers.is_loading(group.seqs[0].seq_id) if self.tiers.enabled else False
+        return self.tiers.enabled and self.tiers.is_loading(group.unfinished_seqs()[0].seq_id)
 
     def finish_loads(self, group: SequenceGroup) -> int:
         """Once its reads are done: plans the copies of the good blocks into the group's table
         (the rest are recomputed); returns the tokens they hold, the shared head's computed
         tokens from now on."""
-        lead = group.seqs[0]
+        lead = group.unfinished_seqs()[0]
         good = self.tiers.finish_loads(lead.seq_id)
         return lead.num_computed_tokens + good * self.block_size
 

@@ -140,16 +140,22 @@ class Tiers:
             self.host_stats.miss_blocks += num_blocks
 
     # -- loads ------------------------------------------------------------------------------------
+    def hold(self, hits: list[LowerHit]) -> None:
+        """Pins the host blocks among `hits` before the device blocks for them are taken, so
+        that a demotion those allocations cause cannot evict them."""
+        for hit in hits:
+            if hit.tier == HOST:
+                self.host_pool.acquire(hit.host_block)
+                self._pins.append((Device.CPU, hit.host_block))
+
     def load(self, seq_id: int, hits: list[LowerHit], device_blocks: list[int]) -> int:
-        """Plans the loads of `hits` into `device_blocks`; host loads are copied this step,
-        disk reads start now and finish in a later step (`finish_loads`). Returns how many
-        blocks are in place this step (the host run at the head)."""
+        """Plans the loads of `hits` (held) into `device_blocks`; host loads are copied this
+        step, disk reads start now and finish in a later step (`finish_loads`). Returns how
+        many blocks are in place this step (the host run at the head)."""
         ready = 0
         reads = []
         for hit, block in zip(hits, device_blocks):
             if hit.tier == HOST:
-                self.host_pool.acquire(hit.host_block)
-                self._pins.append((Device.CPU, hit.host_block))
                 self.ops.host_loads.append((hit.host_block, block))
                 self.host_stats.hit_blocks += 1
                 self.host_stats.loaded_bytes += self.block_bytes
