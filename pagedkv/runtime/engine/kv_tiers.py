@@ -12,6 +12,7 @@ wrong block.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -68,12 +69,14 @@ def files_digest(source: str) -> str:
 
 def model_fingerprint(loaded: LoadedModel, spec: CacheSpec, device: torch.device, quantized: bool,
                       rank: int = 0, world_size: int = 1) -> str:
-    from pagedkv import __version__
-
+    try:  # another version's kernels may round differently
+        version = importlib.metadata.version("pagedkv")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
     facts = {"weights": files_digest(loaded.source), "config": repr(loaded.config), "dtype": str(spec.dtype),
              "block_size": spec.block_size, "layout": LAYOUT, "kv_heads": spec.num_kv_heads,
              "head_dim": spec.head_dim, "layers": spec.num_layers, "rank": rank, "world_size": world_size,
-             "device": device.type, "quantized": quantized, "pagedkv": __version__}
+             "device": device.type, "quantized": quantized, "pagedkv": version}
     return hashlib.blake2b(json.dumps(facts, sort_keys=True).encode(), digest_size=32).hexdigest()
 
 
