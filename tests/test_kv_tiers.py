@@ -180,3 +180,40 @@ def test_tiers_need_prefix_caching_and_one_rank():
         EngineConfig(kv_disk_cache_dir="/tmp/x", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="kv_disk_cache_gb"):
         EngineConfig(kv_disk_cache_gb=0)
+
+
+def test_a_restarted_server_serves_the_first_turn_from_disk(model_path, tmp_path):
+    """A chat's second turn after a restart: its history comes from the disk tier (the hit count
+    in /metrics and in `pagedkv stats`), and the answer equals an engine's without tiers."""
+    from openai import OpenAI
+    from server_process import running_http_server
+    from test_openai_api import scrape
+
+    args = ["--block-size", "4", "--num-device-blocks", "64", "--kv-disk-cache-dir", str(tmp_path / "kv"),
+            "--kv-disk-cache-gb", "0.05"]
+    history = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog, twice or more."}]
+    with running_http_server(model_path, *args, log_path=str(tmp_path / "first.log")) as (server, url):
+        api = OpenAI(base_url=f"{url}/v1", api_key="none")
+        model = api.models.list().data[0].id
+        first = api.chat.completions.create(model=model, messages=history, max_tokens=12, temperature=0)
+        assert server.terminate() == 0  # SIGTERM: the engine keeps its cached blocks on disk
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Once more, please."}]
+    with running_http_server(model_path, *args, log_path=str(tmp_path / "second.log")) as (server, url):
+        api = OpenAI(base_url=f"{url}/v1", api_key="none")
+        second = api.chat.completions.create(model=model, messages=history, max_tokens=8, temperature=0)
+        metrics = scrape(url)
+        hits = metrics["pagedkv:kv_tier_hit_blocks_total"][(("model_name", model), ("tier", "disk"))]
+        stats = subprocess.run([sys.executable, "-m", "pagedkv", "stats", "--address", server.address],
+                               capture_output=True, text=True, timeout=60)
+        assert server.terminate() == 0
+    loaded = load_model(model_path)
+    encode = lambda messages: loaded.tokenizer.encode(  # noqa: E731
+        loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    assert hits >= len(encode(history[:1])) // 4  # every full block of the first turn's prompt
+    assert metrics["pagedkv:prefix_cache_hits_total"][(("model_name", model),)] >= 4 * hits
+    assert "disk tier" in stats.stdout and f"{int(hits)} hits" in stats.stdout
+    engine = LLMEngine(EngineConfig(block_size=4, num_device_blocks=64, enable_prefix_caching=False), loaded)
+    prompt = encode(history)
+    assert loaded.tokenizer.decode(generate(engine, [prompt], SamplingParams(max_tokens=8, temperature=0))[0]) \
+        == second.choices[0].message.content

@@ -145,6 +145,15 @@ def _prefix_cache(p: dict | None) -> str:
             f"{p['cached_blocks']} blocks cached ({p['evictable_blocks']} evictable), {p['evicted_blocks']} evicted")
 
 
+def _tier(name: str, t: dict) -> str:
+    held = f"{t['cached_blocks']} blocks held"
+    if "capacity_bytes" in t:
+        held += f" ({t['used_bytes'] / 2**30:.2f} of {t['capacity_bytes'] / 2**30:.1f} GiB)"
+    loads = f", {t['load_seconds'] / t['hit_blocks'] * 1e3:.2f} ms per block loaded" if t["hit_blocks"] else ""
+    return (f"{held}; {t['hit_blocks']} hits, {t['miss_blocks']} misses{loads}; {t['stored_blocks']} stored, "
+            f"{t['evicted_blocks']} evicted, {t['errors']} damaged")
+
+
 def format_stats(s: dict) -> str:
     blocks, server = s["blocks"], s.get("server", {})
 
@@ -166,6 +175,7 @@ def format_stats(s: dict) -> str:
         ("blocks swapped", f"{s['blocks_swapped_out']} out, {s['blocks_swapped_in']} in"),
         ("tokens recomputed", str(s["tokens_recomputed"])),
         ("prefix cache", _prefix_cache(s.get("prefix_cache"))),
+        *((f"{name} tier", _tier(name, t)) for name, t in (s.get("kv_tiers") or {}).items()),
         ("generated", f"{s['generated_tokens']} tokens in {s['steps']} steps "
                       f"({s['throughput_tokens_per_s']:.1f} tokens/s since start)"),
     ]

@@ -2,7 +2,8 @@
 renaming. Two sources (docs/openai_api.md has the table):
 
 - the engine, read from its `stats` reply at each scrape: queue lengths, cache usage,
-  preemptions, prefix cache queries and hits; the same figures for every gateway of an engine;
+  preemptions, prefix cache queries and hits, and per KV tier below the device (host, disk) its
+  hits, misses, bytes and I/O seconds; the same figures for every gateway of an engine;
 - this gateway, for the requests it handles: token counters, finished requests, and the
   latency histograms (time to first token and inter-token latency of streamed requests,
   end-to-end latency and queue time of all).
@@ -25,6 +26,19 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                40.0, 80.0]
 LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+
+TIER_COUNTERS = {
+    "hit_blocks": "Blocks admission took from a KV tier",
+    "miss_blocks": "Blocks admission looked up in a KV tier and did not find",
+    "loaded_bytes": "Bytes loaded from a KV tier",
+    "load_seconds": "Seconds spent loading from a KV tier (divide by its hit blocks for the latency)",
+    "stored_blocks": "Blocks stored in a KV tier",
+    "stored_bytes": "Bytes stored in a KV tier",
+    "store_seconds": "Seconds spent storing in a KV tier",
+    "evicted_blocks": "Blocks a KV tier evicted",
+    "errors": "Damaged, truncated or foreign entries a KV tier found (each a miss)",
+}
 
 
 class EngineCollector:
@@ -58,13 +72,29 @@ class EngineCollector:
         for mode, count in s["preemptions"].items():
             preemptions.add_metric([self.model, mode], count)
         yield preemptions
-        prefix = s.get("prefix_cache")  # {"queries": tokens, "hits": tokens} once the engine has one
-        if isinstance(prefix, dict) and {"queries", "hits"} <= prefix.keys():
-            for key in ("queries", "hits"):
+        prefix = s.get("prefix_cache")
+        if isinstance(prefix, dict) and prefix.get("enabled"):
+            for key, field_name in (("queries", "queried_tokens"), ("hits", "hit_tokens")):
                 family = CounterMetricFamily(PREFIX + f"prefix_cache_{key}",
                                              f"Prefix cache {key}, in tokens (engine).", labels=labels)
-                family.add_metric([self.model], prefix[key])
+                family.add_metric([self.model], prefix[field_name])
                 yield family
+        yield from self._tiers(s.get("kv_tiers") or {}, labels)
+
+    def _tiers(self, tiers: dict, labels: list[str]):
+        """The KV tiers below the device pool, one series per tier."""
+        if not tiers:
+            return
+        for key, doc in TIER_COUNTERS.items():
+            family = CounterMetricFamily(PREFIX + f"kv_tier_{key}", doc + " (engine).", labels=[*labels, "tier"])
+            for tier, stats in tiers.items():
+                family.add_metric([self.model, tier], stats.get(key, 0))
+            yield family
+        family = GaugeMetricFamily(PREFIX + "kv_tier_cached_blocks", "KV blocks a tier holds (engine).",
+                                   labels=[*labels, "tier"])
+        for tier, stats in tiers.items():
+            family.add_metric([self.model, tier], stats.get("cached_blocks", 0))
+        yield family
 
 
 class Metrics:
