@@ -56,7 +56,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         # A block's payload is its pickled slots: a few hundred bytes at most.
         self.disk = DiskTier(self.folder, disk_blocks * 600, "f" * 64) if self.folder else None
         self.bm = BlockManager(block_size, num_device, num_cpu, watermark, enable_prefix_caching=caching,
-                               host_caching="host" in tiers, disk=self.disk)
+                               host_caching="host" in tiers, stores=[self.disk] if self.disk else [])
         self.memory = {Device.DEVICE: [[None] * block_size for _ in range(num_device)],
                        Device.CPU: [[None] * block_size for _ in range(num_cpu)]}
         self.groups: list[SequenceGroup] = []

@@ -19,7 +19,7 @@ Prefix caching shares blocks across requests: once its tokens are computed, ever
 device block is indexed by a hash chained on its parent's, and `allocate` maps the longest
 cached prefix of each sequence onto those blocks. A cached block no sequence holds keeps its
 contents until the allocator needs it back (see BlockAllocator). Below the device, the CPU
-pool (host tier) and a directory (disk tier) can keep the blocks the device evicts, and
+pool (host tier) and store tiers (a directory, ...) can keep the blocks the device evicts, and
 `allocate` continues the cached prefix there (tiering.py). Pure Python: nothing heavier than
 the standard library.
 """
@@ -64,7 +64,7 @@ class Allocation:
 
     shared_tokens: int          # leading tokens stored once for the whole group
     computed_tokens: list[int]  # per unfinished sequence: leading tokens whose K/V are cached
-    loading: bool = False       # blocks after those are being read from the disk tier
+    loading: bool = False       # blocks after those are being read from a store tier
 
 
 @dataclass
@@ -119,7 +119,7 @@ class BlockStats:
 class BlockManager:
     def __init__(self, block_size: int, num_device_blocks: int, num_cpu_blocks: int,
                  watermark: float = 0.01, enable_prefix_caching: bool = True, host_caching: bool = False,
-                 disk: DiskTier | None = None, block_bytes: int = 0) -> None:
+                 stores: list[DiskTier] | None = None, block_bytes: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not 0.0 <= watermark < 1.0:
@@ -129,11 +129,11 @@ class BlockManager:
         self.num_cpu_blocks = num_cpu_blocks
         self.watermark_blocks = int(watermark * num_device_blocks)
         self.enable_prefix_caching = enable_prefix_caching
-        if (host_caching or disk is not None) and not enable_prefix_caching:
-            raise ValueError("the host and disk KV tiers keep prefix-cache blocks: they need prefix caching on")
+        if (host_caching or stores) and not enable_prefix_caching:
+            raise ValueError("the KV tiers below the device keep prefix-cache blocks: they need prefix caching on")
         self.pools = {Device.DEVICE: BlockAllocator(Device.DEVICE, num_device_blocks),
                       Device.CPU: BlockAllocator(Device.CPU, num_cpu_blocks)}
-        self.tiers = Tiers(self.pools[Device.DEVICE], self.pools[Device.CPU], host_caching, disk,
+        self.tiers = Tiers(self.pools[Device.DEVICE], self.pools[Device.CPU], host_caching, stores or [],
                            self._release, block_bytes)
         self._tables: dict[int, _Table] = {}
         # Complete blocks with an identical copy in the other pool (see the module's docstring).
@@ -310,8 +310,7 @@ class BlockManager:
         lower = plan.lower
         loaded = self.tiers.load(seqs[0].seq_id, lower, shared[num_hits:num_hits + len(lower)]) if lower else 0
         if self.tiers.enabled:
-            self.tiers.count_misses(min(plan.num_shared, (len(seqs[0]) - 1) // self.block_size) - num_hits
-                                    - len(lower))
+            self.tiers.count_misses()
         computed = []
         for seq, own in zip(seqs, plan.own_hits):
             new = [pool.allocate() for _ in range(self._num_blocks(len(seq)) - plan.num_shared - len(own))]
@@ -323,7 +322,7 @@ class BlockManager:
     # -- the tiers below the device ------------------------------------------------------------
     def begin_step(self) -> list[tuple[str, int, float]]:
         """At the start of a step's planning: the last step's copies are done (their pins go)
-        and finished disk reads come in. Returns the reads' (tier, bytes, seconds)."""
+        and finished reads come in. Returns the reads' (tier, bytes, seconds)."""
         return self.tiers.begin_step()
 
     def release_pins(self) -> None:
@@ -331,7 +330,7 @@ class BlockManager:
         self.tiers.release_pins()
 
     def is_loading(self, group: SequenceGroup) -> bool:
-        """Whether the group waits for blocks being read from the disk tier."""
+        """Whether the group waits for blocks being read from a store tier."""
         return self.tiers.enabled and self.tiers.is_loading(group.unfinished_seqs()[0].seq_id)
 
     def finish_loads(self, group: SequenceGroup) -> int:
@@ -345,8 +344,8 @@ class BlockManager:
     def take_tier_ops(self) -> TierOps:
         return self.tiers.take_ops()
 
-    def flush_to_disk(self) -> TierOps:
-        """The stores that put every cached block the disk tier lacks on disk (shutdown)."""
+    def flush_to_stores(self) -> TierOps:
+        """The stores that put every cached block the store tiers lack there (shutdown)."""
         self.tiers.flush()
         return self.tiers.take_ops()
 

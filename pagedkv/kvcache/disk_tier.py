@@ -375,6 +375,11 @@ class DiskTier:
         except OSError:
             pass
 
+    def describe(self) -> dict:
+        """Statistics and what the tier holds, for the engine's stats."""
+        return {**self.stats.as_dict(), "cached_blocks": self.num_blocks, "used_bytes": self.used_bytes,
+                "capacity_bytes": self.capacity_bytes}
+
     def wait_idle(self, timeout: float | None = None) -> None:
         """Blocks until the I/O thread has finished what was submitted so far (tests, shutdown)."""
         self._io.submit(lambda: None).result(timeout)

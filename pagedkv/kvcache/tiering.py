@@ -7,12 +7,14 @@ copy for them this step.
   device evicts is copied there (demoted) instead of dropped, and a swapped-out group's
   complete blocks stay there after it comes back. Its cached blocks count as free, so swapping
   takes them back when it needs the room, the least recently used first.
-- Disk tier (DiskTier, disk_tier.py): a block that the lowest memory tier evicts is written
-  there, and admission reads blocks back from it asynchronously.
+- Store tiers below the memory (the disk, DiskTier in disk_tier.py, and any other with its
+  interface: `lookup`, `prepare_load`, `wants`, `prepare_store`, `poll`): a block that the lowest
+  memory tier evicts is written to each of them that lacks it, and admission reads blocks back
+  from them asynchronously, continuing a prefix from one store tier to the next.
 
 Each step's work for the executor is plain data (`TierOps`), carried out before anything
-else of the step, in this order: stores (blocks' bytes to the disk tier), demotions (device to
-host copies), host loads (host to device copies), disk loads (bytes to device blocks). A block
+else of the step, in this order: stores (blocks' bytes to the store tiers), demotions (device to
+host copies), host loads (host to device copies), loads (bytes read to device blocks). A block
 that a copy reads or writes is pinned (a reference held) until the step after, so that no
 other plan of the same step can hand it out again. Whether a run of blocks is loaded or
 recomputed is the cost model's call (`should_load`), the one that picks swap or recompute.
@@ -25,21 +27,22 @@ from typing import Callable
 from pagedkv.kvcache.allocator import BlockAllocator, CachedBlock, Device
 from pagedkv.kvcache.disk_tier import DiskTier, TierStats
 
-HOST, DISK = "host", "disk"
+HOST = "host"
 
 
 @dataclass
 class StoreOp:
-    """Copy a block's bytes out of its pool to the disk tier (before the block is reused)."""
+    """Copy a block's bytes out of its pool to store tiers (before the block is reused)."""
 
     device: Device
     block: int
     entry: CachedBlock  # what the block holds: hash, token ids, parent hash
+    tiers: tuple[str, ...]  # the store tiers that take it
 
 
 @dataclass
 class LoadOp:
-    """Copy a block read from the disk tier into a device block."""
+    """Copy a block read from a store tier into a device block."""
 
     block: int
     payload: bytes
@@ -59,7 +62,7 @@ class TierOps:
 
 @dataclass
 class LowerHit:
-    """A block that a tier below the device holds: the host block, or None for the disk."""
+    """A block that a tier below the device holds: the host block, or None for a store tier."""
 
     tier: str
     block_hash: bytes
@@ -78,10 +81,11 @@ class _PendingLoad:
 
 class Tiers:
     def __init__(self, device_pool: BlockAllocator, host_pool: BlockAllocator, host_caching: bool,
-                 disk: DiskTier | None, release: Callable[[Device, int], None], block_bytes: int = 0) -> None:
+                 stores: list[DiskTier], release: Callable[[Device, int], None], block_bytes: int = 0) -> None:
         self.device_pool, self.host_pool = device_pool, host_pool
         self.release = release  # drops a reference the way the block manager does (twins included)
-        self.host_caching, self.disk = host_caching, disk
+        self.host_caching = host_caching
+        self.stores = {tier.name: tier for tier in stores}  # in lookup order: nearest first
         self.block_bytes = block_bytes
         # The cost model's call: load `num_blocks` from `tier`, or recompute them? Set by the
         # scheduler; loading is taken while nothing says otherwise.
@@ -89,16 +93,20 @@ class Tiers:
         self.host_stats = TierStats()
         self.ops = TierOps()
         self._pins: list[tuple[Device, int]] = []
-        self._loading: dict[int, list[_PendingLoad]] = {}  # sequence id -> its disk reads
-        self._reads: dict[bytes, list[_PendingLoad]] = {}  # block hash -> reads waiting for it
-        if host_caching or disk is not None:
+        self._loading: dict[int, list[_PendingLoad]] = {}  # sequence id -> its reads
+        self._reads: dict[tuple[str, bytes], list[_PendingLoad]] = {}  # (tier, hash) -> reads waiting
+        self._misses: dict[str, int] = {}  # per tier, the last lookup's blocks not found there
+        if host_caching or stores:
             device_pool.on_evict = self._device_evicted
-        if disk is not None:
+        if stores:
             host_pool.on_evict = self._host_evicted
 
     @property
     def enabled(self) -> bool:
-        return self.host_caching or self.disk is not None
+        return self.host_caching or bool(self.stores)
+
+    def _stats(self, tier: str) -> TierStats:
+        return self.host_stats if tier == HOST else self.stores[tier].stats
 
     # -- finding blocks below the device ------------------------------------------------------
     def lower_hits(self, blocks: list[tuple[bytes, tuple[int, ...], bytes]]) -> list[LowerHit]:
@@ -106,21 +114,22 @@ class Tiers:
         first, up to the first that none holds; cut where the cost model would rather recompute
         a run of them."""
         hits: list[LowerHit] = []
-        disk_from = None
-        parent = blocks[0][2] if blocks else b""
+        self._misses = {}
         for block_hash, tokens, _ in blocks:
             host = self.host_pool.lookup(block_hash, tokens) if self.host_caching else None
-            if host is not None and disk_from is None:
-                hits.append(LowerHit(HOST, block_hash, tokens, host))
-                continue
-            if self.disk is None:
+            if host is None:
                 break
-            disk_from = len(hits) if disk_from is None else disk_from
-            hits.append(LowerHit(DISK, block_hash, tokens))
-        if disk_from is not None:
-            parent = hits[disk_from - 1].block_hash if disk_from else parent
-            held = self.disk.lookup([h.block_hash for h in hits[disk_from:]], parent)
-            del hits[disk_from + held:]
+            hits.append(LowerHit(HOST, block_hash, tokens, host))
+        if self.host_caching and len(hits) < len(blocks):
+            self._misses[HOST] = len(blocks) - len(hits)
+        for tier in self.stores.values():  # each continues the prefix where the one before stopped
+            rest = blocks[len(hits):]
+            if not rest:
+                break
+            held = tier.lookup([h for h, _, _ in rest], rest[0][2])
+            hits += [LowerHit(tier.name, h, tokens) for h, tokens, _ in rest[:held]]
+            if held < len(rest):
+                self._misses[tier.name] = len(rest) - held
         # Runs of one tier, each loaded only if that beats recomputing it.
         kept = 0
         while kept < len(hits):
@@ -132,12 +141,10 @@ class Tiers:
             kept = end
         return hits[:kept]
 
-    def count_misses(self, num_blocks: int) -> None:
-        """Blocks after the device's hits that admission found in no tier."""
-        if self.disk is not None:
-            self.disk.stats.miss_blocks += num_blocks
-        elif self.host_caching:
-            self.host_stats.miss_blocks += num_blocks
+    def count_misses(self) -> None:
+        """Counts the last lookup's misses (admission's, not a check of whether it fits)."""
+        for tier, num_blocks in self._misses.items():
+            self._stats(tier).miss_blocks += num_blocks
 
     # -- loads ------------------------------------------------------------------------------------
     def hold(self, hits: list[LowerHit]) -> None:
@@ -150,24 +157,26 @@ class Tiers:
 
     def load(self, seq_id: int, hits: list[LowerHit], device_blocks: list[int]) -> int:
         """Plans the loads of `hits` (held) into `device_blocks`; host loads are copied this
-        step, disk reads start now and finish in a later step (`finish_loads`). Returns how
+        step, reads from store tiers start now and finish in a later step (`finish_loads`). Returns how
         many blocks are in place this step (the host run at the head)."""
         ready = 0
         reads = []
         for hit, block in zip(hits, device_blocks):
+            self._stats(hit.tier).hit_blocks += 1
             if hit.tier == HOST:
                 self.ops.host_loads.append((hit.host_block, block))
-                self.host_stats.hit_blocks += 1
                 self.host_stats.loaded_bytes += self.block_bytes
                 ready += 1
             else:
                 pending = _PendingLoad(hit, block)
                 reads.append(pending)
-                self._reads.setdefault(hit.block_hash, []).append(pending)
+                self._reads.setdefault((hit.tier, hit.block_hash), []).append(pending)
         if reads:
             self._loading[seq_id] = reads
-            self.disk.stats.hit_blocks += len(reads)
-            self.disk.prepare_load([(p.hit.block_hash, p.hit.token_ids) for p in reads])
+            for tier in self.stores.values():
+                mine = [(p.hit.block_hash, p.hit.token_ids) for p in reads if p.hit.tier == tier.name]
+                if mine:
+                    tier.prepare_load(mine)
         return ready
 
     def is_loading(self, seq_id: int) -> bool:
@@ -204,7 +213,7 @@ class Tiers:
             if host.lookup(entry.block_hash, entry.token_ids) is not None:
                 return  # the host holds it already
             if host.num_free_blocks > 0:
-                target = host.allocate()  # may evict a host block to the disk
+                target = host.allocate()  # may evict a host block to the store tiers
                 host.cache(target, *entry)
                 self._pins.append((Device.CPU, target))
                 self.ops.demotions.append((block, target))
@@ -218,11 +227,12 @@ class Tiers:
         self._store(Device.CPU, block, entry)
 
     def _store(self, device: Device, block: int, entry: CachedBlock) -> None:
-        if self.disk is not None and self.disk.wants(entry.block_hash):
-            self.ops.stores.append(StoreOp(device, block, entry))
+        takers = tuple(name for name, tier in self.stores.items() if tier.wants(entry.block_hash))
+        if takers:
+            self.ops.stores.append(StoreOp(device, block, entry, takers))
 
     def flush(self) -> None:
-        """Plans stores of every cached block of both pools that the disk does not hold: what a
+        """Plans stores of every cached block of both pools that the store tiers lack: what a
         restarted engine then finds (on shutdown)."""
         for device, pool in ((Device.DEVICE, self.device_pool), (Device.CPU, self.host_pool)):
             for block, entry in pool.cached.items():
@@ -236,25 +246,26 @@ class Tiers:
         self._pins.clear()
 
     def begin_step(self) -> list[tuple[str, int, float]]:
-        """Releases the last step's pins and takes in finished disk work. Returns what was read
+        """Releases the last step's pins and takes in the store tiers' finished work. Returns what was read
         since the last step as (tier, bytes, seconds), for the cost model."""
         self.release_pins()
-        if self.disk is None:
-            return []
         measured = []
-        for loaded in self.disk.poll():
-            waiting = self._reads.get(loaded.block_hash)
-            if not waiting:
-                continue
-            pending = waiting.pop(0)
-            if not waiting:
-                del self._reads[loaded.block_hash]
-            if loaded.payload is not None:
-                measured.append((DISK, len(loaded.payload), loaded.seconds))
-            if pending.done:  # cancelled while in flight
-                continue
-            pending.done, pending.payload, pending.header = True, loaded.payload, loaded.header
+        for tier in self.stores.values():
+            for loaded in tier.poll():
+                measured += self._landed(tier.name, loaded)
         return measured
+
+    def _landed(self, tier: str, loaded) -> list[tuple[str, int, float]]:
+        """A finished read: to the first sequence waiting for it (none if it was cancelled)."""
+        waiting = self._reads.get((tier, loaded.block_hash))
+        if not waiting:
+            return []
+        pending = waiting.pop(0)
+        if not waiting:
+            del self._reads[(tier, loaded.block_hash)]
+        if not pending.done:  # not cancelled while in flight
+            pending.done, pending.payload, pending.header = True, loaded.payload, loaded.header
+        return [(tier, len(loaded.payload), loaded.seconds)] if loaded.payload is not None else []
 
     def take_ops(self) -> TierOps:
         ops, self.ops = self.ops, TierOps()
@@ -264,7 +275,6 @@ class Tiers:
         out = {}
         if self.host_caching:
             out[HOST] = {**self.host_stats.as_dict(), "cached_blocks": len(self.host_pool.cached)}
-        if self.disk is not None:
-            out[DISK] = {**self.disk.stats.as_dict(), "cached_blocks": self.disk.num_blocks,
-                         "used_bytes": self.disk.used_bytes, "capacity_bytes": self.disk.capacity_bytes}
+        for name, tier in self.stores.items():
+            out[name] = tier.describe()
         return out

@@ -278,11 +278,11 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     if group is not None and group.rank == 0:
         return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile,
                                               checker)
-    disk = (build_disk_tier(config.kv_disk_cache_dir, config.kv_disk_cache_gb, loaded, spec, device, keep)
-            if config.kv_disk_cache_dir else None)
+    stores = ([build_disk_tier(config.kv_disk_cache_dir, config.kv_disk_cache_gb, loaded, spec, device, keep)]
+              if config.kv_disk_cache_dir else [])
     # Decode graphs capture no collectives: tensor-parallel ranks run eagerly.
     eager = config.enforce_eager or group is not None
-    return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile, checker, disk)
+    return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile, checker, stores)
 
 
 def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
@@ -297,7 +297,8 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     cache, cost = executor.cache, executor.cost
     host_caching = config.enable_prefix_caching and host_cache_bytes(config.kv_host_cache_gb, cache.device) > 0
     bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark,
-                      config.enable_prefix_caching, host_caching, executor.disk, cache.spec.bytes_per_block)
+                      config.enable_prefix_caching, host_caching, list(executor.stores.values()),
+                      cache.spec.bytes_per_block)
     policy = PreemptionPolicy(config.preemption_mode, cost, cache.spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                           config.preemption_mode), bm, policy)

@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 class ModelExecutor:
     def __init__(self, model: LlamaModel, cache: CacheEngine, cost: CostModel, max_num_seqs: int = 256,
                  enforce_eager: bool = False, profile: StepProfile | None = None,
-                 checker: KVContentChecker | None = None, disk: DiskTier | None = None) -> None:
+                 checker: KVContentChecker | None = None, stores: list[DiskTier] | None = None) -> None:
         self.model, self.cache, self.cost = model, cache, cost
         self.checker = checker  # the debug check of every slot's contents (kv_check.py), or None
-        self.disk = disk  # the disk tier the stores go to, or None
+        self.stores = {tier.name: tier for tier in stores or []}  # the store tiers below the memory
         self.device = model.device
         self.block_size = cache.spec.block_size
         self.staging = Staging(self.device)
@@ -72,7 +72,8 @@ class ModelExecutor:
             self.checker.apply_cache_ops(out)
 
     def store(self, ops: list[StoreOp]) -> None:
-        """Hands the blocks' bytes to the disk tier, which writes them on its own thread."""
+        """Hands the blocks' bytes to the store tiers that take them, which write them on their own
+        threads."""
         for on_cpu in (False, True):
             chosen = [op for op in ops if (op.device is Device.CPU) == on_cpu]
             if not chosen:
@@ -80,7 +81,9 @@ class ModelExecutor:
             payloads = self.cache.read_blocks(on_cpu, [op.block for op in chosen])
             for op, payload in zip(chosen, payloads):
                 extra = self.checker.stored(op.device is Device.CPU, op.block) if self.checker is not None else None
-                self.disk.prepare_store(op.entry.block_hash, op.entry.token_ids, payload, op.entry.parent, extra)
+                for name in op.tiers:
+                    self.stores[name].prepare_store(op.entry.block_hash, op.entry.token_ids, payload,
+                                                    op.entry.parent, extra)
 
     def upload(self, inputs: HostInputs) -> ModelInput:
         t = self.staging.upload(inputs.arrays())

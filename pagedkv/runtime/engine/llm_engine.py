@@ -135,14 +135,15 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or self.drawn is not None
 
     def close(self) -> None:
-        """Keeps what the prefix cache holds in the disk tier, if there is one, and stops the
+        """Keeps what the prefix cache holds in the store tiers (the disk), if any, and stops the
         tensor-parallel workers, if any; the engine cannot step afterwards."""
         if self.host is not None:
             self.host.shutdown()
-        disk = self.executor.disk
-        if disk is not None and not self.closed:
-            self.executor.store(self.block_manager.flush_to_disk().stores)
-            disk.close()
+        stores = self.executor.stores.values()
+        if stores and not self.closed:
+            self.executor.store(self.block_manager.flush_to_stores().stores)
+            for tier in stores:
+                tier.close()
         self.closed = True
         self.executor.close()
 
