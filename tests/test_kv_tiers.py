@@ -95,7 +95,7 @@ def test_greedy_from_the_disk_after_a_restart_equals_transformers(loaded, model_
     first = LLMEngine(tiered(tmp_path), loaded)
     assert generate(first, prompts) and first.stats()["kv_tiers"]["disk"]["hit_blocks"] == 0
     first.close()  # the device's cached blocks go to the disk
-    second = LLMEngine(tiered(tmp_path), loaded)
+    second = LLMEngine(tiered(tmp_path, num_device_blocks=200), loaded)  # room for all: nothing is preempted
     assert second.stats()["kv_tiers"]["disk"]["cached_blocks"] >= 4 * 9
     got = generate(second, prompts)
     disk = second.stats()["kv_tiers"]["disk"]

@@ -16,6 +16,11 @@ def block_hash(parent: bytes, token_ids: tuple[int, ...] | list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
+def parent_hash(seq: Sequence, index: int) -> bytes:
+    """The hash of the block before block `index` of the sequence (ROOT for the first)."""
+    return seq.block_hashes[index - 1] if index else ROOT
+
+
 def full_blocks(seq: Sequence, start: int, stop: int, block_size: int) -> Iterator[tuple[bytes, tuple[int, ...]]]:
     """(hash, token ids) of the sequence's full blocks start..stop-1.
 

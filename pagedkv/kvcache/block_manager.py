@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from collections import Counter
 
 from pagedkv.kvcache.allocator import BlockAllocator, Device
-from pagedkv.kvcache.block_hash import ROOT, full_blocks
-from pagedkv.kvcache.disk_tier import DiskTier
+from pagedkv.kvcache.block_hash import full_blocks, parent_hash
 from pagedkv.kvcache.sequence import Sequence, SequenceGroup
-from pagedkv.kvcache.tiering import LowerHit, TierOps, Tiers
+from pagedkv.kvcache.tiering import LowerHit, StoreTier, TierOps, Tiers
 
 
 class AllocStatus(enum.Enum):
@@ -119,7 +118,7 @@ class BlockStats:
 class BlockManager:
     def __init__(self, block_size: int, num_device_blocks: int, num_cpu_blocks: int,
                  watermark: float = 0.01, enable_prefix_caching: bool = True, host_caching: bool = False,
-                 stores: list[DiskTier] | None = None, block_bytes: int = 0) -> None:
+                 stores: list[StoreTier] | None = None, block_bytes: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not 0.0 <= watermark < 1.0:
@@ -230,7 +229,7 @@ class BlockManager:
         pool, blocks = self.pools[Device.DEVICE], table.blocks
         for index, (block_hash, tokens) in enumerate(full_blocks(seq, table.num_hashed, full, self.block_size),
                                                      table.num_hashed):
-            pool.cache(blocks[index], block_hash, tokens, seq.block_hashes[index - 1] if index else ROOT)
+            pool.cache(blocks[index], block_hash, tokens, parent_hash(seq, index))
         table.num_hashed = full
 
     def num_kept_tokens(self, group: SequenceGroup) -> int:
@@ -269,10 +268,8 @@ class BlockManager:
         stop = min(num_shared, (len(lead) - 1) // self.block_size)
         if not self.tiers.enabled or num_hits >= stop:
             return []
-        blocks = list(full_blocks(lead, num_hits, stop, self.block_size))
-        hashes = lead.block_hashes
-        return self.tiers.lower_hits([(h, tokens, hashes[i - 1] if i else ROOT)
-                                      for i, (h, tokens) in enumerate(blocks, num_hits)])
+        blocks = full_blocks(lead, num_hits, stop, self.block_size)
+        return self.tiers.lower_hits([(h, tokens, parent_hash(lead, i)) for i, (h, tokens) in enumerate(blocks, num_hits)])
 
     def can_allocate(self, group: SequenceGroup) -> AllocStatus:
         plan = self._plan(group.unfinished_seqs())
@@ -456,8 +453,8 @@ class BlockManager:
                         if index < complete:
                             twins[block], self._twins[dst][target] = target, block
                         if host_keeps and index < table.num_hashed:
-                            dst_pool.cache(target, seq.block_hashes[index], tuple(seq.token_ids[index * bs:(index + 1) * bs]),
-                                           seq.block_hashes[index - 1] if index else ROOT)
+                            tokens = tuple(seq.token_ids[index * bs:(index + 1) * bs])
+                            dst_pool.cache(target, seq.block_hashes[index], tokens, parent_hash(seq, index))
                     else:
                         dst_pool.incref(target)
                         self.swap_copies_saved += 1

@@ -22,12 +22,30 @@ recomputed is the cost model's call (`should_load`), the one that picks swap or 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from pagedkv.kvcache.allocator import BlockAllocator, CachedBlock, Device
-from pagedkv.kvcache.disk_tier import DiskTier, TierStats
+from pagedkv.kvcache.disk_tier import Loaded, TierStats
 
 HOST = "host"
+
+
+class StoreTier(Protocol):
+    """A tier below the memory that keeps blocks as bytes (the disk tier is one). Its I/O runs
+    on its own thread; the scheduler's thread calls these and collects finished work with `poll`."""
+
+    name: str
+    stats: TierStats
+
+    def lookup(self, hashes: list[bytes], parent: bytes = b"") -> int: ...  # leading blocks held
+    def prepare_load(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> None: ...  # pins, starts reads
+    def wants(self, block_hash: bytes) -> bool: ...  # a store would add the block
+    def prepare_store(self, block_hash: bytes, token_ids: tuple[int, ...], payload: bytes, parent: bytes = b"",
+                      extra: dict | None = None) -> list[bytes]: ...  # starts a write; returns what it evicts
+    def poll(self) -> list[Loaded]: ...  # finished reads; finished writes become visible
+    def describe(self) -> dict: ...  # statistics and what the tier holds
+    def wait_idle(self, timeout: float | None = None) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -81,7 +99,7 @@ class _PendingLoad:
 
 class Tiers:
     def __init__(self, device_pool: BlockAllocator, host_pool: BlockAllocator, host_caching: bool,
-                 stores: list[DiskTier], release: Callable[[Device, int], None], block_bytes: int = 0) -> None:
+                 stores: list[StoreTier], release: Callable[[Device, int], None], block_bytes: int = 0) -> None:
         self.device_pool, self.host_pool = device_pool, host_pool
         self.release = release  # drops a reference the way the block manager does (twins included)
         self.host_caching = host_caching
@@ -255,7 +273,7 @@ class Tiers:
                 measured += self._landed(tier.name, loaded)
         return measured
 
-    def _landed(self, tier: str, loaded) -> list[tuple[str, int, float]]:
+    def _landed(self, tier: str, loaded: Loaded) -> list[tuple[str, int, float]]:
         """A finished read: to the first sequence waiting for it (none if it was cancelled)."""
         waiting = self._reads.get((tier, loaded.block_hash))
         if not waiting:

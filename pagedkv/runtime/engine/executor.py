@@ -13,8 +13,7 @@ import torch
 
 from pagedkv.kvcache.allocator import Device
 from pagedkv.kvcache.cache_engine import CacheEngine
-from pagedkv.kvcache.disk_tier import DiskTier
-from pagedkv.kvcache.tiering import StoreOp
+from pagedkv.kvcache.tiering import StoreOp, StoreTier
 from pagedkv.preemption.policy import CostModel
 from pagedkv.preemption.scheduler import SchedulerOutput
 from pagedkv.runtime.engine.cuda_graphs import DecodeGraphs
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 class ModelExecutor:
     def __init__(self, model: LlamaModel, cache: CacheEngine, cost: CostModel, max_num_seqs: int = 256,
                  enforce_eager: bool = False, profile: StepProfile | None = None,
-                 checker: KVContentChecker | None = None, stores: list[DiskTier] | None = None) -> None:
+                 checker: KVContentChecker | None = None, stores: list[StoreTier] | None = None) -> None:
         self.model, self.cache, self.cost = model, cache, cost
         self.checker = checker  # the debug check of every slot's contents (kv_check.py), or None
         self.stores = {tier.name: tier for tier in stores or []}  # the store tiers below the memory
