@@ -154,6 +154,19 @@ def test_the_least_recently_used_block_leaves_first_tail_before_head(tmp_path):
     tier.close()
 
 
+def test_a_prefix_stored_tail_first_still_leaves_tail_first(tmp_path):
+    """Demotions come tail first (the device frees a prefix's tail first): a block stored before
+    its parent still keeps the parent from being evicted before it."""
+    a = chain(3, salt=1)
+    tier = DiskTier(tmp_path, sum(file_size(*x) for x in a) + 10, FINGERPRINT)
+    store_all(tier, list(reversed(a)))
+    tier.touch([h for h, _ in a])
+    for i in range(3):
+        store_all(tier, chain(1, salt=10 + i))
+        assert [h in tier for h, _ in a] == [True] * (2 - i) + [False] * (i + 1)  # tail, then middle, then head
+    tier.close()
+
+
 def test_a_block_being_read_is_not_evicted(tmp_path):
     a = chain(2, salt=1)
     tier = DiskTier(tmp_path, sum(file_size(*x) for x in a) + 10, FINGERPRINT)

@@ -144,6 +144,7 @@ class DiskTier:
         self.block_bytes = block_bytes  # a payload of another size is a miss
         self.stats = TierStats()
         self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # least recently used first
+        self._orphans: dict[bytes, int] = {}  # a hash not in the index -> blocks in it that continue it
         self._used = 0
         self._storing: dict[bytes, bytes] = {}  # blocks being written -> their parents
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -185,21 +186,31 @@ class DiskTier:
             parent = old.parent if parent is None else parent
             self._index[block_hash] = _Entry(size, parent, old.pins, old.children)
         else:
-            self._index[block_hash] = _Entry(size, parent)
-            holder = self._index.get(parent) if parent else None
-            if holder is not None:
-                holder.children += 1
+            # Blocks stored before their parent (a prefix demoted tail first) count once it comes.
+            self._index[block_hash] = _Entry(size, parent, children=self._orphans.pop(block_hash, 0))
+            self._count_child(parent, +1)
         self._index.move_to_end(block_hash)
         self._used += size
+
+    def _count_child(self, parent: bytes | None, delta: int) -> None:
+        if not parent:
+            return
+        holder = self._index.get(parent)
+        if holder is not None:
+            holder.children += delta
+        elif self._orphans.get(parent, 0) + delta > 0:
+            self._orphans[parent] = self._orphans.get(parent, 0) + delta
+        else:
+            self._orphans.pop(parent, None)
 
     def _forget(self, block_hash: bytes) -> None:
         entry = self._index.pop(block_hash, None)
         if entry is None:
             return
         self._used -= entry.size
-        holder = self._index.get(entry.parent) if entry.parent else None
-        if holder is not None:
-            holder.children -= 1
+        self._count_child(entry.parent, -1)
+        if entry.children:
+            self._orphans[block_hash] = entry.children
 
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._index
