@@ -49,6 +49,10 @@ class BlockAllocator:
         # Called with a cached block and what it held just before `allocate` hands it out for
         # other contents: the block manager demotes the contents to a lower tier there.
         self.on_evict = on_evict
+        # Called with (True, block, contents) when a block enters the prefix cache and with
+        # (False, block, contents) when it leaves it, however it leaves: the KV events and the
+        # shared tier's write-through listen here.
+        self.listeners: list[Callable[[bool, int, CachedBlock], None]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -121,12 +125,16 @@ class BlockAllocator:
             raise BlockAllocatorError(f"{self.device.value} block {block} is free; cannot cache it")
         if block_hash not in self._by_hash and block not in self.cached:
             self._by_hash[block_hash] = block
-            self.cached[block] = CachedBlock(block_hash, token_ids, parent)
+            self.cached[block] = entry = CachedBlock(block_hash, token_ids, parent)
+            for listener in self.listeners:
+                listener(True, block, entry)
 
     def _uncache(self, block: int) -> None:
         entry = self.cached.pop(block, None)
         if entry is not None:
             del self._by_hash[entry.block_hash]
+            for listener in self.listeners:
+                listener(False, block, entry)
 
     def free_block_ids(self) -> set[int]:
         return set(self._free) | set(self._evictable)

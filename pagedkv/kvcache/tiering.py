@@ -114,6 +114,7 @@ class Tiers:
         self._loading: dict[int, list[_PendingLoad]] = {}  # sequence id -> its reads
         self._reads: dict[tuple[str, bytes], list[_PendingLoad]] = {}  # (tier, hash) -> reads waiting
         self._misses: dict[str, int] = {}  # per tier, the last lookup's blocks not found there
+        self.step_hooks: list[Callable[[], None]] = []  # called as each step's planning begins
         if host_caching or stores:
             device_pool.on_evict = self._device_evicted
         if stores:
@@ -267,6 +268,8 @@ class Tiers:
         """Releases the last step's pins and takes in the store tiers' finished work. Returns what was read
         since the last step as (tier, bytes, seconds), for the cost model."""
         self.release_pins()
+        for hook in self.step_hooks:
+            hook()
         measured = []
         for tier in self.stores.values():
             for loaded in tier.poll():

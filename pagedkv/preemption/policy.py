@@ -29,8 +29,9 @@ class CostModel:
     prefill_tokens_per_s: float = 2_000.0
     swap_bytes_per_s: float = 2e9
     smoothing: float = 0.3
-    # Read bandwidth of the tiers below the host (the disk), with a prior until measured.
-    load_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"disk": 1e9})
+    # Read bandwidth of the tiers below the host (the disk, a shared remote tier), with a prior
+    # until measured.
+    load_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"disk": 1e9, "remote": 5e8})
 
     def _blend(self, old: float, new: float) -> float:
         return (1 - self.smoothing) * old + self.smoothing * new

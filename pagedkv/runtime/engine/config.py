@@ -64,6 +64,13 @@ class EngineConfig:
     kv_host_cache_gb: float | None = None
     kv_disk_cache_dir: str | None = None
     kv_disk_cache_gb: float = 10.0
+    # Remote tier: a Redis server many engines share (redis://HOST:PORT/DB), after the disk;
+    # a lookup waits at most twice kv_remote_timeout_ms (kvcache/remote_tier.py).
+    kv_remote_url: str | None = None
+    kv_remote_timeout_ms: float = 50.0
+    # KV events: a ZeroMQ PUB endpoint (tcp://HOST:PORT, ipc://...) where the engine publishes the
+    # blocks each tier stores and removes (runtime/engine/kv_events.py, docs/protocol.md).
+    kv_events_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -94,6 +101,22 @@ class EngineConfig:
         if (self.kv_disk_cache_dir or self.kv_host_cache_gb) and not self.enable_prefix_caching:
             raise ValueError("the KV host and disk caches (--kv-host-cache-gb, --kv-disk-cache-dir) keep prefix-cache "
                              "blocks: they need prefix caching on")
+        if self.kv_remote_url is not None:
+            if not self.kv_remote_url.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError(f"kv_remote_url must be redis://HOST:PORT/DB (or rediss://, unix://), "
+                                 f"got {self.kv_remote_url!r}")
+            if not self.enable_prefix_caching:
+                raise ValueError("the KV remote tier (--kv-remote-url) keeps prefix-cache blocks: it needs prefix "
+                                 "caching on")
+            if self.tensor_parallel_size > 1:
+                raise ValueError("the KV remote tier (--kv-remote-url) runs with one rank only, "
+                                 f"not with tensor_parallel_size {self.tensor_parallel_size}")
+        if self.kv_remote_timeout_ms <= 0:
+            raise ValueError(f"kv_remote_timeout_ms must be > 0, got {self.kv_remote_timeout_ms}")
+        if self.kv_events_endpoint is not None and not self.kv_events_endpoint.startswith(("tcp://", "ipc://",
+                                                                                            "inproc://")):
+            raise ValueError(f"kv_events_endpoint must be a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH), "
+                             f"got {self.kv_events_endpoint!r}")
         if self.kv_disk_cache_dir and self.tensor_parallel_size > 1:
             raise ValueError("the KV disk cache (--kv-disk-cache-dir) runs with one rank only, "
                              f"not with tensor_parallel_size {self.tensor_parallel_size}")
@@ -160,6 +183,13 @@ class EngineConfig:
         add("--kv-disk-cache-dir", help="disk tier: a directory that keeps KV blocks across restarts and engines "
             "(default: none)")
         add("--kv-disk-cache-gb", type=float, default=10.0, help="the disk tier's size (GiB)")
+        add("--kv-remote-url", help="remote tier: a Redis server that engines share, redis://HOST:PORT/DB; blocks "
+            "are written there as the device caches them, and looked up after the disk (default: none)")
+        add("--kv-remote-timeout-ms", type=float, default=50.0,
+            help="the remote tier's lookup timeout: a lookup waits at most twice this, then counts as a miss and "
+                 "Redis is left alone for 2 s")
+        add("--kv-events-endpoint", help="publish the blocks each KV tier stores and removes on a ZeroMQ PUB socket "
+            "bound here (tcp://127.0.0.1:5557; port * picks one) (default: none)")
         add("--check-kv", action=argparse.BooleanOptionalAction, default=_env_flag("PAGEDKV_CHECK_KV"),
             help="debug: before each model call, verify that every KV slot a sequence reads holds its own "
                  "token at its own position (slow; default: the environment variable PAGEDKV_CHECK_KV)")
@@ -242,7 +272,7 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     from pagedkv.preemption.policy import CostModel
     from pagedkv.runtime.engine.executor import ModelExecutor
     from pagedkv.runtime.engine.kv_check import KVContentChecker
-    from pagedkv.runtime.engine.kv_tiers import build_disk_tier, host_cache_bytes
+    from pagedkv.runtime.engine.kv_tiers import build_disk_tier, build_remote_tier, host_cache_bytes
     from pagedkv.runtime.engine.parallel_executor import TensorParallelExecutor
     from pagedkv.runtime.engine.profile import StepProfile
     from pagedkv.runtime.models.llama import LlamaModel, cpu_has_bfloat16
@@ -280,6 +310,9 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
                                               checker)
     stores = ([build_disk_tier(config.kv_disk_cache_dir, config.kv_disk_cache_gb, loaded, spec, device, keep)]
               if config.kv_disk_cache_dir else [])
+    if config.kv_remote_url:
+        stores.append(build_remote_tier(config.kv_remote_url, config.kv_remote_timeout_ms / 1e3, loaded, spec,
+                                        device, keep))
     # Decode graphs capture no collectives: tensor-parallel ranks run eagerly.
     eager = config.enforce_eager or group is not None
     return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile, checker, stores)
@@ -290,7 +323,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     """Rank 0's parts: the executor, and the scheduler and block manager that plan for all ranks."""
     from pagedkv.kvcache.block_manager import BlockManager
     from pagedkv.preemption.policy import PreemptionPolicy
-    from pagedkv.runtime.engine.kv_tiers import host_cache_bytes
+    from pagedkv.runtime.engine.kv_tiers import host_cache_bytes, write_through
     from pagedkv.preemption.scheduler import Scheduler, SchedulerConfig
 
     loaded, executor = build_executor(config, loaded, group)
@@ -299,6 +332,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark,
                       config.enable_prefix_caching, host_caching, list(executor.stores.values()),
                       cache.spec.bytes_per_block)
+    write_through(bm.tiers, [tier.name for tier in executor.stores.values() if getattr(tier, "write_through", False)])
     policy = PreemptionPolicy(config.preemption_mode, cost, cache.spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                           config.preemption_mode), bm, policy)
