@@ -151,6 +151,8 @@ class DiskTier:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="pagedkv-disk")
         self._writes_stopped = False
         self._counter = 0
+        # (stored, block hashes) whenever a block enters or leaves the index: the KV events.
+        self.listener = None
         self._rebuild()
 
     # -- the index --------------------------------------------------------------------------
@@ -189,6 +191,8 @@ class DiskTier:
             # Blocks stored before their parent (a prefix demoted tail first) count once it comes.
             self._index[block_hash] = _Entry(size, parent, children=self._orphans.pop(block_hash, 0))
             self._count_child(parent, +1)
+            if self.listener is not None:
+                self.listener(True, [block_hash])
         self._index.move_to_end(block_hash)
         self._used += size
 
@@ -211,6 +215,8 @@ class DiskTier:
         self._count_child(entry.parent, -1)
         if entry.children:
             self._orphans[block_hash] = entry.children
+        if self.listener is not None:
+            self.listener(False, [block_hash])
 
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._index

@@ -160,11 +160,16 @@ class RemoteTier:
         return held
 
     def _remember(self, block_hash: bytes, now: float) -> None:
+        new = block_hash not in self._present
         self._present[block_hash] = now
         self._present.move_to_end(block_hash)
         self._absent.pop(block_hash, None)
+        if new and self.listener is not None:
+            self.listener(True, [block_hash])
         while len(self._present) > MEMO_BLOCKS:
-            self._present.popitem(last=False)
+            old, _ = self._present.popitem(last=False)
+            if self.listener is not None:
+                self.listener(False, [old])
 
     def _forget(self, hashes: list[bytes]) -> None:
         gone = [h for h in hashes if self._present.pop(h, None) is not None]
@@ -278,7 +283,6 @@ class RemoteTier:
         """Takes in the I/O threads' finished work: writes done count as held, reads are returned
         (a missing or bad value's block with payload None)."""
         loaded = []
-        stored = []
         now = time.monotonic()
         while True:
             try:
@@ -293,8 +297,6 @@ class RemoteTier:
                 if ok:
                     self.stats.stored_blocks += 1
                     self.stats.stored_bytes += size
-                    if block_hash not in self._present:
-                        stored.append(block_hash)
                     self._remember(block_hash, now)
                 else:
                     self.stats.dropped_stores += 1
@@ -308,8 +310,6 @@ class RemoteTier:
             else:
                 self.stats.loaded_bytes += len(payload)
             loaded.append(Loaded(block_hash, payload, header, seconds))
-        if stored and self.listener is not None:
-            self.listener(True, stored)
         return loaded
 
     def describe(self) -> dict:

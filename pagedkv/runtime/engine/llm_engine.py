@@ -70,6 +70,11 @@ class LLMEngine:
             log.warning("async scheduling: the model's threads use every core this process may run on, so the "
                         "host thread takes one from them; on a CPU it rarely pays (python -m tools.bench_async)")
         self.prepared: Prepared | None = None  # the next step, scheduled while this one computed
+        self.kv_events = None  # the KV events' publisher (kv_events.py), with --kv-events-endpoint
+        if self.config.kv_events_endpoint:
+            from pagedkv.runtime.engine.kv_events import KVEvents
+
+            self.kv_events = KVEvents(self.config.kv_events_endpoint, self.block_manager, self.executor.stores)
         self.drawn: Drawn | None = None        # the last step's tokens, not yet given to their sequences
 
     # -- requests ---------------------------------------------------------------------------------
@@ -144,15 +149,22 @@ class LLMEngine:
             self.executor.store(self.block_manager.flush_to_stores().stores)
             for tier in stores:
                 tier.close()
+        if self.kv_events is not None and not self.closed:
+            self.kv_events.close()
         self.closed = True
         self.executor.close()
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one step. With async scheduling, the outputs are those of the step before (the
-        last call's tokens reach their sequences while this step computes)."""
-        if self.host is not None:
-            return self._step_overlapped()
+        last call's tokens reach their sequences while this step computes). The step's KV events
+        go out as one batch."""
+        outputs = self._step_overlapped() if self.host is not None else self._step_once()
+        if self.kv_events is not None:
+            self.kv_events.publish()
+        return outputs
+
+    def _step_once(self) -> list[RequestOutput]:
         self.profile.begin()
         out = self.scheduler.schedule()
         self.profile.mark("schedule")
@@ -511,6 +523,7 @@ class LLMEngine:
             "tokens_recomputed": sched.tokens_recomputed,
             "prefix_cache": self._prefix_cache_stats(s),
             "kv_tiers": self.block_manager.tiers.stats(),
+            **({"kv_events": self.kv_events.describe()} if self.kv_events is not None else {}),
             "generated_tokens": self.generated_tokens, "steps": self.steps,
             "throughput_tokens_per_s": self.generated_tokens / elapsed,
             "prefill_tokens_per_s": self.cost.prefill_tokens_per_s,

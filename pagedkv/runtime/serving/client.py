@@ -170,6 +170,10 @@ class Client(_Base):
     def health(self, timeout: float | None = None) -> dict:
         return self._call("health", timeout)["health"]
 
+    def kv_state(self, timeout: float | None = None) -> dict:
+        """A snapshot of the engine's KV blocks per tier, for a KV events subscriber."""
+        return self._call("kv_state", timeout)["kv_state"]
+
     def _call(self, kind: str, timeout: float | None) -> dict:
         request_id = self.new_id()
         self.send({"type": kind, "id": request_id})
@@ -298,6 +302,9 @@ class AsyncClient(_Base):
 
     async def health(self, timeout: float | None = None) -> dict:
         return await self._call("health", timeout)
+
+    async def kv_state(self, timeout: float | None = None) -> dict:
+        return await self._call("kv_state", timeout)
 
     async def _call(self, kind: str, timeout: float | None, **fields) -> dict:
         async for reply in self.replies({"type": kind, "id": self.new_id(), **fields}, timeout):

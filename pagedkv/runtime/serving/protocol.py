@@ -17,13 +17,14 @@ from pagedkv.runtime.engine.sampling_params import SamplingParams
 # Stable error codes.
 BAD_REQUEST, TOO_LONG, OVERLOADED, ABORTED, INTERNAL = "bad_request", "too_long", "overloaded", "aborted", "internal"
 
-REQUEST_TYPES = ("generate", "abort", "stats", "health")
+REQUEST_TYPES = ("generate", "abort", "stats", "health", "kv_state")
 # Fields each message type accepts; anything else is a bad request.
 FIELDS = {
     "generate": {"type", "id", "prompt", "prompt_ids", "messages", "params", "stream", "clamp_max_tokens"},
     "abort": {"type", "id"},
     "stats": {"type", "id"},
     "health": {"type", "id", "requests"},
+    "kv_state": {"type", "id"},
 }
 MAX_HEALTH_REQUESTS = 256  # request ids one `health` may ask about
 MAX_ID_LENGTH = 256

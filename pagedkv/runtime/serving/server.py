@@ -108,6 +108,8 @@ class Server:
                     self._drain_monitor()
                 if self.socket in events and not self.stopping:
                     self._drain_socket()
+                    if self.engine.kv_events is not None:
+                        self.engine.kv_events.publish()  # what aborts and disconnects freed
                 if self.engine.has_unfinished() and not self.stopping:
                     self._step()
         finally:
@@ -190,6 +192,11 @@ class Server:
                 self._generate(envelope, msg)
             elif msg.type == "abort":
                 self._abort(envelope, msg.id)
+            elif msg.type == "kv_state":
+                if self.engine.kv_events is None:
+                    raise ProtocolError(BAD_REQUEST, "this engine publishes no KV events (--kv-events-endpoint)",
+                                        msg.id)
+                self._send(envelope, {"type": "final", "id": msg.id, "kv_state": self.engine.kv_events.state()})
             elif msg.type == "stats":
                 self._send(envelope, {"type": "final", "id": msg.id, "stats": self.stats()})
             else:
@@ -338,7 +345,8 @@ class Server:
         return {"status": "stopping" if self.stopping else "ok", "model": self.engine.model_source,
                 "max_model_len": self.engine.model_config.max_position_embeddings,
                 "sampling_defaults": self.engine.sampling_defaults,
-                "in_flight": len(self.in_flight), "uptime_s": time.monotonic() - self.started}
+                "in_flight": len(self.in_flight), "uptime_s": time.monotonic() - self.started,
+                **({"kv_events": self.engine.kv_events.describe()} if self.engine.kv_events is not None else {})}
 
     def _shutdown(self) -> None:
         log.info("shutting down: aborting %d request(s) in flight", len(self.in_flight))
