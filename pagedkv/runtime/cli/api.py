@@ -23,7 +23,8 @@ TRY_PROMPT = "The capital of France is"
 def add_api_parser(sub) -> None:
     api = sub.add_parser("api", help="an OpenAI-compatible HTTP API (and /metrics) in front of a running server")
     add_connection_arguments(api, timeout_help="seconds the engine may stay silent on a request before it is asked "
-                             "whether it still holds it; no answer within as long again is a 503 (default 120)")
+                             "whether it still holds it; no answer within as long again is a 503 (default 120)",
+                             several=True)
     add = api.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -31,6 +32,9 @@ def add_api_parser(sub) -> None:
     add("--max-body-mib", type=float, default=4.0, help="largest request body accepted (MiB, default 4)")
     add("--health-timeout", type=float, default=5.0,
         help="seconds the engine has to answer /health and /metrics (default 5)")
+    add("--routing", default="prefix", choices=["prefix", "round-robin"],
+        help="with several --address: send each request to the engine that holds most of its prefix (by the "
+             "engines' KV events), balanced against load, chats back to their engine; or round-robin")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # set by `pagedkv serve`
     api.set_defaults(func=cmd_api)
@@ -57,13 +61,15 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    from pagedkv.runtime.serving.client import DEFAULT_ADDRESS
     from pagedkv.runtime.serving.http.app import ApiConfig, run
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_body_mib <= 0 or args.health_timeout <= 0 or args.timeout <= 0:
         raise ValueError("--max-body-mib, --health-timeout and --timeout must be > 0")
-    config = ApiConfig(address=args.address, host=args.host, port=args.port, api_key=api_key(args),
+    addresses = args.address or [DEFAULT_ADDRESS]
+    config = ApiConfig(address=addresses[0], addresses=addresses, routing=args.routing, host=args.host, port=args.port, api_key=api_key(args),
                        insecure=args.insecure, served_model_name=args.served_model_name,
                        max_body_bytes=int(args.max_body_mib * 2**20), engine_timeout=args.timeout,
                        health_timeout=args.health_timeout, curve_keys=args.curve_keys,

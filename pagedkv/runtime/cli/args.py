@@ -72,8 +72,12 @@ def parse_ids(text: str) -> list[int]:
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser,
-                             timeout_help: str = "seconds to wait for each reply") -> None:
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
+                             timeout_help: str = "seconds to wait for each reply", several: bool = False) -> None:
+    if several:
+        parser.add_argument("--address", action="append", help="server address; repeat it for several engines, "
+                            f"and each request goes to the one that holds most of its prefix (default: {DEFAULT_ADDRESS})")
+    else:
+        parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
     parser.add_argument("--timeout", type=float, default=120.0, help=timeout_help)
     parser.add_argument("--curve-keys", help="key directory from `pagedkv keys` (CurveZMQ; default: none, plain)")
     parser.add_argument("--client-name", default="client", help="which client key pair in --curve-keys")

@@ -207,6 +207,13 @@ class AsyncClient(_Base):
             await asyncio.gather(self._reader, return_exceptions=True)
         self.socket.close()
 
+    def fail_all(self, code: str, message: str) -> int:
+        """Ends every request in flight on this client with an `error` reply of our own (a
+        router that took its engine out of service); returns how many."""
+        for request_id, queue in list(self._queues.items()):
+            queue.put_nowait({"type": "error", "id": request_id, "code": code, "message": message})
+        return len(self._queues)
+
     async def _read(self) -> None:
         while True:
             reply = _unpack(await self.socket.recv())

@@ -74,3 +74,44 @@ class KVIndex:
                 break
             count += 1
         return count
+
+
+def prompt_hashes(tokenizer, source: dict, block_size: int) -> list[bytes]:
+    """The chained hashes of an engine request's full prompt blocks, as the engine computes them
+    (pagedkv/kvcache/block_hash.py): its prompt tokenized as the server tokenizes it (a chat
+    rendered with the model's template and a generation prompt)."""
+    from pagedkv.kvcache.block_hash import ROOT, block_hash
+
+    if source.get("prompt_ids") is not None:
+        ids = list(source["prompt_ids"])
+    elif tokenizer is None:
+        return []
+    elif source.get("prompt") is not None:
+        ids = tokenizer.encode(source["prompt"])
+    else:
+        ids = tokenizer.encode(tokenizer.apply_chat_template(source["messages"], add_generation_prompt=True),
+                               add_special_tokens=False)
+    hashes: list[bytes] = []
+    parent = ROOT
+    for start in range(0, len(ids) - block_size + 1, block_size):
+        parent = block_hash(parent, tuple(ids[start:start + block_size]))
+        hashes.append(parent)
+    return hashes
+
+
+def load_tokenizer(model: str):
+    """The model's tokenizer (a Hugging Face folder's tokenizer.json, or a GGUF file's), or None."""
+    import os
+
+    from pagedkv.runtime.models.tokenizer import Tokenizer
+
+    try:
+        if os.path.isdir(model):
+            return Tokenizer.from_folder(model)
+        if model.endswith(".gguf"):
+            from gguf import GGUFReader
+
+            return Tokenizer.from_gguf(GGUFReader(model), model)
+    except Exception:
+        return None
+    return None

@@ -1,6 +1,7 @@
 """The gateway: an ASGI app (Starlette) speaking OpenAI's API in front of one engine, which it
-reaches over ZeroMQ with one AsyncClient (docs/openai_api.md). The engine loop never sees HTTP;
-several gateways may share one engine.
+reaches over ZeroMQ with one AsyncClient (docs/openai_api.md), or in front of several, each
+request routed by its cached prefix and their load (router.py). The engine loop never sees
+HTTP; several gateways may share one engine.
 
 Each prompt of a request is one engine request. A streamed request answers with HTTP errors
 until its engine requests have replied once (so that a bad parameter or an overloaded engine
@@ -42,6 +43,8 @@ log = logging.getLogger("pagedkv.api")
 @dataclass
 class ApiConfig:
     address: str = DEFAULT_ADDRESS        # the engine's ZeroMQ socket
+    addresses: list[str] | None = None    # several engines: routed by cached prefix and load (router.py)
+    routing: str = "prefix"               # with several: "prefix" (cached prefix, load, session) or "round-robin"
     host: str = "127.0.0.1"
     port: int = 8000                      # 0: a free port
     api_key: str | None = None            # required as a Bearer token on /v1 when set
@@ -76,17 +79,36 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self.client: AsyncClient | None = None
+        self.router = None  # several engines: the Router
         self.model: ModelInfo | None = None  # learned from the engine's first health reply
 
     # -- the engine ---------------------------------------------------------------------------------
     async def start(self) -> None:
         c = self.config
-        self.client = AsyncClient(c.address, c.engine_timeout, c.curve_keys, c.client_name)
+        if c.addresses and len(c.addresses) > 1:
+            from pagedkv.runtime.serving.http.router import Router
+
+            self.router = Router(c.addresses, c.engine_timeout, c.curve_keys, c.client_name,
+                                 prefix_aware=c.routing == "prefix")
+            self.metrics.add_router(self.router)
+            await self.router.start()
+            return
+        self.client = AsyncClient(c.addresses[0] if c.addresses else c.address, c.engine_timeout, c.curve_keys,
+                                  c.client_name)
 
     async def stop(self) -> None:
-        await self.client.close()
+        if self.router is not None:
+            await self.router.stop()
+        else:
+            await self.client.close()
 
     async def engine_health(self) -> dict:
+        if self.router is not None:
+            if not any(e.healthy for e in self.router.engines):
+                await self.router.wait_ready(self.config.health_timeout)
+            if not any(e.healthy for e in self.router.engines) or self.router.health is None:
+                raise engine_unavailable(f"none of the {len(self.router.engines)} engines is in service")
+            return self.router.health
         try:
             health = await self.client.health(timeout=self.config.health_timeout)
         except TimeoutError:
@@ -107,13 +129,21 @@ class Gateway:
 
     async def _replies(self, source: dict, job: Job, model: str) -> AsyncIterator[dict]:
         """One engine request's replies (token ones only when streamed), timed for the metrics."""
-        message = generate_message(self.client.new_id(), source.get("prompt"), source.get("prompt_ids"),
+        client, engine = self.client, None
+        if self.router is not None:
+            try:
+                engine, _ = await self.router.choose(source)
+            except LookupError as e:
+                raise engine_unavailable(str(e)) from None
+            client = engine.client
+            engine.in_flight += 1
+        message = generate_message(client.new_id(), source.get("prompt"), source.get("prompt_ids"),
                                    source.get("messages"), job.stream, job.params, job.clamp_max_tokens)
         timer = RequestTimer(self.metrics, model)
         try:
             # The engine may work on a request for longer than --timeout: what ends the wait is an
             # engine that does not answer, or that no longer holds the request (AsyncClient).
-            async with aclosing(self.client.replies(message, self.config.engine_timeout, probe=True)) as replies:
+            async with aclosing(client.replies(message, self.config.engine_timeout, probe=True)) as replies:
                 async for reply in replies:
                     if reply["type"] == "final":
                         timer.final(reply)
@@ -127,6 +157,9 @@ class Gateway:
             raise error from None
         except TimeoutError as e:  # the request is aborted as the stream closes, in case the engine lives
             raise engine_unavailable(str(e)) from None
+        finally:
+            if engine is not None:
+                engine.in_flight -= 1
 
     async def _open(self, job: Job, model: str) -> list[AsyncIterator[dict]]:
         """Sends every prompt's engine request and waits for each one's first reply, so that
@@ -198,9 +231,16 @@ class Gateway:
         return JSONResponse(info.card())
 
     async def health(self, request: Request) -> Response:
+        if self.router is not None:
+            await self.engine_health()  # 503 when none is in service
+            return JSONResponse({"status": "ok", "engines": self.router.describe()})
         return JSONResponse({"status": "ok", "engine": await self.engine_health()})
 
     async def scrape(self, request: Request) -> Response:
+        if self.router is not None:  # per-engine figures: pagedkv:router_* (metrics.py)
+            await self.metrics.scrape_engines(self.router, self.config.health_timeout)
+            name = self.model.name if self.model else (self.config.served_model_name or "")
+            return Response(self.metrics.render(name, None), media_type=CONTENT_TYPE_LATEST)
         try:
             stats = await self.client.stats(timeout=self.config.health_timeout)
         except (TimeoutError, ServerError):

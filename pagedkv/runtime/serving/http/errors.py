@@ -38,6 +38,8 @@ _ENGINE_CODES = {
     "overloaded": (429, "rate_limit_error", "overloaded"),
     "aborted": (503, "service_unavailable_error", "aborted"),  # the engine is shutting down
     "internal": (500, "server_error", "internal_error"),
+    # not the engine's: the router's, for requests in flight on an engine it took out of service
+    "unavailable": (503, "service_unavailable_error", "engine_unavailable"),
 }
 
 

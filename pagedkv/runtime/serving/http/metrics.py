@@ -97,7 +97,65 @@ class EngineCollector:
         yield family
 
 
+class RouterCollector:
+    """Per engine behind a router (several --address): its state, what was routed there, and its
+    own prefix cache and KV tier figures from the `stats` replies of the last scrape."""
+
+    def __init__(self, router) -> None:
+        self.router = router
+        self.stats: dict[str, dict] = {}
+
+    def collect(self):
+        engines = self.router.engines
+        labels = ["engine"]
+        gauges = {"router_engine_healthy": ("1 while the engine is in service, 0 when taken out", lambda e: e.healthy),
+                  "router_engine_load": ("Requests in flight on the engine (the larger of the gateway's and the "
+                                         "engine's count)", lambda e: e.load)}
+        for name, (doc, value) in gauges.items():
+            family = GaugeMetricFamily(PREFIX + name, doc + ".", labels=labels)
+            for e in engines:
+                family.add_metric([e.address], float(value(e)))
+            yield family
+        counters = {"router_requests": ("Engine requests the router sent to the engine", lambda e: e.routed),
+                    "router_prefix_hit_blocks": ("Prompt blocks the engine held (by its KV events) for the requests "
+                                                 "sent there", lambda e: e.routed_prefix_blocks),
+                    "router_failed_requests": ("Requests in flight on the engine when it was taken out of service "
+                                               "(each ended with a 503)", lambda e: e.failed_requests),
+                    "router_engine_downs": ("Times the engine was taken out of service", lambda e: e.downs)}
+        for name, (doc, value) in counters.items():
+            family = CounterMetricFamily(PREFIX + name, doc + ".", labels=labels)
+            for e in engines:
+                family.add_metric([e.address], value(e))
+            yield family
+        for key, field_name in (("queries", "queried_tokens"), ("hits", "hit_tokens")):
+            family = CounterMetricFamily(PREFIX + f"router_engine_prefix_cache_{key}",
+                                         f"Prefix cache {key}, in tokens, per engine (engine).", labels=labels)
+            for address, stats in self.stats.items():
+                prefix = stats.get("prefix_cache") or {}
+                if prefix.get("enabled"):
+                    family.add_metric([address], prefix[field_name])
+            yield family
+        family = CounterMetricFamily(PREFIX + "router_engine_kv_tier_hit_blocks", "Blocks admission took from a KV "
+                                     "tier, per engine (engine).", labels=[*labels, "tier"])
+        for address, stats in self.stats.items():
+            for tier, t in (stats.get("kv_tiers") or {}).items():
+                family.add_metric([address, tier], t.get("hit_blocks", 0))
+        yield family
+
+
 class Metrics:
+    def add_router(self, router) -> None:
+        self.router = RouterCollector(router)
+        self.registry.register(self.router)
+
+    async def scrape_engines(self, router, timeout: float) -> None:
+        """Every engine in service's `stats`, for the per-engine families."""
+        import asyncio
+
+        healthy = [e for e in router.engines if e.healthy]
+        replies = await asyncio.gather(*(e.client.stats(timeout=timeout) for e in healthy), return_exceptions=True)
+        self.router.stats = {e.address: r for e, r in zip(healthy, replies) if isinstance(r, dict)}
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.engine = EngineCollector()
