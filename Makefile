@@ -43,8 +43,15 @@ bench-gpu:
 	  echo "tools.bench_throughput: $$?" >> $(RESULTS)/exit-codes.txt; tail -n 40 $(RESULTS)/throughput.txt; \
 	cat $(RESULTS)/exit-codes.txt; ! grep -qv ': 0$$' $(RESULTS)/exit-codes.txt
 
+# ENGINES=N: N engines behind one gateway on :8000, routed by cached prefix (tools/serve_engines.py;
+# REDIS=1 adds a Redis server they share as the remote KV tier).
+ENGINES ?=
 serve: $(STAMP)
+ifeq ($(ENGINES),)
 	$(VENV)/bin/pagedkv serve --http-port 8000 $(SERVE_ARGS)
+else
+	$(PY) -m tools.serve_engines --engines $(ENGINES) $(if $(REDIS),--redis) -- $(SERVE_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -61,10 +61,14 @@ class NoServer(ConnectionError):
 
 class _Base:
     def __init__(self, context: zmq.Context, address: str, timeout: float, curve_keys: str | None,
-                 client_name: str, connect_timeout: float | None = None) -> None:
+                 client_name: str, connect_timeout: float | None = None, heartbeat_s: float | None = None) -> None:
         self.address, self.timeout = address, timeout
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if heartbeat_s:  # ZeroMQ's own pings, answered by the server's I/O thread even mid-step
+            self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
+            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_s * 4000))
+            self.socket.setsockopt(zmq.HEARTBEAT_TTL, int(heartbeat_s * 4000))
         if curve_keys:
             secure_client(self.socket, curve_keys, client_name)
         monitor = None
@@ -190,8 +194,9 @@ class AsyncClient(_Base):
     """One socket, any number of concurrent requests: a reader task routes replies by id."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = 120.0, curve_keys: str | None = None,
-                 client_name: str = "client") -> None:
-        super().__init__(zmq.asyncio.Context.instance(), address, timeout, curve_keys, client_name)
+                 client_name: str = "client", heartbeat_s: float | None = None) -> None:
+        super().__init__(zmq.asyncio.Context.instance(), address, timeout, curve_keys, client_name,
+                         heartbeat_s=heartbeat_s)
         self._queues: dict[Any, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
 

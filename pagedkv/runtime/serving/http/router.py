@@ -16,12 +16,16 @@ Each request goes to the engine whose cached prefix for it is longest, balanced 
   do not show, or no longer show, still goes home);
 - else the least loaded engine, ties round-robin.
 
-Health: every engine is asked `health` every HEALTH_INTERVAL_S seconds; an engine whose
-connection drops (socket monitor) or that leaves two probes in a row unanswered (each within
-HEALTH_TIMEOUT_S) is taken out: no request is sent there, and those in flight there end at once
-with a 503 (`engine_unavailable`). It comes back with the first answered probe, and its index is
-rebuilt from a snapshot. The worst case from a dead engine to its removal is one interval plus
-two timeouts (1.8 s); a killed process closes its connection and goes within milliseconds.
+Health, two ways:
+- the connection: ZeroMQ heartbeats on each engine's socket (a ping every HEARTBEAT_S seconds,
+  answered by the engine's I/O thread even in the middle of a long step; none for 4 intervals
+  drops the connection). A dropped connection (the process died: at once; it hangs or cannot be
+  reached: within 1 s) takes the engine out: no request is sent there, and those in flight there
+  end at once with a 503 (`engine_unavailable`);
+- the engine loop: `health` every HEALTH_INTERVAL_S seconds, each with HEALTH_TIMEOUT_S to answer
+  (it answers between steps). An engine that leaves MISSED_PROBES in a row unanswered (a loop
+  stuck for about 6 s) gets no new requests; those in flight there keep their own timeout.
+An engine comes back with the first answered probe, and its index is rebuilt from a snapshot.
 """
 from __future__ import annotations
 
@@ -41,9 +45,10 @@ from pagedkv.runtime.serving.kv_index import TOPIC, KVIndex, decode_batch, load_
 
 log = logging.getLogger("pagedkv.router")
 
-HEALTH_INTERVAL_S = 0.2
-HEALTH_TIMEOUT_S = 0.8
-MISSED_PROBES = 2          # unanswered probes in a row that take an engine out
+HEARTBEAT_S = 0.25         # ZeroMQ pings on each engine's socket; 4 unanswered drop the connection
+HEALTH_INTERVAL_S = 0.5
+HEALTH_TIMEOUT_S = 2.0
+MISSED_PROBES = 3          # unanswered probes in a row that stop new requests to an engine
 LOAD_SLACK = 4             # requests in flight beyond the least loaded engine's that a prefix hit is worth
 MAX_SESSIONS = 100_000
 
@@ -73,7 +78,8 @@ class Engine:
 class Router:
     def __init__(self, addresses: list[str], timeout: float, curve_keys: str | None, client_name: str,
                  load_slack: int = LOAD_SLACK, prefix_aware: bool = True) -> None:
-        self.engines = [Engine(a, AsyncClient(a, timeout, curve_keys, client_name)) for a in addresses]
+        self.engines = [Engine(a, AsyncClient(a, timeout, curve_keys, client_name, heartbeat_s=HEARTBEAT_S))
+                        for a in addresses]
         self.load_slack, self.prefix_aware = load_slack, prefix_aware
         self.context = zmq.asyncio.Context.instance()
         self.tokenizer = None
@@ -120,8 +126,10 @@ class Router:
                     await self._up(engine, health)
             else:
                 engine.missed += 1
-                if engine.healthy and engine.missed >= MISSED_PROBES:
-                    self._down(engine, "it stopped answering" if health is None else f"it is {health.get('status')}")
+                if engine.healthy and health is not None:  # stopping: what is in flight ends with its reply
+                    self._down(engine, f"it is {health.get('status')}", fail=False)
+                elif engine.healthy and engine.missed >= MISSED_PROBES:
+                    self._down(engine, f"it left {engine.missed} health probes unanswered", fail=False)
             await asyncio.sleep(max(HEALTH_INTERVAL_S - (time.monotonic() - started), 0.0))
 
     async def _watch_connection(self, engine: Engine) -> None:
@@ -160,13 +168,16 @@ class Router:
         log.info("engine %s is in service", engine.address)
         self._ready.set()
 
-    def _down(self, engine: Engine, why: str) -> None:
+    def _down(self, engine: Engine, why: str, fail: bool = True) -> None:
+        """Out of rotation; with `fail`, what is in flight there ends now with a 503."""
         engine.healthy, engine.down_since = False, time.monotonic()
         engine.downs += 1
         engine.reported_in_flight = 0
-        engine.client.fail_all("unavailable", f"the engine at {engine.address} was taken out of service: {why}")
-        failed = engine.in_flight  # the generate requests among those (not the health probe)
-        engine.failed_requests += failed
+        failed = 0
+        if fail:
+            engine.client.fail_all("unavailable", f"the engine at {engine.address} was taken out of service: {why}")
+            failed = engine.in_flight  # the generate requests among those (not the health probe)
+            engine.failed_requests += failed
         log.warning("engine %s taken out of service (%s); %d request(s) in flight there end with 503", engine.address,
                     why, failed)
 
