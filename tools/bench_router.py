@@ -94,7 +94,8 @@ async def workload(url: str, chats: list[dict], max_tokens: int) -> tuple[list, 
 def one_run(name: str, args, routing: str, redis: bool, chats: list[dict], kill: bool = False) -> dict:
     engine_args = ["--model", args.model] if args.model else []
     engine_args += args.engine_args
-    with running_cluster(args.engines, engine_args, routing, redis) as cluster:
+    with running_cluster(args.engines, engine_args, routing, redis,
+                         gateway_args=["--load-slack", str(args.load_slack)]) as cluster:
         wait_healthy(cluster.url, args.engines)
         records, wall = asyncio.run(workload(cluster.url, chats, args.max_tokens))
         totals = engine_totals(cluster.addresses)
@@ -165,6 +166,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", help="default: the engines' default model")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--load-slack", type=int, default=1, help="the gateway's --load-slack")
     parser.add_argument("--runs", default="round-robin,prefix,round-robin+redis")
     parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="flags for every engine, after --")
     args = parser.parse_args()

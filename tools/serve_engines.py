@@ -78,7 +78,7 @@ def redis_server(folder: str):
 
 @contextmanager
 def running_cluster(engines: int, engine_args: list[str], routing: str = "prefix", redis: bool = False,
-                    port: int = 0, log_dir: str | None = None, threads: int = 1):
+                    port: int = 0, log_dir: str | None = None, threads: int = 1, gateway_args: list[str] = ()):
     log_dir = log_dir or tempfile.mkdtemp(prefix="pagedkv-cluster-")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     with ExitStack() as stack:
@@ -111,7 +111,7 @@ def running_cluster(engines: int, engine_args: list[str], routing: str = "prefix
                                                 os.path.join(log_dir, f"engine{i}.log")))
         log = os.path.join(log_dir, "gateway.log")
         args = [sys.executable, "-m", "pagedkv", "api", "--port", str(port), "--routing", routing,
-                "--log-level", "warning"]
+                "--log-level", "warning", *gateway_args]
         for address in cluster.addresses:
             args += ["--address", address]
         gateway = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)

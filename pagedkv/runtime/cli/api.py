@@ -35,6 +35,8 @@ def add_api_parser(sub) -> None:
     add("--routing", default="prefix", choices=["prefix", "round-robin"],
         help="with several --address: send each request to the engine that holds most of its prefix (by the "
              "engines' KV events), balanced against load, chats back to their engine; or round-robin")
+    add("--load-slack", type=int, default=1, help="prefix routing: requests in flight beyond the least loaded "
+        "engine's that an engine holding most of the prompt may have and still get it")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # set by `pagedkv serve`
     api.set_defaults(func=cmd_api)
@@ -69,7 +71,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     if args.max_body_mib <= 0 or args.health_timeout <= 0 or args.timeout <= 0:
         raise ValueError("--max-body-mib, --health-timeout and --timeout must be > 0")
     addresses = args.address or [DEFAULT_ADDRESS]
-    config = ApiConfig(address=addresses[0], addresses=addresses, routing=args.routing, host=args.host, port=args.port, api_key=api_key(args),
+    config = ApiConfig(address=addresses[0], addresses=addresses, routing=args.routing, load_slack=args.load_slack,
+                       host=args.host, port=args.port, api_key=api_key(args),
                        insecure=args.insecure, served_model_name=args.served_model_name,
                        max_body_bytes=int(args.max_body_mib * 2**20), engine_timeout=args.timeout,
                        health_timeout=args.health_timeout, curve_keys=args.curve_keys,

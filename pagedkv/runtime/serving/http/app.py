@@ -45,6 +45,7 @@ class ApiConfig:
     address: str = DEFAULT_ADDRESS        # the engine's ZeroMQ socket
     addresses: list[str] | None = None    # several engines: routed by cached prefix and load (router.py)
     routing: str = "prefix"               # with several: "prefix" (cached prefix, load, session) or "round-robin"
+    load_slack: int = 1                   # prefix routing: requests in flight beyond the least loaded engine's
     host: str = "127.0.0.1"
     port: int = 8000                      # 0: a free port
     api_key: str | None = None            # required as a Bearer token on /v1 when set
@@ -89,7 +90,7 @@ class Gateway:
             from pagedkv.runtime.serving.http.router import Router
 
             self.router = Router(c.addresses, c.engine_timeout, c.curve_keys, c.client_name,
-                                 prefix_aware=c.routing == "prefix")
+                                 load_slack=c.load_slack, prefix_aware=c.routing == "prefix")
             self.metrics.add_router(self.router)
             await self.router.start()
             return

@@ -49,7 +49,7 @@ HEARTBEAT_S = 0.25         # ZeroMQ pings on each engine's socket; 4 unanswered 
 HEALTH_INTERVAL_S = 0.5
 HEALTH_TIMEOUT_S = 2.0
 MISSED_PROBES = 3          # unanswered probes in a row that stop new requests to an engine
-LOAD_SLACK = 4             # requests in flight beyond the least loaded engine's that a prefix hit is worth
+LOAD_SLACK = 1             # requests in flight beyond the least loaded engine's that a prefix hit is worth
 MAX_SESSIONS = 100_000
 
 
