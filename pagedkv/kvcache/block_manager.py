@@ -33,7 +33,7 @@ from collections import Counter
 from pagedkv.kvcache.allocator import BlockAllocator, Device
 from pagedkv.kvcache.block_hash import full_blocks, parent_hash
 from pagedkv.kvcache.sequence import Sequence, SequenceGroup
-from pagedkv.kvcache.tiering import LowerHit, StoreTier, TierOps, Tiers
+from pagedkv.kvcache.tiering import LowerHit, StoreOp, StoreTier, TierOps, Tiers
 
 
 class AllocStatus(enum.Enum):
@@ -322,9 +322,10 @@ class BlockManager:
         and finished reads come in. Returns the reads' (tier, bytes, seconds)."""
         return self.tiers.begin_step()
 
-    def release_pins(self) -> None:
-        """When no step follows (the engine is idle): the last step's copies are done."""
-        self.tiers.release_pins()
+    def idle(self) -> list[StoreOp]:
+        """When no step follows (the engine is idle): the last step's copies are done, and what
+        it cached goes to the write-through tiers; returns those stores for the executor."""
+        return self.tiers.idle()
 
     def is_loading(self, group: SequenceGroup) -> bool:
         """Whether the group waits for blocks being read from a store tier."""

@@ -128,6 +128,7 @@ class Loaded:
 
 class DiskTier:
     name = "disk"
+    write_through = False  # blocks come when the memory tiers evict them, and at shutdown
 
     def __init__(self, directory: str | os.PathLike, capacity_bytes: int, fingerprint: str,
                  block_bytes: int | None = None) -> None:

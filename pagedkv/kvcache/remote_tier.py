@@ -55,6 +55,7 @@ def redacted(url: str) -> str:
 
 class RemoteTier:
     name = "remote"
+    write_through = True  # every block the device caches: other engines find it at once
 
     def __init__(self, url: str, fingerprint: str, block_bytes: int | None = None, timeout_s: float = 0.05,
                  io_timeout_s: float = 2.0, retry_s: float = 2.0, connect: Callable | None = None) -> None:

@@ -36,6 +36,9 @@ class StoreTier(Protocol):
 
     name: str
     stats: TierStats
+    # Write-through: every block the device caches is stored here too (in the next step, once
+    # its K/V are written), so that other engines find it at once; otherwise only evicted blocks.
+    write_through: bool
 
     def lookup(self, hashes: list[bytes], parent: bytes = b"") -> int: ...  # leading blocks held
     def prepare_load(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> None: ...  # pins, starts reads
@@ -114,7 +117,10 @@ class Tiers:
         self._loading: dict[int, list[_PendingLoad]] = {}  # sequence id -> its reads
         self._reads: dict[tuple[str, bytes], list[_PendingLoad]] = {}  # (tier, hash) -> reads waiting
         self._misses: dict[str, int] = {}  # per tier, the last lookup's blocks not found there
-        self.step_hooks: list[Callable[[], None]] = []  # called as each step's planning begins
+        self._write_through = [tier.name for tier in stores if tier.write_through]
+        self._fresh: list[tuple[int, CachedBlock]] = []  # blocks the device cached since the last step
+        if self._write_through:
+            device_pool.listeners.append(self._cached)
         if host_caching or stores:
             device_pool.on_evict = self._device_evicted
         if stores:
@@ -268,8 +274,7 @@ class Tiers:
         """Releases the last step's pins and takes in the store tiers' finished work. Returns what was read
         since the last step as (tier, bytes, seconds), for the cost model."""
         self.release_pins()
-        for hook in self.step_hooks:
-            hook()
+        self._write_fresh()
         measured = []
         for tier in self.stores.values():
             for loaded in tier.poll():
@@ -287,6 +292,30 @@ class Tiers:
         if not pending.done:  # not cancelled while in flight
             pending.done, pending.payload, pending.header = True, loaded.payload, loaded.header
         return [(tier, len(loaded.payload), loaded.seconds)] if loaded.payload is not None else []
+
+    def idle(self) -> list[StoreOp]:
+        """No step follows: the last one's pins go, and the blocks it cached are stored in the
+        write-through tiers now (the step has written them)."""
+        self.release_pins()
+        self._write_fresh()
+        stores, self.ops.stores = self.ops.stores, []
+        return stores
+
+    # -- write-through ---------------------------------------------------------------------------
+    def _cached(self, stored: bool, block: int, entry: CachedBlock) -> None:
+        if stored:
+            self._fresh.append((block, entry))
+
+    def _write_fresh(self) -> None:
+        """Stores the blocks the device cached in the last step (their K/V are written now) in
+        the write-through tiers that lack them, before this step can write the blocks again."""
+        for block, entry in self._fresh:
+            if self.device_pool.cached.get(block) != entry:
+                continue  # evicted since: the eviction stored it where the tiers wanted it
+            takers = tuple(name for name in self._write_through if self.stores[name].wants(entry.block_hash))
+            if takers:
+                self.ops.stores.append(StoreOp(Device.DEVICE, block, entry, takers))
+        self._fresh.clear()
 
     def take_ops(self) -> TierOps:
         ops, self.ops = self.ops, TierOps()

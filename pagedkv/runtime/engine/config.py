@@ -323,7 +323,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     """Rank 0's parts: the executor, and the scheduler and block manager that plan for all ranks."""
     from pagedkv.kvcache.block_manager import BlockManager
     from pagedkv.preemption.policy import PreemptionPolicy
-    from pagedkv.runtime.engine.kv_tiers import host_cache_bytes, write_through
+    from pagedkv.runtime.engine.kv_tiers import host_cache_bytes
     from pagedkv.preemption.scheduler import Scheduler, SchedulerConfig
 
     loaded, executor = build_executor(config, loaded, group)
@@ -332,7 +332,6 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark,
                       config.enable_prefix_caching, host_caching, list(executor.stores.values()),
                       cache.spec.bytes_per_block)
-    write_through(bm.tiers, [tier.name for tier in executor.stores.values() if getattr(tier, "write_through", False)])
     policy = PreemptionPolicy(config.preemption_mode, cost, cache.spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                           config.preemption_mode), bm, policy)

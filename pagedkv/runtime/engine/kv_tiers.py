@@ -22,10 +22,8 @@ import torch
 
 from pagedkv.kernels.cpu.ops import cache_dir
 from pagedkv.kvcache.cache_engine import GIB, CacheSpec
-from pagedkv.kvcache.allocator import CachedBlock, Device
 from pagedkv.kvcache.disk_tier import DiskTier
 from pagedkv.kvcache.remote_tier import RemoteTier, redacted
-from pagedkv.kvcache.tiering import StoreOp, Tiers
 from pagedkv.runtime.models.loader import LoadedModel
 
 LAYOUT = "block-major-v1"  # [layers, K/V, block_size, kv_heads, head_dim] per block
@@ -117,32 +115,6 @@ def build_remote_tier(url: str, timeout_s: float, loaded: LoadedModel, spec: Cac
                       quantized: bool) -> RemoteTier:
     tier = RemoteTier(url, model_fingerprint(loaded, spec, device, quantized), block_bytes=spec.bytes_per_block,
                       timeout_s=timeout_s)
-    tier.write_through = True  # written as the device caches them: other engines find them at once
     tier.lookup([b"\0" * 32])  # asks once now: an unreachable server is said at start
     log.info("KV remote tier %s (%s)", redacted(url), "answers" if tier.available else "does not answer yet")
     return tier
-
-
-def write_through(tiers: Tiers, names: list[str]) -> None:
-    """Every block the device caches (full, its K/V written by the end of the step that caches
-    it) is stored in the tiers `names` that lack it, among the stores of the step after, which
-    run before that step can write the block again."""
-    if not names:
-        return
-    pending: list[tuple[int, CachedBlock]] = []
-
-    def cached(stored: bool, block: int, entry: CachedBlock) -> None:
-        if stored:
-            pending.append((block, entry))
-
-    def next_step() -> None:
-        for block, entry in pending:
-            if tiers.device_pool.cached.get(block) != entry:
-                continue  # evicted since (the eviction stored it where the tiers wanted it)
-            takers = tuple(name for name in names if tiers.stores[name].wants(entry.block_hash))
-            if takers:
-                tiers.ops.stores.append(StoreOp(Device.DEVICE, block, entry, takers))
-        pending.clear()
-
-    tiers.device_pool.listeners.append(cached)
-    tiers.step_hooks.append(next_step)

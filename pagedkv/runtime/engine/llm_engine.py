@@ -178,14 +178,9 @@ class LLMEngine:
         an idle engine holds nothing (the next step's planning would release them); and the
         blocks it cached go to the tiers that take them as they are cached (the remote one)."""
         if self.prepared is None and not self.has_unfinished():
-            self.block_manager.release_pins()
-            tiers = self.block_manager.tiers
-            if tiers.step_hooks:
-                for hook in tiers.step_hooks:
-                    hook()
-                stores, tiers.ops.stores = tiers.ops.stores, []
-                if stores:
-                    self.executor.store(stores)
+            stores = self.block_manager.idle()
+            if stores:
+                self.executor.store(stores)
 
     def _step_overlapped(self) -> list[RequestOutput]:
         self.profile.begin()
