@@ -32,3 +32,19 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape and got.device == want.device
     err = (got.float() - want.float()).abs().max().item()
     assert err <= tol, f"max abs error {err} > {tol}"
+
+
+def poison_before_window(cache: torch.Tensor, tables: torch.Tensor, ctx_lens: list[int], q_lens: list[int],
+                         window: int, out_of_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache with one more block, all NaN, and tables whose entries for blocks wholly before
+    each sequence's earliest window (that of its first new token) name that block, or with
+    `out_of_range` a block past the cache: a kernel that reads or checks such an entry is
+    caught, as a freed block of a sliding-window layer must never be read."""
+    block_size, num_blocks = cache.shape[3], cache.shape[0]
+    nan_block = torch.full_like(cache[:1], float("nan"))
+    cache = torch.cat([cache, nan_block])
+    tables = tables.clone()
+    for s, (ctx, q_len) in enumerate(zip(ctx_lens, q_lens)):
+        first = max(0, ctx - q_len + 1 - window)
+        tables[s, :first // block_size] = num_blocks + 1000 if out_of_range else num_blocks
+    return cache, tables

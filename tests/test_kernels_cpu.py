@@ -445,3 +445,49 @@ def test_greedy_and_logsumexp_are_torch_max_and_logsumexp(vocab):
     torch.testing.assert_close(log_total, torch.logsumexp(logits, dim=-1, keepdim=True), rtol=2e-6, atol=0,
                                equal_nan=True)
     assert cpu_ops.greedy_and_logsumexp(logits.double()) is None  # float32 only: callers fall back
+
+
+@settings(max_examples=40)
+@given(ctx_and_new=contexts_and_new_tokens(max_ctx=200), block_size=st.sampled_from([1, 4, 16, 32]),
+       heads=st.sampled_from(HEADS), head_dim=st.sampled_from([16, 64, 128]),
+       cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]), window=st.integers(1, 70))
+def test_sliding_window_equals_reference_and_never_reads_before_it(ctx_and_new, block_size, heads, head_dim,
+                                                                   cache_dtype, window):
+    # Blocks wholly before a sequence's earliest window name a block past the cache: the kernel
+    # neither checks nor reads them (a freed block of a windowed layer), nor does the reference.
+    from paged_cases import poison_before_window
+
+    cache, tables, query, starts, lens = prefill_case(ctx_and_new, block_size, heads, head_dim, cache_dtype)
+    cache, tables = poison_before_window(cache, tables, [c for c, _ in ctx_and_new], [n for _, n in ctx_and_new],
+                                         window, out_of_range=True)
+    scale = head_dim ** -0.5
+    got = cpu_ops.paged_attention_prefill(query, cache, 1, tables, starts, lens, scale, window=window)
+    want = reference.paged_attention_prefill(query, cache, 1, tables, starts, lens, scale, window=window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    # A decode row per sequence with new tokens: its last one.
+    has_rows = [s for s, (_, n) in enumerate(ctx_and_new) if n]
+    if has_rows:
+        last = starts[1:][has_rows].long() - 1
+        got = cpu_ops.paged_attention_decode(query[last], cache, 1, tables[has_rows], lens[has_rows], scale,
+                                             window=window)
+        want = reference.paged_attention_decode(query[last], cache, 1, tables[has_rows], lens[has_rows], scale,
+                                                window=window)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 100])
+def test_a_windowed_prompt_row_equals_the_same_row_decoded(attention_path, window):
+    # What recompute after preemption needs, with a sliding window too: rows that share a job
+    # start at different tiles, and each still computes alone.
+    for cache_dtype in (torch.float32, torch.bfloat16):
+        cache, tables, query, starts, lens = prefill_case([(300, 300), (45, 20)], 4, (9, 3), 64, cache_dtype)
+        prompt = cpu_ops.paged_attention_prefill(query.bfloat16(), cache, 0, tables, starts, lens, 0.125,
+                                                 window=window)
+        seq = torch.tensor([0] * 300 + [1] * 20)
+        row_ctx = torch.cat([torch.arange(1, 301), torch.arange(26, 46)]).int()
+        decoded = cpu_ops.paged_attention_decode(query.bfloat16(), cache, 0, tables[seq], row_ctx, 0.125,
+                                                 window=window)
+        assert torch.equal(prompt, decoded)
+        full = cpu_ops.paged_attention_prefill(query.bfloat16(), cache, 0, tables, starts, lens, 0.125)
+        assert torch.equal(prompt[:window], full[:window])  # rows whose window holds all their context
+        assert not torch.equal(prompt[window:300], full[window:300])

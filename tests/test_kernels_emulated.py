@@ -143,3 +143,40 @@ def test_swap_blocks_kernel():
     cuda_ops.swap_blocks(cpu_pool, device_pool, in_map)
     ref.swap_blocks(cpu_pool, want_dev, in_map)
     assert torch.equal(device_pool, want_dev)
+
+
+@pytest.mark.parametrize(
+    "dtype,block_size,heads,head_dim,window",
+    [(torch.float16, 16, (4, 2), 64, 20), (torch.float32, 4, (2, 2), 64, 7), (torch.bfloat16, 2, (6, 3), 64, 33),
+     (torch.float16, 1, (8, 8), 128, 1)],
+)
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("mma", [True, False])
+def test_sliding_window(monkeypatch, dtype, block_size, heads, head_dim, window, split, mma):
+    """Prompts, cached prefixes and decode rows with a sliding window; the blocks wholly before
+    a sequence's earliest window hold NaNs, which reach the output if the kernel reads them."""
+    from paged_cases import poison_before_window
+
+    if mma and dtype == torch.float32:
+        mma = False  # fp32 has no tensor-core path: the scalar kernel twice
+    kernel = kernel_path(monkeypatch, dtype, mma)
+    hq, hkv = heads
+    seqs = [(70, 70), (90, 11), (9, 1), (50, 1), (5, 5)]  # (context, new tokens)
+    cache, tables, g = random_paged_cache([c for c, _ in seqs], block_size, hkv, head_dim, dtype)
+    cache, tables = poison_before_window(cache, tables, [c for c, _ in seqs], [n for _, n in seqs], window)
+    starts = [0]
+    for _, q_len in seqs:
+        starts.append(starts[-1] + q_len)
+    query = torch.randn(starts[-1], hq, head_dim, generator=g).to(dtype)
+    lens = torch.tensor([c for c, _ in seqs], dtype=torch.int32)
+    args = (cache, 0, tables, torch.tensor(starts, dtype=torch.int32), lens, 0.2)
+    got = cuda_ops.paged_attention_prefill(query, *args, window=window, split=split)
+    check_launches(kernel, split)
+    want = ref.paged_attention_prefill(query, *args, window=window)
+    assert not want.isnan().any()
+    assert_close(got, want, TOL[dtype])
+    LAUNCHED.clear()
+    last = torch.tensor(starts[1:]) - 1
+    got = cuda_ops.paged_attention_decode(query[last], cache, 0, tables, lens, 0.2, window=window, split=split)
+    check_launches(kernel, split)
+    assert_close(got, ref.paged_attention_decode(query[last], cache, 0, tables, lens, 0.2, window=window), TOL[dtype])

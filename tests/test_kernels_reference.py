@@ -35,21 +35,30 @@ def make_tables(ctx_lens, block_size, num_blocks, seed=0, pad=-1):
 
 
 def naive_kv(kv_cache, layer, table, ctx):
-    """K and V [ctx, Hkv, D] of one sequence, slot by slot."""
+    """K and V [ctx, Hkv, D] of one sequence, slot by slot (zeros where the table names no
+    block of the cache)."""
     bs = kv_cache.shape[3]
-    ks = [kv_cache[int(table[p // bs]), layer, 0, p % bs] for p in range(ctx)]
-    vs = [kv_cache[int(table[p // bs]), layer, 1, p % bs] for p in range(ctx)]
+    zero = torch.zeros_like(kv_cache[0, layer, 0, 0])
+
+    def row(p, kv):
+        block = int(table[p // bs])
+        return kv_cache[block, layer, kv, p % bs] if 0 <= block < kv_cache.shape[0] else zero
+
+    ks = [row(p, 0) for p in range(ctx)]
+    vs = [row(p, 1) for p in range(ctx)]
     return torch.stack(ks).double(), torch.stack(vs).double()
 
 
-def naive_attention(q, positions, k, v, scale):
-    """q [n, Hq, D]; row i sees keys 0..positions[i]; explicit loops over heads."""
+def naive_attention(q, positions, k, v, scale, window=0):
+    """q [n, Hq, D]; row i sees keys 0..positions[i] (the last `window` of them when window > 0);
+    explicit loops over heads."""
     n, hq, d = q.shape
     group = hq // k.shape[1]
     out = torch.zeros(n, hq, d, dtype=torch.float64)
     for i, pos in enumerate(positions):
+        first = max(0, pos + 1 - window) if window > 0 else 0
         for h in range(hq):
-            kk, vv = k[: pos + 1, h // group], v[: pos + 1, h // group]
+            kk, vv = k[first: pos + 1, h // group], v[first: pos + 1, h // group]
             logits = kk @ q[i, h].double() * scale
             p = torch.exp(logits - logits.max())
             out[i, h] = (p / p.sum()) @ vv
@@ -229,3 +238,35 @@ def test_prefill_rejects_more_new_tokens_than_context():
             torch.zeros(3, 1, 32), cache, 0, torch.zeros(1, 1, dtype=torch.int32),
             torch.tensor([0, 3], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 1.0,
         )
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 37])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_sliding_window_decode_and_prefill_match_naive(block_size, window):
+    """Each row sees the last `window` positions up to its own; table entries of blocks wholly
+    before a sequence's earliest window are never read (they name a block past the cache)."""
+    from paged_cases import poison_before_window
+
+    hq, hkv, head_dim = 6, 2, 32
+    seqs = [(60, 60), (45, 7), (20, 1), (3, 3), (90, 1)]  # (context, new tokens)
+    ctx_lens, q_lens = [c for c, _ in seqs], [n for _, n in seqs]
+    num_blocks = sum(math.ceil(c / block_size) for c in ctx_lens) + 2
+    cache = make_cache(num_blocks, 2, block_size, hkv, head_dim, torch.float32, seed=window)
+    tables = make_tables(ctx_lens, block_size, num_blocks, seed=block_size, pad=0)
+    clean = cache
+    cache, tables = poison_before_window(cache, tables, ctx_lens, q_lens, window, out_of_range=True)
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    g = torch.Generator().manual_seed(window)
+    query = torch.randn(starts[-1], hq, head_dim, generator=g)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32)
+    got = ref.paged_attention_prefill(query, cache, 1, tables, torch.tensor(starts, dtype=torch.int32), lens, 0.2,
+                                      window=window)
+    last_rows = torch.tensor(starts[1:]) - 1
+    decoded = ref.paged_attention_decode(query[last_rows], cache, 1, tables, lens, 0.2, window=window)
+    for s, (ctx, q_len) in enumerate(seqs):
+        k, v = naive_kv(clean, 1, tables[s], ctx)
+        want = naive_attention(query[starts[s]: starts[s + 1]], list(range(ctx - q_len, ctx)), k, v, 0.2, window)
+        check_close(got[starts[s]: starts[s + 1]], want, torch.float32)
+        check_close(decoded[s: s + 1], want[-1:], torch.float32)

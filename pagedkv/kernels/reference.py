@@ -7,6 +7,12 @@ scaled_dot_product_attention for prefill. Half types are computed in fp32.
 
 KV cache layout (one pool): [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim],
 index 0 of dim 2 is K, 1 is V; slot s lives at block s // block_size, offset s % block_size.
+
+Sliding-window attention: with `window` W > 0, the query at position p sees positions
+p - W + 1 .. p (transformers' sliding-window mask: key j is visible when p - j < W); 0 is
+full causal attention. Blocks that lie wholly before a row's window are never read (their
+table entries may name blocks that were freed and reused, so they are replaced by block 0 and
+masked, like the padding past a row's last block).
 """
 
 from __future__ import annotations
@@ -120,8 +126,10 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """One query token per sequence ([B, Hq, D]) over its first context_lens[b] cached tokens."""
+    """One query token per sequence ([B, Hq, D]) over its first context_lens[b] cached tokens
+    (the last `window` of them when window > 0)."""
     num_seqs, num_heads, head_dim = query.shape
     device, block_size, num_kv_heads = kv_cache.device, kv_cache.shape[3], kv_cache.shape[4]
     lens = context_lens.to(device=device, dtype=torch.long)
@@ -138,8 +146,15 @@ def paged_attention_decode(
     num_blocks, group = chunks[-1][2], num_heads // num_kv_heads
     # Table entries past a row's last block are padding: read block 0, mask it out.
     tables = tables[:, :num_blocks].long()
-    tables = torch.where(torch.arange(num_blocks, device=device) < blocks.unsqueeze(1), tables, 0)
-    hidden = torch.arange(num_blocks * block_size, device=device) >= lens.unsqueeze(1)  # [B, keys]
+    block_index = torch.arange(num_blocks, device=device)
+    read = block_index < blocks.unsqueeze(1)
+    keys = torch.arange(num_blocks * block_size, device=device)
+    hidden = keys >= lens.unsqueeze(1)  # [B, keys]
+    if window > 0:  # blocks wholly before the window are not read; keys before it are hidden
+        first = (lens - window).clamp(min=0)
+        read &= block_index >= first.div(block_size, rounding_mode="floor").unsqueeze(1)
+        hidden |= keys < first.unsqueeze(1)
+    tables = torch.where(read, tables, 0)
     dtype = _compute_dtype(kv_cache.dtype)
     # Batch over (KV head, row); the query heads of a KV head's group are its query rows.
     q = query.to(device=device, dtype=dtype).view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)
@@ -180,11 +195,13 @@ def paged_attention_prefill(
     query_start_loc: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal attention for a ragged batch whose new K/V are already in the cache.
 
     Sequence s owns query rows query_start_loc[s]:query_start_loc[s+1] at positions
-    context_lens[s] - q_len .. context_lens[s] - 1; position p sees positions 0..p.
+    context_lens[s] - q_len .. context_lens[s] - 1; position p sees positions 0..p (with
+    window > 0: p - window + 1 .. p).
     """
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
@@ -200,23 +217,30 @@ def paged_attention_prefill(
         if q_len == 1:
             single.append(s)
             continue
+        # The first row's window starts first; blocks wholly before it are not read.
+        first_block = max(0, ctx - q_len + 1 - window) // block_size if window > 0 else 0
+        first = first_block * block_size
         num_blocks = -(-ctx // block_size)
-        tables = block_tables[s, :num_blocks].to(device=device, dtype=torch.long)
-        k, v = _gather_kv(kv_cache, layer, tables)  # [num_blocks * block_size, Hkv, D]
-        k, v = k[:ctx].transpose(0, 1).unsqueeze(0), v[:ctx].transpose(0, 1).unsqueeze(0)
+        tables = block_tables[s, first_block:num_blocks].to(device=device, dtype=torch.long)
+        k, v = _gather_kv(kv_cache, layer, tables)  # [(num_blocks - first_block) * block_size, Hkv, D]
+        k, v = k[:ctx - first].transpose(0, 1).unsqueeze(0), v[:ctx - first].transpose(0, 1).unsqueeze(0)
         q = query[starts[s] : starts[s + 1]].to(device).transpose(0, 1).unsqueeze(0)
-        if q_len == ctx:  # nothing cached before: plain causal (top-left aligned)
+        if q_len == ctx and window <= 0:  # nothing cached before: plain causal (top-left aligned)
             o = _sdpa(q, k, v, None, scale, causal=True)
         else:  # query i sits at position ctx - q_len + i
             pos = torch.arange(ctx - q_len, ctx, device=device)
-            mask = torch.arange(ctx, device=device)[None, :] <= pos[:, None]
+            key_pos = torch.arange(first, ctx, device=device)
+            mask = key_pos[None, :] <= pos[:, None]
+            if window > 0:
+                mask &= key_pos[None, :] > pos[:, None] - window
             o = _sdpa(q, k, v, mask, scale)
         out[starts[s] : starts[s + 1]] = o[0].transpose(0, 1).to(out.dtype)
     if single:
         idx = torch.tensor(single, device=block_tables.device)
         rows = torch.tensor([starts[s] for s in single], device=query.device)
         out[rows] = paged_attention_decode(
-            query[rows], kv_cache, layer, block_tables[idx], context_lens[idx.to(context_lens.device)], scale
+            query[rows], kv_cache, layer, block_tables[idx], context_lens[idx.to(context_lens.device)], scale,
+            window,
         ).to(out.device)
     return out
 

@@ -9,7 +9,8 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
                     const void *cache, int cache_bf16, int64_t num_blocks, int num_layers, int layer,
                     int block_size, int num_kv_heads, int head_dim, int num_heads, const int32_t *block_tables,
                     int64_t table_stride, int64_t table_width, const int32_t *query_start_loc,
-                    const int32_t *context_lens, int num_seqs, int64_t max_rows, float scale, int num_threads);
+                    const int32_t *context_lens, int num_seqs, int64_t max_rows, float scale, int window,
+                    int num_threads);
 int rotary_and_cache(void *qkv, int64_t row_stride, int bf16, int64_t num_tokens, int num_heads, int num_kv_heads,
                      int head_dim, const void *cos, const void *sin, void *cache, int cache_bf16, int64_t num_blocks,
                      int num_layers, int layer, int block_size, const int64_t *slots);

@@ -32,6 +32,7 @@ typedef struct {
     Linear qkv, o, gate_up, down;
     const void *post_norm;  // post-attention RMS norm weight
     const void *next_norm;  // the next layer's input norm weight; the final norm's after the last layer
+    int32_t window;         // sliding-window attention over this many positions; 0: all of them
 } Layer;
 
 typedef struct {
@@ -91,7 +92,7 @@ int decode_layers(const DecodeStep *s, const Layer *layers, int num_layers, void
         if ((rc = paged_attention(s->qkv, qkv_len, s->bf16, rows, s->attn, s->cache, s->cache_bf16, s->num_blocks,
                                   s->num_layers, i, s->block_size, s->num_kv_heads, s->head_dim, s->num_heads,
                                   s->block_tables, s->table_stride, s->table_width, NULL, s->context_lens,
-                                  (int)rows, 1, s->scale, s->num_threads)))
+                                  (int)rows, 1, s->scale, l->window, s->num_threads)))
             break;
         if ((rc = linear(s, &l->o, s->attn, q_len, s->delta))) break;
         add_rms_norm(h, s->delta, l->post_norm, x, rows, s->hidden, s->eps, s->bf16, s->num_threads);

@@ -175,11 +175,15 @@ static inline vfloat exp_nonpositive(vfloat x) {
     return blend(underflow, splat(0.0f), p * (vfloat)two_n);
 }
 
-// Element offsets (from c->base) of the K rows of context positions t0 .. t0+n-1.
-static inline void tile_rows(const CacheLayer *c, const int32_t *table, int t0, int n, int64_t *rows) {
-    int block = t0 / c->block_size, offset = t0 % c->block_size;
+// Element offsets (from c->base) of the K rows of context positions t0 .. t0+n-1; positions
+// before `first` (a sliding window's start, whose blocks may be gone) take position first's
+// row, which no query weighs.
+static inline void tile_rows(const CacheLayer *c, const int32_t *table, int t0, int n, int first, int64_t *rows) {
+    const int skip = first - t0 > n ? n : first - t0 > 0 ? first - t0 : 0;
+    int block = (t0 + skip) / c->block_size, offset = (t0 + skip) % c->block_size;
     for (int i = 0; i < n; i++) {
         rows[i] = table[block] * c->block_stride + offset * c->slot_stride;
+        if (i < skip) continue;
         if (++offset == c->block_size) offset = 0, block++;
     }
 }
@@ -228,18 +232,22 @@ static inline __attribute__((always_inline)) void from_row_order(const vfloat *r
 }
 
 // Up to QUERIES query vectors of one sequence against one KV head: q[j] (float32 [VECS * 16])
-// sees context positions 0 .. ctx[j]-1 (ctx[j] > 0 for j < nq). Flash-style: one pass over
-// the context in tiles of 16 positions, a running maximum and sum per query, the weighted V
-// rows summed in registers; each K and V row is read once for all the queries. Each query's
-// arithmetic is its own (no lane mixes queries), so a row's result is the same whatever
-// queries, batch or thread it is computed with. With `amx` (bfloat16 cache and queries, heads a
+// sees context positions lo[j] .. ctx[j]-1 (ctx[j] > 0 for j < nq; lo[j] = ctx[j] - window
+// with a sliding window of `window` > 0 positions, else 0). Flash-style: one pass over the
+// context in tiles of 16 positions, a running maximum and sum per query, the weighted V rows
+// summed in registers; each K and V row is read once for all the queries. Tiles are aligned to
+// multiples of 16 positions, and a query skips the tiles that hold none of its positions, so
+// each query's arithmetic is its own (no lane mixes queries) and a row's result is the same
+// whatever queries, batch or thread it is computed with. Blocks wholly before every query's
+// window are never read. With `amx` (bfloat16 cache and queries, heads a
 // multiple of 32 wide) a tile's scores are one C tile, positions by queries: A = the tile's K
 // rows (in place when they are 16 evenly spaced rows, else copied), B = the queries, 32
 // dimensions at a time; each query's column is its own, as above. SmolLM2-135M's decode, 64
 // sequences of 155 positions, 30 layers, 1 thread: 35-38 ms to 32; prompts 1.3 times faster.
 static inline __attribute__((always_inline)) void attend(const CacheLayer *c, const int bf16, const int VECS,
                                                         const int amx, const int32_t *table, const float *q,
-                                                        const int *ctx, int nq, float scale, float *out) {
+                                                        const int *ctx, int nq, int window, float scale,
+                                                        float *out) {
     const int d_len = VECS * LANES, split = bf16 && VECS % 2 == 0;
     vfloat acc[QUERIES][VECS], partial[QUERIES][TILE], qv[QUERIES][VECS];
 #if HAVE_AMX
@@ -261,21 +269,24 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
 #endif
     float top[QUERIES], total[QUERIES], weight[QUERIES][TILE] __attribute__((aligned(64)));
     int64_t rows[TILE], ahead[TILE];
-    int ctx_max = 0;
+    int ctx_max = 0, lo[QUERIES], lo_min = 0;
     for (int j = 0; j < QUERIES; j++) {
         top[j] = -INFINITY;
         total[j] = 0.0f;
         for (int v = 0; v < VECS; v++) acc[j][v] = splat(0.0f);
         to_row_order(q + j * d_len, split, VECS, qv[j]);
+        lo[j] = j < nq && window > 0 && ctx[j] > window ? ctx[j] - window : 0;
         if (j < nq && ctx[j] > ctx_max) ctx_max = ctx[j];
+        if (j < nq && (j == 0 || lo[j] < lo_min)) lo_min = lo[j];
     }
     const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    tile_rows(c, table, 0, ctx_max < TILE ? ctx_max : TILE, rows);
-    for (int t0 = 0; t0 < ctx_max; t0 += TILE) {
+    const int t_first = lo_min / TILE * TILE;
+    tile_rows(c, table, t_first, ctx_max - t_first < TILE ? ctx_max - t_first : TILE, lo_min, rows);
+    for (int t0 = t_first; t0 < ctx_max; t0 += TILE) {
         const int n = ctx_max - t0 < TILE ? ctx_max - t0 : TILE;
         // The next tile's rows, asked for now: a sequence's blocks lie anywhere in the cache.
         const int n_next = ctx_max - t0 - n < TILE ? ctx_max - t0 - n : TILE;
-        tile_rows(c, table, t0 + TILE, n_next, ahead);
+        tile_rows(c, table, t0 + TILE, n_next, lo_min, ahead);
         for (int i = 0; i < n_next; i++)
             for (int b = 0; b < d_len * (bf16 ? 2 : 4); b += 64) {
                 __builtin_prefetch((const char *)c->base + ahead[i] * (bf16 ? 2 : 4) + b);
@@ -319,10 +330,12 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
         }
 #endif
         for (int j = 0; j < QUERIES; j++) {
+            // Lanes skip .. valid-1 of the tile are query j's positions.
             const int valid = j < nq ? (ctx[j] - t0 < n ? ctx[j] - t0 : n) : 0;
+            const int skip = j < nq && lo[j] > t0 ? lo[j] - t0 : 0;
             vfloat p = splat(0.0f);
-            if (valid > 0) {
-                const vint keep = lane < valid;
+            if (valid > skip) {
+                const vint keep = (lane < valid) & (lane >= skip);
                 vfloat s;
 #if HAVE_AMX
                 if (amx)  // query j's column of the scores
@@ -370,15 +383,15 @@ typedef struct {
 #define ATTEND_CASES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(16)
 #define ATTEND_FN(vecs)                                                                                            \
     static void attend_f32_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,      \
-                                  float s, float *o) { attend(c, 0, vecs, 0, t, q, x, n, s, o); }                  \
+                                  int w, float s, float *o) { attend(c, 0, vecs, 0, t, q, x, n, w, s, o); }        \
     static void attend_bf16_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,     \
-                                   float s, float *o) { attend(c, 1, vecs, 0, t, q, x, n, s, o); }                 \
+                                   int w, float s, float *o) { attend(c, 1, vecs, 0, t, q, x, n, w, s, o); }       \
     static void attend_bf16_amx_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n, \
-                                       float s, float *o) {                                                     \
-        attend(c, 1, vecs, HAVE_AMX && vecs % 2 == 0, t, q, x, n, s, o);                                           \
+                                       int w, float s, float *o) {                                              \
+        attend(c, 1, vecs, HAVE_AMX && vecs % 2 == 0, t, q, x, n, w, s, o);                                        \
     }
 ATTEND_CASES(ATTEND_FN)
-typedef void (*AttendFn)(const CacheLayer *, const int32_t *, const float *, const int *, int, float, float *);
+typedef void (*AttendFn)(const CacheLayer *, const int32_t *, const float *, const int *, int, int, float, float *);
 
 // Whether attention takes its query-key products on AMX's tiles: bfloat16 queries and cache,
 // heads a multiple of 32 wide, and AMX usable here.
@@ -400,7 +413,9 @@ int paged_attention_supports(int head_dim) { return attend_fn(0, head_dim, 0) !=
 
 // Attention over the paged cache for a ragged batch whose new K/V are already in it.
 // Sequence s owns query rows query_start_loc[s] .. query_start_loc[s+1]-1 (NULL: row s alone,
-// the decode case), its last rows: row i of q_len sees positions 0 .. ctx - q_len + i.
+// the decode case), its last rows: row i of q_len sees positions 0 .. ctx - q_len + i, or with
+// a sliding window of `window` > 0 positions the last `window` of them. Table entries of
+// blocks wholly before the first row's window are neither checked nor read.
 // query: [rows, num_heads, head_dim] float32 or bfloat16, rows `query_stride` apart; out:
 // contiguous, same type. block_tables: int32 rows of `table_width` entries, `table_stride`
 // apart; context_lens: int32 [num_seqs]. A row with no context gets zeros; rows of no
@@ -410,7 +425,8 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
                     const void *cache, int cache_bf16, int64_t num_blocks, int num_layers, int layer,
                     int block_size, int num_kv_heads, int head_dim, int num_heads, const int32_t *block_tables,
                     int64_t table_stride, int64_t table_width, const int32_t *query_start_loc,
-                    const int32_t *context_lens, int num_seqs, int64_t max_rows, float scale, int num_threads) {
+                    const int32_t *context_lens, int num_seqs, int64_t max_rows, float scale, int window,
+                    int num_threads) {
     const int amx = attention_on_amx(query_bf16, cache_bf16, head_dim);
     const AttendFn fn = attend_fn(cache_bf16, head_dim, amx);
     if (!fn || num_heads % num_kv_heads) return ERR_QUERY;
@@ -425,7 +441,8 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
         const int ctx = context_lens[s] > 0 ? context_lens[s] : 0;
         if (start < 0 || q_len < 0 || start + q_len > num_rows || (query_start_loc && q_len > ctx)) return ERR_QUERY;
         if ((ctx + block_size - 1) / block_size > table_width) return ERR_TABLE;
-        for (int b = 0; b < (ctx + block_size - 1) / block_size; b++) {
+        const int64_t first_key = window > 0 && ctx - q_len + 1 > window ? ctx - q_len + 1 - window : 0;
+        for (int64_t b = first_key / block_size; b < (ctx + block_size - 1) / block_size; b++) {
             const int32_t block = block_tables[s * table_stride + b];
             if (block < 0 || block >= num_blocks) return ERR_BLOCK;
         }
@@ -466,7 +483,7 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
         }
         CacheLayer head_layer = c;  // the job's KV head: its rows start head_dim elements further per head
         head_layer.base = (const char *)c.base + (int64_t)job.kv_head * head_dim * (cache_bf16 ? 2 : 4);
-        if (ctx) fn(&head_layer, block_tables + job.seq * table_stride, q, q_ctx, job.count, scale, o);
+        if (ctx) fn(&head_layer, block_tables + job.seq * table_stride, q, q_ctx, job.count, window, scale, o);
         else memset(o, 0, sizeof(float) * job.count * head_dim);
         for (int k = 0; k < job.count; k++)
             for (int d = 0; d < head_dim; d++) store(out, at[k] + d, o[k * head_dim + d], query_bf16);

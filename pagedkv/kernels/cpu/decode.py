@@ -33,7 +33,7 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
-                ("post_norm", ptr), ("next_norm", ptr)]
+                ("post_norm", ptr), ("next_norm", ptr), ("window", i32)]
 
 
 class _DecodeStep(ctypes.Structure):
@@ -64,6 +64,7 @@ class NativeLayer:
     down: NativeLinear
     post_norm: torch.Tensor  # the post-attention norm's weight
     next_norm: torch.Tensor  # the next layer's input norm weight, or the final norm's
+    window: int = 0          # sliding-window attention over this many positions; 0: all
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
                 checked.add(w.data.shape)
     structs = (_Layer * len(layers))(*[
         _Layer(_linear_struct(l.qkv), _linear_struct(l.o), _linear_struct(l.gate_up), _linear_struct(l.down),
-               l.post_norm.data_ptr(), l.next_norm.data_ptr()) for l in layers])
+               l.post_norm.data_ptr(), l.next_norm.data_ptr(), l.window) for l in layers])
     kinds = {w.kind for l in layers for w in (l.qkv, l.o, l.gate_up, l.down)}
     max_rows = min(DECODE_ROWS, float32_rows) if "float32" in kinds else DECODE_ROWS if "bfloat16" in kinds else None
     return DecodePlan(tuple(layers), structs, dtype, layers[0].post_norm.numel(), layers[0].gate_up.n // 2,

@@ -111,7 +111,7 @@ def library() -> ctypes.CDLL | None:
         return None
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.paged_attention.argtypes = [ptr, i64, i32, i64, ptr, ptr, i32, i64, i32, i32, i32, i32, i32, i32,
-                                    ptr, i64, i64, ptr, ptr, i32, i64, ctypes.c_float, i32]
+                                    ptr, i64, i64, ptr, ptr, i32, i64, ctypes.c_float, i32, i32]
     lib.paged_attention_supports.argtypes = [i32]
     lib.greedy_and_logsumexp.argtypes = [ptr, i64, i64, i64, ptr, ptr, i32]
     lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
@@ -255,14 +255,16 @@ def model_kernels_usable(dtype: torch.dtype, kv_cache: torch.Tensor) -> bool:
 
 
 def paged_attention_decode(query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
     if not _attention_usable(query, kv_cache):
-        return reference.paged_attention_decode(query, kv_cache, layer, block_tables, context_lens, scale)
-    return _attention("paged_attention_decode", query, kv_cache, layer, block_tables, None, context_lens, scale)
+        return reference.paged_attention_decode(query, kv_cache, layer, block_tables, context_lens, scale, window)
+    return _attention("paged_attention_decode", query, kv_cache, layer, block_tables, None, context_lens, scale,
+                      window)
 
 
 def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
-                            query_start_loc: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                            query_start_loc: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                            window: int = 0) -> torch.Tensor:
     """The kernel for prompts of every length: each row's arithmetic is a decode row's, which is
     what keeps recompute after preemption (and chunked prefill) invisible in the outputs. torch's
     SDPA computes long prompts faster (float32 from about 300 rows, bfloat16 with AMX from about
@@ -270,12 +272,13 @@ def paged_attention_prefill(query: torch.Tensor, kv_cache: torch.Tensor, layer: 
     a recomputed sequence of 480 prompt tokens came out different."""
     if not _attention_usable(query, kv_cache):
         return reference.paged_attention_prefill(query, kv_cache, layer, block_tables, query_start_loc, context_lens,
-                                                 scale)
+                                                 scale, window)
     starts = int_array(query_start_loc.cpu(), torch.int32).contiguous()
     if starts.numel() != context_lens.numel() + 1:
         raise ValueError(f"paged_attention_prefill: {starts.numel()} query start offsets for "
                          f"{context_lens.numel()} sequences")
-    return _attention("paged_attention_prefill", query, kv_cache, layer, block_tables, starts, context_lens, scale)
+    return _attention("paged_attention_prefill", query, kv_cache, layer, block_tables, starts, context_lens, scale,
+                      window)
 
 
 def _attention_usable(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -289,8 +292,9 @@ def paged_attention_supports(head_dim: int) -> bool:
 
 
 def _attention(what: str, query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
-               starts: torch.Tensor | None, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The kernel on every sequence's rows (a row each where `starts` is None)."""
+               starts: torch.Tensor | None, context_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+    """The kernel on every sequence's rows (a row each where `starts` is None); `window` > 0:
+    each row sees only the last `window` positions up to its own."""
     query = _rows(query)
     tables = int_array(block_tables.cpu(), torch.int32)
     lens = int_array(context_lens.cpu(), torch.int32).contiguous()
@@ -307,7 +311,7 @@ def _attention(what: str, query: torch.Tensor, kv_cache: torch.Tensor, layer: in
         query.data_ptr(), query.stride(0), DTYPES[query.dtype], num_rows, out.data_ptr(), kv_cache.data_ptr(),
         DTYPES[kv_cache.dtype], num_blocks, num_layers, _layer(kv_cache, layer), block_size, num_kv_heads, head_dim,
         num_heads, tables.data_ptr(), tables.stride(0), tables.shape[1], None if starts is None else starts.data_ptr(),
-        lens.data_ptr(), num_seqs, max(num_rows, 1), scale, torch.get_num_threads())
+        lens.data_ptr(), num_seqs, max(num_rows, 1), scale, max(int(window), 0), torch.get_num_threads())
     check_rc(rc, what)
     return out
 

@@ -193,7 +193,7 @@ def _split_plan(split: Optional[bool], base_ctas: int, max_keys: int, device: to
     return part if max_keys > part else NO_SPLIT
 
 
-def _attention(query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale, split):
+def _attention(query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale, split, window=0):
     _check_cache(kv_cache)
     num_rows, num_q_heads, head_dim = query.shape
     _, _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
@@ -242,7 +242,7 @@ def _attention(query, kv_cache, layer, block_tables, query_start_loc, context_le
             _ptr(kv_cache), _i64(kv_cache.stride(0)), _i64(layer * kv_cache.stride(1)), _i64(kv_cache.stride(2)),
             _i32(block_size), _i32(num_kv_heads), _ptr(tables), _i64(tables.stride(0)), _ptr(qsl), _ptr(lens),
             _i32(num_rows), _i32(num_seqs), _i32(num_q_heads), _i32(part_size),
-            np.float32(scale * math.log2(math.e)))
+            np.float32(scale * math.log2(math.e)), _i32(max(int(window), 0)))
     _launcher(Launch(source, kernel, (num_tiles, head_groups, parts), (threads, 1, 1), args), device)
     if parts > 1:
         args = (_ptr(out), _ptr(part_acc), _ptr(part_ml), _ptr(qsl), _ptr(lens), _i32(num_seqs),
@@ -253,15 +253,15 @@ def _attention(query, kv_cache, layer, block_tables, query_start_loc, context_le
 
 
 def paged_attention_decode(query, kv_cache, layer: int, block_tables, context_lens, scale: float,
-                           split: Optional[bool] = None) -> torch.Tensor:
+                           window: int = 0, split: Optional[bool] = None) -> torch.Tensor:
     """`split` forces (True: partitions of PART_SIZE keys) or forbids (False) split-K; None
     chooses by grid size. The kernel trusts its inputs: context_lens[b] <= block_tables.shape[1] * block_size."""
-    return _attention(query, kv_cache, layer, block_tables, None, context_lens, scale, split)
+    return _attention(query, kv_cache, layer, block_tables, None, context_lens, scale, split, window)
 
 
 def paged_attention_prefill(query, kv_cache, layer: int, block_tables, query_start_loc, context_lens,
-                            scale: float, split: Optional[bool] = None) -> torch.Tensor:
-    return _attention(query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale, split)
+                            scale: float, window: int = 0, split: Optional[bool] = None) -> torch.Tensor:
+    return _attention(query, kv_cache, layer, block_tables, query_start_loc, context_lens, scale, split, window)
 
 
 def _copy_chunks(src: torch.Tensor, dst: torch.Tensor, src_ptr: int, dst_ptr: int, src_dst, device) -> None:

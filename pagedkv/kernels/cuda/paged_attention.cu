@@ -11,6 +11,9 @@
 //
 // Split-K: with gridDim.z > 1 every CTA handles one partition of part_size keys and
 // writes an unnormalised partial (max, sum, acc); paged_attention_reduce combines them.
+//
+// Sliding window: with window > 0 a row sees only the last `window` keys up to its own; the
+// keys (and blocks) before the window of a segment's first row are never read.
 #include "common.cuh"
 
 #define PAGEDKV_ATTN_WARPS 4
@@ -27,7 +30,7 @@ __global__ void __launch_bounds__(PAGEDKV_ATTN_THREADS) paged_attention_kernel(
     const int* __restrict__ block_tables, long long bt_stride,
     const int* __restrict__ query_start_loc,  // [S + 1]; null: row r is sequence r (decode)
     const int* __restrict__ context_lens,     // [S]
-    int num_rows, int num_seqs, int num_q_heads, int part_size, float scale_log2) {
+    int num_rows, int num_seqs, int num_q_heads, int part_size, float scale_log2, int window) {
     constexpr int VEC = D / LPT;              // dims per lane
     constexpr int TPW = 32 / LPT;             // keys per warp per step
     constexpr int QT = ROWS / GROUP;          // query tokens per CTA
@@ -60,14 +63,15 @@ __global__ void __launch_bounds__(PAGEDKV_ATTN_THREADS) paged_attention_kernel(
         const int rows_end = min(tile_end, first_row + q_len);
         const int ctx = context_lens[seq];
 
-        // Row r = (query token r / GROUP, head r % GROUP) sees keys [0, key_limit[r]).
-        int key_limit[ROWS];
+        // Row r = (query token r / GROUP, head r % GROUP) sees keys [key_start[r], key_limit[r]).
+        int key_limit[ROWS], key_start[ROWS];
         int max_limit = 0;
         float qv[ROWS][VEC];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int row = row0 + r / GROUP;
             key_limit[r] = row < rows_end ? ctx - q_len + (row - first_row) + 1 : 0;
+            key_start[r] = window > 0 ? max(0, key_limit[r] - window) : 0;
             max_limit = max(max_limit, key_limit[r]);
             if (row < rows_end) {
                 const T* qp = q + row * q_stride_t + (head0 + r % GROUP) * q_stride_h + slot * VEC;
@@ -78,8 +82,9 @@ __global__ void __launch_bounds__(PAGEDKV_ATTN_THREADS) paged_attention_kernel(
                 for (int j = 0; j < VEC; ++j) qv[r][j] = 0.0f;
             }
         }
-        const int key_begin = part * part_size;
-        const int key_end = min(max_limit, key_begin + part_size);
+        // Row 0 of the tile (the segment's earliest row here) has the earliest window.
+        const int key_begin = max(part * part_size, key_start[0]);
+        const int key_end = min(max_limit, part * part_size + part_size);
 
         float m[ROWS], l[ROWS], acc[ROWS][VEC];
 #pragma unroll
@@ -122,7 +127,8 @@ __global__ void __launch_bounds__(PAGEDKV_ATTN_THREADS) paged_attention_kernel(
                     for (int j = 0; j < VEC; ++j) dot += qv[r][j] * kf[u][j];
 #pragma unroll
                     for (int o = LPT / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                    s[u] = (key[u] < key_end && key[u] < key_limit[r]) ? dot : PAGEDKV_NEG_INF;
+                    s[u] = (key[u] < key_end && key[u] < key_limit[r] && key[u] >= key_start[r]) ? dot
+                                                                                                   : PAGEDKV_NEG_INF;
                     chunk_max = fmaxf(chunk_max, s[u]);
                 }
                 const float m_new = fmaxf(m[r], chunk_max);
@@ -233,11 +239,11 @@ __global__ void __launch_bounds__(128) paged_attention_reduce(
 
 #ifdef PAGEDKV_INSTANTIATE_FOR_CHECK
 // Offline compile check (nvcc): the run-time build instantiates through name_expressions.
-template __global__ void paged_attention_kernel<half_t, 128, 16, 4, 4>(half_t*, float*, float*, const half_t*, long long, long long, const half_t*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float);
-template __global__ void paged_attention_kernel<bf16_t, 64, 8, 4, 1>(bf16_t*, float*, float*, const bf16_t*, long long, long long, const bf16_t*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float);
-template __global__ void paged_attention_kernel<float, 128, 32, 8, 8>(float*, float*, float*, const float*, long long, long long, const float*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float);
-template __global__ void paged_attention_kernel<half_t, 96, 16, 5, 5>(half_t*, float*, float*, const half_t*, long long, long long, const half_t*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float);
-template __global__ void paged_attention_kernel<float, 256, 32, 4, 2>(float*, float*, float*, const float*, long long, long long, const float*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float);
+template __global__ void paged_attention_kernel<half_t, 128, 16, 4, 4>(half_t*, float*, float*, const half_t*, long long, long long, const half_t*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float, int);
+template __global__ void paged_attention_kernel<bf16_t, 64, 8, 4, 1>(bf16_t*, float*, float*, const bf16_t*, long long, long long, const bf16_t*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float, int);
+template __global__ void paged_attention_kernel<float, 128, 32, 8, 8>(float*, float*, float*, const float*, long long, long long, const float*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float, int);
+template __global__ void paged_attention_kernel<half_t, 96, 16, 5, 5>(half_t*, float*, float*, const half_t*, long long, long long, const half_t*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float, int);
+template __global__ void paged_attention_kernel<float, 256, 32, 4, 2>(float*, float*, float*, const float*, long long, long long, const float*, long long, long long, long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float, int);
 template __global__ void paged_attention_reduce<half_t>(half_t*, const float*, const float*, const int*, const int*, int, int, int, int, int);
 template __global__ void paged_attention_reduce<bf16_t>(bf16_t*, const float*, const float*, const int*, const int*, int, int, int, int, int);
 template __global__ void paged_attention_reduce<float>(float*, const float*, const float*, const int*, const int*, int, int, int, int, int);

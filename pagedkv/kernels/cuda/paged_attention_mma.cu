@@ -26,6 +26,9 @@
 // Split-K: with gridDim.z > 1 every CTA handles one partition of part_size keys and writes
 // an unnormalised partial (max, sum, acc) that paged_attention_reduce (paged_attention.cu)
 // combines; the partial layout is the scalar kernel's.
+//
+// Sliding window: with window > 0 a row sees only the last `window` keys up to its own; the
+// keys (and blocks) before the window of a segment's first row are never read.
 #include "common.cuh"
 
 #define PAGEDKV_MMA_TBL 256
@@ -41,7 +44,7 @@ __global__ void __launch_bounds__(32 * WM * WN) paged_attention_mma_kernel(
     const int* __restrict__ block_tables, long long bt_stride,
     const int* __restrict__ query_start_loc,  // [S + 1]; null: row r is sequence r (decode)
     const int* __restrict__ context_lens,     // [S]
-    int num_rows, int num_seqs, int num_q_heads, int part_size, float scale_log2) {
+    int num_rows, int num_seqs, int num_q_heads, int part_size, float scale_log2, int window) {
     constexpr int THREADS = 32 * WM * WN;
     constexpr int ROWS = QT * GROUP;              // valid rows of the 16 WM
     constexpr int NK = BLOCK_N / WN;              // keys per warp and tile
@@ -77,12 +80,13 @@ __global__ void __launch_bounds__(32 * WM * WN) paged_attention_mma_kernel(
         }
         const int rows_end = min(tile_end, first_row + q_len);
         const int ctx = context_lens[seq];
-        const int key_begin = part * part_size;
-        // The last token of the segment sees the most keys.
-        const int key_end = min(ctx - q_len + (rows_end - first_row), key_begin + part_size);
+        // The last token of the segment sees the most keys, the first the earliest ones.
+        const int first_start = window > 0 ? max(0, ctx - q_len + (row0 - first_row) + 1 - window) : 0;
+        const int key_begin = max(part * part_size, first_start);
+        const int key_end = min(ctx - q_len + (rows_end - first_row), part * part_size + part_size);
 
-        // This lane's rows: g and g + 8 of the warp's 16; key_lim bounds the keys each sees.
-        int key_lim[2];
+        // This lane's rows: g and g + 8 of the warp's 16; each sees keys [key_lo, key_lim).
+        int key_lim[2], key_lo[2];
         unsigned int qa[D / 16][4];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -90,6 +94,7 @@ __global__ void __launch_bounds__(32 * WM * WN) paged_attention_mma_kernel(
             const int row = row0 + r / GROUP;
             const bool valid = r < ROWS && row < rows_end;
             key_lim[h] = valid ? min(key_end, ctx - q_len + (row - first_row) + 1) : 0;
+            key_lo[h] = valid && window > 0 ? max(0, ctx - q_len + (row - first_row) + 1 - window) : 0;
             const T* qp = q + (valid ? row * q_stride_t + (head0 + r % GROUP) * q_stride_h : 0);
 #pragma unroll
             for (int ks = 0; ks < D / 16; ++ks) {
@@ -181,7 +186,7 @@ __global__ void __launch_bounds__(32 * WM * WN) paged_attention_mma_kernel(
                 for (int nt = 0; nt < NK / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const bool seen = key0 + 8 * nt + e < key_lim[h];
+                        const bool seen = key0 + 8 * nt + e < key_lim[h] && key0 + 8 * nt + e >= key_lo[h];
                         s[nt][2 * h + e] = seen ? s[nt][2 * h + e] * scale_log2 : PAGEDKV_NEG_INF;
                         mx = fmaxf(mx, s[nt][2 * h + e]);
                     }
@@ -298,7 +303,7 @@ __global__ void __launch_bounds__(32 * WM * WN) paged_attention_mma_kernel(
 #ifdef PAGEDKV_INSTANTIATE_FOR_CHECK
 // Offline compile check (nvcc): the run-time build instantiates through name_expressions.
 #define PAGEDKV_MMA_ARGS(T) T*, float*, float*, const T*, long long, long long, const T*, long long, long long, \
-    long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float
+    long long, int, int, const int*, long long, const int*, const int*, int, int, int, int, float, int
 template __global__ void paged_attention_mma_kernel<half_t, 128, 1, 2, 4, 1, 32>(PAGEDKV_MMA_ARGS(half_t));
 template __global__ void paged_attention_mma_kernel<bf16_t, 128, 4, 1, 4, 16, 32>(PAGEDKV_MMA_ARGS(bf16_t));
 template __global__ void paged_attention_mma_kernel<half_t, 128, 4, 1, 1, 64, 32>(PAGEDKV_MMA_ARGS(half_t));
