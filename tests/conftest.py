@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory):
     built: dict[tuple, str] = {}
 
     def make(**kwargs) -> str:
-        key = tuple(sorted(kwargs.items()))
+        key = repr(sorted(kwargs.items()))  # values may be dicts (extra_config)
         if key not in built:
             built[key] = make_tiny_llama(str(tmp_path_factory.mktemp("tiny")), **kwargs)
         return built[key]

@@ -42,7 +42,14 @@ user assistant system: Please answer the question in one short sentence.
 
 _MODEL_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
                   "mistral": ("MistralConfig", "MistralForCausalLM"),
-                  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+                  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+                  "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+                  "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                  "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+                  "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM")}
+# Families whose attention projections may carry biases through `attention_bias`.
+_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma3_text", "smollm3")
 
 
 def make_tokenizer(vocab_size: int = 512) -> Tokenizer:
@@ -79,19 +86,23 @@ def make_tiny_llama(
     max_shard_size: str | int | None = None,
     with_tokenizer: bool = True,
     add_bos_token: bool = False,
+    extra_config: dict[str, Any] | None = None,
 ) -> str:
     """Build and save a random model; returns `path`.
 
-    model_type "llama", "mistral" or "qwen2" (Qwen2 always has q/k/v biases). Biases and
-    norm weights are randomized too, so that a loader mixing them up is caught.
+    model_type: a key of _MODEL_CLASSES (Qwen2 always has q/k/v biases); extra_config: more
+    arguments of its config class (sliding_window, layer_types, rope_parameters, experts...).
+    Biases and norm weights are randomized too, so that a loader mixing them up is caught
+    (Gemma's norms, which scale by 1 + weight, around 0, the others around 1).
     """
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # keep test output quiet
     config_name, model_name = _MODEL_CLASSES[model_type]
-    extra: dict[str, Any] = {"attention_bias": attention_bias} if model_type == "llama" else {}
+    extra: dict[str, Any] = {"attention_bias": attention_bias} if model_type in _ATTENTION_BIAS else {}
     if head_dim is not None:
         extra["head_dim"] = head_dim
+    extra.update(extra_config or {})
     config = getattr(transformers, config_name)(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -109,7 +120,7 @@ def make_tiny_llama(
                 if name.endswith(".bias"):
                     param.normal_(0.0, initializer_range)
                 elif "norm" in name:
-                    param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                    param.copy_((0.0 if model_type == "gemma3_text" else 1.0) + 0.1 * torch.randn_like(param))
     os.makedirs(path, exist_ok=True)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)

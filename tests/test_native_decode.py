@@ -60,8 +60,9 @@ def assert_same(runs) -> None:
 @needs_library
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("config", [dict(num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True),
-                                    dict(num_layers=3, num_heads=4, num_kv_heads=1, head_dim=128, hidden_size=128)],
-                         ids=["gqa-tied", "hd128"])
+                                    dict(num_layers=3, num_heads=4, num_kv_heads=1, head_dim=128, hidden_size=128),
+                                    dict(num_layers=2, model_type="mistral", extra_config=dict(sliding_window=5))],
+                         ids=["gqa-tied", "hd128", "sliding-window"])
 def test_float32_layers_in_one_call_equal_the_loop(tiny_model, config, threads, monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -145,7 +146,7 @@ def test_errors_are_the_loops(tiny_model):
     rows = 2
     h = torch.randn(rows, cfg.hidden_size)
     x = torch.randn(rows, cfg.hidden_size)
-    cos, sin = (t[:, 0].contiguous() for t in model.rotary(torch.tensor([3, 5])))
+    cos, sin = (t[:, 0].contiguous() for t in model.rotary(torch.tensor([3, 5]))[0])
     good = dict(slot_mapping=torch.tensor([3, 9]), block_tables=torch.tensor([[0, 0], [1, 2]]),
                 context_lens=torch.tensor([4, 6]))
 

