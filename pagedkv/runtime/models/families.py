@@ -208,3 +208,27 @@ def expected_shape(name: str, config: ModelConfig) -> tuple[int, ...] | None:
               "o_proj.bias": (h,), "mlp.gate.weight": (config.num_experts, h),
               "gate_proj.weight": (inter, h), "up_proj.weight": (inter, h), "down_proj.weight": (h, inter)}
     return next((s for k, s in shapes.items() if name.endswith(k)), None)
+
+
+def unfused(name: str, tensor, config: ModelConfig) -> list[tuple[str, Any]]:
+    """Phi-3's fused projections (qkv_proj, gate_up_proj) as the separate matrices of the other
+    families; any other tensor as it is. `tensor` is a torch tensor or a quantized matrix
+    (anything with `rows`, runtime.models.quant.GroupQuantized)."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        bounds = [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]
+        parts = [("q", "qkv_proj"), ("k", "qkv_proj"), ("v", "qkv_proj")]
+    elif name.endswith("mlp.gate_up_proj.weight"):
+        half = tensor.shape[0] // 2
+        bounds = [(0, half), (half, 2 * half)]
+        parts = [("gate", "gate_up_proj"), ("up", "gate_up_proj")]
+    else:
+        return [(name, tensor)]
+    out = []
+    for (start, end), (part, fused) in zip(bounds, parts):
+        piece = tensor.rows(list(range(start, end))) if hasattr(tensor, "rows") else tensor[start:end]
+        out.append((name.replace(fused, f"{part}_proj"), piece))
+    return out
+
+
+FUSED = ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")

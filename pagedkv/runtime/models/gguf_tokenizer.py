@@ -6,13 +6,17 @@ the same file, so that both give the same ids:
 - "gpt2": byte-level BPE; the split regex is chosen by tokenizer.ggml.pre, GPT-2's
   own when the pre-tokenizer is not one with a known different regex.
 - "llama": SentencePiece-style BPE with byte fallback, merges from the file or
-  recovered from the token scores.
+  recovered from the token scores; Gemma's (no prefix space, merges in the vocabulary's
+  order, runs of spaces spelled with "▁") and Phi-3's (the prefix space from a normalizer)
+  as transformers builds them for those architectures.
+A file without a chat template gets its architecture's (Gemma's turns), and the end-of-turn
+tokens of chat templates count as end of generation, as llama.cpp counts them.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokenizers import AddedToken, Regex, Tokenizer as BackendTokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer as BackendTokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from pagedkv.runtime.models.gguf_loader import gguf_value
@@ -56,12 +60,30 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, map(chr, chars)))
 
 
+# Chat templates for architectures whose files may come without one (llama.cpp detects these
+# formats by name). Gemma: turns of `<start_of_turn>{user|model}\n...<end_of_turn>\n`, a system
+# message joined to the first user turn.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set system = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' else '' %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ (system if loop.first else '') + message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+DEFAULT_CHAT_TEMPLATES = {"gemma3": GEMMA_CHAT_TEMPLATE}
+# End-of-turn tokens: a generation ends there too, where the vocabulary has them as control tokens.
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
 def build_gguf_tokenizer(reader: "GGUFReader", source: str = ""
                          ) -> tuple[BackendTokenizer, dict[str, str | None], list[str], str | None]:
     """(backend, named special tokens, end-of-generation tokens, chat template)."""
     tokens: list[str] | None = gguf_value(reader, "tokenizer.ggml.tokens")
     if not tokens:
         raise ValueError(f"{source}: GGUF file has no tokenizer (tokenizer.ggml.tokens)")
+    arch = gguf_value(reader, "general.architecture")
     kind = gguf_value(reader, "tokenizer.ggml.model")
     types: list[int] = gguf_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = gguf_value(reader, "tokenizer.ggml.merges")
@@ -73,7 +95,11 @@ def build_gguf_tokenizer(reader: "GGUFReader", source: str = ""
         control = [t for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= alphabet]
     elif kind == "llama":
         scores = gguf_value(reader, "tokenizer.ggml.scores")
-        backend = _sentencepiece(tokens, merges, scores, source)
+        if arch in ("gemma", "gemma2", "gemma3"):
+            tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+            backend = _sentencepiece(tokens, merges, [-float(i) for i in range(len(tokens))], source, style="gemma")
+        else:
+            backend = _sentencepiece(tokens, merges, scores, source, style="phi3" if arch == "phi3" else "llama")
         control = [t for t, ty in zip(tokens, types) if ty == CONTROL]
     else:
         raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported "
@@ -99,7 +125,9 @@ def build_gguf_tokenizer(reader: "GGUFReader", source: str = ""
     set_bos_eos(backend, special["bos_token"] if add_bos else None,
                 special["eos_token"] if add_eos else None)
     eos_tokens = [t for t in (special["eos_token"], token("eot_token_id")) if t is not None]
-    return backend, special, eos_tokens, gguf_value(reader, "tokenizer.chat_template")
+    eos_tokens += [t for t in END_OF_TURN if t in control and t not in eos_tokens]
+    template = gguf_value(reader, "tokenizer.chat_template") or DEFAULT_CHAT_TEMPLATES.get(arch)
+    return backend, special, eos_tokens, template
 
 
 def set_bos_eos(backend: BackendTokenizer, bos: str | None, eos: str | None) -> None:
@@ -134,7 +162,10 @@ def _byte_level(tokens: list[str], merges: list[str] | None, pre: str | None) ->
 
 
 def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[float] | None,
-                   source: str) -> BackendTokenizer:
+                   source: str, style: str = "llama") -> BackendTokenizer:
+    """style "llama": Metaspace with a prefix space; "gemma": spaces replaced by "▁", no prefix
+    space; "phi3": the prefix space and the replacement by a normalizer (so a text's leading
+    spaces stay as many)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges:
         pairs = [tuple(m.split(" ", 1)) for m in merges]
@@ -144,8 +175,16 @@ def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[flo
         raise ValueError(f"{source}: SentencePiece GGUF tokenizer has neither merges nor scores")
     backend = BackendTokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True,
                                    dropout=None))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
-                                                     split=False)
+    if style == "gemma":
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        return backend
+    if style == "phi3":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                         split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(content=" ", left=1)])
     return backend

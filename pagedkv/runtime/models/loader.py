@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from pagedkv.runtime.models.config import QUANTIZATION, ModelConfig
-from pagedkv.runtime.models.families import SUPPORTED_ARCHITECTURES, expected_shape, expected_weight_names, hf_config
+from pagedkv.runtime.models.families import (FUSED, SUPPORTED_ARCHITECTURES, expected_shape, expected_weight_names,
+                                              hf_config, unfused)
 from pagedkv.runtime.models.gguf_loader import gguf_config, gguf_weights, open_gguf
 from pagedkv.runtime.models.parallel import WeightShard
 from pagedkv.runtime.models.sampling_defaults import from_generation_config, from_gguf
@@ -128,22 +129,6 @@ def check_weights(weights: dict[str, torch.Tensor | GroupQuantized], config: Mod
                              f"the config implies {want}")
 
 
-def unfused(name: str, tensor: torch.Tensor, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
-    """Phi-3's fused projections (qkv_proj, gate_up_proj) as the separate matrices of the other
-    families; any other tensor as it is."""
-    if name.endswith("self_attn.qkv_proj.weight"):
-        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        parts = tensor.split([q, kv, kv])
-        return [(name.replace("qkv_proj", f"{x}_proj"), t) for x, t in zip("qkv", parts)]
-    if name.endswith("mlp.gate_up_proj.weight"):
-        gate, up = tensor.chunk(2)
-        return [(name.replace("gate_up_proj", "gate_proj"), gate), (name.replace("gate_up_proj", "up_proj"), up)]
-    return [(name, tensor)]
-
-
-_FUSED = ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")
-
-
 def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype,
                       shard: WeightShard | None = None, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     index = os.path.join(path, "model.safetensors.index.json")
@@ -163,7 +148,7 @@ def _read_safetensors(path: str, wanted: list[str], dtype: torch.dtype,
             raise FileNotFoundError(f"{path}: weight file {name} listed in the index is missing")
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
-                if key.endswith(_FUSED) and config is not None:  # read whole, then split
+                if key.endswith(FUSED) and config is not None:  # read whole, then split
                     for part_name, part in unfused(key, f.get_tensor(key), config):
                         if shard is not None:
                             part = shard.load(part_name, part.shape, part.__getitem__)

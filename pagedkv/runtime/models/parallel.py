@@ -32,6 +32,9 @@ def check_tensor_parallel(config: ModelConfig, world_size: int) -> None:
     """A clear error when the model cannot be split evenly over `world_size` ranks."""
     if world_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {world_size}")
+    if config.num_experts and world_size > 1:
+        raise ValueError(f"a mixture-of-experts model ({config.architecture}) is not split over tensor-parallel "
+                         "ranks: run it with tensor_parallel_size 1")
     if config.num_kv_heads < world_size:
         raise ValueError(f"tensor_parallel_size {world_size} is larger than the model's {config.num_kv_heads} "
                          "KV heads; KV heads are split across ranks, not replicated")
