@@ -22,6 +22,7 @@ _EXPORTS = {
     "LoadedModel": "pagedkv.runtime.models.loader",
     "load_model": "pagedkv.runtime.models.loader",
     "default_model_path": "pagedkv.runtime.models.loader",
+    "model_path": "pagedkv.runtime.models.loader",
     "Client": "pagedkv.runtime.serving.client",
     "AsyncClient": "pagedkv.runtime.serving.client",
     "ServerError": "pagedkv.runtime.serving.client",

@@ -12,7 +12,8 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
 - pagedkv/kernels/cpu/cpu_amx.c: the same with bfloat16 activations on AMX (`int4_linear` of bfloat16 rows),
   and AMX's availability (`amx_supported`), which the attention kernel uses too;
 - pagedkv/kernels/cpu/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16);
-- pagedkv/kernels/cpu/cpu_decode.c: a decode batch's decoder layers in one call (pagedkv/kernels/cpu/decode.py).
+- pagedkv/kernels/cpu/cpu_decode.c: a decode batch's decoder layers in one call (pagedkv/kernels/cpu/decode.py);
+- pagedkv/kernels/cpu/cpu_q6k.c: float32 rows through GGUF's Q6_K blocks read in place (`q6k_linear`).
 The library is found again by a hash of its sources, flags, compiler and CPU, so a cache folder
 shared by machines holds one build per machine.
 """
@@ -36,11 +37,11 @@ from .. import reference
 __all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "paged_attention_supports",
            "rotary_and_cache", "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp",
            "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4",
-           "int4_linear", "amx_supported", "set_amx", "vnni_supported", "set_vnni"]
+           "int4_linear", "amx_supported", "set_amx", "vnni_supported", "set_vnni", "q6k_linear", "q6k_dequantize"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c",
                                                                         "cpu_amx.c", "cpu_vnni.c",
-                                                                        "cpu_decode.c"))
+                                                                        "cpu_decode.c", "cpu_q6k.c"))
 HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_api.h", "cpu_bfloat16.h", "cpu_int4.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
@@ -124,6 +125,8 @@ def library() -> ctypes.CDLL | None:
     lib.vnni_enable.argtypes = [i32]
     lib.bf16_linear.argtypes = [ptr, i64, i32, i64, ptr, i64, ptr, ptr, i32]
     lib.decode_layers.argtypes = [ptr, ptr, i32, ptr, ptr]
+    lib.q6k_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i32]
+    lib.q6k_dequantize.argtypes = [ptr, i64, i64, ptr]
     return lib
 
 
@@ -436,4 +439,32 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if rc:
         raise ValueError(f"bf16_linear: {x.shape[0]} rows and {k} columns: it takes 1 to {BF16_LINEAR_ROWS} rows, "
                          f"columns in multiples of 32, and a CPU with AVX512-BF16")
+    return out
+
+
+Q6K_WEIGHTS, Q6K_BYTES = 256, 210  # weights and bytes of one Q6_K block
+
+
+def q6k_linear(x: torch.Tensor, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """x @ W^T for W [n, k] stored as GGUF's Q6_K blocks (uint8 [n, k / 256 * 210], rows
+    contiguous), in x's type; float32 arithmetic, each row's result the same whatever the
+    other rows (cpu_q6k.c)."""
+    dtype = x.dtype
+    x = x.float()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() != 2 or x.shape[1] != k or k % Q6K_WEIGHTS or blocks.shape != (n, k // Q6K_WEIGHTS * Q6K_BYTES):
+        raise ValueError(f"q6k_linear: input {tuple(x.shape)} for a Q6_K weight [{n}, {k}] of "
+                         f"{tuple(blocks.shape)} bytes")
+    out = torch.empty((x.shape[0], n), dtype=torch.float32)
+    rc = library().q6k_linear(x.data_ptr(), x.stride(0), x.shape[0], k, blocks.data_ptr(), n, out.data_ptr(),
+                              torch.get_num_threads())
+    check_rc(rc, "q6k_linear")
+    return out.to(dtype)
+
+
+def q6k_dequantize(blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The float32 weights [n, k] the kernel multiplies by (as the gguf package dequantizes)."""
+    out = torch.empty((n, k), dtype=torch.float32)
+    check_rc(library().q6k_dequantize(blocks.contiguous().data_ptr(), n, k, out.data_ptr()), "q6k_dequantize")
     return out

@@ -256,13 +256,13 @@ def _load(config: EngineConfig, loaded: LoadedModel | None, shard: WeightShard |
           keep_quantized: bool) -> LoadedModel:
     """The model, or this rank's shard of it (cut from `loaded` when that holds all of it)."""
     from pagedkv.runtime.models.loader import load_model
-    from pagedkv.runtime.models.quant import GroupQuantized
+    from pagedkv.runtime.models.quant import QUANTIZED
 
     if loaded is None:
         return load_model(config.model, shard=shard, quantization="auto" if keep_quantized else "none")
     if shard is None or loaded.shard == shard:
         return loaded
-    if any(isinstance(w, GroupQuantized) for w in loaded.weights.values()):
+    if any(isinstance(w, QUANTIZED) for w in loaded.weights.values()):
         raise ValueError("a model loaded with quantized matrices cannot be split over tensor-parallel ranks: "
                          "load it with quantization='none'")
     if loaded.shard is not None:

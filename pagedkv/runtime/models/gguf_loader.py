@@ -25,7 +25,7 @@ from gguf.quants import dequantize
 from pagedkv.runtime.models.config import FULL, SLIDING, ModelConfig
 from pagedkv.runtime.models.families import unfused
 from pagedkv.runtime.models.parallel import WeightShard
-from pagedkv.runtime.models.quant import KEPT_FORMATS, GroupQuantized, from_gguf_blocks
+from pagedkv.runtime.models.quant import KEPT_FORMATS, BlockQuantized, GroupQuantized, from_gguf_raw
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3", "phi3", "smollm3")
 _PERMUTED = ("llama", "smollm3")  # llama.cpp's NORM-style rotary: the converter permuted q/k rows
@@ -245,10 +245,10 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _kept_quantized(tensor, qtype: GGMLQuantizationType, name: str, config: ModelConfig,
-                    permuted: bool) -> GroupQuantized:
+                    permuted: bool) -> GroupQuantized | BlockQuantized:
     """A matrix in a format kept as it is (see runtime.models.quant), q/k rows in Hugging Face order."""
     rows, cols = int(tensor.shape[1]), int(tensor.shape[0])  # GGML order: fastest dimension first
-    weight = from_gguf_blocks(tensor.data, qtype.name, rows, cols)
+    weight = from_gguf_raw(tensor.data, qtype.name, rows, cols)
     for part, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
         if f".self_attn.{part}." in name and permuted:
             weight = weight.rows(unpermute_rope_rows(np.arange(rows), heads))

@@ -23,7 +23,7 @@ from pagedkv.kernels.cpu import ops as cpu_ops
 from pagedkv.runtime.models.config import ModelConfig
 from pagedkv.runtime.models.huge_pages import into_huge_pages
 from pagedkv.runtime.models.parallel import TensorParallel
-from pagedkv.runtime.models.quant import GroupQuantized, Int4Linear, int4_supported
+from pagedkv.runtime.models.quant import QUANTIZED, BlockLinear, BlockQuantized, GroupQuantized, Int4Linear, int4_supported
 
 
 @dataclass
@@ -152,7 +152,7 @@ class LlamaModel:
         self.dual = self.linear_kind == "onednn" and small_rows_kernel and dense_bytes <= _DUAL_BYTES
         self.small_rows = _SMALL_ROWS.get(dtype, 0)  # batches up to this many rows take the plain weights
         embed = w["model.embed_tokens.weight"]
-        self.embed = self._tensor(embed.dequantize()) if isinstance(embed, GroupQuantized) else embed
+        self.embed = self._tensor(embed.dequantize()) if isinstance(embed, QUANTIZED) else embed
         self.lm_head = self._weight(embed if config.tie_word_embeddings else w["lm_head.weight"])
         self.norm = self._norm_weight(w["model.norm.weight"])
         # Gemma's embeddings are scaled by sqrt(hidden_size), rounded to the weights' type first.
@@ -209,7 +209,7 @@ class LlamaModel:
         if cfg.is_moe_layer(i):
             def dense(name: str) -> torch.Tensor:
                 t = w[name]
-                return self._tensor(t.dequantize()) if isinstance(t, GroupQuantized) else t
+                return self._tensor(t.dequantize()) if isinstance(t, QUANTIZED) else t
 
             experts = range(cfg.num_experts)
             layer["moe"] = dict(
@@ -285,9 +285,10 @@ class LlamaModel:
                                                  window=layer["window"]))
         return cpu_decode.decode_plan(layers, self.dtype, float32_rows=self.small_rows)
 
-    def _tensor(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | GroupQuantized:
+    def _tensor(self, weight: torch.Tensor | GroupQuantized | BlockQuantized
+                ) -> torch.Tensor | GroupQuantized | BlockQuantized:
         """On the device in the dtype; a quantized matrix stays so where it will run quantized."""
-        if isinstance(weight, GroupQuantized):
+        if isinstance(weight, QUANTIZED):
             if self.keep_quantized and int4_supported(weight):
                 return weight
             weight = weight.dequantize()
@@ -297,9 +298,13 @@ class LlamaModel:
         """Matrices stacked along the output rows; quantized if all are, in one format."""
         if all(isinstance(p, GroupQuantized) for p in parts) and len({p.split8 for p in parts}) == 1:
             return GroupQuantized.cat(parts)
-        return torch.cat([p.dequantize().to(self.dtype) if isinstance(p, GroupQuantized) else p for p in parts])
+        if all(isinstance(p, BlockQuantized) for p in parts) and len({(p.fmt, p.columns) for p in parts}) == 1:
+            return BlockQuantized.cat(parts)
+        return torch.cat([p.dequantize().to(self.dtype) if isinstance(p, QUANTIZED) else p for p in parts])
 
     def _weight(self, weight: torch.Tensor | GroupQuantized) -> torch.Tensor | DualWeight | Int4Linear:
+        if isinstance(weight, BlockQuantized):
+            return BlockLinear(weight)
         if isinstance(weight, GroupQuantized):
             return Int4Linear(weight)
         if self.linear_kind == "onednn":

