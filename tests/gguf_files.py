@@ -228,3 +228,38 @@ def write_family_gguf(path: str, folder: str, metadata=None, qtypes: dict[str, Q
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def gemma_vocab(vocab_size: int, sampling: dict[str, float] | None = None):
+    """A SentencePiece vocabulary as Gemma's files hold it (control tokens <pad> <eos> <bos>
+    <unk> <start_of_turn> <end_of_turn>, byte tokens, pieces, no merges, no prefix space, no
+    chat template), padded to `vocab_size`; `sampling`: general.sampling.* settings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, say something nice",
+              "name three rivers and a sea"]
+    trained.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    pieces = [t for t, _ in sorted(trained.get_vocab().items(), key=lambda kv: kv[1])]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    tokens += [f"<unused{i}>" for i in range(vocab_size - len(tokens))]
+    types = [3, 3, 3, 2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 262)
+
+    def add(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores([0.0] * len(tokens))
+        w.add_token_types(types)
+        w.add_bos_token_id(2)
+        w.add_eos_token_id(1)
+        w.add_unk_token_id(3)
+        w.add_pad_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(False)
+        for key, value in (sampling or {}).items():
+            w.add_float32(f"general.sampling.{key}", value) if isinstance(value, float) \
+                else w.add_int32(f"general.sampling.{key}", value)
+    return add

@@ -173,8 +173,8 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, shard: WeightShard 
     weights = gguf_weights(reader, config, dtype, path, shard, keep_quantized)
     has_vocab = "tokenizer.ggml.tokens" in reader.fields
     tokenizer = Tokenizer.from_gguf(reader, path) if has_vocab else None
-    if not config.eos_token_ids and tokenizer is not None:
-        config.eos_token_ids = list(tokenizer.eos_token_ids)
+    if tokenizer is not None:  # the vocabulary's end-of-turn tokens end generation too
+        config.eos_token_ids = list(dict.fromkeys(config.eos_token_ids + tokenizer.eos_token_ids))
     return LoadedModel(config, weights, tokenizer, path, shard, from_gguf(reader))
 
 

@@ -64,6 +64,7 @@ class ModelInfo:
     name: str
     root: str                      # the engine's model path
     max_model_len: int | None
+    sampling_defaults: dict = field(default_factory=dict)  # what the model ships; unset request fields take them
     created: int = field(default_factory=lambda: int(time.time()))
 
     def card(self) -> dict:
@@ -125,7 +126,8 @@ class Gateway:
         if self.model is None:
             health = await self.engine_health()
             name = self.config.served_model_name or model_name(str(health.get("model")))
-            self.model = ModelInfo(name, str(health.get("model")), health.get("max_model_len"))
+            self.model = ModelInfo(name, str(health.get("model")), health.get("max_model_len"),
+                                   dict(health.get("sampling_defaults") or {}))
         return self.model
 
     async def _replies(self, source: dict, job: Job, model: str) -> AsyncIterator[dict]:
@@ -181,7 +183,7 @@ class Gateway:
             log.info("a client disconnected while sending its request (%s %s)", request.method, request.url.path)
             return Response(status_code=499)
         info = await self.model_info()
-        job = parse(body, chat, info.max_model_len)
+        job = parse(body, chat, info.max_model_len, info.sampling_defaults)
         if job.model is not None and job.model not in (info.name, info.root):
             raise ApiError(404, f"the model `{job.model}` does not exist; this server serves `{info.name}`",
                            param="model", code="model_not_found")

@@ -162,7 +162,12 @@ def _content(content: Any, i: int) -> str:
     raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
-def parse(body: Any, chat: bool, max_model_len: int | None) -> Job:
+SHIPPED = ("temperature", "top_p", "top_k", "min_p")  # the settings a model may ship (generation_config.json, GGUF)
+
+
+def parse(body: Any, chat: bool, max_model_len: int | None, defaults: dict | None = None) -> Job:
+    """The request's job. `defaults`: the sampling settings the model ships, which fields the
+    request leaves out take (as vLLM applies a model's generation_config); OpenAI's otherwise."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     _unsupported(body)
@@ -190,6 +195,9 @@ def parse(body: Any, chat: bool, max_model_len: int | None) -> Job:
     for name in SAMPLING:
         if body.get(name) is not None:
             params[name] = body[name]
+    for name, value in (defaults or {}).items():
+        if name in SHIPPED and body.get(name) is None:
+            params[name] = value
     params.setdefault("temperature", 1.0)  # OpenAI's default (SamplingParams' too, said here for clarity)
     if isinstance(params.get("early_stopping"), str) and params["early_stopping"] != "never":
         raise bad_request("'early_stopping' must be true, false or \"never\"", "early_stopping")
