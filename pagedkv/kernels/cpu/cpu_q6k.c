@@ -15,6 +15,10 @@
 
 #include "cpu_api.h"
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #define Q6K_WEIGHTS 256
 #define Q6K_BYTES 210
 #define LANES 16
@@ -85,46 +89,86 @@ static inline float sum_lanes(vfloat a) {
     return a[0];
 }
 
-#define ROWS_AT_ONCE 8  // rows of x that share each decoded block while it is in registers' reach
+typedef uint8_t vbyte __attribute__((vector_size(32)));
+typedef uint8_t vbyte16 __attribute__((vector_size(16)));
+typedef int32_t vint16 __attribute__((vector_size(64)));
+
+// The 256 weights of a block as 16 vectors, vector g the 16 weights of scale g: decode_block's
+// values (the same two float32 products), from whole-vector operations on the packed bytes
+// (shifts by one amount per vector: x86 has no byte shifts by lane).
+static inline __attribute__((always_inline)) void decode_block_vec(const uint8_t *block, vfloat *w) {
+    uint16_t d_bits;
+    memcpy(&d_bits, block + 208, sizeof d_bits);
+    const float d = half_to_float(d_bits);
+    const int8_t *scales = (const int8_t *)(block + 192);
+    for (int half = 0; half < 2; half++) {
+        vbyte l0, l1, h;  // ql[0..31], ql[32..63] and qh[0..31] of the half
+        memcpy(&l0, block + 64 * half, 32);
+        memcpy(&l1, block + 64 * half + 32, 32);
+        memcpy(&h, block + 128 + 32 * half, 32);
+        vbyte q[4];
+        q[0] = (l0 & 0xF) | ((h & 3) << 4);          // weights i
+        q[1] = (l1 & 0xF) | (((h >> 2) & 3) << 4);   // i + 32
+        q[2] = (l0 >> 4) | (((h >> 4) & 3) << 4);    // i + 64
+        q[3] = (l1 >> 4) | ((h >> 6) << 4);          // i + 96
+        for (int g = 0; g < 8; g++) {
+            vfloat qf;
+#ifdef __AVX512F__  // (GCC widens a byte vector lane by lane otherwise)
+            const __m128i part = _mm_loadu_si128((const __m128i *)((const uint8_t *)&q[g / 2] + 16 * (g % 2)));
+            qf = (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part));
+#else
+            vbyte16 part;
+            memcpy(&part, (const uint8_t *)&q[g / 2] + 16 * (g % 2), 16);
+            qf = __builtin_convertvector(__builtin_convertvector(part, vint16), vfloat);
+#endif
+            qf -= 32.0f;
+            w[8 * half + g] = (d * (float)scales[8 * half + g]) * qf;
+        }
+    }
+}
+
+#define ROWS_AT_ONCE 8  // rows of x that share each decoded block
+
+// Output j of R rows r0.. of x: the accumulators stay in registers over all of W's row j.
+static inline __attribute__((always_inline)) void dot_rows(const float *x, int64_t x_stride, int64_t r0, const int R,
+                                                          const uint8_t *row, int64_t per_row, int64_t n, int64_t j,
+                                                          float *out) {
+    vfloat a[ROWS_AT_ONCE], w[Q6K_WEIGHTS / LANES];
+    for (int r = 0; r < R; r++) a[r] = (vfloat){0};
+    for (int64_t b = 0; b < per_row; b++) {
+        const uint8_t *block = row + b * Q6K_BYTES;
+        __builtin_prefetch(block + 4 * Q6K_BYTES), __builtin_prefetch(block + 4 * Q6K_BYTES + 64);
+        __builtin_prefetch(block + 4 * Q6K_BYTES + 128), __builtin_prefetch(block + 4 * Q6K_BYTES + 192);
+        decode_block_vec(block, w);
+        for (int v = 0; v < Q6K_WEIGHTS / LANES; v++)
+            for (int r = 0; r < R; r++) {
+                vfloat xv;
+                memcpy(&xv, x + (r0 + r) * x_stride + b * Q6K_WEIGHTS + v * LANES, sizeof xv);
+                a[r] += w[v] * xv;
+            }
+    }
+    for (int r = 0; r < R; r++) out[(r0 + r) * n + j] = sum_lanes(a[r]);
+}
 
 // out[m, n] = x[m, k] @ W^T for W the Q6_K matrix `blocks` ([n, k] in rows of k / 256 blocks).
-// x: float32 rows `x_stride` apart; out: contiguous. Returns 0, or -4 for k not a multiple of
-// 256, -2 without memory.
+// x: float32 rows `x_stride` apart; out: contiguous. Each output is the same sum, in the same
+// order (16 lanes over the blocks, then a tree), whichever group of rows computes it. Returns
+// 0, or -4 for k not a multiple of 256.
 int q6k_linear(const float *x, int64_t x_stride, int64_t m, int64_t k, const uint8_t *blocks, int64_t n,
                float *out, int num_threads) {
     if (k % Q6K_WEIGHTS) return -4;
     const int64_t per_row = k / Q6K_WEIGHTS;
-    int failed = 0;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && n * m > 64)
-    {
-        float w[Q6K_WEIGHTS] __attribute__((aligned(64)));
-        vfloat *acc = aligned_alloc(sizeof(vfloat), sizeof(vfloat) * (size_t)(m ? m : 1));  // vectors are 64-byte aligned
-        if (!acc) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < n; j++) {
-            if (!acc) continue;
-            for (int64_t r = 0; r < m; r++) acc[r] = (vfloat){0};
-            for (int64_t b = 0; b < per_row; b++) {
-                decode_block(blocks + (j * per_row + b) * Q6K_BYTES, w);
-                for (int64_t r0 = 0; r0 < m; r0 += ROWS_AT_ONCE) {
-                    const int64_t r1 = r0 + ROWS_AT_ONCE < m ? r0 + ROWS_AT_ONCE : m;
-                    for (int v = 0; v < Q6K_WEIGHTS / LANES; v++) {
-                        vfloat wv;
-                        memcpy(&wv, w + v * LANES, sizeof wv);
-                        for (int64_t r = r0; r < r1; r++) {
-                            vfloat xv;
-                            memcpy(&xv, x + r * x_stride + b * Q6K_WEIGHTS + v * LANES, sizeof xv);
-                            acc[r] += wv * xv;
-                        }
-                    }
-                }
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && n * m > 64)
+    for (int64_t j = 0; j < n; j++) {
+        const uint8_t *row = blocks + j * per_row * Q6K_BYTES;
+        for (int64_t r0 = 0; r0 < m; r0 += ROWS_AT_ONCE) {
+            const int64_t count = m - r0 < ROWS_AT_ONCE ? m - r0 : ROWS_AT_ONCE;
+            switch (count) {
+#define Q6K_ROWS(R) case R: dot_rows(x, x_stride, r0, R, row, per_row, n, j, out); break;
+                Q6K_ROWS(1) Q6K_ROWS(2) Q6K_ROWS(3) Q6K_ROWS(4) Q6K_ROWS(5) Q6K_ROWS(6) Q6K_ROWS(7) Q6K_ROWS(8)
+#undef Q6K_ROWS
             }
-            for (int64_t r = 0; r < m; r++) out[r * n + j] = sum_lanes(acc[r]);
         }
-        free(acc);
     }
-    return failed ? -2 : 0;
+    return 0;
 }

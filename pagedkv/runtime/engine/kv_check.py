@@ -43,8 +43,13 @@ def extend_prefix_ids(ids: list[int], tokens: list[int]) -> None:
 
 
 class KVContentChecker:
-    def __init__(self, num_device_blocks: int, num_cpu_blocks: int, block_size: int) -> None:
+    def __init__(self, num_device_blocks: int, num_cpu_blocks: int, block_size: int,
+                 sliding_window: int | None = None) -> None:
+        """sliding_window: the block manager's (every layer sees at most that many positions):
+        a row's slots are checked from its first position's window on, the ones it reads, and
+        the blocks before it, released, must not be."""
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.device = np.zeros(num_device_blocks * block_size, dtype=np.uint64)
         self.cpu = np.zeros(num_cpu_blocks * block_size, dtype=np.uint64)
         # id(sequence) -> (tokens, their prefix ids), for the rows of the last step: most rows
@@ -134,19 +139,29 @@ class KVContentChecker:
         for k, row in enumerate(rows):
             table = (inputs.prefill_block_tables[k] if k < num_prefills
                      else inputs.decode_block_tables[k - num_prefills])
-            positions = np.arange(row.end, dtype=np.int64)
-            slots = table[positions // bs].astype(np.int64) * bs + positions % bs
+            first = max(0, row.start - self.sliding_window + 1) if self.sliding_window else 0
+            positions = np.arange(first, row.end, dtype=np.int64)
+            if first // bs and (table[:first // bs] >= 0).any():
+                raise KVContentError(f"request {row.group.request_id} (sequence {row.seq.seq_id}) still holds blocks "
+                                     f"wholly before its window, which starts at position {first}")
+            blocks = table[positions // bs].astype(np.int64)
+            if len(blocks) and blocks.min() < 0:
+                p = int(positions[np.argmax(blocks < 0)])
+                raise KVContentError(f"request {row.group.request_id} (sequence {row.seq.seq_id}) would read a "
+                                     f"released block at position {p} of {row.end} (its window starts at {first})")
+            slots = blocks * bs + positions % bs
             found = self.device[slots]
             unknown = found == np.uint64(UNKNOWN)
             self.slots_unverifiable += int(np.count_nonzero(unknown))
-            wrong = np.flatnonzero((found != ids_of[k]) & ~unknown)
+            wrong = np.flatnonzero((found != ids_of[k][first:]) & ~unknown)
             if len(wrong):
-                p = int(wrong[0])
-                what = "nothing (never written)" if found[p] == EMPTY else "another prefix's K/V"
-                block = int(slots[p]) // bs
+                p = int(wrong[0]) + first
+                slot = int(slots[p - first])
+                what = "nothing (never written)" if found[p - first] == EMPTY else "another prefix's K/V"
+                block = slot // bs
                 raise KVContentError(
                     f"request {row.group.request_id} (sequence {row.seq.seq_id}) would read {what} at position "
-                    f"{p} of {row.end}: slot {int(slots[p])} (block {block}); {len(wrong)} of its {row.end} slots "
+                    f"{p} of {row.end}: slot {slot} (block {block}); {len(wrong)} of its {row.end - first} slots "
                     f"are wrong; the block's last events: {'; '.join(self._history[block]) or 'none'}")
-            self.slots_checked += row.end
+            self.slots_checked += row.end - first
         self.steps_checked += 1

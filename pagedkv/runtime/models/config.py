@@ -102,3 +102,11 @@ class ModelConfig:
     def all_layers_windowed(self) -> bool:
         """Every layer sees a sliding window (so KV blocks that fell out of it can be freed)."""
         return self.num_layers > 0 and all(self.layer_windows)
+
+    @property
+    def kv_window(self) -> int | None:
+        """The positions before a query that some layer still reads (the largest window) when
+        every layer is windowed, so that the block manager frees the blocks before them; None
+        when a layer attends to everything (Gemma 3's global layers): then every block is
+        read to the end, and a block's memory is the same for all layers of a position."""
+        return max(self.layer_windows) if self.all_layers_windowed else None
