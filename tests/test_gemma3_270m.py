@@ -93,3 +93,10 @@ def test_quantized_matrices_run_quantized(path, prompts):
     got = [r.outputs[0].token_ids for r in llm.generate(prompts[:3], params, use_tqdm=False)]
     want = [r.outputs[0].token_ids for r in full.generate(prompts[:3], params, use_tqdm=False)]
     assert [g[0] for g in got] == [w[0] for w in want]
+    # Decode steps run every layer in one C call (cpu_decode.c, Q6_K included), as the loop would.
+    assert llm.engine.executor.model.decode_plan is not None
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2)
+    one_call = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0]
+    llm.engine.executor.model.decode_plan = None
+    loop = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0]
+    assert one_call.token_ids == loop.token_ids and one_call.logprobs == loop.logprobs

@@ -430,6 +430,23 @@ def test_silu_and_mul_is_the_models_silu_and_mul(dtype):
         cpu_ops.silu_and_mul(gate_up[:, :-1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_and_mul_is_torchs_gelu_tanh_and_mul(dtype):
+    # Gemma's gate: torch's gelu(approximate="tanh"), within a few float32 steps (another tanh).
+    g = torch.Generator().manual_seed(1)
+    gate_up = (torch.randn(5, 2 * 200, generator=g) * 4).to(dtype)
+    gate_up[0, :8] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-30, -1e-30, 9.0, -9.0]).to(dtype)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    want = (torch.nn.functional.gelu(gate, approximate="tanh").to(dtype).float() * up).to(dtype)
+    got = cpu_ops.silu_and_mul(gate_up, gelu=True)
+    assert got.shape == (5, 200) and got.dtype == dtype
+    # Where gelu nears 0 (gates below -3) both sides lose digits to 1 + tanh's cancellation: an
+    # absolute bound there, a few float32 steps elsewhere.
+    scale = (gate.abs() * up.abs()).clamp_min(1.0)
+    step = 2 ** -23 if dtype == torch.float32 else 2 ** -7  # one unit in the last place at magnitude 1
+    assert ((got.float() - want.float()).abs() <= 8 * step * scale).all()
+
+
 @pytest.mark.parametrize("vocab", [1, 7, 16, 1000, 49152])
 def test_greedy_and_logsumexp_are_torch_max_and_logsumexp(vocab):
     g = torch.Generator().manual_seed(vocab)

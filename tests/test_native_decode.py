@@ -61,8 +61,13 @@ def assert_same(runs) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("config", [dict(num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True),
                                     dict(num_layers=3, num_heads=4, num_kv_heads=1, head_dim=128, hidden_size=128),
-                                    dict(num_layers=2, model_type="mistral", extra_config=dict(sliding_window=5))],
-                         ids=["gqa-tied", "hd128", "sliding-window"])
+                                    dict(num_layers=2, model_type="mistral", extra_config=dict(sliding_window=5)),
+                                    dict(num_layers=2, model_type="qwen3", head_dim=32),
+                                    dict(num_layers=3, model_type="gemma3_text", head_dim=32, num_kv_heads=1,
+                                         extra_config=dict(sliding_window=5, query_pre_attn_scalar=24,
+                                                           layer_types=["sliding_attention", "full_attention",
+                                                                        "sliding_attention"]))],
+                         ids=["gqa-tied", "hd128", "sliding-window", "qwen3-qk-norms", "gemma3"])
 def test_float32_layers_in_one_call_equal_the_loop(tiny_model, config, threads, monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

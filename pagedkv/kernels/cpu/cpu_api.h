@@ -17,6 +17,7 @@ int rotary_and_cache(void *qkv, int64_t row_stride, int bf16, int64_t num_tokens
 int add_rms_norm(void *h, const void *delta, const void *weight, void *out, int64_t rows, int64_t width, float eps,
                  int bf16, int num_threads);
 int silu_and_mul(const void *gate_up, void *out, int64_t rows, int64_t width, int bf16, int num_threads);
+int gelu_tanh_and_mul(const void *gate_up, void *out, int64_t rows, int64_t width, int bf16, int num_threads);
 
 // cpu_int4.c: float32 rows through packed 4-bit weights (cpu_int4.h), float32 FMAs.
 int int4_linear(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,

@@ -17,7 +17,7 @@ typedef void (*Sgemm)(const char *transa, const char *transb, const int *m, cons
                       const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
                       const float *beta, float *c, const int *ldc);
 
-enum { LINEAR_F32 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2 };
+enum { LINEAR_F32 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2, LINEAR_Q6K = 3 };
 
 // One weight matrix: out[rows, n] = x[rows, in] @ W^T.
 typedef struct {
@@ -33,6 +33,10 @@ typedef struct {
     const void *post_norm;  // post-attention RMS norm weight
     const void *next_norm;  // the next layer's input norm weight; the final norm's after the last layer
     int32_t window;         // sliding-window attention over this many positions; 0: all of them
+    int32_t rope;           // the rotary table it takes: 0 (cos, sin) or 1 (cos_local, sin_local)
+    // Per-head RMS norms of q and k before the rotary embedding (Qwen3, Gemma 3), and norms of
+    // the attention's and the MLP's outputs before their residual adds (Gemma 3); NULL: none.
+    const void *q_norm, *k_norm, *attn_out_norm, *mlp_out_norm;
 } Layer;
 
 typedef struct {
@@ -54,6 +58,8 @@ typedef struct {
     // output [rows, heads * head_dim], gate_up [rows, 2 * intermediate], act [rows,
     // intermediate], delta [rows, hidden].
     void *qkv, *attn, *gate_up, *act, *delta;
+    const void *cos_local, *sin_local;  // the local layers' rotary table (Gemma 3), where layers take it
+    int32_t gelu;                        // the MLP's gate is GELU's tanh form, else SiLU
 } DecodeStep;
 
 static int linear(const DecodeStep *s, const Linear *w, const void *x, int64_t x_cols, void *out) {
@@ -72,6 +78,8 @@ static int linear(const DecodeStep *s, const Linear *w, const void *x, int64_t x
         return int4_linear(x, x_cols, s->rows, x_cols, w->data, w->half, w->n, w->columns, out, s->num_threads);
     case LINEAR_BF16:
         return bf16_linear(x, x_cols, (int)s->rows, w->columns, w->data, w->n, NULL, out, s->num_threads);
+    case LINEAR_Q6K:
+        return q6k_linear(x, x_cols, s->rows, w->columns, w->data, w->n, out, s->num_threads);
     }
     return -4;
 }
@@ -85,9 +93,16 @@ int decode_layers(const DecodeStep *s, const Layer *layers, int num_layers, void
     for (int i = 0; i < num_layers && !rc; i++) {
         const Layer *l = &layers[i];
         if ((rc = linear(s, &l->qkv, x, s->hidden, s->qkv))) break;
+        if (l->q_norm)  // each head of q, then of k, normalised in place (its rows are head_dim wide)
+            for (int64_t r = 0; r < rows; r++) {
+                char *row = (char *)s->qkv + r * qkv_len * (s->bf16 ? 2 : 4);
+                add_rms_norm(row, NULL, l->q_norm, row, s->num_heads, s->head_dim, s->eps, s->bf16, 1);
+                char *k = row + q_len * (s->bf16 ? 2 : 4);
+                add_rms_norm(k, NULL, l->k_norm, k, s->num_kv_heads, s->head_dim, s->eps, s->bf16, 1);
+            }
         if ((rc = rotary_and_cache(s->qkv, qkv_len, s->bf16, rows, s->num_heads, s->num_kv_heads, s->head_dim,
-                                   s->cos, s->sin, s->cache, s->cache_bf16, s->num_blocks, s->num_layers, i,
-                                   s->block_size, s->slots)))
+                                   l->rope ? s->cos_local : s->cos, l->rope ? s->sin_local : s->sin, s->cache,
+                                   s->cache_bf16, s->num_blocks, s->num_layers, i, s->block_size, s->slots)))
             break;
         if ((rc = paged_attention(s->qkv, qkv_len, s->bf16, rows, s->attn, s->cache, s->cache_bf16, s->num_blocks,
                                   s->num_layers, i, s->block_size, s->num_kv_heads, s->head_dim, s->num_heads,
@@ -95,10 +110,15 @@ int decode_layers(const DecodeStep *s, const Layer *layers, int num_layers, void
                                   (int)rows, 1, s->scale, l->window, s->num_threads)))
             break;
         if ((rc = linear(s, &l->o, s->attn, q_len, s->delta))) break;
+        if (l->attn_out_norm)
+            add_rms_norm(s->delta, NULL, l->attn_out_norm, s->delta, rows, s->hidden, s->eps, s->bf16, s->num_threads);
         add_rms_norm(h, s->delta, l->post_norm, x, rows, s->hidden, s->eps, s->bf16, s->num_threads);
         if ((rc = linear(s, &l->gate_up, x, s->hidden, s->gate_up))) break;
-        silu_and_mul(s->gate_up, s->act, rows, s->intermediate, s->bf16, s->num_threads);
+        if (s->gelu) gelu_tanh_and_mul(s->gate_up, s->act, rows, s->intermediate, s->bf16, s->num_threads);
+        else silu_and_mul(s->gate_up, s->act, rows, s->intermediate, s->bf16, s->num_threads);
         if ((rc = linear(s, &l->down, s->act, s->intermediate, s->delta))) break;
+        if (l->mlp_out_norm)
+            add_rms_norm(s->delta, NULL, l->mlp_out_norm, s->delta, rows, s->hidden, s->eps, s->bf16, s->num_threads);
         add_rms_norm(h, s->delta, l->next_norm, x, rows, s->hidden, s->eps, s->bf16, s->num_threads);
     }
     return rc;

@@ -657,6 +657,37 @@ int silu_and_mul(const void *gate_up, void *out, int64_t rows, int64_t width, in
     return 0;
 }
 
+// out = gelu(gate) * up with GELU's tanh form, gelu(g) = g / 2 * (1 + tanh(sqrt(2 / pi) * (g +
+// 0.044715 g^3))) (Gemma's `gelu_pytorch_tanh`), for gate_up [rows, 2 * width] as silu_and_mul
+// takes it; gelu rounded to the row type, then the product. tanh(u) = sign(u) (1 - e) / (1 + e)
+// with e = e^-2|u| <= 1, so the exponent never overflows.
+int gelu_tanh_and_mul(const void *gate_up, void *out, int64_t rows, int64_t width, int bf16, int num_threads) {
+    const float c = 0.7978845608028654f, cubic = 0.044715f;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && rows >= 32)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t in = r * 2 * width, at = r * width;
+        int64_t i = 0;
+        for (; i + LANES <= width; i += LANES) {
+            const vfloat g = load_vec(gate_up, in + i, bf16), u = load_vec(gate_up, in + width + i, bf16);
+            const vfloat a = c * (g + cubic * g * g * g);
+            const vint negative = a < splat(0.0f);
+            const vfloat e = exp_nonpositive(-2.0f * blend(negative, -a, a));
+            const vfloat t = (splat(1.0f) - e) / (splat(1.0f) + e);
+            vfloat gelu = 0.5f * g * (splat(1.0f) + blend(negative, -t, t));
+            if (bf16) gelu = round_bf16_vec(gelu);
+            store_vec(out, at + i, gelu * u, bf16);
+        }
+        for (; i < width; i++) {
+            const float g = load(gate_up, in + i, bf16), a = c * (g + cubic * g * g * g);
+            const float e = expf(-2.0f * fabsf(a)), t = (1.0f - e) / (1.0f + e);
+            float gelu = 0.5f * g * (1.0f + (a < 0.0f ? -t : t));
+            if (bf16) gelu = bf16_to_float(float_to_bf16(gelu));
+            store(out, at + i, gelu * load(gate_up, in + width + i, bf16), bf16);
+        }
+    }
+    return 0;
+}
+
 // For each row of float32 logits [rows, vocab] (rows `row_stride` apart): the index of its
 // first maximum (of its first NaN, if any, as torch.max) and its log-sum-exp (torch.logsumexp:
 // max + log(sum(exp(x - max))), +inf, -inf or NaN where the row holds them). Two passes over a

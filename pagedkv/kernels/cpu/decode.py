@@ -22,7 +22,7 @@ __all__ = ["DECODE_ROWS", "NativeLinear", "NativeLayer", "DecodePlan", "decode_p
            "sgemm_matches_linear"]
 
 DECODE_ROWS = cpu_ops.BF16_LINEAR_ROWS  # the most sequences a step may hold: bf16_linear's rows
-KINDS = {"float32": 0, "int4": 1, "bfloat16": 2}  # LINEAR_* of cpu_decode.c
+KINDS = {"float32": 0, "int4": 1, "bfloat16": 2, "q6k": 3}  # LINEAR_* of cpu_decode.c
 
 i32, i64, ptr, f32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -33,7 +33,8 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
-                ("post_norm", ptr), ("next_norm", ptr), ("window", i32)]
+                ("post_norm", ptr), ("next_norm", ptr), ("window", i32), ("rope", i32), ("q_norm", ptr),
+                ("k_norm", ptr), ("attn_out_norm", ptr), ("mlp_out_norm", ptr)]
 
 
 class _DecodeStep(ctypes.Structure):
@@ -42,13 +43,15 @@ class _DecodeStep(ctypes.Structure):
                 ("cos", ptr), ("sin", ptr), ("cache", ptr), ("cache_bf16", i32), ("num_layers", i32),
                 ("block_size", i32), ("num_blocks", i64), ("slots", ptr), ("block_tables", ptr),
                 ("table_stride", i64), ("table_width", i64), ("context_lens", ptr), ("sgemm", ptr),
-                ("qkv", ptr), ("attn", ptr), ("gate_up", ptr), ("act", ptr), ("delta", ptr)]
+                ("qkv", ptr), ("attn", ptr), ("gate_up", ptr), ("act", ptr), ("delta", ptr),
+                ("cos_local", ptr), ("sin_local", ptr), ("gelu", i32)]
 
 
 @dataclass(frozen=True)
 class NativeLinear:
-    """A weight as cpu_decode.c multiplies it: "float32" or "bfloat16" ([n, columns], contiguous)
-    or "int4" (cpu_ops.PackedInt4's data; `columns` counts Q8_0's split codes twice)."""
+    """A weight as cpu_decode.c multiplies it: "float32" or "bfloat16" ([n, columns], contiguous),
+    "int4" (cpu_ops.PackedInt4's data; `columns` counts Q8_0's split codes twice) or "q6k"
+    (GGUF's Q6_K blocks, cpu_q6k.c)."""
     kind: str
     data: torch.Tensor
     n: int
@@ -65,6 +68,11 @@ class NativeLayer:
     post_norm: torch.Tensor  # the post-attention norm's weight
     next_norm: torch.Tensor  # the next layer's input norm weight, or the final norm's
     window: int = 0          # sliding-window attention over this many positions; 0: all
+    rope: int = 0            # the rotary table: 0 the model's, 1 the local one (decode_layers' cos_local)
+    q_norm: torch.Tensor | None = None         # per-head norms of q and k (Qwen3, Gemma 3)
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # norms of the attention's and MLP's outputs (Gemma 3)
+    mlp_out_norm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class DecodePlan:
     hidden: int
     intermediate: int
     max_rows: int | None  # the most sequences a step may hold; None: any number (4-bit layers only)
+    gelu: bool = False    # the MLP's gate is GELU's tanh form
 
     def takes(self, rows: int) -> bool:
         return rows >= 1 and (self.max_rows is None or rows <= self.max_rows)
@@ -119,7 +128,7 @@ def _linear_struct(w: NativeLinear) -> _Linear:
 
 
 def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
-                float32_rows: int = DECODE_ROWS) -> DecodePlan | None:
+                float32_rows: int = DECODE_ROWS, gelu: bool = False) -> DecodePlan | None:
     """The plan for these layers, or None where cpu_decode.c cannot run them: no library, a
     weight kind the row type cannot take, or float32 weights without a BLAS that gives
     F.linear's bits. Steps hold up to `float32_rows` sequences where a float32 matrix is among
@@ -130,11 +139,11 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
         return None
     # 4-bit matrices: cpu_int4.c for float32 rows, cpu_amx.c for bfloat16 ones.
     bf16_int4 = {"int4"} if cpu_ops.amx_supported() else set()
-    allowed = {"bfloat16", *bf16_int4} if dtype == torch.bfloat16 else {"float32", "int4"}
+    allowed = {"bfloat16", *bf16_int4} if dtype == torch.bfloat16 else {"float32", "int4", "q6k"}
     checked: set[tuple[int, int]] = set()
     for layer in layers:
         for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            if w.kind not in allowed or (w.kind != "int4" and not w.data.is_contiguous()):
+            if w.kind not in allowed or (w.kind not in ("int4", "q6k") and not w.data.is_contiguous()):
                 return None
             if w.kind == "bfloat16" and not cpu_ops.bf16_linear_supported():
                 return None
@@ -142,22 +151,28 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
                 if not sgemm_matches_linear(w.data):
                     return None
                 checked.add(w.data.shape)
+    def pointer(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
     structs = (_Layer * len(layers))(*[
         _Layer(_linear_struct(l.qkv), _linear_struct(l.o), _linear_struct(l.gate_up), _linear_struct(l.down),
-               l.post_norm.data_ptr(), l.next_norm.data_ptr(), l.window) for l in layers])
+               l.post_norm.data_ptr(), l.next_norm.data_ptr(), l.window, l.rope, pointer(l.q_norm),
+               pointer(l.k_norm), pointer(l.attn_out_norm), pointer(l.mlp_out_norm)) for l in layers])
     kinds = {w.kind for l in layers for w in (l.qkv, l.o, l.gate_up, l.down)}
     max_rows = min(DECODE_ROWS, float32_rows) if "float32" in kinds else DECODE_ROWS if "bfloat16" in kinds else None
     return DecodePlan(tuple(layers), structs, dtype, layers[0].post_norm.numel(), layers[0].gate_up.n // 2,
-                      max_rows)
+                      max_rows, gelu)
 
 
 def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                  context_lens: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float, scale: float) -> None:
+                  context_lens: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float, scale: float,
+                  cos_local: torch.Tensor | None = None, sin_local: torch.Tensor | None = None) -> None:
     """Runs the plan's layers on a decode batch of rows the plan takes, as the model's loop:
     h ([rows, hidden], the residual stream) is updated in place, and x (layer 0's normalised
     input) becomes the final norm's output. cos, sin: [rows, head_dim] in the row type; one
-    slot, block table row and context length per row. The cache must suit the model's kernels
+    slot, block table row and context length per row; cos_local, sin_local: the local layers'
+    table (layers with rope 1), like cos and sin. The cache must suit the model's kernels
     (cpu_ops.model_kernels_usable) and its head size the attention kernel."""
     rows, hidden = h.shape
     num_blocks, num_layers, _, block_size, cache_heads, head_dim = kv_cache.shape
@@ -186,7 +201,9 @@ def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch
         num_threads=torch.get_num_threads(), cos=cos.data_ptr(), sin=sin.data_ptr(), cache=kv_cache.data_ptr(),
         cache_bf16=cpu_ops.DTYPES[kv_cache.dtype], num_layers=num_layers, block_size=block_size,
         num_blocks=num_blocks, slots=slots.data_ptr(), block_tables=tables.data_ptr(), table_stride=tables.stride(0),
-        table_width=tables.shape[1], context_lens=lens.data_ptr(), sgemm=_sgemm(), **pointers)
+        table_width=tables.shape[1], context_lens=lens.data_ptr(), sgemm=_sgemm(),
+        cos_local=(cos if cos_local is None else cos_local).data_ptr(),
+        sin_local=(sin if sin_local is None else sin_local).data_ptr(), gelu=int(plan.gelu), **pointers)
     rc = cpu_ops.library().decode_layers(ctypes.byref(step), plan.structs, len(plan.layers), h.data_ptr(),
                                          x.data_ptr())
     cpu_ops.check_rc(rc, "decode_layers")

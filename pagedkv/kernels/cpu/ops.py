@@ -117,6 +117,7 @@ def library() -> ctypes.CDLL | None:
     lib.greedy_and_logsumexp.argtypes = [ptr, i64, i64, i64, ptr, ptr, i32]
     lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
     lib.silu_and_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
+    lib.gelu_tanh_and_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
     lib.rotary_and_cache.argtypes = [ptr, i64, i32, i64, i32, i32, i32, ptr, ptr, ptr, i32, i64, i32, i32, i32, ptr]
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
@@ -223,16 +224,19 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return out
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     """silu(gate) * up for rows [gate | up] ([rows, 2 * width]), silu rounded to the row type
-    before the product, as torch's two operations round. For CPU tensors, float32 or bfloat16."""
+    before the product, as torch's two operations round; with `gelu`, GELU's tanh form instead
+    of silu (within a few float32 rounding steps of torch's). For CPU tensors, float32 or
+    bfloat16."""
     if not gate_up.is_contiguous():
         gate_up = gate_up.contiguous()
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"silu_and_mul: rows of gate and up halves, got {tuple(gate_up.shape)}")
     out = torch.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype)
-    library().silu_and_mul(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1], DTYPES[gate_up.dtype],
-                           torch.get_num_threads())
+    kernel = library().gelu_tanh_and_mul if gelu else library().silu_and_mul
+    kernel(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1], DTYPES[gate_up.dtype],
+           torch.get_num_threads())
     return out
 
 

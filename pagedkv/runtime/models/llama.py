@@ -257,23 +257,26 @@ class LlamaModel:
     def _decode_plan(self) -> cpu_decode.DecodePlan | None:
         """The layers for pagedkv/kernels/cpu/cpu_decode.c, which runs a small decode batch's loop in one
         call; None where it cannot (biases, tensor parallelism, weights other than the few-row
-        layouts `linear` picks below, a head size the attention kernel does not take, or a layer
-        that is not Llama's: q/k norms, Gemma's norms, GELU, experts, partial or no rotary)."""
+        layouts `linear` picks below, a head size the attention kernel does not take, experts,
+        partial rotary or longrope, NoPE layers, or Gemma's float32 norms in a bfloat16 model).
+        Qwen3's and Gemma 3's q/k norms, Gemma's norms around the attention and the MLP, GELU
+        and Gemma 3's local rotary table run there too."""
         def native(w) -> cpu_decode.NativeLinear | None:
             if isinstance(w, DualWeight) and w.plain.dtype in (torch.float32, torch.bfloat16):
                 kind = "float32" if w.plain.dtype == torch.float32 else "bfloat16"
                 return cpu_decode.NativeLinear(kind, w.plain, *w.plain.shape)
+            if isinstance(w, BlockLinear):
+                return cpu_decode.NativeLinear("q6k", w.packed, w.out_features, w.in_features)
             if isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedInt4):
                 return cpu_decode.NativeLinear("int4", w.packed.data, *w.packed.shape, half=w.packed.half)
             return None
 
         cfg = self.config
         if (self.tp.world_size != 1 or cpu_ops.library() is None or not cpu_ops.paged_attention_supports(cfg.head_dim)
-                or cfg.hidden_act != "silu" or cfg.rotary_dim != cfg.head_dim or self.ropes[0][1] != 1.0
-                or cfg.embedding_multiplier is not None or (cfg.norm_unit_offset and self.dtype != torch.float32)
-                or any(layer[k] is not None for layer in self.layers
-                       for k in ("qkv_bias", "o_bias", "q_norm", "attn_out_norm", "moe"))
-                or any(layer["rope"] != 0 for layer in self.layers)):
+                or cfg.rotary_dim != cfg.head_dim or self.ropes[0][1] != 1.0
+                or (cfg.norm_unit_offset and self.dtype != torch.float32)
+                or any(layer[k] is not None for layer in self.layers for k in ("qkv_bias", "o_bias", "moe"))
+                or any(layer["rope"] < 0 for layer in self.layers)):
             return None
         layers = []
         for i, layer in enumerate(self.layers):
@@ -282,8 +285,11 @@ class LlamaModel:
                 return None
             following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
             layers.append(cpu_decode.NativeLayer(*matrices, post_norm=layer["post_norm"], next_norm=following,
-                                                 window=layer["window"]))
-        return cpu_decode.decode_plan(layers, self.dtype, float32_rows=self.small_rows)
+                                                 window=layer["window"], rope=layer["rope"], q_norm=layer["q_norm"],
+                                                 k_norm=layer["k_norm"], attn_out_norm=layer["attn_out_norm"],
+                                                 mlp_out_norm=layer["mlp_out_norm"]))
+        return cpu_decode.decode_plan(layers, self.dtype, float32_rows=self.small_rows,
+                                      gelu=cfg.hidden_act == "gelu_tanh")
 
     def _tensor(self, weight: torch.Tensor | GroupQuantized | BlockQuantized
                 ) -> torch.Tensor | GroupQuantized | BlockQuantized:
@@ -431,10 +437,10 @@ class LlamaModel:
             started()
         if (fused and self.decode_plan is not None and batch.num_prefill_tokens == 0
                 and self.decode_plan.takes(batch.token_ids.shape[0])):  # `layers` in one C call
-            cos, sin = ropes[0]
+            (cos, sin), local = ropes[0], ropes[-1]
             cpu_decode.decode_layers(self.decode_plan, h, x, cos[:, 0], sin[:, 0], kv_cache, batch.slot_mapping,
                                      batch.decode_block_tables, batch.decode_context_lens, self.num_heads,
-                                     self.num_kv_heads, cfg.rms_norm_eps, self.scale)
+                                     self.num_kv_heads, cfg.rms_norm_eps, self.scale, local[0][:, 0], local[1][:, 0])
         else:
             x = self.layers_forward(h, x, ropes, kv_cache, batch, fused)
         if batch.logits_indices is not None:
@@ -457,8 +463,8 @@ class LlamaModel:
             if layer["q_norm"] is not None:  # each head of q and k normalised before the rotary embedding
                 q = qkv[:, :q_size].view(num_tokens, hq, d)
                 k = qkv[:, q_size:q_size + kv_size].view(num_tokens, hkv, d)
-                q.copy_(self.rms_norm(q, layer["q_norm"]))
-                k.copy_(self.rms_norm(k, layer["k_norm"]))
+                q.copy_(self.normed(q, layer["q_norm"], fused))
+                k.copy_(self.normed(k, layer["k_norm"], fused))
             rope = layer["rope"]
             if fused and rope >= 0 and whole_rotary:
                 cos, sin = ropes[rope]
@@ -476,7 +482,7 @@ class LlamaModel:
             if layer["o_bias"] is not None:  # once, after the ranks' partial sums meet
                 out = out.add_(layer["o_bias"])
             if layer["attn_out_norm"] is not None:
-                out = self.rms_norm(out, layer["attn_out_norm"])
+                out = self.normed(out, layer["attn_out_norm"], fused)
             x = self.add_norm(h, out, layer["post_norm"], fused)
             if layer["moe"] is not None:
                 x = self.experts(x, layer["moe"])
@@ -484,10 +490,19 @@ class LlamaModel:
                 x = self.linear(self.act_and_mul(self.linear(x, layer["gate_up"]), fused), layer["down"])
             x = self.tp.all_reduce(x)
             if layer["mlp_out_norm"] is not None:
-                x = self.rms_norm(x, layer["mlp_out_norm"])
+                x = self.normed(x, layer["mlp_out_norm"], fused)
             following = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else self.norm
             x = self.add_norm(h, x, following, fused)
         return x
+
+    def normed(self, x: torch.Tensor, weight: torch.Tensor, fused: bool) -> torch.Tensor:
+        """The RMS norm of x's rows (or heads: [tokens, heads, head_dim]), by the CPU kernel that
+        cpu_decode.c calls where `fused`, so that the one-call layers and this loop agree."""
+        if fused and weight.dtype == x.dtype:
+            shape = x.shape
+            return cpu_ops.add_rms_norm(x.reshape(-1, shape[-1]).contiguous(), None, weight,
+                                        self.config.rms_norm_eps).view(shape)
+        return self.rms_norm(x, weight)
 
     def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, fused: bool) -> torch.Tensor:
         """The residual stream h += delta (in place; None adds nothing), then its RMS norm."""
@@ -499,6 +514,8 @@ class LlamaModel:
 
     def act_and_mul(self, gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
         """act(gate) * up for the fused [gate | up] rows of the MLP: SiLU, or GELU's tanh form."""
+        if self.config.hidden_act == "gelu_tanh" and fused:
+            return cpu_ops.silu_and_mul(gate_up, gelu=True)
         if self.config.hidden_act == "gelu_tanh":
             gate, up = gate_up.chunk(2, dim=-1)
             return F.gelu(gate, approximate="tanh").mul_(up)
