@@ -196,3 +196,16 @@ def test_what_is_missing_is_one_line(cfg, message):
     with pytest.raises(ValueError, match=message) as e:
         hf_config({**base, **cfg}, "model")
     assert "\n" not in str(e.value)
+
+
+def test_experts_are_not_split_over_ranks():
+    from pagedkv.runtime.models.families import hf_config
+    from pagedkv.runtime.models.parallel import check_tensor_parallel
+
+    moe = hf_config({"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+                     "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 4})
+    assert moe.is_moe_layer(0) and moe.num_experts == 4
+    check_tensor_parallel(moe, 1)
+    with pytest.raises(ValueError, match="mixture-of-experts model .* is not split"):
+        check_tensor_parallel(moe, 2)

@@ -164,3 +164,34 @@ def test_runs_on_current_stream():
         got = kernels.paged_attention_decode(late_query, cache, 0, tables, lens, 0.1)
     torch.cuda.current_stream().wait_stream(side)
     assert_close(got, want, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+@pytest.mark.parametrize("window", [1, 100, 4096])
+@pytest.mark.parametrize("split", [False, True])
+def test_sliding_window(launched, dtype, block_size, window, split):
+    """Long prompts, cached prefixes and decode rows with a sliding window; the blocks wholly
+    before each sequence's earliest window hold NaNs, which reach the output if read."""
+    from paged_cases import poison_before_window
+
+    seqs = [(3000, 3000), (5000, 37), (700, 1), (8192, 1), (90, 90)]
+    cache, tables, g = random_paged_cache([c for c, _ in seqs], block_size, 2, 128, dtype, device="cuda")
+    cache, tables = poison_before_window(cache.cpu(), tables.cpu(), [c for c, _ in seqs], [n for _, n in seqs],
+                                         window)
+    cache, tables = cache.cuda(), tables.cuda()
+    starts = [0]
+    for _, n in seqs:
+        starts.append(starts[-1] + n)
+    query = torch.randn(starts[-1], 8, 128, generator=g).to("cuda", dtype)
+    lens = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device="cuda")
+    qsl = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    got = cuda_ops.paged_attention_prefill(query, cache, 0, tables, qsl, lens, 0.1, window=window, split=split)
+    check_path(launched, dtype, split)
+    want = ref.paged_attention_prefill(query, cache, 0, tables, qsl, lens, 0.1, window=window)
+    assert not want.isnan().any()
+    assert_close(got, want, TOL[dtype])
+    last = torch.tensor(starts[1:], device="cuda") - 1
+    got = cuda_ops.paged_attention_decode(query[last], cache, 0, tables, lens, 0.1, window=window, split=split)
+    assert_close(got, ref.paged_attention_decode(query[last], cache, 0, tables, lens, 0.1, window=window),
+                 TOL[dtype])
