@@ -79,3 +79,17 @@ def test_a_block_released_too_early_is_caught(windowed, monkeypatch):
     llm = make_llm(windowed[0], num_device_blocks=40)
     with pytest.raises(KVContentError, match="released block"):
         llm.generate([list(range(5, 30))], SamplingParams(max_tokens=30, temperature=0), use_tqdm=False)
+
+
+def test_with_the_host_tier_outputs_are_the_same(windowed):
+    # Released blocks wait for the step's tier copies (they are pinned until the next step);
+    # prompts that share a head hit the device cache or the host tier below it.
+    loaded, _ = windowed
+    head = list(range(100, 130))
+    prompts = [head + [5, 6, 7], head + [8, 9], list(range(3, 40)), head + [5, 6, 7]]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    want = [r.outputs[0].token_ids for r in make_llm(loaded).generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(loaded, num_device_blocks=14, kv_host_cache_gb=0.001, max_num_batched_tokens=8)
+    got = [r.outputs[0].token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert llm.engine.block_manager.blocks_dropped > 0 and llm.engine.block_manager.tiers.enabled

@@ -437,7 +437,12 @@ class BlockManager:
             if block == NULL_BLOCK:
                 break
             table.blocks[index] = NULL_BLOCK
-            self._release(Device.DEVICE, block)
+            if self.tiers.enabled:
+                # This step's tier copies may still target or read it (a load that landed, a
+                # demotion of it): the tiers let go of it when the next step begins.
+                self.tiers.pin(Device.DEVICE, block)
+            else:
+                self._release(Device.DEVICE, block)
             dropped += 1
         self.blocks_dropped += dropped
         return dropped
