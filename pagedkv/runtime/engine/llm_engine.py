@@ -8,6 +8,7 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
+import numpy as np
 import torch
 
 from pagedkv.kvcache.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -17,9 +18,10 @@ from pagedkv.runtime.engine.config import EngineConfig, build_engine_parts
 from pagedkv.runtime.engine.outputs import FAILED, REJECTED, CompletionOutput, RequestOutput
 from pagedkv.runtime.engine.overlap import Drawn, Prepared, prepare
 from pagedkv.runtime.engine.quote import quote
-from pagedkv.runtime.engine.sampler import SampledToken, sample_batch
+from pagedkv.runtime.engine.sampler import Controls, SampledToken, sample_batch
 from pagedkv.runtime.engine.sampling_params import SamplingParams
 from pagedkv.runtime.engine.stopping import StopChecker
+from pagedkv.runtime.engine.structured import Grammars, Matcher
 from pagedkv.runtime.engine.worker import start_tensor_parallel
 from pagedkv.runtime.models.loader import LoadedModel
 
@@ -28,6 +30,10 @@ log = logging.getLogger("pagedkv.engine")
 
 class RequestTooLong(ValueError):
     """A prompt longer than the model's context, or a request that can never fit in the KV cache."""
+
+
+def _same_rows(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _cores_all_compute(device: torch.device | str) -> bool:
@@ -76,6 +82,13 @@ class LLMEngine:
 
             self.kv_events = KVEvents(self.config.kv_events_endpoint, self.block_manager, self.executor.stores)
         self.drawn: Drawn | None = None        # the last step's tokens, not yet given to their sequences
+        # Structured outputs: each constrained sequence's matcher (by seq_id), and the masks of
+        # a step's sampling rows, computed while the step's model work runs.
+        self.grammars: Grammars | None = None
+        self.matchers: dict[int, Matcher] = {}
+        self.masks: tuple[SchedulerOutput, Future | np.ndarray] | None = None
+        self.mask_thread: ThreadPoolExecutor | None = None
+        self.step_masks: np.ndarray | None = None  # the masks of the rows being drawn now
 
     # -- requests ---------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -91,8 +104,13 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            ids = ids[-params.truncate_prompt_tokens:]  # the last k tokens, as vLLM
         self._check_prompt(ids, params)
+        matcher = self._matcher(params)
         group = SequenceGroup(request_id, [Sequence.from_prompt(ids)], sampling_params=params)
+        if matcher is not None:
+            self.matchers[group.seqs[0].seq_id] = matcher
         if arrival_time is not None:
             group.arrival_time = arrival_time
         if params.use_beam_search:
@@ -102,6 +120,18 @@ class LLMEngine:
         if stream:
             self.streaming.add(request_id)
         self.scheduler.add(group)
+
+    def _matcher(self, params: SamplingParams) -> Matcher | None:
+        """The grammar's matcher of a structured request (GrammarError, a ValueError, if its spec
+        does not compile), None for the others."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs need the model's tokenizer, and this model has none")
+        if self.grammars is None:
+            self.grammars = Grammars.for_tokenizer(self.tokenizer, self.model_config.vocab_size,
+                                                   self.model_config.eos_token_ids)
+        return self.grammars.matcher(params.structured_outputs)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -113,6 +143,9 @@ class LLMEngine:
         bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        bad = sorted(t for t in params.logit_bias or {} if t >= vocab)
+        if bad:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {bad[:5]}")
         bm = self.block_manager
         width = max(params.n, params.beam_width)
         # Room for the prompt once plus a block per sequence to grow into.
@@ -129,6 +162,7 @@ class LLMEngine:
         self.scheduler.abort(request_id)
         for seq in group.seqs:
             seq.drop_pending_token()  # a step in flight draws it; the request is gone first
+            self.matchers.pop(seq.seq_id, None)
         self.beams.pop(request_id, None)
         self.beam_results.pop(request_id, None)
         self.streaming.discard(request_id)
@@ -168,7 +202,8 @@ class LLMEngine:
         self.profile.begin()
         out = self.scheduler.schedule()
         self.profile.mark("schedule")
-        outputs = self.process(out, self.executor.execute(out))
+        start = (lambda: self._masks_beside(out)) if self.matchers else None
+        outputs = self.process(out, self.executor.execute(out, started=start))
         self.profile.end("prefill" if out.prefills else "decode")
         self._release_if_idle()
         return outputs
@@ -221,6 +256,8 @@ class LLMEngine:
         step after is scheduled, unless sampling `out` forks sequences (beam search, n samples)."""
         started = time.perf_counter()
         outputs = self._resolve(last) if last is not None else []
+        if self.matchers:  # the masks of this step's rows, now that the step before's tokens are in
+            self.masks = (out, self._grammar_masks([row for row in out.scheduled if row.sample]))
         prepared = None if self._forks(out) else self._schedule_after(out)
         return outputs, prepared, time.perf_counter() - started
 
@@ -295,6 +332,8 @@ class LLMEngine:
                    if g.is_finished or rid in self.streaming]
         for group in changed.values():
             if group.is_finished:
+                for seq in group.seqs:
+                    self.matchers.pop(seq.seq_id, None)
                 self.groups.pop(group.request_id, None)
                 self.beams.pop(group.request_id, None)
                 self.beam_results.pop(group.request_id, None)
@@ -316,10 +355,13 @@ class LLMEngine:
             seq, group = sampling[i].seq, sampling[i].group
             params: SamplingParams = group.sampling_params
             if len(group.seqs) == 1 and params.n > 1 and not seq.output_ids:
+                matcher = self.matchers.get(seq.seq_id)
                 for _ in range(params.n - 1):
                     child = seq.fork()
                     self.block_manager.fork(seq, child)
                     group.seqs.append(child)
+                    if matcher is not None:  # each sample goes on from the prompt's grammar state
+                        self.matchers[child.seq_id] = matcher.copy()
                 draws += [(s, i) for s in group.seqs]
             else:
                 draws.append((seq, i))
@@ -344,6 +386,7 @@ class LLMEngine:
                    logits: torch.Tensor) -> list[SampledToken | Exception]:
         """All plain draws in one batch; if that fails, group by group, so that the group whose
         data broke it ends alone (seeded draws do not depend on the batch)."""
+        self.step_masks = None
         try:
             return self._draw(sampling, draws, logits)
         except Exception:
@@ -372,6 +415,47 @@ class LLMEngine:
         for positions in self._by_group(sampling, draws):
             self._guarded(sampling[draws[positions[0]][1]].group, lambda: finish(positions))
 
+    def _masks_beside(self, out: SchedulerOutput) -> None:
+        """Starts computing the grammar masks of `out`'s sampling rows on another thread, while
+        the model computes `out` (the matchers have all their tokens: no step is in flight)."""
+        if self.mask_thread is None:
+            self.mask_thread = ThreadPoolExecutor(1, thread_name_prefix="pagedkv-masks")
+        rows = [row for row in out.scheduled if row.sample]
+        self.masks = (out, self.mask_thread.submit(self._grammar_masks, rows))
+
+    def _grammar_masks(self, rows: list) -> np.ndarray | None:
+        """int32 [len(rows), words]: each sampling row's grammar mask (all ones without one);
+        the n samples of a fresh group share their prompt row's. None if no row has a grammar."""
+        matchers = [(self.matchers[row.seq.seq_id], i) for i, row in enumerate(rows)
+                    if row.seq.seq_id in self.matchers]
+        return self.grammars.fill(matchers, len(rows)) if matchers else None
+
+    def _step_masks(self, sampling: list) -> np.ndarray | None:
+        """The masks of this step's sampling rows: computed beside the model's work, or now."""
+        ahead, self.masks = self.masks, None
+        if ahead is not None and _same_rows([r for r in ahead[0].scheduled if r.sample], sampling):
+            masks = ahead[1]
+            return masks.result() if isinstance(masks, Future) else masks
+        if ahead is not None and isinstance(ahead[1], Future):
+            ahead[1].result()  # never two fills at once
+        return self._grammar_masks(sampling)
+
+    def _controls(self, sampling: list, draws: list[tuple[Sequence, int]]) -> Controls | None:
+        params = [sampling[i].group.sampling_params for _, i in draws]
+        if not any(p.processes_logits for p in params):
+            return None
+        history = None
+        if any(p.has_penalties or p.min_tokens for p in params):
+            # The row's context ends at its `end` (a pending token may follow it).
+            history = [(s.token_ids[:sampling[i].end], s.prompt_len) for s, i in draws]
+        mask = None
+        if any(p.structured_outputs is not None for p in params):
+            if self.step_masks is None:
+                self.step_masks = self._step_masks(sampling)
+            if self.step_masks is not None:
+                mask = self.step_masks[[i for _, i in draws]]
+        return Controls(history, mask, self.model_config.eos_token_ids)
+
     def _draw(self, sampling: list, draws: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[SampledToken]:
         rows = [i for _, i in draws]
         picked = sample_batch(logits if rows == list(range(len(logits))) else logits[rows],
@@ -379,7 +463,7 @@ class LLMEngine:
                               # The position is the row's end: async scheduling may have added a
                               # pending token to the sequence since.
                               [(sampling[i].group.seqs.index(s), sampling[i].end) for s, i in draws],
-                              self.executor.staging)
+                              self.executor.staging, self._controls(sampling, draws))
         vocab = logits.shape[-1]
         bad = [t.token_id for t in picked if not 0 <= t.token_id < vocab]
         if bad:  # what bad parameters (or logits) give instead of an exception
@@ -429,6 +513,9 @@ class LLMEngine:
 
     def _append(self, group: SequenceGroup, seq: Sequence, token: SampledToken,
                 new_tokens: dict[str, dict[int, list[int]]]) -> None:
+        matcher = self.matchers.get(seq.seq_id)
+        if matcher is not None:
+            matcher.consume(token.token_id)  # a token the grammar refuses fails the group
         seq.append(token.token_id, token.logprob)
         if group.sampling_params.logprobs is not None:
             # The sampled token's own logprob is always there, as in vLLM: up to logprobs + 1 entries.
@@ -436,6 +523,8 @@ class LLMEngine:
         self.generated_tokens += 1
         new_tokens[group.request_id][group.seqs.index(seq)].append(token.token_id)
         status = self.stopping.check(seq, group.sampling_params)
+        if status is None and matcher is not None and matcher.done:
+            status = SequenceStatus.FINISHED_STOPPED  # the grammar takes nothing more: complete
         if status is not None:
             self.scheduler.free_seq(seq, status)
 

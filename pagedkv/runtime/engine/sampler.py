@@ -8,9 +8,17 @@ the rest of the batch. A seeded request's key is a hash of (seed, *seed_key); th
 passes seed_key = (sample_index, position), so preemption and recomputation give the same
 tokens. Unseeded rows take their key from a process-wide generator.
 
+Before any of it, the logits are processed in vLLM's order (`process_logits`): a grammar's mask
+(structured outputs: -inf where the grammar forbids a token), min_tokens (-inf for EOS and the
+stop token ids while the output is shorter), logit_bias (added), then the penalties:
+repetition over prompt and output tokens (positive logits divided by it, others multiplied),
+frequency (times each token's count in the output) and presence (once per token the output
+holds) subtracted. Every row at once, on the logits' device, from per-row arrays that go up
+with the other parameters; the greedy fast path takes the processed logits too.
+
 Filtering order (as transformers' warpers): temperature, top-k (ties with the k-th logit are
 kept), top-p (smallest top set whose probability reaches top_p, at least one token), min-p
-(keep p >= min_p * p_max). Logprobs are always those of the raw logits.
+(keep p >= min_p * p_max). Logprobs are always those of the raw logits (vLLM's default).
 """
 from __future__ import annotations
 
@@ -64,6 +72,129 @@ def uniform(key: int) -> float:
 
 
 @dataclass
+class Controls:
+    """What the logits processing needs beyond the parameters, per row, from the engine.
+
+    history: each row's (token ids so far, prompt length), where any row has penalties or
+    min_tokens; grammar_mask: int32 [N, words] bitmask (structured.py) where any row has a
+    grammar, -1 (all allowed) in the others; eos_token_ids: what min_tokens holds back, with
+    each row's stop_token_ids (not where that row ignores EOS)."""
+
+    history: Sequence[tuple[Sequence[int], int]] | None = None
+    grammar_mask: np.ndarray | None = None
+    eos_token_ids: Sequence[int] = ()
+
+
+@dataclass
+class Processing:
+    """Which parts of the logits processing a batch needs."""
+
+    grammar: bool = False
+    min_tokens: bool = False
+    bias: bool = False
+    penalties: bool = False
+
+    def __bool__(self) -> bool:
+        return self.grammar or self.min_tokens or self.bias or self.penalties
+
+
+def _padded(lists: list[list], pad, dtype) -> np.ndarray:
+    width = max((len(x) for x in lists), default=0)
+    out = np.full((len(lists), max(width, 1)), pad, dtype=dtype)
+    for i, x in enumerate(lists):
+        out[i, :len(x)] = x
+    return out
+
+
+def processing_arrays(params_list: Sequence[SamplingParams], controls: Controls | None,
+                      vocab: int) -> tuple[Processing, dict[str, np.ndarray]]:
+    """The per-row arrays of `process_logits`. Token ids are padded with `vocab`, a column
+    that the scatters write and the result drops."""
+    n = len(params_list)
+    controls = controls or Controls()
+    proc = Processing()
+    arrays: dict[str, np.ndarray] = {}
+    if any(p.structured_outputs is not None for p in params_list):
+        if controls.grammar_mask is None or controls.grammar_mask.shape[0] != n:
+            raise ValueError("a structured request's row has no grammar mask")
+        proc.grammar = True
+        arrays["grammar"] = controls.grammar_mask
+    history = controls.history
+    need_history = any(p.has_penalties or p.min_tokens for p in params_list)
+    if need_history and (history is None or len(history) != n):
+        raise ValueError("penalties and min_tokens need every row's tokens")
+    blocked = []
+    for i, p in enumerate(params_list):
+        ids: list[int] = []
+        if p.min_tokens and len(history[i][0]) - history[i][1] < p.min_tokens:
+            ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(controls.eos_token_ids))
+            ids = [t for t in ids if t < vocab]
+        blocked.append(ids)
+    if any(blocked):
+        proc.min_tokens = True
+        arrays["blocked"] = _padded(blocked, vocab, np.int64)
+    if any(p.logit_bias for p in params_list):
+        proc.bias = True
+        items = [[(t, v) for t, v in (p.logit_bias or {}).items() if t < vocab] for p in params_list]
+        arrays["bias_ids"] = _padded([[t for t, _ in row] for row in items], vocab, np.int64)
+        arrays["bias"] = _padded([[v for _, v in row] for row in items], 0.0, np.float32)
+    if any(p.has_penalties for p in params_list):
+        proc.penalties = True
+        rows = [list(history[i][0]) if p.has_penalties else [] for i, p in enumerate(params_list)]
+        arrays["seen"] = _padded(rows, vocab, np.int64)
+        arrays["output"] = _padded([[j >= history[i][1] for j in range(len(r))] for i, r in enumerate(rows)],
+                                   False, np.float32)
+        arrays["penalty"] = np.array([[p.presence_penalty, p.frequency_penalty, p.repetition_penalty]
+                                      for p in params_list], dtype=np.float64).astype(np.float32).reshape(n, 3)
+    return proc, arrays
+
+
+def grammar_allowed(mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N, V] bool from an int32 [N, words] bitmask (bit j of word w: token 32 * w + j)."""
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int32)
+    bits = (mask[:, :, None] >> shifts) & 1
+    return bits.reshape(mask.shape[0], -1)[:, :vocab].bool()
+
+
+def process_logits(logits: torch.Tensor, t: dict[str, torch.Tensor], proc: Processing) -> torch.Tensor:
+    """The float32 logits after the grammar mask, min_tokens, logit_bias and the penalties, in
+    vLLM's order (a new tensor; `logits` is left as it is)."""
+    n, vocab = logits.shape
+    x = logits.float().clone()
+    allowed = None
+    if proc.grammar:
+        allowed = grammar_allowed(t["grammar"], vocab)
+        # A row that allows nothing is one whose result is dropped (its sequence ended while
+        # the step computed) or whose matcher failed; it is drawn as if unconstrained.
+        allowed |= ~allowed.any(dim=1, keepdim=True)
+        x.masked_fill_(~allowed, float("-inf"))
+    if proc.min_tokens:
+        blocked = torch.zeros(n, vocab + 1, dtype=torch.bool, device=x.device)
+        blocked.scatter_(1, t["blocked"], True)
+        blocked = blocked[:, :vocab]
+        if allowed is not None:  # where the grammar allows only these, the grammar wins
+            blocked &= (allowed & ~blocked).any(dim=1, keepdim=True)
+        x.masked_fill_(blocked, float("-inf"))
+    if proc.bias:
+        bias = torch.zeros(n, vocab + 1, dtype=torch.float32, device=x.device)
+        bias.scatter_add_(1, t["bias_ids"], t["bias"])
+        x += bias[:, :vocab]
+    if proc.penalties:
+        seen_ids = t["seen"]
+        counts = torch.zeros(n, vocab + 1, dtype=torch.float32, device=x.device)
+        counts.scatter_add_(1, seen_ids, t["output"])
+        seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=x.device)
+        seen.scatter_(1, seen_ids, True)
+        counts, seen = counts[:, :vocab], seen[:, :vocab]
+        presence, frequency, repetition = t["penalty"][:, 0:1], t["penalty"][:, 1:2], t["penalty"][:, 2:3]
+        factor = torch.where(seen, repetition, torch.ones_like(x))
+        x = torch.where(x > 0, x / factor, x * factor)
+        x -= frequency * counts
+        x -= presence * (counts > 0).float()
+    return x
+
+
+@dataclass
 class SamplingPlan:
     """Which parts of the sampler a batch needs, decided on the host from the parameters alone
     (no device sync). The filters run for every row when any random row needs them: a row
@@ -77,6 +208,7 @@ class SamplingPlan:
     top_p: bool
     min_p: bool
     max_top: int  # the most top logprobs any row asked for
+    processing: Processing = None  # the logits processing the batch needs (none: nothing to do)
 
 
 def _row(p: SamplingParams, vocab: int) -> tuple[float, float, float, float, float]:
@@ -89,7 +221,7 @@ def _row(p: SamplingParams, vocab: int) -> tuple[float, float, float, float, flo
 
 
 def plan_batch(params_list: Sequence[SamplingParams], seed_keys: Sequence[tuple[int, ...] | None] | None,
-               vocab: int) -> SamplingPlan:
+               vocab: int, controls: Controls | None = None) -> SamplingPlan:
     n = len(params_list)
     if any(p.use_beam_search for p in params_list):
         raise ValueError("beam search requests are driven by BeamSearch, not sample_batch")
@@ -107,9 +239,11 @@ def plan_batch(params_list: Sequence[SamplingParams], seed_keys: Sequence[tuple[
     arrays = {"temperature": table[:, 1].astype(np.float32), "top_k": table[:, 2].astype(np.int64),
               "top_p": table[:, 3].astype(np.float32), "min_p": table[:, 4].astype(np.float32),
               "key": keys.view(np.int64), "greedy": greedy.view(np.uint8)}
+    proc, extra = processing_arrays(params_list, controls, vocab)
+    arrays.update(extra)
     return SamplingPlan(list(params_list), arrays, bool(greedy.any()), bool(rand.any()),
                         bool((table[rand, 2] < vocab).any()), bool((table[rand, 3] < np.inf).any()),
-                        bool((table[rand, 4] > 0.0).any()), max((p.logprobs or 0) for p in params_list))
+                        bool((table[rand, 4] > 0.0).any()), max((p.logprobs or 0) for p in params_list), proc)
 
 
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -172,20 +306,28 @@ def sample_on_device(logits: torch.Tensor, t: dict[str, torch.Tensor], plan: Sam
     logits = logits.float()
     # log-softmax = logits - log_total; greedy: the first maximum, as argmax (max(dim) costs a
     # third of argmax's CPU time). On the CPU both in one kernel call, not five operations.
-    fused = cpu_ops.greedy_and_logsumexp(logits)
-    if fused is not None:
-        tokens, log_total = fused
-    else:
-        log_total = torch.logsumexp(logits, dim=-1, keepdim=True)
-        tokens = logits.max(dim=-1).indices
+    tokens, log_total = _greedy(logits)
+    processed = logits
+    if plan.processing:  # tokens come from the processed logits, logprobs from the raw ones
+        processed = process_logits(logits, t, plan.processing)
+        if plan.any_greedy:
+            tokens = _greedy(processed)[0]
     if plan.any_random:
-        drawn = _draw(logits, t, plan)
+        drawn = _draw(processed, t, plan)
         tokens = torch.where(t["greedy"].view(torch.bool), tokens, drawn) if plan.any_greedy else drawn
     cols = [tokens[:, None].double(), (logits.gather(1, tokens[:, None]) - log_total).double()]
     if plan.max_top:
         vals, ids = logits.topk(min(plan.max_top, logits.shape[1]), dim=-1)
         cols += [ids.double(), (vals - log_total).double()]
     return torch.cat(cols, dim=1)
+
+
+def _greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first maximum of each row and the row's log-sum-exp."""
+    fused = cpu_ops.greedy_and_logsumexp(logits)
+    if fused is not None:
+        return fused
+    return logits.max(dim=-1).indices, torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
 def unpack(packed: torch.Tensor, plan: SamplingPlan) -> list[SampledToken]:
@@ -203,32 +345,46 @@ def unpack(packed: torch.Tensor, plan: SamplingPlan) -> list[SampledToken]:
 
 def sample_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],
                  seed_keys: Sequence[tuple[int, ...] | None] | None = None,
-                 staging: Staging | None = None) -> list[SampledToken]:
+                 staging: Staging | None = None, controls: Controls | None = None) -> list[SampledToken]:
     """One token per row of `logits` [N, V], on the logits' device: the parameters go up in
-    one copy (through `staging` when given), the results come down in one."""
+    one copy (through `staging` when given), the results come down in one. `controls`: what
+    penalties, min_tokens and grammars need (see Controls)."""
     n = logits.shape[0]
     if len(params_list) != n:
         raise ValueError(f"{len(params_list)} sampling parameters for {n} logits rows")
-    greedy = greedy_batch(logits, params_list)
-    if greedy is not None:
-        return greedy
-    plan = plan_batch(params_list, seed_keys, logits.shape[1])
+    processes = any(p.processes_logits for p in params_list)
+    if not processes:
+        greedy = greedy_batch(logits, params_list)
+        if greedy is not None:
+            return greedy
+    plan = plan_batch(params_list, seed_keys, logits.shape[1], controls)
     if n == 0:
         return []
     tensors = (staging or Staging(logits.device)).upload(plan.arrays)
+    if processes and _fast_greedy(logits, params_list):
+        return greedy_batch(logits, params_list, process_logits(logits, tensors, plan.processing))
     return unpack(sample_on_device(logits, tensors, plan).cpu(), plan)
 
 
-def greedy_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams]) -> list[SampledToken] | None:
+def _fast_greedy(logits: torch.Tensor, params_list: Sequence[SamplingParams]) -> bool:
+    return (logits.device.type == "cpu" and cpu_ops.greedy_and_logsumexp(logits[:0]) is not None
+            and all(p.is_greedy and not p.logprobs and not p.use_beam_search for p in params_list))
+
+
+def greedy_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],
+                 processed: torch.Tensor | None = None) -> list[SampledToken] | None:
     """`sample_batch` of a CPU batch whose rows are all greedy and ask for no top logprobs (the
     common case): the kernel's tokens and log-sum-exps, without a plan, an upload or a packed
-    copy. None where that does not apply."""
+    copy. None where that does not apply. `processed`: the logits after `process_logits`, which
+    then pick the tokens (their logprobs stay those of `logits`)."""
     if not params_list or any(not p.is_greedy or p.logprobs or p.use_beam_search for p in params_list):
         return None
     fused = cpu_ops.greedy_and_logsumexp(logits)
     if fused is None:
         return None
     tokens, log_total = fused
+    if processed is not None:
+        tokens = cpu_ops.greedy_and_logsumexp(processed)[0]
     logprobs = (logits.gather(1, tokens[:, None]) - log_total)[:, 0].tolist()
     return [SampledToken(t, lp, None if p.logprobs is None else {})
             for t, lp, p in zip(tokens.tolist(), logprobs, params_list)]

@@ -18,6 +18,14 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024  # matched through a set; beam search keeps (1 + this) * width candidates
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (OpenAI's values are within +-100, and so are these)
+MAX_PENALTY = 2.0  # presence and frequency penalties are within +-2, as in OpenAI's API and vLLM
+MAX_REPETITION_PENALTY = 1000.0
+# What a grammar may be: its JSON text (schemas) or its text (regexes, grammars, choices) is
+# bounded, as stop strings are; the request body bounds it at the gateway too.
+MAX_GRAMMAR_CHARS = 256 * 1024
+# The kinds of structured output (vLLM's structured_outputs names); exactly one per request.
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # Temperatures below this are treated as greedy: dividing by them overflows (vLLM does the same).
 GREEDY_EPS = 1e-5
 FLOAT32_MAX = 3.4028234663852886e38
@@ -93,6 +101,18 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs returned per token
+    # Penalties as vLLM's (and OpenAI's): presence and frequency over the output's tokens,
+    # repetition (divides positive logits, multiplies negative ones) over prompt and output.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, within +-100
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens
+    include_stop_str_in_output: bool = False
+    # One of {"json": schema}, {"json_object": true}, {"regex": str}, {"choice": [str, ...]},
+    # {"grammar": str} (Lark or GBNF), with "strict" (bool, json only): the output follows it.
+    structured_outputs: dict[str, Any] | None = None
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1, ">= 1")
@@ -154,6 +174,57 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}]")
             if self.logprobs > MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _as_float(name, getattr(self, name), f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+            setattr(self, name, value)
+        self.repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty,
+                                            f"in (0, {MAX_REPETITION_PENALTY:g}]")
+        if not FLOAT32_TINY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (and a normal "
+                             f"float32), got {self.repetition_penalty:.4g}")
+        self._check_logit_bias()
+        _check_int("min_tokens", self.min_tokens, 0, ">= 0")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a boolean, got "
+                             f"{quote(self.include_stop_str_in_output)}")
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1, ">= 1")
+        if self.structured_outputs is not None:
+            self.structured_outputs = check_structured_outputs(self.structured_outputs)
+            if self.use_beam_search:
+                raise ValueError("structured_outputs cannot be combined with beam search")
+
+    def _check_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a map of token ids to numbers, got {quote(self.logit_bias)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        bias = {}
+        for token, value in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= INT64_MAX:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {quote(token)}")
+            value = _as_float("logit_bias values", value, "in [-100, 100]")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
+            bias[token] = value
+        self.logit_bias = bias or None
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes the logits before sampling (penalties, bias, min_tokens,
+        a grammar): such rows leave the sampler's all-greedy fast path."""
+        return (self.has_penalties or self.logit_bias is not None or self.min_tokens > 0
+                or self.structured_outputs is not None)
 
     @property
     def use_beam_search(self) -> bool:
@@ -178,3 +249,55 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_structured_outputs(spec: Any) -> dict[str, Any]:
+    """A structured-output request in its one canonical shape: exactly one kind (json with an
+    object or its JSON text, json_object true, regex, choice a non-empty list of strings,
+    grammar), and "strict" (json only). Whether the grammar compiles is the engine's to say."""
+    import json
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"structured_outputs must be a map, got {quote(spec)}")
+    unknown = sorted(quote(k, 60) for k in spec if k not in (*STRUCTURED_KINDS, "strict"))
+    if unknown:
+        raise ValueError(f"unknown structured_outputs field(s) {', '.join(unknown[:5])}; "
+                         f"allowed: {', '.join(STRUCTURED_KINDS)}, strict")
+    kinds = [k for k in STRUCTURED_KINDS if spec.get(k) not in (None, False)]
+    if len(kinds) != 1:
+        raise ValueError(f"structured_outputs must have exactly one of {', '.join(STRUCTURED_KINDS)}, "
+                         f"got {kinds or 'none'}")
+    kind, value = kinds[0], spec[kinds[0]]
+    out: dict[str, Any] = {}
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if not isinstance(value, (dict, bool)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {quote(value)}")
+        size = len(json.dumps(value))
+    elif kind == "json_object":
+        if value is not True:
+            raise ValueError(f"structured_outputs.json_object must be true, got {quote(value)}")
+        size = 0
+    elif kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {quote(value)}")
+        size = sum(len(c) for c in value)
+    else:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"structured_outputs.{kind} must be a non-empty string, got {quote(value)}")
+        size = len(value)
+    if size > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"structured_outputs.{kind} must be at most {MAX_GRAMMAR_CHARS} characters, got {size}")
+    out[kind] = value
+    strict = spec.get("strict")
+    if strict is not None:
+        if not isinstance(strict, bool):
+            raise ValueError(f"structured_outputs.strict must be a boolean, got {quote(strict)}")
+        if kind != "json":
+            raise ValueError("structured_outputs.strict applies to json only")
+        out["strict"] = strict
+    return out

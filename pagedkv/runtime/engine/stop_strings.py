@@ -37,3 +37,10 @@ class StopStrings:
                     best = begin
                     break
         return best
+
+    def end_of(self, text: str, begin: int) -> int:
+        """Where the stop string that `find` found at `begin` ends (the longest one there)."""
+        for length in self.lengths:
+            if text[begin:begin + length] in self.strings:
+                return begin + length
+        raise ValueError(f"no stop string begins at {begin}")

@@ -23,6 +23,12 @@ class StopChecker:
     def check(self, seq: Sequence, params: SamplingParams) -> SequenceStatus | None:
         """The status the sequence ends with after its newest token, or None to go on."""
         last = seq.token_ids[-1]
+        if params.min_tokens and len(seq) - seq.prompt_len < params.min_tokens:
+            # Nothing but the length ends it before min_tokens (as vLLM); a stop string that
+            # ends in the text before then never counts, as vLLM looks at new text only.
+            if params.stop and self.tokenizer:
+                seq.searched_text = self.decode(seq.output_ids).rstrip(REPLACEMENT)
+            return SequenceStatus.FINISHED_LENGTH if self.length_reached(seq, params) else None
         if (last in self.eos and not params.ignore_eos) or last in params.stop_token_set:
             return SequenceStatus.FINISHED_STOPPED
         if params.stop and self.tokenizer:
@@ -32,7 +38,9 @@ class StopChecker:
             searched = len(seq.searched_text) if text.startswith(seq.searched_text) else 0
             cut = params.stop_strings.find(text, searched)
             if cut >= 0:
-                seq.output_text = text[:cut]  # the stop string itself is not returned
+                # The stop string itself is not returned, unless include_stop_str_in_output.
+                end = params.stop_strings.end_of(text, cut) if params.include_stop_str_in_output else cut
+                seq.output_text = text[:end]
                 return SequenceStatus.FINISHED_STOPPED
             # A trailing U+FFFD may be half a character that the next token completes.
             seq.searched_text = text.rstrip(REPLACEMENT)
