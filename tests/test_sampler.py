@@ -3,6 +3,7 @@ the sampled distribution, and logprobs."""
 from __future__ import annotations
 
 import math
+import re
 import struct
 
 import numpy as np
@@ -271,3 +272,87 @@ def test_batch_checks():
         sample_batch(torch.zeros(1, 5), [SamplingParams(beam_width=2)])
     with pytest.raises(ValueError, match="2 sampling parameters for 1"):
         sample_batch(torch.zeros(1, 5), [SamplingParams()] * 2)
+
+
+# -- logits processing: penalties, logit_bias, min_tokens, grammar masks ---------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+from reference_penalties import reference_process  # noqa: E402
+
+from pagedkv.runtime.engine.sampler import Controls, plan_batch, process_logits  # noqa: E402
+from pagedkv.runtime.engine.staging import Staging  # noqa: E402
+
+_VOCAB = 37
+
+
+@st.composite
+def _processing_case(draw):
+    n = draw(st.integers(1, 5))
+    rows, history = [], []
+    for _ in range(n):
+        prompt = draw(st.lists(st.integers(0, _VOCAB - 1), min_size=1, max_size=12))
+        output = draw(st.lists(st.integers(0, _VOCAB - 1), max_size=12))
+        bias = draw(st.dictionaries(st.integers(0, _VOCAB - 1), st.floats(-100, 100, width=32), max_size=6))
+        p = SamplingParams(
+            max_tokens=30, temperature=0,
+            presence_penalty=draw(st.sampled_from([0.0, 0.5, -1.25, 2.0])),
+            frequency_penalty=draw(st.sampled_from([0.0, 0.3, -0.7, 1.9])),
+            repetition_penalty=draw(st.sampled_from([1.0, 1.3, 0.8, 2.5])),
+            logit_bias=bias or None, min_tokens=draw(st.sampled_from([0, 3, 20])),
+            stop_token_ids=draw(st.lists(st.integers(0, _VOCAB - 1), max_size=3)),
+            ignore_eos=draw(st.booleans()),
+            structured_outputs={"regex": "a"} if draw(st.booleans()) else None)
+        rows.append(p)
+        history.append((prompt + output, len(prompt)))
+    seed = draw(st.integers(0, 2**31))
+    return rows, history, seed
+
+
+def _bitmask(allowed: np.ndarray) -> np.ndarray:
+    n, vocab = allowed.shape
+    words = (vocab + 31) // 32
+    bits = np.zeros((n, words * 32), dtype=np.uint8)
+    bits[:, :vocab] = allowed
+    return np.packbits(bits, axis=1, bitorder="little").view(np.int32).reshape(n, words)
+
+
+@given(_processing_case())
+def test_processing_equals_vllm_reference(case):
+    params, history, seed = case
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(params), _VOCAB, generator=g) * 4
+    allowed = (torch.rand(len(params), _VOCAB, generator=g) < 0.4).numpy()
+    allowed[0, :] = False  # a row that allows nothing is left unconstrained
+    for r, p in enumerate(params):
+        if p.structured_outputs is None:
+            allowed[r, :] = True
+    eos = [2, 5]
+    controls = Controls(history, _bitmask(allowed), eos)
+    plan = plan_batch(params, None, _VOCAB, controls)
+    got = process_logits(logits, Staging(torch.device("cpu")).upload(plan.arrays), plan.processing).numpy()
+    want = reference_process(logits.numpy(), params, history, allowed, eos)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    # The sampler picks its greedy tokens from the processed logits, its logprobs from the raw ones.
+    picked = sample_batch(logits, params, None, None, controls)
+    raw = torch.log_softmax(logits, dim=-1)
+    for r, t in enumerate(picked):
+        assert want[r, t.token_id] == want[r].max()
+        assert t.logprob == pytest.approx(raw[r, t.token_id].item(), abs=1e-5)
+
+
+def test_random_rows_draw_from_processed_logits():
+    logits = torch.zeros(4, _VOCAB)
+    params = [SamplingParams(temperature=1.0, seed=i, logit_bias={7: -100.0, 9: 100.0}) for i in range(4)]
+    assert [t.token_id for t in sample_batch(logits, params, [(0, i) for i in range(4)])] == [9] * 4
+
+
+def test_penalty_params_are_checked():
+    for kwargs, words in [({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency"),
+                          ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {1: 101}}, "[-100, 100]"),
+                          ({"logit_bias": {-1: 1}}, "token ids"), ({"min_tokens": 17}, "at most max_tokens"),
+                          ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
+                          ({"structured_outputs": {"json": "{"}}, "not valid JSON"),
+                          ({"structured_outputs": {"regex": "a"}, "beam_width": 2}, "beam search"),
+                          ({"structured_outputs": {"choice": []}}, "non-empty list")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            SamplingParams(**kwargs)
