@@ -45,9 +45,38 @@ def _params(rng: random.Random) -> SamplingParams:
                           ignore_eos=True)
 
 
-def random_workload(seed: int, vocab_size: int, num_requests: int = 40, abort_share: float = 0.1) -> list[Request]:
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                           "ok": {"type": "boolean"},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["ok", "name"], "additionalProperties": False}
+
+
+def _constrained_params(rng: random.Random) -> SamplingParams:
+    """Structured outputs (each kind, greedy, seeded and n samples) and the logits controls."""
+    kind = rng.choice(["json", "regex", "choice", "controls", "json_n"])
+    max_tokens = rng.randint(2, 16)
+    sampled = dict(temperature=0.9, seed=rng.randrange(1000))
+    if kind == "json":
+        return SamplingParams(max_tokens=max_tokens, temperature=0, structured_outputs={"json": SCHEMA})
+    if kind == "json_n":
+        return SamplingParams(max_tokens=max_tokens, n=rng.randint(2, 3), structured_outputs={"json": SCHEMA},
+                              **sampled)
+    if kind == "regex":
+        return SamplingParams(max_tokens=max_tokens, structured_outputs={"regex": r"[a-f]{1,5}(-[0-9]{2}){0,4}"},
+                              **sampled)
+    if kind == "choice":
+        return SamplingParams(max_tokens=max_tokens, structured_outputs={"choice": ["alpha", "beta", "gamma"]},
+                              **sampled)
+    return SamplingParams(max_tokens=max_tokens, presence_penalty=0.5, frequency_penalty=0.4,
+                          repetition_penalty=1.3, logit_bias={7: 2.0, 11: -5.0}, min_tokens=min(max_tokens, 3),
+                          **rng.choice([sampled, {"temperature": 0}]))
+
+
+def random_workload(seed: int, vocab_size: int, num_requests: int = 40, abort_share: float = 0.1,
+                    constrained: bool = False) -> list[Request]:
     """Requests over a few shared heads (lengths at and off block boundaries for any block size
-    up to 16), some identical to others, some aborted."""
+    up to 16), some identical to others, some aborted. `constrained`: half of the requests have
+    grammars, penalties, logit_bias and min_tokens."""
     rng = random.Random(seed)
     tokens = lambda n: tuple(rng.randrange(3, vocab_size) for _ in range(n))  # noqa: E731 (0-2: special)
     heads = [(), tokens(16), tokens(23), tokens(33)]
@@ -55,7 +84,8 @@ def random_workload(seed: int, vocab_size: int, num_requests: int = 40, abort_sh
     distinct = []
     for _ in range(max(4, num_requests // 3)):
         prompt = rng.choice(heads) + tokens(rng.randint(1, 14))
-        distinct.append(Request(prompt, _params(rng)))
+        params = _constrained_params(rng) if constrained and rng.random() < 0.5 else _params(rng)
+        distinct.append(Request(prompt, params))
     requests = []
     for _ in range(num_requests):
         request = rng.choice(distinct)

@@ -30,13 +30,14 @@ def lone(loaded):
     return LoneRuns(loaded)
 
 
-def random_config(seed: int, mode: str, async_scheduling: bool, requests) -> EngineConfig:
-    """A pool barely larger than the largest request needs, so that preemption is frequent."""
+def random_config(seed: int, mode: str, async_scheduling: bool, requests, tight: bool = False) -> EngineConfig:
+    """A pool barely larger than the largest request needs, so that preemption is frequent
+    (`tight`: no larger at all)."""
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 3, 4, 8, 16])
     need = max((-(-(len(r.prompt) + r.params.max_tokens) // block_size) + 1)
                * max(r.params.n, r.params.beam_width) for r in requests)
-    return EngineConfig(block_size=block_size, num_device_blocks=need + rng.randint(0, need),
+    return EngineConfig(block_size=block_size, num_device_blocks=need + (0 if tight else rng.randint(0, need)),
                         swap_space_gib=rng.choice([0.01, 0.01, 0.00003]),  # sometimes a CPU pool that fills
                         max_num_batched_tokens=rng.choice([8, 16, 64, 4096]), preemption_mode=mode,
                         enable_prefix_caching=True, async_scheduling=async_scheduling, check_kv=True)
@@ -73,3 +74,23 @@ def test_the_workloads_preempt_in_each_mode_and_share_swapped_prefixes(loaded):
             totals["hit_tokens"] += stats["prefix_cache"]["hit_tokens"]
             totals["swap_copies_saved"] += stats["swap_copies_saved"]
     assert min(totals.values()) > 0 and totals["swap"] >= 20, totals
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("seed", [0, 3, 6])  # workloads that preempt in both modes
+def test_constrained_requests_equal_their_lone_runs(loaded, lone, seed, mode, async_scheduling):
+    """Grammars (their matchers live through swaps and recomputes, and forks copy them),
+    penalties over the prompt and the output, logit_bias and min_tokens: preemption stays
+    invisible."""
+    requests = random_workload(100 + seed, loaded.config.vocab_size, constrained=True)
+    config = random_config(seed, mode, async_scheduling, requests, tight=True)
+    engine = LLMEngine(config, loaded)
+    results = run_concurrently(engine, requests, concurrency=24, seed=seed)
+    differ = [i for i in results if results[i] != lone(requests[i])]
+    stats = engine.stats()
+    assert differ == [], f"{len(differ)} of {len(results)} differ; preemptions {stats['preemptions']}"
+    assert stats["preemptions"][mode] > 0
+    assert any(r.params.structured_outputs for r in requests)
+    assert not engine.matchers  # every finished or aborted sequence's matcher is gone
+    assert_all_blocks_free(engine)

@@ -345,6 +345,7 @@ class LLMEngine:
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor,
                 new_tokens: dict[str, dict[int, list[int]]]) -> None:
         sampling = [row for row in out.scheduled if row.sample]
+        self._settle_masks()  # no matcher may change (forks copy them) while its mask is computed
         beam_rows: dict[str, list[int]] = defaultdict(list)
         plain_rows: list[int] = []
         for i, row in enumerate(sampling):
@@ -430,14 +431,21 @@ class LLMEngine:
                     if row.seq.seq_id in self.matchers]
         return self.grammars.fill(matchers, len(rows)) if matchers else None
 
+    def _settle_masks(self) -> None:
+        """Waits for the masks computed beside the model's step, if any are under way."""
+        if self.masks is not None and isinstance(self.masks[1], Future):
+            try:
+                self.masks = (self.masks[0], self.masks[1].result())
+            except Exception:  # a matcher that fails there fails its group when its token comes
+                log.exception("computing grammar masks failed; they are computed again")
+                self.masks = None
+
     def _step_masks(self, sampling: list) -> np.ndarray | None:
         """The masks of this step's sampling rows: computed beside the model's work, or now."""
+        self._settle_masks()
         ahead, self.masks = self.masks, None
         if ahead is not None and _same_rows([r for r in ahead[0].scheduled if r.sample], sampling):
-            masks = ahead[1]
-            return masks.result() if isinstance(masks, Future) else masks
-        if ahead is not None and isinstance(ahead[1], Future):
-            ahead[1].result()  # never two fills at once
+            return ahead[1]
         return self._grammar_masks(sampling)
 
     def _controls(self, sampling: list, draws: list[tuple[Sequence, int]]) -> Controls | None:
