@@ -149,3 +149,41 @@ def test_a_lone_surrogate_is_a_bad_request(field):
     with pytest.raises(ProtocolError) as e:
         decode_message(payload, 1000)
     assert e.value.code == BAD_REQUEST and "msgpack" in e.value.message
+
+
+def test_chat_messages_carry_tool_calls_and_the_chat_options():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]
+    msg = _decode({"type": "generate", "id": 1, "messages": [
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"}],
+        "chat": {"tools": [{"type": "function", "function": {"name": "f"}}], "add_generation_prompt": True}})
+    assert msg.messages[1]["tool_calls"] == calls and msg.chat["tools"][0]["function"]["name"] == "f"
+
+
+@pytest.mark.parametrize("message, words", [
+    ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x", "weight": 1}]}, "'messages'"),
+    ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x", "tool_calls": "f"}]},
+     "'messages'"),
+    ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x"}], "chat": {"tool": []}}, "'chat'"),
+    ({"type": "generate", "id": 1, "prompt": "x", "chat": {}}, "'chat' goes with 'messages'"),
+    ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x"}],
+      "chat": {"add_generation_prompt": True, "continue_final_message": True}}, "exclude each other"),
+    ({"type": "generate", "id": 1, "prompt": "x", "params": {"guided_json": {}}}, "guided_json"),
+    ({"type": "tokenize", "id": 1, "prompt_ids": [1]}, "'prompt'"),
+    ({"type": "tokenize", "id": 1, "prompt": "x", "add_special_tokens": 1}, "add_special_tokens"),
+    ({"type": "detokenize", "id": 1, "tokens": ["a"]}, "'tokens'"),
+    ({"type": "detokenize", "id": 1, "tokens": [1], "skip": True}, "skip"),
+])
+def test_bad_chat_and_tokenizer_messages(message, words):
+    with pytest.raises(ProtocolError) as e:
+        _decode(message)
+    assert e.value.code == BAD_REQUEST and words in e.value.message
+
+
+def test_tokenize_and_detokenize_messages():
+    msg = _decode({"type": "tokenize", "id": 1, "prompt": "hi"})
+    assert (msg.prompt, msg.add_special_tokens) == ("hi", True)
+    msg = _decode({"type": "tokenize", "id": 1, "messages": [{"role": "user", "content": "hi"}]})
+    assert msg.add_special_tokens is False  # a chat template writes its own special tokens
+    assert _decode({"type": "detokenize", "id": 2, "tokens": [5, 6]}).tokens == [5, 6]

@@ -95,15 +95,24 @@ class Tokenizer:
     # --- chat -----------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
-        """The prompt text for a conversation, as transformers' apply_chat_template(tokenize=False)."""
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
+        """The prompt text for a conversation, as transformers' apply_chat_template(tokenize=False).
+        continue_final_message: the text ends where the last message's content does, so that
+        the model continues that message (as transformers)."""
         if self.chat_template is None:
             raise ValueError(f"{self.source or 'this model'}: the model has no chat template")
         if self._template is None:
             self._template = _compile(self.chat_template)
         context = {**self.special_tokens, **kwargs}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **context)
+        if continue_final_message:
+            final = messages[-1].get("content") or ""
+            for part in (final, final.strip()):
+                if part and part in text:
+                    return text[:text.rindex(part) + len(part)]
+            raise ValueError("continue_final_message: the final message's content is not in the rendered chat")
+        return text
 
 
 def _token_content(value: Any) -> str | None:

@@ -33,12 +33,16 @@ class ServerError(Exception):
 
 
 def generate_message(request_id: str, prompt: str | None, prompt_ids: list[int] | None,
-                     messages: list[dict] | None, stream: bool, params: dict, clamp_max_tokens: bool = True) -> dict:
+                     messages: list[dict] | None, stream: bool, params: dict, clamp_max_tokens: bool = True,
+                     chat: dict | None = None) -> dict:
+    """`chat` (with messages): tools, add_generation_prompt, continue_final_message."""
     sources = {"prompt": prompt, "prompt_ids": prompt_ids, "messages": messages}
     given = {k: v for k, v in sources.items() if v is not None}
     if len(given) != 1:
         raise ValueError("give exactly one of prompt, prompt_ids and messages")
     message = {"type": "generate", "id": request_id, **given, "params": params, "stream": stream}
+    if chat:
+        message["chat"] = chat
     if not clamp_max_tokens:
         message["clamp_max_tokens"] = False
     return message
@@ -317,6 +321,13 @@ class AsyncClient(_Base):
 
     async def kv_state(self, timeout: float | None = None) -> dict:
         return await self._call("kv_state", timeout)
+
+    async def tokenize(self, timeout: float | None = None, **fields) -> dict:
+        """fields: prompt, or messages (with chat); add_special_tokens (docs/protocol.md)."""
+        return await self._call("tokenize", timeout, **fields)
+
+    async def detokenize(self, tokens: list[int], timeout: float | None = None) -> dict:
+        return await self._call("detokenize", timeout, tokens=tokens)
 
     async def _call(self, kind: str, timeout: float | None, **fields) -> dict:
         async for reply in self.replies({"type": kind, "id": self.new_id(), **fields}, timeout):

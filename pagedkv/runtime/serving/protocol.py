@@ -17,15 +17,23 @@ from pagedkv.runtime.engine.sampling_params import SamplingParams
 # Stable error codes.
 BAD_REQUEST, TOO_LONG, OVERLOADED, ABORTED, INTERNAL = "bad_request", "too_long", "overloaded", "aborted", "internal"
 
-REQUEST_TYPES = ("generate", "abort", "stats", "health", "kv_state")
+REQUEST_TYPES = ("generate", "abort", "stats", "health", "kv_state", "tokenize", "detokenize")
 # Fields each message type accepts; anything else is a bad request.
 FIELDS = {
-    "generate": {"type", "id", "prompt", "prompt_ids", "messages", "params", "stream", "clamp_max_tokens"},
+    "generate": {"type", "id", "prompt", "prompt_ids", "messages", "chat", "params", "stream", "clamp_max_tokens"},
     "abort": {"type", "id"},
     "stats": {"type", "id"},
     "health": {"type", "id", "requests"},
     "kv_state": {"type", "id"},
+    "tokenize": {"type", "id", "prompt", "messages", "chat", "add_special_tokens"},
+    "detokenize": {"type", "id", "tokens"},
 }
+# A chat message's fields (OpenAI's: tool calls of an assistant, the call a tool answers, a name).
+MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+# How a chat is rendered: the tools the template shows the model, whether the assistant's turn
+# is opened (add_generation_prompt) or the last message is continued (continue_final_message).
+CHAT_FIELDS = {"tools": list, "add_generation_prompt": bool, "continue_final_message": bool}
+MAX_DETOKENIZE = 1 << 20  # token ids one detokenize may carry
 MAX_HEALTH_REQUESTS = 256  # request ids one `health` may ask about
 MAX_ID_LENGTH = 256
 MAX_ERROR_CHARS = 1000  # an error reply's message; quoted values are shorter still
@@ -46,13 +54,16 @@ class Message:
     id: str | int
     prompt: str | None = None
     prompt_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    chat: dict[str, Any] = field(default_factory=dict)  # CHAT_FIELDS
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     # False: a max_tokens that the context cannot hold after the prompt is refused, as OpenAI's
     # API does; true: generation ends where the context does.
     clamp_max_tokens: bool = True
     requests: list[str | int] | None = None  # health: which of these ids are in flight
+    add_special_tokens: bool = True  # tokenize: as the tokenizer adds them (a prompt's BOS)
+    tokens: list[int] | None = None  # detokenize
 
 
 def _valid_id(value: Any) -> bool:
@@ -89,22 +100,72 @@ def decode_message(payload: bytes, max_prompt_chars: int) -> Message:
             raise ProtocolError(BAD_REQUEST, f"'requests' must be a list of at most {MAX_HEALTH_REQUESTS} request "
                                 "ids", request_id)
         return Message(kind, request_id, requests=requests)
+    if kind == "detokenize":
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list) or len(tokens) > MAX_DETOKENIZE or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ProtocolError(BAD_REQUEST, f"'tokens' must be a list of at most {MAX_DETOKENIZE} integers",
+                                request_id)
+        return Message(kind, request_id, tokens=tokens)
+    if kind == "tokenize":
+        msg = _prompt_source(data, request_id, max_prompt_chars, ("prompt", "messages"), Message(kind, request_id))
+        msg.add_special_tokens = data.get("add_special_tokens", msg.messages is None)
+        if not isinstance(msg.add_special_tokens, bool):
+            raise ProtocolError(BAD_REQUEST, "'add_special_tokens' must be a boolean", request_id)
+        return msg
     if kind != "generate":
         return Message(kind, request_id)
     return _generate(data, request_id, max_prompt_chars)
 
 
 def _generate(data: dict, request_id: str | int, max_prompt_chars: int) -> Message:
-    sources = [k for k in ("prompt", "prompt_ids", "messages") if k in data]
-    if len(sources) != 1:
-        raise ProtocolError(BAD_REQUEST, "a generate message needs exactly one of 'prompt', 'prompt_ids' "
-                            f"and 'messages', got {sources or 'none'}", request_id)
     msg = Message("generate", request_id, stream=data.get("stream", False),
                   clamp_max_tokens=data.get("clamp_max_tokens", True))
     for name in ("stream", "clamp_max_tokens"):
         if not isinstance(getattr(msg, name), bool):
             raise ProtocolError(BAD_REQUEST, f"'{name}' must be a boolean, got {quote(getattr(msg, name))}",
                                 request_id)
+    _prompt_source(data, request_id, max_prompt_chars, ("prompt", "prompt_ids", "messages"), msg)
+    try:
+        msg.params = SamplingParams.from_dict(data.get("params", {}))
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(BAD_REQUEST, f"invalid sampling parameters: {e}", request_id)
+    return msg
+
+
+def _text_size(value: Any, depth: int = 0) -> int:
+    """Characters of the strings in a message's value (keys included), for the size bound."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 32:
+        raise ValueError("nested too deeply")
+    if isinstance(value, dict):
+        return sum(_text_size(k, depth + 1) + _text_size(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(v, depth + 1) for v in value)
+    return 8
+
+
+def _valid_chat_message(m: Any) -> bool:
+    if not isinstance(m, dict) or not set(m) <= MESSAGE_FIELDS or not isinstance(m.get("role"), str):
+        return False
+    if not isinstance(m.get("content"), str) and not (m.get("content") is None and "content" in m):
+        return False
+    for name in ("name", "tool_call_id"):
+        if name in m and not isinstance(m[name], str):
+            return False
+    calls = m.get("tool_calls")
+    return calls is None or (isinstance(calls, list) and all(isinstance(c, dict) for c in calls))
+
+
+def _prompt_source(data: dict, request_id: str | int, max_prompt_chars: int, kinds: tuple[str, ...],
+                   msg: Message) -> Message:
+    sources = [k for k in kinds if k in data]
+    if len(sources) != 1:
+        raise ProtocolError(BAD_REQUEST, f"a {msg.type} message needs exactly one of "
+                            f"{', '.join(repr(k) for k in kinds)}, got {sources or 'none'}", request_id)
+    if "chat" in data and "messages" not in data:
+        raise ProtocolError(BAD_REQUEST, "'chat' goes with 'messages'", request_id)
     if "prompt" in data:
         msg.prompt = data["prompt"]
         if not isinstance(msg.prompt, str):
@@ -122,16 +183,25 @@ def _generate(data: dict, request_id: str | int, max_prompt_chars: int) -> Messa
             raise ProtocolError(TOO_LONG, f"the chat has {len(msg.messages)} messages, more than this server "
                                 f"takes ({max_messages}: one per token of the model's context)", request_id)
         if not isinstance(msg.messages, list) or not msg.messages or not all(
-                isinstance(m, dict) and set(m) == {"role", "content"}
-                and isinstance(m["role"], str) and isinstance(m["content"], str) for m in msg.messages):
-            raise ProtocolError(BAD_REQUEST, "'messages' must be a non-empty list of maps with a string "
-                                "'role' and a string 'content'", request_id)
-        # Roles count as much as contents: the template renders both.
-        _check_size(sum(len(m["role"]) + len(m["content"]) for m in msg.messages), max_prompt_chars, request_id)
-    try:
-        msg.params = SamplingParams.from_dict(data.get("params", {}))
-    except (TypeError, ValueError) as e:
-        raise ProtocolError(BAD_REQUEST, f"invalid sampling parameters: {e}", request_id)
+                _valid_chat_message(m) for m in msg.messages):
+            raise ProtocolError(BAD_REQUEST, "'messages' must be a non-empty list of maps with a string 'role', "
+                                "a 'content' that is a string (or null), and optionally a string 'name' and "
+                                "'tool_call_id' and a list of maps 'tool_calls'", request_id)
+        msg.chat = data.get("chat", {})
+        if not isinstance(msg.chat, dict) or not all(
+                k in CHAT_FIELDS and isinstance(v, CHAT_FIELDS[k]) for k, v in msg.chat.items()):
+            raise ProtocolError(BAD_REQUEST, "'chat' must be a map of 'tools' (a list), 'add_generation_prompt' and "
+                                "'continue_final_message' (booleans)", request_id)
+        if msg.chat.get("add_generation_prompt") and msg.chat.get("continue_final_message"):
+            raise ProtocolError(BAD_REQUEST, "'add_generation_prompt' and 'continue_final_message' exclude each "
+                                "other", request_id)
+        # Everything the template renders counts: roles, contents, tool calls, the tools.
+        try:
+            size = sum(_text_size(v) for m in msg.messages for v in m.values() if v is not None)
+            size += _text_size(msg.chat.get("tools", []))
+        except ValueError:
+            raise ProtocolError(BAD_REQUEST, "'messages' or 'chat.tools' are nested too deeply", request_id)
+        _check_size(size, max_prompt_chars, request_id)
     return msg
 
 

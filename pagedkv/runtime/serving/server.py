@@ -31,6 +31,7 @@ from pagedkv.runtime.serving.protocol import (
     ABORTED, BAD_REQUEST, CHARS_PER_TOKEN, INTERNAL, OVERLOADED, TOO_LONG, Message, ProtocolError, decode_message,
     encode, error_reply, final_reply
 )
+from pagedkv.runtime.serving import tool_calls
 from pagedkv.runtime.serving.security import check_bind, secure_server
 from pagedkv.runtime.serving.streaming import RequestStream
 
@@ -190,6 +191,10 @@ class Server:
                                     "connection", msg.id)
             if msg.type == "generate":
                 self._generate(envelope, msg)
+            elif msg.type == "tokenize":
+                self._send(envelope, {"type": "final", "id": msg.id, "tokenize": self._tokenize(msg)})
+            elif msg.type == "detokenize":
+                self._send(envelope, {"type": "final", "id": msg.id, "detokenize": self._detokenize(msg)})
             elif msg.type == "abort":
                 self._abort(envelope, msg.id)
             elif msg.type == "kv_state":
@@ -248,13 +253,35 @@ class Server:
         if tokenizer is None:
             raise ProtocolError(BAD_REQUEST, "this model has no tokenizer: send 'prompt_ids'", msg.id)
         if msg.prompt is not None:
-            return tokenizer.encode(msg.prompt)
+            return tokenizer.encode(msg.prompt, add_special_tokens=msg.add_special_tokens)
+        chat = msg.chat
+        cont = chat.get("continue_final_message", False)
+        extra = {"tools": chat["tools"]} if chat.get("tools") else {}
         try:
-            text = tokenizer.apply_chat_template(msg.messages, add_generation_prompt=True)
-        except (ValueError, jinja2.TemplateError) as e:
+            text = tokenizer.apply_chat_template(msg.messages, chat.get("add_generation_prompt", not cont),
+                                                 continue_final_message=cont, **extra)
+        except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise ProtocolError(BAD_REQUEST, f"the chat template cannot render these messages: {quote(str(e))}",
                                 msg.id)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(text, add_special_tokens=msg.type == "tokenize" and msg.add_special_tokens)
+
+    def _tokenize(self, msg: Message) -> dict:
+        ids = self._prompt_ids(msg)
+        return {"tokens": ids, "token_strs": [self._token_piece(t) for t in ids]}
+
+    def _token_piece(self, token_id: int) -> str:
+        piece = self.engine.tokenizer.id_to_piece(token_id)
+        return piece if piece is not None else ""
+
+    def _detokenize(self, msg: Message) -> dict:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ProtocolError(BAD_REQUEST, "this model has no tokenizer", msg.id)
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in msg.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ProtocolError(BAD_REQUEST, f"token ids must be in [0, {vocab}); got {bad[:5]}", msg.id)
+        return {"prompt": tokenizer.decode(msg.tokens)}
 
     def _abort(self, envelope: list[bytes], client_id: str | int) -> None:
         request_id = self.by_client.get((envelope[0], client_id))
@@ -345,6 +372,8 @@ class Server:
         return {"status": "stopping" if self.stopping else "ok", "model": self.engine.model_source,
                 "max_model_len": self.engine.model_config.max_position_embeddings,
                 "sampling_defaults": self.engine.sampling_defaults,
+                "tool_parser": tool_calls.detect(self.engine.tokenizer.chat_template if self.engine.tokenizer
+                                                 else None),
                 "in_flight": len(self.in_flight), "uptime_s": time.monotonic() - self.started,
                 **({"kv_events": self.engine.kv_events.describe()} if self.engine.kv_events is not None else {})}
 
