@@ -170,7 +170,7 @@ def test_chat_messages_carry_tool_calls_and_the_chat_options():
     ({"type": "generate", "id": 1, "messages": [{"role": "user", "content": "x"}],
       "chat": {"add_generation_prompt": True, "continue_final_message": True}}, "exclude each other"),
     ({"type": "generate", "id": 1, "prompt": "x", "params": {"guided_json": {}}}, "guided_json"),
-    ({"type": "tokenize", "id": 1, "prompt_ids": [1]}, "'prompt'"),
+    ({"type": "tokenize", "id": 1, "prompt_ids": [1]}, "prompt_ids"),
     ({"type": "tokenize", "id": 1, "prompt": "x", "add_special_tokens": 1}, "add_special_tokens"),
     ({"type": "detokenize", "id": 1, "tokens": ["a"]}, "'tokens'"),
     ({"type": "detokenize", "id": 1, "tokens": [1], "skip": True}, "skip"),
