@@ -27,6 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 from pagedkv.runtime.engine.llm_engine import LLMEngine, RequestTooLong
 from pagedkv.runtime.engine.outputs import RequestOutput
 from pagedkv.runtime.engine.quote import quote
+from pagedkv.runtime.engine.structured import GrammarError
 from pagedkv.runtime.serving.protocol import (
     ABORTED, BAD_REQUEST, CHARS_PER_TOKEN, INTERNAL, OVERLOADED, TOO_LONG, Message, ProtocolError, decode_message,
     encode, error_reply, final_reply
@@ -230,6 +231,8 @@ class Server:
             self.engine.add_request(request_id, ids, msg.params, stream=msg.stream)
         except RequestTooLong as e:
             raise ProtocolError(TOO_LONG, str(e), msg.id)
+        except GrammarError as e:
+            raise ProtocolError(BAD_REQUEST, str(e), msg.id, param="structured_outputs")
         except ValueError as e:
             raise ProtocolError(BAD_REQUEST, str(e), msg.id)
         token_text = self._token_text if msg.params.logprobs is not None else None

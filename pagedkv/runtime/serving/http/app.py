@@ -34,7 +34,7 @@ from pagedkv.runtime.serving.http.guard import (
     ApiKeyMiddleware, Disconnected, check_http_bind, read_json, until_disconnected
 )
 from pagedkv.runtime.serving.http.metrics import Metrics, RequestTimer
-from pagedkv.runtime.serving.http.requests import Job, parse
+from pagedkv.runtime.serving.http.requests import Job, parse, parse_detokenize, parse_tokenize
 from pagedkv.runtime.serving.http.responses import DONE, format_for, sse, usage
 
 log = logging.getLogger("pagedkv.api")
@@ -65,6 +65,7 @@ class ModelInfo:
     root: str                      # the engine's model path
     max_model_len: int | None
     sampling_defaults: dict = field(default_factory=dict)  # what the model ships; unset request fields take them
+    tool_parser: str | None = None  # the chat template's tool-call format (tool_calls.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def card(self) -> dict:
@@ -127,7 +128,7 @@ class Gateway:
             health = await self.engine_health()
             name = self.config.served_model_name or model_name(str(health.get("model")))
             self.model = ModelInfo(name, str(health.get("model")), health.get("max_model_len"),
-                                   dict(health.get("sampling_defaults") or {}))
+                                   dict(health.get("sampling_defaults") or {}), health.get("tool_parser"))
         return self.model
 
     async def _replies(self, source: dict, job: Job, model: str) -> AsyncIterator[dict]:
@@ -141,7 +142,8 @@ class Gateway:
             client = engine.client
             engine.in_flight += 1
         message = generate_message(client.new_id(), source.get("prompt"), source.get("prompt_ids"),
-                                   source.get("messages"), job.stream, job.params, job.clamp_max_tokens)
+                                   source.get("messages"), job.stream, job.params, job.clamp_max_tokens,
+                                   job.chat_options if "messages" in source else None)
         timer = RequestTimer(self.metrics, model)
         try:
             # The engine may work on a request for longer than --timeout: what ends the wait is an
@@ -157,6 +159,8 @@ class Gateway:
             error = from_engine(e)
             if error.param == "max_tokens":
                 error.param = job.max_tokens_param
+            elif error.param == "structured_outputs":
+                error.param = job.structured_param
             raise error from None
         except TimeoutError as e:  # the request is aborted as the stream closes, in case the engine lives
             raise engine_unavailable(str(e)) from None
@@ -183,11 +187,11 @@ class Gateway:
             log.info("a client disconnected while sending its request (%s %s)", request.method, request.url.path)
             return Response(status_code=499)
         info = await self.model_info()
-        job = parse(body, chat, info.max_model_len, info.sampling_defaults)
-        if job.model is not None and job.model not in (info.name, info.root):
-            raise ApiError(404, f"the model `{job.model}` does not exist; this server serves `{info.name}`",
-                           param="model", code="model_not_found")
+        job = parse(body, chat, info.max_model_len, info.sampling_defaults, info.tool_parser)
+        self._check_model(job.model, info)
         fmt = format_for(job, info.name)
+        if job.echo:
+            fmt.echo = [await self._prompt_text(s) for s in job.sources]
         try:
             streams = await until_disconnected(request.receive, self._open(job, info.name))
             if job.stream:
@@ -196,6 +200,45 @@ class Gateway:
         except Disconnected:
             return Response(status_code=499)  # nobody is listening any more
         return JSONResponse(fmt.response(finals))
+
+    @staticmethod
+    def _check_model(model: str | None, info: ModelInfo) -> None:
+        if model is not None and model not in (info.name, info.root):
+            raise ApiError(404, f"the model `{model}` does not exist; this server serves `{info.name}`",
+                           param="model", code="model_not_found")
+
+    async def _engine_call(self, call) -> dict:
+        try:
+            return await call
+        except ServerError as e:
+            raise from_engine(e) from None
+        except TimeoutError as e:
+            raise engine_unavailable(str(e)) from None
+
+    async def _prompt_text(self, source: dict) -> str:
+        """echo: a prompt's text (a token prompt decoded by the engine)."""
+        if "prompt" in source:
+            return source["prompt"]
+        reply = await self._engine_call(self.client.detokenize(source["prompt_ids"], self.config.engine_timeout))
+        return reply["prompt"]
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_body_bytes)
+        info = await self.model_info()
+        fields_ = parse_tokenize(body)
+        self._check_model(body.get("model"), info)
+        reply = await self._engine_call(self.client.tokenize(self.config.engine_timeout, **fields_))
+        strs = reply["token_strs"] if body.get("return_token_strs") else None
+        return JSONResponse({"count": len(reply["tokens"]), "max_model_len": info.max_model_len,
+                             "tokens": reply["tokens"], "token_strs": strs})
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_body_bytes)
+        info = await self.model_info()
+        tokens = parse_detokenize(body)
+        self._check_model(body.get("model"), info)
+        reply = await self._engine_call(self.client.detokenize(tokens, self.config.engine_timeout))
+        return JSONResponse({"prompt": reply["prompt"]})
 
     async def _events(self, job: Job, fmt, streams: list[AsyncIterator[dict]]) -> AsyncIterator[str]:
         finals: list[dict | None] = [None] * len(streams)
@@ -217,7 +260,7 @@ class Gateway:
     def _chunk(job: Job, fmt, base: int, reply: dict) -> str:
         """One engine reply as SSE chunks, one choice per chunk as OpenAI sends them."""
         if reply["type"] == "final":
-            choices = [c for o in reply["outputs"] for c in fmt.finish(base + o["index"], o["finish_reason"])]
+            choices = [c for o in reply["outputs"] for c in fmt.finish(base + o["index"], o["finish_reason"], o)]
         else:
             choices = [c for o in reply["outputs"] if o["text"] or (job.logprobs and o["token_ids"])
                        for c in fmt.delta(base + o["index"], o)]
@@ -359,6 +402,8 @@ def build_app(config: ApiConfig) -> Starlette:
     routes = [Route("/v1/models", gateway.models), Route("/v1/models/{model:path}", gateway.model_card),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/tokenize", gateway.tokenize, methods=["POST"]),
+              Route("/detokenize", gateway.detokenize, methods=["POST"]),
               Route("/health", gateway.health), Route("/metrics", gateway.scrape)]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)

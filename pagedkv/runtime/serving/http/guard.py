@@ -35,6 +35,9 @@ def check_http_bind(host: str, api_key: str | None, insecure: bool) -> None:
                          "(clients send 'Authorization: Bearer KEY') or --insecure")
 
 
+KEYED_PATHS = ("/tokenize", "/detokenize")  # vLLM's, outside /v1, and work for the engine all the same
+
+
 class ApiKeyMiddleware:
     """OpenAI's (and vLLM's) scheme: `Authorization: Bearer KEY` on every /v1 path. /health and
     /metrics stay open, as in vLLM, for probes and scrapers."""
@@ -43,7 +46,7 @@ class ApiKeyMiddleware:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] in KEYED_PATHS):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):
                 error = ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+from pagedkv.runtime.serving import tool_calls
 from pagedkv.runtime.serving.http.requests import Job
 
 DONE = "data: [DONE]\n\n"
@@ -55,6 +56,7 @@ class _Format:
         self.top = job.params.get("logprobs") or 0
         self.started: set[int] = set()         # choices whose first chunk went out
         self.offsets: dict[int, int] = {}      # completions' text_offset, per choice
+        self.echo: list[str] | None = None     # completions' echo: each prompt's text
 
     def response(self, finals: list[dict]) -> dict:
         choices = []
@@ -81,7 +83,7 @@ class _Format:
     # Implemented by each API.
     def choice(self, index: int, out: dict) -> dict: ...
     def delta(self, index: int, out: dict) -> list[dict]: ...
-    def finish(self, index: int, reason: str | None) -> list[dict]: ...
+    def finish(self, index: int, reason: str | None, out: dict | None = None) -> list[dict]: ...
     def logprobs(self, index: int, token_ids: list[int], logprobs: list, texts: dict) -> dict: ...
 
 
@@ -89,15 +91,23 @@ class CompletionFormat(_Format):
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
+    def _echo(self, index: int) -> str:
+        """The prompt's text before a choice's first text, with echo."""
+        if self.echo is None or index in self.started:
+            return ""
+        self.started.add(index)
+        return self.echo[index // self.job.n]
+
     def choice(self, index: int, out: dict) -> dict:
-        return {"index": index, "text": out["text"], "logprobs": self._logprobs(index, out),
+        return {"index": index, "text": self._echo(index) + out["text"], "logprobs": self._logprobs(index, out),
                 "finish_reason": finish_reason(out["finish_reason"])}
 
     def delta(self, index: int, out: dict) -> list[dict]:
-        return [{"index": index, "text": out["text"], "logprobs": self._logprobs(index, out), "finish_reason": None}]
+        return [{"index": index, "text": self._echo(index) + out["text"], "logprobs": self._logprobs(index, out),
+                 "finish_reason": None}]
 
-    def finish(self, index: int, reason: str | None) -> list[dict]:
-        return [{"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason(reason)}]
+    def finish(self, index: int, reason: str | None, out: dict | None = None) -> list[dict]:
+        return [{"index": index, "text": self._echo(index), "logprobs": None, "finish_reason": finish_reason(reason)}]
 
     def logprobs(self, index: int, token_ids: list[int], logprobs: list, texts: dict) -> dict:
         tokens = [texts.get(t, "") for t in token_ids]
@@ -116,17 +126,94 @@ class ChatFormat(_Format):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
+    def __init__(self, job: Job, model: str) -> None:
+        super().__init__(job, model)
+        self.tools: dict[int, tool_calls.ToolStream] = {}  # auto: each choice's parse so far
+        self.buffers: dict[int, str] = {}                  # required: each choice's text so far
+        self.called: set[int] = set()                      # choices that made a tool call
+
+    def _calls(self, text: str) -> tuple[str | None, list[dict]]:
+        """A whole output as (content, calls), by the request's tool_choice."""
+        mode = self.job.tool_mode
+        if mode == "auto":
+            return tool_calls.parse(text, self.job.tool_parser)
+        if mode == "required":
+            calls = tool_calls.parse_required(text)
+            return (text, []) if calls is None else (None, calls)
+        if mode == "named":
+            return None, [{"name": self.job.tool_name, "arguments": text}]
+        return text, []
+
+    def _reason(self, reason: str | None, called: bool) -> str | None:
+        """"tool_calls" where the model called tools by itself or as required (named: "stop", as vLLM)."""
+        if called and reason == "stop" and self.job.tool_mode in ("auto", "required"):
+            return "tool_calls"
+        return finish_reason(reason)
+
+    @staticmethod
+    def _call_object(call: dict, k: int | None = None) -> dict:
+        obj = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+               "function": {"name": call["name"], "arguments": call["arguments"]}}
+        return obj if k is None else {"index": k, **obj}
+
     def choice(self, index: int, out: dict) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": out["text"], "refusal": None},
-                "logprobs": self._logprobs(index, out), "finish_reason": finish_reason(out["finish_reason"])}
+        content, calls = self._calls(out["text"])
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = [self._call_object(c) for c in calls]
+        return {"index": index, "message": message, "logprobs": self._logprobs(index, out),
+                "finish_reason": self._reason(out["finish_reason"], bool(calls))}
 
     def delta(self, index: int, out: dict) -> list[dict]:
-        return [*self._role(index), {"index": index, "delta": {"content": out["text"]},
-                                     "logprobs": self._logprobs(index, out), "finish_reason": None}]
+        mode, text = self.job.tool_mode, out["text"]
+        logprobs = self._logprobs(index, out)
+        if mode is None:
+            return [*self._role(index), {"index": index, "delta": {"content": text}, "logprobs": logprobs,
+                                         "finish_reason": None}]
+        deltas: list[dict] = []
+        if mode == "auto":
+            content, calls = self.tools.setdefault(index, tool_calls.ToolStream(self.job.tool_parser)).push(text)
+            deltas = self._tool_deltas(index, content, calls)
+        elif mode == "named":
+            if index not in self.called:  # the call is announced once, its arguments stream
+                self.called.add(index)
+                deltas.append({"tool_calls": [{"index": 0, **self._call_object(
+                    {"name": self.job.tool_name, "arguments": ""})}]})
+            if text:
+                deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
+        else:
+            self.buffers[index] = self.buffers.get(index, "") + text
+        if logprobs is not None and not deltas:
+            deltas.append({"content": ""})
+        chunks = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        if chunks:
+            chunks[0]["logprobs"] = logprobs
+        return [*self._role(index), *chunks]
 
-    def finish(self, index: int, reason: str | None) -> list[dict]:
-        return [*self._role(index), {"index": index, "delta": {}, "logprobs": None,
-                                     "finish_reason": finish_reason(reason)}]
+    def _tool_deltas(self, index: int, content: str | None, calls: list[dict]) -> list[dict]:
+        deltas = [{"content": content}] if content else []
+        for call in calls:
+            k = self._next_call(index)
+            deltas.append({"tool_calls": [self._call_object(call, k)]})
+        return deltas
+
+    def _next_call(self, index: int) -> int:
+        """The index of a choice's next tool call in its stream."""
+        self.called.add(index)
+        count = self.offsets.get(index, 0)
+        self.offsets[index] = count + 1
+        return count
+
+    def finish(self, index: int, reason: str | None, out: dict | None = None) -> list[dict]:
+        deltas: list[dict] = []
+        if self.job.tool_mode == "auto" and index in self.tools:
+            deltas = self._tool_deltas(index, *self.tools[index].finish())
+        elif self.job.tool_mode == "required":
+            content, calls = self._calls(self.buffers.pop(index, ""))
+            deltas = self._tool_deltas(index, content, calls)
+        chunks = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        return [*self._role(index), *chunks, {"index": index, "delta": {}, "logprobs": None,
+                                              "finish_reason": self._reason(reason, index in self.called)}]
 
     def _role(self, index: int) -> list[dict]:
         """OpenAI's first chunk of each choice names the role, with empty content."""
