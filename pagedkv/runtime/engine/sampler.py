@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -156,18 +156,42 @@ def grammar_allowed(mask: torch.Tensor, vocab: int) -> torch.Tensor:
     return bits.reshape(mask.shape[0], -1)[:, :vocab].bool()
 
 
-def process_logits(logits: torch.Tensor, t: dict[str, torch.Tensor], proc: Processing) -> torch.Tensor:
+def _forbid_on_cpu(x: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Writes -inf where the bitmask forbids, in place, with numpy (an order of magnitude faster
+    than torch's bit expansion and masked_fill for [32, 49152] on the CPU); returns the bool
+    [N, V] of what is allowed."""
+    vocab = x.shape[1]
+    forbidden = np.unpackbits(~mask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab].view(bool)
+    forbidden[forbidden.all(axis=1)] = False
+    np.copyto(x.numpy(), np.float32(-np.inf), where=forbidden)
+    return ~forbidden
+
+
+def in_place(proc: Processing, max_top: int) -> bool:
+    """Whether the processing may write into the logits themselves: masks alone (a grammar,
+    min_tokens) write -inf only where no token is drawn, so the drawn token's raw logit stays;
+    top logprobs need the raw rows whole."""
+    return not (proc.bias or proc.penalties) and not max_top
+
+
+def process_logits(logits: torch.Tensor, t: dict[str, torch.Tensor], proc: Processing,
+                   inplace: bool = False) -> torch.Tensor:
     """The float32 logits after the grammar mask, min_tokens, logit_bias and the penalties, in
-    vLLM's order (a new tensor; `logits` is left as it is)."""
+    vLLM's order: a new tensor, or `logits` itself changed where `inplace` (see `in_place`)."""
     n, vocab = logits.shape
-    x = logits.float().clone()
+    x = logits.float()
+    if not inplace or x is not logits or not x.is_contiguous():
+        x = x.clone()
     allowed = None
     if proc.grammar:
-        allowed = grammar_allowed(t["grammar"], vocab)
         # A row that allows nothing is one whose result is dropped (its sequence ended while
         # the step computed) or whose matcher failed; it is drawn as if unconstrained.
-        allowed |= ~allowed.any(dim=1, keepdim=True)
-        x.masked_fill_(~allowed, float("-inf"))
+        if x.device.type == "cpu":
+            allowed = torch.from_numpy(_forbid_on_cpu(x, t["grammar"]))
+        else:
+            allowed = grammar_allowed(t["grammar"], vocab)
+            allowed |= ~allowed.any(dim=1, keepdim=True)
+            x.masked_fill_(~allowed, float("-inf"))
     if proc.min_tokens:
         blocked = torch.zeros(n, vocab + 1, dtype=torch.bool, device=x.device)
         blocked.scatter_(1, t["blocked"], True)
@@ -309,7 +333,7 @@ def sample_on_device(logits: torch.Tensor, t: dict[str, torch.Tensor], plan: Sam
     tokens, log_total = _greedy(logits)
     processed = logits
     if plan.processing:  # tokens come from the processed logits, logprobs from the raw ones
-        processed = process_logits(logits, t, plan.processing)
+        processed = process_logits(logits, t, plan.processing, in_place(plan.processing, plan.max_top))
         if plan.any_greedy:
             tokens = _greedy(processed)[0]
     if plan.any_random:
@@ -362,7 +386,8 @@ def sample_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],
         return []
     tensors = (staging or Staging(logits.device)).upload(plan.arrays)
     if processes and _fast_greedy(logits, params_list):
-        return greedy_batch(logits, params_list, process_logits(logits, tensors, plan.processing))
+        return greedy_batch(logits, params_list,
+                            lambda: process_logits(logits, tensors, plan.processing, in_place(plan.processing, 0)))
     return unpack(sample_on_device(logits, tensors, plan).cpu(), plan)
 
 
@@ -372,19 +397,20 @@ def _fast_greedy(logits: torch.Tensor, params_list: Sequence[SamplingParams]) ->
 
 
 def greedy_batch(logits: torch.Tensor, params_list: Sequence[SamplingParams],
-                 processed: torch.Tensor | None = None) -> list[SampledToken] | None:
+                 process: Callable[[], torch.Tensor] | None = None) -> list[SampledToken] | None:
     """`sample_batch` of a CPU batch whose rows are all greedy and ask for no top logprobs (the
     common case): the kernel's tokens and log-sum-exps, without a plan, an upload or a packed
-    copy. None where that does not apply. `processed`: the logits after `process_logits`, which
-    then pick the tokens (their logprobs stay those of `logits`)."""
+    copy. None where that does not apply. `process`: gives the logits after `process_logits`
+    (perhaps `logits` changed in place), which then pick the tokens; the logprobs are those of
+    the raw logits, read before."""
     if not params_list or any(not p.is_greedy or p.logprobs or p.use_beam_search for p in params_list):
         return None
     fused = cpu_ops.greedy_and_logsumexp(logits)
     if fused is None:
         return None
     tokens, log_total = fused
-    if processed is not None:
-        tokens = cpu_ops.greedy_and_logsumexp(processed)[0]
+    if process is not None:
+        tokens = cpu_ops.greedy_and_logsumexp(process())[0]
     logprobs = (logits.gather(1, tokens[:, None]) - log_total)[:, 0].tolist()
     return [SampledToken(t, lp, None if p.logprobs is None else {})
             for t, lp, p in zip(tokens.tolist(), logprobs, params_list)]

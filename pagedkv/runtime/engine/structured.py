@@ -20,6 +20,7 @@ What the engine relies on:
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -99,6 +100,13 @@ class Grammars:
         self._executor = None
         self._lock = threading.Lock()
         self._compiled: OrderedDict[str, str] = OrderedDict()
+        # The library's thread pool computes masks in parallel, and its threads spin between
+        # tasks: on a few cores they take them from the model's OpenMP team, whose step then
+        # waits at every barrier (a decode step of SmolLM2 at batch 32 on 2 cores took twice as
+        # long). There the masks are computed one after another on the thread that runs beside
+        # the step. PAGEDKV_GRAMMAR_THREADS=1 or 0 decides it.
+        choice = os.environ.get("PAGEDKV_GRAMMAR_THREADS")
+        self.parallel = len(os.sched_getaffinity(0)) >= 8 if choice is None else choice != "0"
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> "Grammars":
@@ -152,10 +160,15 @@ class Grammars:
     def fill(self, matchers: Sequence[tuple[Matcher, int]], rows: int) -> np.ndarray:
         """int32 [rows, words]: the listed rows hold their matchers' masks, the others allow
         every token (-1). Computed in the library's threads, without the GIL."""
-        from llguidance.numpy import fill_next_token_bitmask_par
-
         mask = np.full((rows, self.words), -1, dtype=np.int32)
         if matchers:
             self._ll()
-            fill_next_token_bitmask_par(self._executor, [(m.m, row) for m, row in matchers], mask)
+            if self.parallel:
+                from llguidance.numpy import fill_next_token_bitmask_par
+
+                fill_next_token_bitmask_par(self._executor, [(m.m, row) for m, row in matchers], mask)
+            else:
+                size = self.words * 4
+                for m, row in matchers:
+                    m.m.unsafe_compute_mask_ptr(mask[row].ctypes.data, size)
         return mask
