@@ -32,6 +32,9 @@ class RequestTooLong(ValueError):
     """A prompt longer than the model's context, or a request that can never fit in the KV cache."""
 
 
+_BESIDE = os.environ.get("PAGEDKV_MASKS_BESIDE", "1") != "0"
+
+
 def _same_rows(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
@@ -202,7 +205,7 @@ class LLMEngine:
         self.profile.begin()
         out = self.scheduler.schedule()
         self.profile.mark("schedule")
-        start = (lambda: self._masks_beside(out)) if self.matchers else None
+        start = (lambda: self._masks_beside(out)) if self.matchers and _BESIDE else None
         outputs = self.process(out, self.executor.execute(out, started=start))
         self.profile.end("prefill" if out.prefills else "decode")
         self._release_if_idle()
