@@ -205,8 +205,13 @@ class LLMEngine:
         self.profile.begin()
         out = self.scheduler.schedule()
         self.profile.mark("schedule")
-        start = (lambda: self._masks_beside(out)) if self.matchers and _BESIDE else None
-        outputs = self.process(out, self.executor.execute(out, started=start))
+        # The grammar masks of this step's rows are computed while its model work runs (the
+        # tensor-parallel executor says nothing of when that starts: there they come after).
+        if self.matchers and _BESIDE and self.config.tensor_parallel_size == 1:
+            logits = self.executor.execute(out, started=lambda: self._masks_beside(out))
+        else:
+            logits = self.executor.execute(out)
+        outputs = self.process(out, logits)
         self.profile.end("prefill" if out.prefills else "decode")
         self._release_if_idle()
         return outputs
