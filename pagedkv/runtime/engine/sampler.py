@@ -174,6 +174,7 @@ def in_place(proc: Processing, max_top: int) -> bool:
     return not (proc.bias or proc.penalties) and not max_top
 
 
+@torch.inference_mode()  # the model's logits are inference tensors, which change in place only there
 def process_logits(logits: torch.Tensor, t: dict[str, torch.Tensor], proc: Processing,
                    inplace: bool = False) -> torch.Tensor:
     """The float32 logits after the grammar mask, min_tokens, logit_bias and the penalties, in
