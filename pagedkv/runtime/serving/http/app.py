@@ -451,6 +451,9 @@ def run(config: ApiConfig, announce: Callable[[str], None] | None = None, log_le
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        # Listening before the address is announced: a client that connects while the server
+        # still starts waits in the backlog instead of being refused.
+        sock.listen(2048)
     except OSError as e:
         raise ValueError(f"cannot bind the HTTP API to {config.host}:{config.port}: {e}") from None
     host, port = sock.getsockname()[:2]
