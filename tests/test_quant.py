@@ -230,14 +230,9 @@ def test_amx_int4_rows_do_not_depend_on_their_batch(fmt):
     assert bool(((full.double() - reference).abs() <= 2 ** -8 * reference.abs() + 1e-6).all())
 
 
-@needs_vnni
-@settings(max_examples=30, deadline=None)
-@given(tiles=st.integers(1, 5), groups=st.integers(1, 40), rows=st.integers(1, 40),
-       kind=st.sampled_from(["offsets", "symmetric", "split"]), seed=st.integers(0, 2 ** 16))
-def test_integer_products_on_any_shape(tiles, groups, rows, kind, seed):
-    # Other models' shapes: any number of 16-row tiles and 32-column groups, Q4_1-like offsets,
-    # Q4_0-like symmetric codes, or Q8_0's split halves; float32-accurate, rows independent.
-    g = torch.Generator().manual_seed(seed)
+def random_weight(g: torch.Generator, tiles: int, groups: int, kind: str) -> GroupQuantized:
+    """16 * tiles rows by 32 * groups columns: Q4_1-like offsets, Q4_0-like symmetric codes, or
+    Q8_0's split halves."""
     n, k = 16 * tiles, 32 * groups
     width = 2 * k if kind == "split" else k
     scales = torch.rand(n, width // 32, generator=g).mul(0.02).add(0.001).half().float()
@@ -248,14 +243,59 @@ def test_integer_products_on_any_shape(tiles, groups, rows, kind, seed):
         scales[:, groups:] = scales[:, :groups] / 16
         zeros = torch.cat([torch.zeros_like(scales[:, :groups]), 8 * scales[:, groups:]], dim=1)
     codes = torch.randint(0, 16, (n, width), generator=g, dtype=torch.uint8)
-    weight = GroupQuantized(codes, scales, zeros, kind == "split", "test")
+    return GroupQuantized(codes, scales, zeros, kind == "split", "test")
+
+
+@needs_vnni
+@settings(max_examples=30, deadline=None)
+@given(tiles=st.integers(1, 5), groups=st.integers(1, 40), rows=st.integers(1, 40),
+       kind=st.sampled_from(["offsets", "symmetric", "split"]), seed=st.integers(0, 2 ** 16))
+def test_integer_products_on_any_shape(tiles, groups, rows, kind, seed):
+    # Other models' shapes: any number of 16-row tiles and 32-column groups, Q4_1-like offsets,
+    # Q4_0-like symmetric codes, or Q8_0's split halves; float32-accurate, rows independent.
+    g = torch.Generator().manual_seed(seed)
+    weight = random_weight(g, tiles, groups, kind)
     lin = Int4Linear(weight, kernel="pagedkv")
-    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()
+    x = torch.randn(rows, 32 * groups, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()
     out = lin(x)
     dense = weight.dequantize().double()
     error = (out.double() - x.double() @ dense.T).abs()
     assert bool((error <= 2 ** -20 * (x.abs().double() @ dense.abs().T) + 1e-30).all())
     assert torch.equal(lin(x[rows // 2:]), out[rows // 2:]) and torch.equal(lin(x[:1]), out[:1])
+
+
+@needs_vnni
+@settings(max_examples=25, deadline=None)
+@given(tiles=st.integers(1, 4), groups=st.integers(1, 40), rows=st.integers(7, 300),
+       kind=st.sampled_from(["offsets", "symmetric", "split"]), seed=st.integers(0, 2 ** 16))
+def test_integer_register_blocks_on_any_shape(tiles, groups, rows, kind, seed):
+    # Where AMX is missing, batches from 7 rows take register blocks of 8 rows (a tail of 4),
+    # blocks of rows that fill 512 KB of digits (136 rows at 40 groups): float32-accurate, and
+    # each row the bits it has alone (the vector path) or in any other batch.
+    g = torch.Generator().manual_seed(seed)
+    weight = random_weight(g, tiles, groups, kind)
+    lin = Int4Linear(weight, kernel="pagedkv")
+    x = torch.randn(rows, 32 * groups, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()
+    made_with_amx = cpu_ops.amx_supported()
+    try:
+        cpu_ops.set_amx(False)
+        out = lin(x)
+        alone = torch.cat([lin(x[i:i + 1]) for i in range(rows)])
+        assert torch.equal(out, alone)
+        for start, stop in ((1, rows), (rows // 3, rows), (0, 9), (rows - 7, rows)):
+            assert torch.equal(lin(x[start:stop]), out[start:stop]), (start, stop)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2 if before == 1 else 1)
+            assert torch.equal(lin(x), out)
+        finally:
+            torch.set_num_threads(before)
+    finally:
+        cpu_ops.set_amx(made_with_amx)
+    dense = weight.dequantize().double()
+    error = (out.double() - x.double() @ dense.T).abs()
+    assert bool((error <= 2 ** -20 * (x.abs().double() @ dense.abs().T) + 1e-30).all())
+    assert torch.equal(lin(x), out)  # with AMX where there is one: the same exact sums
 
 
 def test_rows_and_cat_follow_the_dense_weight():

@@ -7,11 +7,14 @@
 // 2^21 <= max |a| < 2^22, so each activation keeps 22 bits below its group's largest (float32
 // keeps 24; the 4-bit weights' own error is about 2^-5). sum(a * code) over the group is then an
 // exact int32, computed
-// - for up to 7 rows by AVX512-VNNI: a as three signed bytes, a = 65536 h + 256 m + l, each
-//   byte's products with the codes by VPDPBUSD (64 products an instruction);
-// - from 8 rows by AMX: a = 4096 a1 + a0, each part two signed bytes 16 d1 + d0 in one 64-byte
-//   tile row, which TDPBSUD multiplies by 16 times the codes and by the codes (8,192 products an
-//   instruction).
+// - by AVX512-VNNI: a as three signed bytes, a = 65536 h + 256 m + l, each byte's products with
+//   the codes by VPDPBUSD (64 products an instruction); up to 6 rows a pass over the weights
+//   decodes the codes as it goes, 4 rows at a time (`vector_rows`); from 7 rows where AMX is
+//   missing, register blocks of 8 rows by one tile take the codes decoded once per block of rows
+//   (`block_rows`: 24 sums in registers, each broadcast digit fed straight into VPDPBUSD);
+// - from 8 rows by AMX where the CPU has it: a = 4096 a1 + a0, each part two signed bytes
+//   16 d1 + d0 in one 64-byte tile row, which TDPBSUD multiplies by 16 times the codes and by the
+//   codes (8,192 products an instruction).
 // Then, in float32 and in one order whatever the path, each group adds
 // scale * 2^e * sum(a * code) + offset * sum(x) to its 16 outputs, groups in increasing order
 // (where the offset is -8 times the scale, Q4_0's and Q8_0's high halves, 8 * sum(a) comes out of
@@ -20,9 +23,12 @@
 //
 // Why: float32 FMAs set the pace of cpu_int4.c, and decoding the 4-bit weights that of a single
 // row. Here the codes go into the products as bytes, and AMX's products outrun FMAs. SmolLM2-135M's
-// matrices, 1 thread (tools/bench_cpu_kernels): 1.3 times cpu_int4.c's speed at 1 and 16 rows,
-// 1.4-1.5 from 32 to 128, 1.15 at 2,900. From 16 rows the float32 work each group adds to every
-// output (a conversion, two multiply-adds), not the tile products, sets the pace.
+// matrices, 1 thread (tools/bench_cpu_kernels), Xeon with AMX: 1.3 times cpu_int4.c's speed at 1
+// and 16 rows, 1.4-1.5 from 32 to 128, 1.15 at 2,900. From 16 rows the float32 work each group
+// adds to every output (a conversion, two multiply-adds), not the tile products, sets the pace.
+// Without AMX (an AMD EPYC, Zen 4) the register blocks run at about 60 G multiply-adds a second
+// on one core, 80% of what VPDPBUSD's one 512-bit instruction a cycle allows with 22-bit
+// activations in three bytes (the rest: each group's float32 work per row and tile).
 // And exact sums make both paths give the same bits: a row's result depends neither on its batch
 // (preemption stays invisible in the outputs) nor on whether the CPU has AMX.
 #include <stdint.h>
@@ -38,6 +44,7 @@
 
 #define VECTOR_ROWS 4     // the most rows the vector path takes per pass over the weights
 #define AMX_ROWS 8        // from this many rows, AMX where the CPU has it
+#define BLOCKED_ROWS 7    // from this many rows, register blocks (block_rows) where AMX is missing
 #define BLOCK_BYTES (1024 * 1024)  // a block of rows' activations, as AMX's parts, kept in L2 while the tiles pass
 #define PREFETCH_BYTES 3072
 
@@ -96,18 +103,20 @@ static inline __m512i digit(__m512i v, int bits, int offset) {
 
 static inline void store_bytes(int8_t *dst, __m512i v) { _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(v)); }
 
-// For the vector path: a = 65536 h + 256 m + l, three signed bytes (|h| <= 64), stored [h | m | l],
-// 32 bytes each: 96 bytes a group.
-static void byte_digits(const float *x, int64_t groups, int8_t *dst, RowGroup *info) {
+// a = 65536 h + 256 m + l, three signed bytes (|h| <= 64), stored [h | m | l], 32 bytes each:
+// 96 bytes a group, groups `group_stride` bytes apart (96 for the vector path, a row's groups
+// together; SLOT_BYTES for register blocks, a block's rows of one group together).
+static void byte_digits(const float *x, int64_t groups, int8_t *dst, int64_t group_stride, RowGroup *info) {
     for (int64_t g = 0; g < groups; g++) {
         __m512i a[2];
         integers(x + g * GROUP, a, info + g);
+        int8_t *d = dst + g * group_stride;
         for (int i = 0; i < 2; i++) {
             const __m512i l = digit(a[i], 8, 128), rest = _mm512_srai_epi32(_mm512_sub_epi32(a[i], l), 8);
             const __m512i m = digit(rest, 8, 128), h = _mm512_srai_epi32(_mm512_sub_epi32(rest, m), 8);
-            store_bytes(dst + g * 96 + i * 16, h);
-            store_bytes(dst + g * 96 + 32 + i * 16, m);
-            store_bytes(dst + g * 96 + 64 + i * 16, l);
+            store_bytes(d + i * 16, h);
+            store_bytes(d + 32 + i * 16, m);
+            store_bytes(d + 64 + i * 16, l);
         }
     }
 }
@@ -237,6 +246,97 @@ static void vector_tile(const int8_t *xv, const RowGroup *info, int64_t groups, 
     }
 }
 
+// Batches where AMX is missing: BLOCK_ROWS rows at a time against one tile (register blocking:
+// 3 * BLOCK_ROWS integer sums and the tile's codes in registers, each activation's four bytes
+// broadcast from memory straight into VPDPBUSD), each tile's codes turned into VPDPBUSD's
+// operands and its scales read once per block of rows (`tile_operands`), the block's digits
+// kept in L2 while every tile passes. Each group's sums are exact, and `add_group` adds them
+// in the order the other paths do, so the bits are theirs.
+#define BLOCK_ROWS 8              // rows per micro-kernel: 24 integer sums in registers
+#define PANEL_BYTES (512 * 1024)  // a block of rows' digits, kept in L2 while the tiles pass
+#define SLOT_BYTES (BLOCK_ROWS * 96)  // a group's digits of BLOCK_ROWS rows, row after row
+
+// A tile's codes as code_rows gives them (8 vectors a group) and its groups' scales.
+static void tile_operands(const uint8_t *tile, int64_t w_groups, const int half, __m512i *codes, GroupScales *scales) {
+    for (int64_t g = 0; g < w_groups; g++) {
+        code_rows(tile, g, half, codes + g * 8);
+        scales[g] = scales_of(tile, g, half);
+    }
+}
+
+// One group's integer sums for BLOCK_ROWS rows (`a`: their digits, SLOT_BYTES; `c`: the group's
+// 8 code vectors) or 4: s<row><plane> = sum over the group of the plane's digits times the codes.
+// GCC does not fold the broadcasts into VPDPBUSD and spills the sums: the loop is written out.
+#define DP(i, p, kk) "vpdpbusd " #i "*96+" #p "*32+" #kk "*4(%[a])%{1to16%}, %[b], %[s" #i #p "]\n\t"
+#define ROW(i, kk) DP(i, 0, kk) DP(i, 1, kk) DP(i, 2, kk)
+#define ZERO(i) \
+    "vpxord %[s" #i "0], %[s" #i "0], %[s" #i "0]\n\tvpxord %[s" #i "1], %[s" #i "1], %[s" #i "1]\n\t" \
+    "vpxord %[s" #i "2], %[s" #i "2], %[s" #i "2]\n\t"
+#define CODES(kk) "vmovdqa64 " #kk "*64(%[c]), %[b]\n\t"
+#define STEP8(kk) CODES(kk) ROW(0, kk) ROW(1, kk) ROW(2, kk) ROW(3, kk) ROW(4, kk) ROW(5, kk) ROW(6, kk) ROW(7, kk)
+#define STEP4(kk) CODES(kk) ROW(0, kk) ROW(1, kk) ROW(2, kk) ROW(3, kk)
+#define SUMS(i) [s##i##0] "=&v"(s[i][0]), [s##i##1] "=&v"(s[i][1]), [s##i##2] "=&v"(s[i][2])
+
+static inline __attribute__((always_inline)) void group_sums8(const int8_t *a, const __m512i *c, __m512i s[8][3]) {
+    __m512i b;
+    __asm__(ZERO(0) ZERO(1) ZERO(2) ZERO(3) ZERO(4) ZERO(5) ZERO(6) ZERO(7)
+            STEP8(0) STEP8(1) STEP8(2) STEP8(3) STEP8(4) STEP8(5) STEP8(6) STEP8(7)
+            : SUMS(0), SUMS(1), SUMS(2), SUMS(3), SUMS(4), SUMS(5), SUMS(6), SUMS(7), [b] "=&v"(b)
+            : [a] "r"(a), [c] "r"(c), "m"(*(const int8_t(*)[SLOT_BYTES])a), "m"(*(const __m512i(*)[8])c));
+}
+
+static inline __attribute__((always_inline)) void group_sums4(const int8_t *a, const __m512i *c, __m512i s[8][3]) {
+    __m512i b;
+    __asm__(ZERO(0) ZERO(1) ZERO(2) ZERO(3)
+            STEP4(0) STEP4(1) STEP4(2) STEP4(3) STEP4(4) STEP4(5) STEP4(6) STEP4(7)
+            : SUMS(0), SUMS(1), SUMS(2), SUMS(3), [b] "=&v"(b)
+            : [a] "r"(a), [c] "r"(c), "m"(*(const int8_t(*)[SLOT_BYTES])a), "m"(*(const __m512i(*)[8])c));
+}
+#undef DP
+#undef ROW
+#undef ZERO
+#undef CODES
+#undef STEP8
+#undef STEP4
+#undef SUMS
+
+// `rows` rows (at most BLOCK_ROWS) of one block of digits (block_digits' layout) against one
+// tile's operands; `wide`: the 8-row sums, else the 4-row ones (rows <= 4).
+static inline __attribute__((always_inline)) void block_rows(const int8_t *xb, const RowGroup *info, int64_t groups,
+                                                             int64_t w_groups, const __m512i *codes,
+                                                             const GroupScales *scales, float *out,
+                                                             int64_t out_stride, int rows, const int wide) {
+    __m512 acc[BLOCK_ROWS];
+    for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < w_groups; g++) {
+        const int64_t ag = g < groups ? g : g - groups;  // Q8_0's low halves: the same activations
+        __m512i s[8][3];
+        if (wide) group_sums8(xb + ag * SLOT_BYTES, codes + g * 8, s);
+        else group_sums4(xb + ag * SLOT_BYTES, codes + g * 8, s);
+        for (int i = 0; i < (wide ? 8 : 4); i++) {  // rows past `rows`: zeros, computed and left
+            // 65536 h + 256 m + l: int32 arithmetic wraps, and the sum fits, so it is exact.
+            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(s[i][0], 16),
+                                                  _mm512_add_epi32(_mm512_slli_epi32(s[i][1], 8), s[i][2]));
+            acc[i] = add_group(acc[i], sums, info + i * groups + ag, scales + g);
+        }
+    }
+    for (int i = 0; i < rows; i++) _mm512_storeu_ps(out + i * out_stride, acc[i]);
+}
+
+// Rows 0 .. rows - 1 of a block of rows (from a multiple of BLOCK_ROWS) against one tile's
+// operands, BLOCK_ROWS at a time, a tail of up to 4 rows by the 4-row sums.
+static void block_tile(const int8_t *xb, const RowGroup *info, int64_t groups, int64_t w_groups, const __m512i *codes,
+                       const GroupScales *scales, int64_t rows, float *out, int64_t out_stride) {
+    for (int64_t r = 0; r < rows; r += BLOCK_ROWS) {
+        const int n = rows - r < BLOCK_ROWS ? (int)(rows - r) : BLOCK_ROWS;
+        const int8_t *x = xb + r * groups * 96;
+        if (n > 4) block_rows(x, info + r * groups, groups, w_groups, codes, scales, out + r * out_stride, out_stride,
+                              n, 1);
+        else block_rows(x, info + r * groups, groups, w_groups, codes, scales, out + r * out_stride, out_stride, n,
+                        0);
+    }
+}
+
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
 // A tile's codes as TDPBSUD's B tiles, 1 KB a group: rows 0-7 the codes times 16 (for the d1),
 // rows 8-15 the codes (for the d0). Codes are at most 15: shifting bytes within words carries
@@ -359,24 +459,57 @@ int int4_linear_vnni(const float *x, int64_t x_stride, int64_t m, int64_t x_cols
     if (m >= AMX_ROWS && amx_supported())
         return amx_rows(x, x_stride, m, groups, w_groups, packed, tile_bytes, half, tiles, out, n_out, num_threads);
 #endif
-    int8_t *xv = malloc(m * groups * 96);
-    RowGroup *info = malloc(m * groups * sizeof(RowGroup));
+    // From BLOCKED_ROWS rows: blocks of rows whose digits stay in L2 while every tile passes,
+    // one job a block and tile, consecutive jobs one block through the tiles.
+    const int blocked = m >= BLOCKED_ROWS && !amx_supported();  // with AMX: the vectors below AMX_ROWS
+    const int64_t padded = blocked ? (m + BLOCK_ROWS - 1) / BLOCK_ROWS * BLOCK_ROWS : m;  // rows past m: zeros
+    int8_t *xv = malloc(padded * groups * 96);
+    RowGroup *info = calloc(padded * groups, sizeof(RowGroup));
     if (!xv || !info) {
         free(xv);
         free(info);
         return -2;
     }
+    int64_t block = blocked ? PANEL_BYTES / (groups * 96) / BLOCK_ROWS * BLOCK_ROWS : m;
+    if (block < BLOCK_ROWS) block = BLOCK_ROWS;
+    const int64_t jobs = (m + block - 1) / block * tiles;
+    int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; r++) byte_digits(x + r * x_stride, groups, xv + r * groups * 96, info + r * groups);
+        for (int64_t r = 0; r < padded; r++) {
+            int8_t *d = blocked ? xv + r / BLOCK_ROWS * groups * SLOT_BYTES + r % BLOCK_ROWS * 96 : xv + r * groups * 96;
+            const int64_t stride = blocked ? SLOT_BYTES : 96;
+            if (r < m) byte_digits(x + r * x_stride, groups, d, stride, info + r * groups);
+            else for (int64_t g = 0; g < groups; g++) memset(d + g * stride, 0, 96);
+        }
+        __m512i *codes = blocked ? aligned_alloc(64, w_groups * 8 * sizeof(__m512i)) : NULL;
+        GroupScales *scales = blocked ? aligned_alloc(64, w_groups * sizeof(GroupScales)) : NULL;
+        if (blocked && (!codes || !scales)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (!blocked) {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++)
-            vector_tile(xv, info, groups, w_groups, packed + t * tile_bytes, half, m, out + t * TILE, n_out);
+            for (int64_t t = 0; t < tiles; t++)
+                vector_tile(xv, info, groups, w_groups, packed + t * tile_bytes, half, m, out + t * TILE, n_out);
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < jobs; j++) {
+                if (!codes || !scales) continue;
+                const int64_t r0 = j / tiles * block, t = j % tiles;
+                const int64_t rows = m - r0 < block ? m - r0 : block;
+                tile_operands(packed + t * tile_bytes, w_groups, half, codes, scales);
+                block_tile(xv + r0 * groups * 96, info + r0 * groups, groups, w_groups, codes, scales, rows,
+                           out + r0 * n_out + t * TILE, n_out);
+            }
+        }
+        free(codes);
+        free(scales);
     }
     free(xv);
     free(info);
-    return 0;
+    return failed ? -2 : 0;
 }
 #else
 int vnni_supported(void) { return 0; }
