@@ -375,6 +375,67 @@ def test_bf16_linear_refuses_what_it_cannot_run():
         cpu_ops.bf16_linear(torch.randn(1, 64), weight)
 
 
+needs_f32_linear = pytest.mark.skipif(cpu_ops.library() is None or not cpu_ops.library().f32_linear_supported(),
+                                      reason="no AVX-512 on this CPU")
+
+
+@needs_f32_linear
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, cpu_ops.F32_LINEAR_ROWS), n=st.integers(1, 70), k=st.integers(1, 700),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_f32_linear_is_float32_accurate_and_rows_ignore_their_batch(rows, n, k, bias, seed):
+    # Any shape: widths that end in a partial vector of 16, odd numbers of W's rows (steps of 2);
+    # each output within float32's summation error of the float64 product, and each row the
+    # bits it has alone, in any batch and on either thread count.
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=g)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()
+    b = torch.randn(n, generator=g) if bias else None
+    got = cpu_ops.f32_linear(x, weight, b)
+    exact = x.double() @ weight.double().t() + (0 if b is None else b.double())
+    magnitude = x.abs().double() @ weight.abs().double().t() + (0 if b is None else b.abs().double())
+    assert ((got.double() - exact).abs() <= 2 ** -24 * (k // 16 + 20) * magnitude).all()
+    alone = torch.cat([cpu_ops.f32_linear(x[i:i + 1], weight, b) for i in range(rows)])
+    assert torch.equal(alone, got)
+    wide = torch.randn(rows, k + 5, generator=g)
+    wide[:, :k] = x
+    assert torch.equal(cpu_ops.f32_linear(wide[:, :k], weight, b), got)  # rows further apart than their width
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if before == 1 else 1)
+        assert torch.equal(cpu_ops.f32_linear(x, weight, b), got)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_f32_linear
+def test_f32_linear_rows_ignore_their_batch_on_a_models_shapes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cpu_ops.F32_LINEAR_ROWS, 1536, generator=g)
+    for n, k in ((960, 576), (576, 1536), (3072, 576)):  # threads split W's rows: both get some
+        weight = torch.randn(n, k, generator=g)
+        full = cpu_ops.f32_linear(x[:, :k], weight)
+        for start, stop in ((0, 1), (1, 3), (2, 6), (3, 8)):
+            assert torch.equal(cpu_ops.f32_linear(x[start:stop, :k], weight), full[start:stop]), (n, k, start)
+
+
+@needs_f32_linear
+def test_f32_linear_refuses_what_it_cannot_run():
+    weight = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        cpu_ops.f32_linear(torch.randn(9, 64), weight)
+    with pytest.raises(ValueError, match="for a weight"):
+        cpu_ops.f32_linear(torch.randn(1, 64).bfloat16(), weight)
+    with pytest.raises(ValueError, match="for a weight"):
+        cpu_ops.f32_linear(torch.randn(1, 64), weight.t().contiguous().t())
+
+
+@needs_f32_linear
+def test_f32_linear_of_no_rows_is_empty():
+    # A step none of whose tokens wants logits hands the lm_head no rows, as F.linear takes them.
+    assert cpu_ops.f32_linear(torch.randn(0, 64), torch.randn(8, 64)).shape == (0, 8)
+
+
 def model_ops(dtype):
     """The model's torch implementations of the steps the elementwise kernels replace."""
     from pagedkv.runtime.models.llama import LlamaModel

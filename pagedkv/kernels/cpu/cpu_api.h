@@ -41,6 +41,11 @@ int bf16_linear_supported(void);
 int bf16_linear(const uint16_t *x, int64_t x_stride, int rows, int64_t k, const uint16_t *w, int64_t n,
                 const uint16_t *bias, uint16_t *out, int num_threads);
 
+// cpu_f32.c: few float32 rows through float32 weights, each row's sums in one order.
+int f32_linear_supported(void);
+int f32_linear(const float *x, int64_t x_stride, int rows, int64_t k, const float *w, int64_t n, const float *bias,
+               float *out, int num_threads);
+
 // cpu_q6k.c: float32 rows through GGUF's Q6_K blocks, read in place.
 int q6k_linear(const float *x, int64_t x_stride, int64_t m, int64_t k, const uint8_t *blocks, int64_t n,
                float *out, int num_threads);

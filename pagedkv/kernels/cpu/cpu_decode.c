@@ -1,7 +1,8 @@
 // A decode batch's decoder layers in one call: the kernels pagedkv/runtime/models/llama.py calls between
 // its matrix products (cpu_kernels.c), the matrix products themselves (the BLAS sgemm that
-// F.linear calls for few rows, cpu_int4.c and cpu_vnni.c through it, cpu_amx.c, cpu_bf16.c), in
-// the loop's order, on the same buffers' contents, so every output bit equals the loop's.
+// F.linear calls for few rows, or cpu_f32.c where the model takes it instead; cpu_int4.c and
+// cpu_vnni.c through it, cpu_amx.c, cpu_bf16.c), in the loop's order, on the same buffers'
+// contents, so every output bit equals the loop's.
 //
 // Why: decoding one sequence, each matrix product streams its weights through the caches, and
 // the Python between the products (about 150 calls a step, their argument checks and tensor
@@ -21,7 +22,7 @@ enum { LINEAR_F32 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2, LINEAR_Q6K = 3 };
 
 // One weight matrix: out[rows, n] = x[rows, in] @ W^T.
 typedef struct {
-    int32_t kind;        // LINEAR_F32 (sgemm, float32 rows), LINEAR_INT4 (cpu_int4.c's float32 rows, or
+    int32_t kind;        // LINEAR_F32 (sgemm, or f32_linear without one; float32 rows), LINEAR_INT4 (cpu_int4.c's float32 rows, or
                          // cpu_amx.c's bfloat16 ones), LINEAR_BF16
     int32_t half;        // LINEAR_INT4: scales and offsets in float16
     const void *data;    // [n, columns] row-major, or cpu_int4.c's packed tiles
@@ -40,7 +41,8 @@ typedef struct {
 } Layer;
 
 typedef struct {
-    int64_t rows;  // sequences, one new token each (LINEAR_F32 and LINEAR_BF16 layers: 1 .. 4)
+    int64_t rows;  // sequences, one new token each (LINEAR_F32 layers: 1 .. 3, or 8 by f32_linear;
+                   // LINEAR_BF16 ones: 1 .. 4)
     int32_t hidden, num_heads, num_kv_heads, head_dim, intermediate;
     int32_t bf16;  // rows and weights in bfloat16 (else float32)
     float eps, scale;
@@ -53,7 +55,7 @@ typedef struct {
     const int32_t *block_tables;
     int64_t table_stride, table_width;
     const int32_t *context_lens;
-    Sgemm sgemm;
+    Sgemm sgemm;  // NULL: float32 matrices by f32_linear
     // Buffers, rows of the row type: qkv [rows, (heads + 2 kv heads) * head_dim], attention
     // output [rows, heads * head_dim], gate_up [rows, 2 * intermediate], act [rows,
     // intermediate], delta [rows, hidden].
@@ -65,6 +67,8 @@ typedef struct {
 static int linear(const DecodeStep *s, const Linear *w, const void *x, int64_t x_cols, void *out) {
     switch (w->kind) {
     case LINEAR_F32: {
+        if (!s->sgemm)  // the model's own few-row loops (cpu_f32.c), where it takes them over BLAS
+            return f32_linear(x, x_cols, (int)s->rows, w->columns, w->data, w->n, NULL, out, s->num_threads);
         // Row-major out[rows, n] = x W^T is column-major out^T = W^T' x^T: F.linear's own call.
         const int n = (int)w->n, m = (int)s->rows, k = (int)w->columns;
         const float one = 1.0f, zero = 0.0f;

@@ -4,7 +4,8 @@ The model describes its layers once (`DecodePlan`: where each weight lives and h
 multiplies); each decode step of the sizes it takes then runs every layer in C with
 the kernels and matrix products the model's Python loop calls, so the outputs are the loop's,
 bit for bit. Float32 matrices go through the BLAS `sgemm_` that torch's F.linear calls for few
-rows, found in torch's own library and checked against F.linear before use.
+rows, found in torch's own library and checked against F.linear before use, or where the model
+multiplies them by pagedkv/kernels/cpu/cpu_f32.c instead (`cpu_ops.f32_linear_preferred`), through that.
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ class DecodePlan:
     intermediate: int
     max_rows: int | None  # the most sequences a step may hold; None: any number (4-bit layers only)
     gelu: bool = False    # the MLP's gate is GELU's tanh form
+    blas: bool = True     # float32 matrices by sgemm_ (else by cpu_f32.c's f32_linear)
 
     def takes(self, rows: int) -> bool:
         return rows >= 1 and (self.max_rows is None or rows <= self.max_rows)
@@ -127,14 +129,15 @@ def _linear_struct(w: NativeLinear) -> _Linear:
     return _Linear(KINDS[w.kind], int(w.half), w.data.data_ptr(), w.n, w.columns)
 
 
-def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
-                float32_rows: int = DECODE_ROWS, gelu: bool = False) -> DecodePlan | None:
+def decode_plan(layers: list[NativeLayer], dtype: torch.dtype, float32_rows: int = DECODE_ROWS,
+                gelu: bool = False, blas: bool = True) -> DecodePlan | None:
     """The plan for these layers, or None where cpu_decode.c cannot run them: no library, a
     weight kind the row type cannot take, or float32 weights without a BLAS that gives
-    F.linear's bits. Steps hold up to `float32_rows` sequences where a float32 matrix is among
-    them (the most rows the model gives F.linear rather than oneDNN), DECODE_ROWS where a
-    bfloat16 one is (bf16_linear's most), and any number where all are 4-bit (cpu_int4.c's
-    kernel, or in bfloat16 cpu_amx.c's, which the model uses at every size)."""
+    F.linear's bits (with `blas`; without it, float32 matrices take f32_linear, as the model's
+    loop does). Steps hold up to `float32_rows` sequences where a float32 matrix is among
+    them (the most rows the model gives F.linear or f32_linear rather than oneDNN), DECODE_ROWS
+    where a bfloat16 one is (bf16_linear's most), and any number where all are 4-bit
+    (cpu_int4.c's kernel, or in bfloat16 cpu_amx.c's, which the model uses at every size)."""
     if cpu_ops.library() is None or dtype not in cpu_ops.DTYPES or not layers:
         return None
     # 4-bit matrices: cpu_int4.c for float32 rows, cpu_amx.c for bfloat16 ones.
@@ -147,7 +150,7 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
                 return None
             if w.kind == "bfloat16" and not cpu_ops.bf16_linear_supported():
                 return None
-            if w.kind == "float32" and w.data.shape not in checked:
+            if w.kind == "float32" and blas and w.data.shape not in checked:
                 if not sgemm_matches_linear(w.data):
                     return None
                 checked.add(w.data.shape)
@@ -159,9 +162,9 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype,
                l.post_norm.data_ptr(), l.next_norm.data_ptr(), l.window, l.rope, pointer(l.q_norm),
                pointer(l.k_norm), pointer(l.attn_out_norm), pointer(l.mlp_out_norm)) for l in layers])
     kinds = {w.kind for l in layers for w in (l.qkv, l.o, l.gate_up, l.down)}
-    max_rows = min(DECODE_ROWS, float32_rows) if "float32" in kinds else DECODE_ROWS if "bfloat16" in kinds else None
+    max_rows = float32_rows if "float32" in kinds else DECODE_ROWS if "bfloat16" in kinds else None
     return DecodePlan(tuple(layers), structs, dtype, layers[0].post_norm.numel(), layers[0].gate_up.n // 2,
-                      max_rows, gelu)
+                      max_rows, gelu, blas)
 
 
 def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -201,7 +204,7 @@ def decode_layers(plan: DecodePlan, h: torch.Tensor, x: torch.Tensor, cos: torch
         num_threads=torch.get_num_threads(), cos=cos.data_ptr(), sin=sin.data_ptr(), cache=kv_cache.data_ptr(),
         cache_bf16=cpu_ops.DTYPES[kv_cache.dtype], num_layers=num_layers, block_size=block_size,
         num_blocks=num_blocks, slots=slots.data_ptr(), block_tables=tables.data_ptr(), table_stride=tables.stride(0),
-        table_width=tables.shape[1], context_lens=lens.data_ptr(), sgemm=_sgemm(),
+        table_width=tables.shape[1], context_lens=lens.data_ptr(), sgemm=_sgemm() if plan.blas else None,
         cos_local=(cos if cos_local is None else cos_local).data_ptr(),
         sin_local=(sin if sin_local is None else sin_local).data_ptr(), gelu=int(plan.gelu), **pointers)
     rc = cpu_ops.library().decode_layers(ctypes.byref(step), plan.structs, len(plan.layers), h.data_ptr(),

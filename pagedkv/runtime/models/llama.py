@@ -85,9 +85,12 @@ _PACK_BATCH = 32
 # (Int4Linear): it gives each row the same result whatever the batch (oneDNN's bfloat16 GEMM
 # does not, from 5 rows on), so preemption, which changes batches, stays invisible in their
 # outputs.
-# In float32, F.linear (MKL) takes 1 to 3 rows at the memory's pace and then changes kernels:
-# SmolLM2-135M's matrices took 39.1, 39.9, 42.8 ms at 1, 2, 3 rows, 69.2 at 4, where oneDNN
-# took 52.4 (1 thread; 2 threads: 20.5, 20.7, 22.2, then 35.1 against 29.0).
+# In float32, F.linear (MKL) takes 1 to 3 rows at the memory's pace on Intel's CPUs and then
+# changes kernels: SmolLM2-135M's matrices took 39.1, 39.9, 42.8 ms at 1, 2, 3 rows, 69.2 at 4,
+# where oneDNN took 52.4 (1 thread; 2 threads: 20.5, 20.7, 22.2, then 35.1 against 29.0). On
+# other CPUs MKL takes slow paths (45 ms at 1 row on an AMD EPYC), and pagedkv's loops
+# (pagedkv/kernels/cpu/cpu_f32.c, `cpu_ops.f32_linear_preferred`) take 1 to 8 rows instead: about 20 ms
+# at 1 to 4 rows, 30 at 8, on that EPYC.
 _SMALL_ROWS = {torch.float32: 3, torch.bfloat16: cpu_ops.BF16_LINEAR_ROWS}
 _DUAL_BYTES = 2 << 30
 
@@ -150,7 +153,9 @@ class LlamaModel:
         dense_bytes = sum(v.numel() * v.element_size() for v in w.values() if isinstance(v, torch.Tensor))
         small_rows_kernel = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_ops.bf16_linear_supported())
         self.dual = self.linear_kind == "onednn" and small_rows_kernel and dense_bytes <= _DUAL_BYTES
-        self.small_rows = _SMALL_ROWS.get(dtype, 0)  # batches up to this many rows take the plain weights
+        # Float32's few rows: pagedkv's loops where the BLAS is slow, else F.linear.
+        self.own_f32 = dtype == torch.float32 and self.dual and cpu_ops.f32_linear_preferred()
+        self.small_rows = cpu_ops.F32_LINEAR_ROWS if self.own_f32 else _SMALL_ROWS.get(dtype, 0)  # take plain weights
         embed = w["model.embed_tokens.weight"]
         self.embed = self._tensor(embed.dequantize()) if isinstance(embed, QUANTIZED) else embed
         self.lm_head = self._weight(embed if config.tie_word_embeddings else w["lm_head.weight"])
@@ -289,7 +294,7 @@ class LlamaModel:
                                                  k_norm=layer["k_norm"], attn_out_norm=layer["attn_out_norm"],
                                                  mlp_out_norm=layer["mlp_out_norm"]))
         return cpu_decode.decode_plan(layers, self.dtype, float32_rows=self.small_rows,
-                                      gelu=cfg.hidden_act == "gelu_tanh")
+                                      gelu=cfg.hidden_act == "gelu_tanh", blas=not self.own_f32)
 
     def _tensor(self, weight: torch.Tensor | GroupQuantized | BlockQuantized
                 ) -> torch.Tensor | GroupQuantized | BlockQuantized:
@@ -331,6 +336,8 @@ class LlamaModel:
             if x.shape[0] <= self.small_rows:
                 if self.dtype == torch.bfloat16:
                     return cpu_ops.bf16_linear(x, weight.plain, bias)
+                if self.own_f32:
+                    return cpu_ops.f32_linear(x, weight.plain, bias)
                 return F.linear(x, weight.plain, bias)
             weight = weight.packed
         if self.linear_kind == "onednn":
@@ -341,7 +348,8 @@ class LlamaModel:
 
     def describe(self) -> str:
         """How the linear layers run, in words."""
-        small = "pagedkv's AVX512-BF16 loops" if self.dtype == torch.bfloat16 else "F.linear"
+        small = ("pagedkv's AVX512-BF16 loops" if self.dtype == torch.bfloat16
+                 else "pagedkv's AVX-512 loops" if self.own_f32 else "F.linear")
         few = f" ({small} up to {self.small_rows} rows)" if self.dual else ""
         kinds = {"onednn": "oneDNN, weights prepacked" + few, "mm": "torch.mm on transposed weights",
                  "linear": "F.linear"}
