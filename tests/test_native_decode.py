@@ -120,15 +120,17 @@ def test_quantized_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypa
 
 
 @needs_library
-@pytest.mark.skipif(not cpu_ops.amx_supported(), reason="no AMX on this CPU or operating system")
+@pytest.mark.skipif(not (cpu_ops.amx_supported() or cpu_ops.int4_bf16_supported()),
+                    reason="no AMX or AVX512-BF16 on this CPU")
 @pytest.mark.parametrize("storage", ["q4_1", "q8_0"])
 def test_quantized_bfloat16_layers_in_one_call_equal_the_loop(storage, tmp_path, monkeypatch):
-    # bfloat16 rows through cpu_amx.c's 4-bit kernel, in the one call and in the loop alike.
+    # bfloat16 rows through cpu_amx.c's 4-bit kernel, or without AMX cpu_bf16.c's, in the one
+    # call and in the loop alike.
     path = quantized_file(storage, tmp_path)
     loaded = load_model(path, quantization="auto", dtype=torch.bfloat16)
     model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.bfloat16)
     assert plan_kinds(model) == {"int4"} and model.decode_plan.max_rows is None
-    assert "AMX" in model.describe()
+    assert ("AMX" if cpu_ops.amx_supported() else "AVX512-BF16") in model.describe()
     runs, calls = greedy_both_ways(path, "bfloat16", monkeypatch, quantization="auto", block_size=16)
     assert calls and 5 in calls
     assert_same(runs)

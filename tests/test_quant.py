@@ -187,6 +187,10 @@ def assert_rows_independent(lin: Int4Linear, x: torch.Tensor, slices: list[tuple
 
 
 needs_amx = pytest.mark.skipif(not cpu_ops.amx_supported(), reason="no AMX on this CPU or operating system")
+needs_bf16_dots = pytest.mark.skipif(not cpu_ops.int4_bf16_supported(), reason="no AVX512-BF16 on this CPU")
+# bfloat16 rows through 4-bit weights in bfloat16: on AMX, or by AVX512-BF16's dot products
+needs_bf16_int4 = pytest.mark.skipif(not (cpu_ops.amx_supported() or cpu_ops.int4_bf16_supported()),
+                                     reason="no AMX or AVX512-BF16 on this CPU")
 
 
 @needs_amx
@@ -228,6 +232,64 @@ def test_amx_int4_rows_do_not_depend_on_their_batch(fmt):
                                             (1, 600)])
     reference = x.double() @ weight.dequantize().bfloat16().double().T
     assert bool(((full.double() - reference).abs() <= 2 ** -8 * reference.abs() + 1e-6).all())
+
+
+@needs_bf16_dots
+@settings(max_examples=25, deadline=None)
+@given(tiles=st.integers(1, 5), groups=st.integers(1, 40), rows=st.integers(1, 300),
+       kind=st.sampled_from(["offsets", "symmetric", "split"]), seed=st.integers(0, 2 ** 16))
+def test_bf16_dot_products_on_any_shape(tiles, groups, rows, kind, seed):
+    # Where AMX is missing, bfloat16 rows through 4-bit weights by AVX512-BF16's dot products
+    # (cpu_bf16.c): the weights a bfloat16 model dequantized from the file holds, exact products,
+    # float32 sums, one rounding of each output; register blocks of 8 rows by 2 tiles (an odd
+    # tile alone), blocks of rows that fill 512 KB, fewer rows in C: each row the bits it has
+    # alone or in any other batch, on either thread count.
+    g = torch.Generator().manual_seed(seed)
+    weight = random_weight(g, tiles, groups, kind)
+    lin = Int4Linear(weight, kernel="pagedkv")
+    x = (torch.randn(rows, 32 * groups, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()).bfloat16()
+    made_with_amx = cpu_ops.amx_supported()
+    try:
+        cpu_ops.set_amx(False)
+        out = lin(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 16 * tiles)
+        alone = torch.cat([lin(x[i:i + 1]) for i in range(rows)])
+        assert torch.equal(out, alone)
+        for start, stop in ((1, rows), (rows // 3, rows), (0, min(rows, 9))):
+            assert torch.equal(lin(x[start:stop]), out[start:stop]), (start, stop)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2 if before == 1 else 1)
+            assert torch.equal(lin(x), out)
+        finally:
+            torch.set_num_threads(before)
+    finally:
+        cpu_ops.set_amx(made_with_amx)
+    dense = weight.dequantize().bfloat16().double()
+    reference = x.double() @ dense.T
+    magnitude = x.abs().double() @ dense.abs().T
+    error = (out.double() - reference).abs()
+    # One rounding to bfloat16 (half a step: 2^-9 relative), a float32 sum of 32 * groups terms.
+    assert bool((error <= 2 ** -8 * reference.abs() + 2 ** -24 * (32 * groups + 2) * magnitude + 1e-30).all())
+
+
+@needs_bf16_dots
+def test_bf16_dot_products_hold_a_bfloat16_models_weights():
+    weight = from_gguf_blocks(raw_blocks("Q8_0", np.random.default_rng(1)), "Q8_0", ROWS, COLS)
+    x = torch.randn(40, COLS, generator=torch.Generator().manual_seed(2)).bfloat16()
+    lin = Int4Linear(weight, kernel="pagedkv")
+    made_with_amx = cpu_ops.amx_supported()
+    try:
+        cpu_ops.set_amx(False)
+        out = lin(x)
+    finally:
+        cpu_ops.set_amx(made_with_amx)
+    reference = x.double() @ weight.dequantize().bfloat16().double().T
+    assert bool(((out.double() - reference).abs() <= 2 ** -8 * reference.abs() + 2 ** -18 * magnitude_of(
+        weight, x.float()).double()).all())
+    # Not float32 weights: their sums differ from these by more than the bound allows somewhere.
+    float32_weights = x.double() @ weight.dequantize().double().T
+    assert float((float32_weights - reference).abs().max()) > 2 ** -18 * float(magnitude_of(weight, x.float()).max())
 
 
 def random_weight(g: torch.Generator, tiles: int, groups: int, kind: str) -> GroupQuantized:
@@ -354,7 +416,7 @@ WORKLOAD = MIXED_WORKLOAD
 
 @needs_int4
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_amx)])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_bf16_int4)])
 def test_preemption_is_invisible_quantized(q4_gguf, mode, dtype):
     loaded = load_model(q4_gguf, quantization="auto", dtype=getattr(torch, dtype))
     common = dict(loaded=loaded, block_size=4, swap_space_gib=0.01, device="cpu", dtype=dtype)
@@ -375,9 +437,11 @@ def test_amx_int4_takes_no_rows_and_says_when_amx_is_off():
     assert lin(torch.zeros(0, 576).bfloat16()).shape == (0, 48)
     model_made_with_amx = cpu_ops.amx_supported()
     try:
-        cpu_ops.set_amx(False)  # bfloat16 rows now take the float32 kernel, rounded once
+        cpu_ops.set_amx(False)  # bfloat16 rows now take the AVX512-BF16 kernel (every CPU with AMX has it)
         x = torch.randn(3, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
-        want = cpu_ops.int4_linear(x.float(), lin.packed).bfloat16()
+        want = torch.empty(3, 48, dtype=torch.bfloat16)
+        assert cpu_ops.library().int4_linear_bf16(x.data_ptr(), 576, 3, 576, lin.packed.data.data_ptr(),
+                                                  int(lin.packed.half), 48, 576, want.data_ptr(), 1) == 0
         assert torch.equal(lin(x), want)
         with pytest.raises(RuntimeError, match="no AMX"):  # what a plan made with AMX then meets
             cpu_ops.check_rc(cpu_ops.library().int4_linear_amx(None, 0, 1, 32, None, 1, 16, 32, None, 1), "x")

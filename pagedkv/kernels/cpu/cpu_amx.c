@@ -68,26 +68,6 @@ static const TileConfig TILES = {.palette = 1,
 
 void amx_configure_tiles(void) { _tile_loadconfig(&TILES); }
 
-// Group g of a tile's weights as a B tile (16 rows of 64 bytes), from cpu_int4.h's float32
-// weights (Q8_0's `split` codes as the 8-bit code).
-static inline __attribute__((always_inline)) void weights_tile(const uint8_t *tile, int64_t g, const int half,
-                                                               int64_t split, uint16_t *dst) {
-    // Rounded to bfloat16, each row's column pair lands in one dword, lower column first.
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    vfloat scale, offset;  // read once: as far as the compiler knows, the stores below may alias them
-    group_scales(tile, g * GROUP, split * GROUP, half, &scale, &offset);
-    for (int k = 0; k < GROUP; k += 4) {
-        vfloat w[4];
-        column_weights(tile, g * GROUP + k, split * GROUP, half, scale, offset, w);
-        for (int p = 0; p < 2; p++) {
-            const __m512bh both = _mm512_cvtne2ps_pbh((__m512)w[2 * p + 1], (__m512)w[2 * p]);
-            const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)both);
-            _mm512_store_si512(dst + (k / 2 + p) * 32, pairs);
-        }
-    }
-}
-
 // C tile `c` (16 x 16 float32) to `rows` rows of out, rounded to bfloat16.
 #define STORE_C(c, out, out_stride, rows)                                                      \
     do {                                                                                         \

@@ -40,6 +40,10 @@ int int4_linear_amx(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_co
 int bf16_linear_supported(void);
 int bf16_linear(const uint16_t *x, int64_t x_stride, int rows, int64_t k, const uint16_t *w, int64_t n,
                 const uint16_t *bias, uint16_t *out, int num_threads);
+// ... and bfloat16 rows through packed 4-bit weights where AMX is missing.
+int int4_bf16_supported(void);
+int int4_linear_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed,
+                     int half, int64_t n_out, int64_t w_cols, uint16_t *out, int num_threads);
 
 // cpu_f32.c: few float32 rows through float32 weights, each row's sums in one order.
 int f32_linear_supported(void);

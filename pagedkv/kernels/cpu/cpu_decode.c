@@ -1,7 +1,7 @@
 // A decode batch's decoder layers in one call: the kernels pagedkv/runtime/models/llama.py calls between
 // its matrix products (cpu_kernels.c), the matrix products themselves (the BLAS sgemm that
 // F.linear calls for few rows, or cpu_f32.c where the model takes it instead; cpu_int4.c and
-// cpu_vnni.c through it, cpu_amx.c, cpu_bf16.c), in the loop's order, on the same buffers'
+// cpu_vnni.c through it, cpu_amx.c, cpu_bf16.c's two), in the loop's order, on the same buffers'
 // contents, so every output bit equals the loop's.
 //
 // Why: decoding one sequence, each matrix product streams its weights through the caches, and
@@ -18,14 +18,16 @@ typedef void (*Sgemm)(const char *transa, const char *transb, const int *m, cons
                       const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
                       const float *beta, float *c, const int *ldc);
 
-enum { LINEAR_F32 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2, LINEAR_Q6K = 3 };
+enum { LINEAR_F32 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2, LINEAR_Q6K = 3, LINEAR_INT4_DOTS = 4 };
 
 // One weight matrix: out[rows, n] = x[rows, in] @ W^T.
 typedef struct {
-    int32_t kind;        // LINEAR_F32 (sgemm, or f32_linear without one; float32 rows), LINEAR_INT4 (cpu_int4.c's float32 rows, or
-                         // cpu_amx.c's bfloat16 ones), LINEAR_BF16
-    int32_t half;        // LINEAR_INT4: scales and offsets in float16
-    const void *data;    // [n, columns] row-major, or cpu_int4.c's packed tiles
+    int32_t kind;        // LINEAR_F32 (sgemm, or f32_linear without one; float32 rows), LINEAR_INT4 (cpu_int4.c's
+                         // float32 rows, or cpu_amx.c's bfloat16 ones), LINEAR_INT4_DOTS (bfloat16 rows by
+                         // cpu_bf16.c's 4-bit kernel, where AMX is missing), LINEAR_BF16, LINEAR_Q6K
+                         // (cpu_q6k.c's float32 rows)
+    int32_t half;        // LINEAR_INT4, LINEAR_INT4_DOTS: scales and offsets in float16
+    const void *data;    // [n, columns] row-major, cpu_int4.c's packed tiles or GGUF's Q6_K blocks
     int64_t n, columns;  // output features; weight columns (LINEAR_INT4: twice the input's for Q8_0's split codes)
 } Linear;
 
@@ -80,6 +82,8 @@ static int linear(const DecodeStep *s, const Linear *w, const void *x, int64_t x
             return int4_linear_amx(x, x_cols, s->rows, x_cols, w->data, w->half, w->n, w->columns, out,
                                    s->num_threads);
         return int4_linear(x, x_cols, s->rows, x_cols, w->data, w->half, w->n, w->columns, out, s->num_threads);
+    case LINEAR_INT4_DOTS:
+        return int4_linear_bf16(x, x_cols, s->rows, x_cols, w->data, w->half, w->n, w->columns, out, s->num_threads);
     case LINEAR_BF16:
         return bf16_linear(x, x_cols, (int)s->rows, w->columns, w->data, w->n, NULL, out, s->num_threads);
     case LINEAR_Q6K:

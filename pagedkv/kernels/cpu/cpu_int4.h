@@ -1,5 +1,5 @@
-// The packed 4-bit layout shared by cpu_int4.c (float32 activations) and cpu_amx.c (bfloat16
-// activations on AMX): per tile of 16 output rows, per group of 32 columns, the codes of 16
+// The packed 4-bit layout shared by cpu_int4.c and cpu_vnni.c (float32 activations), cpu_amx.c
+// (bfloat16 activations on AMX) and cpu_bf16.c (bfloat16 activations, AVX512-BF16): per tile of 16 output rows, per group of 32 columns, the codes of 16
 // column pairs (byte r of pair p holds row r's codes for columns 2p, low nibble, and 2p + 1,
 // high nibble), then the 16 rows' scales and offsets (w = scale * code + offset), float16
 // (`half`) or float32. Packed by pagedkv/kernels/cpu/ops.pack_int4.
@@ -82,3 +82,27 @@ static inline __attribute__((always_inline)) void column_weights(const uint8_t *
     }
     for (int c = 0; c < 4; c++) w[c] = __builtin_convertvector(codes[c], vfloat) * scale + offset;
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Group g of a tile's weights rounded to bfloat16, as 16 vectors of 64 bytes: vector p holds the
+// 16 rows' weights for columns 2p and 2p + 1, a row's pair in one dword (an AMX B tile, and
+// VDPBF16PS's operand with the tile's rows in its lanes); float32 weights as column_weights
+// gives them (Q8_0's `split` groups on: the 8-bit code). cpu_amx.c and cpu_bf16.c.
+static inline __attribute__((always_inline)) void weights_tile(const uint8_t *tile, int64_t g, const int half,
+                                                               int64_t split, uint16_t *dst) {
+    // Rounded to bfloat16, each row's column pair lands in one dword, lower column first.
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    vfloat scale, offset;  // read once: as far as the compiler knows, the stores below may alias them
+    group_scales(tile, g * GROUP, split * GROUP, half, &scale, &offset);
+    for (int k = 0; k < GROUP; k += 4) {
+        vfloat w[4];
+        column_weights(tile, g * GROUP + k, split * GROUP, half, scale, offset, w);
+        for (int p = 0; p < 2; p++) {
+            const __m512bh both = _mm512_cvtne2ps_pbh((__m512)w[2 * p + 1], (__m512)w[2 * p]);
+            const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)both);
+            _mm512_store_si512(dst + (k / 2 + p) * 32, pairs);
+        }
+    }
+}
+#endif

@@ -23,7 +23,7 @@ __all__ = ["DECODE_ROWS", "NativeLinear", "NativeLayer", "DecodePlan", "decode_p
            "sgemm_matches_linear"]
 
 DECODE_ROWS = cpu_ops.BF16_LINEAR_ROWS  # the most sequences a step may hold: bf16_linear's rows
-KINDS = {"float32": 0, "int4": 1, "bfloat16": 2, "q6k": 3}  # LINEAR_* of cpu_decode.c
+KINDS = {"float32": 0, "int4": 1, "bfloat16": 2, "q6k": 3, "int4 dots": 4}  # LINEAR_* of cpu_decode.c
 
 i32, i64, ptr, f32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -125,8 +125,10 @@ def sgemm_matches_linear(weight: torch.Tensor) -> bool:
                for m in range(1, DECODE_ROWS + 1))
 
 
-def _linear_struct(w: NativeLinear) -> _Linear:
-    return _Linear(KINDS[w.kind], int(w.half), w.data.data_ptr(), w.n, w.columns)
+def _linear_struct(w: NativeLinear, dots: bool = False) -> _Linear:
+    """`dots`: bfloat16 rows through 4-bit weights by cpu_bf16.c's dot products (no AMX)."""
+    kind = "int4 dots" if dots and w.kind == "int4" else w.kind
+    return _Linear(KINDS[kind], int(w.half), w.data.data_ptr(), w.n, w.columns)
 
 
 def decode_plan(layers: list[NativeLayer], dtype: torch.dtype, float32_rows: int = DECODE_ROWS,
@@ -140,8 +142,10 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype, float32_rows: int
     (cpu_int4.c's kernel, or in bfloat16 cpu_amx.c's, which the model uses at every size)."""
     if cpu_ops.library() is None or dtype not in cpu_ops.DTYPES or not layers:
         return None
-    # 4-bit matrices: cpu_int4.c for float32 rows, cpu_amx.c for bfloat16 ones.
-    bf16_int4 = {"int4"} if cpu_ops.amx_supported() else set()
+    # 4-bit matrices: cpu_int4.c for float32 rows, cpu_amx.c for bfloat16 ones, or without AMX
+    # cpu_bf16.c's dot products (as the model's loop picks them, cpu_ops.int4_linear).
+    dots = dtype == torch.bfloat16 and not cpu_ops.amx_supported() and cpu_ops.int4_bf16_supported()
+    bf16_int4 = {"int4"} if cpu_ops.amx_supported() or dots else set()
     allowed = {"bfloat16", *bf16_int4} if dtype == torch.bfloat16 else {"float32", "int4", "q6k"}
     checked: set[tuple[int, int]] = set()
     for layer in layers:
@@ -158,9 +162,10 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype, float32_rows: int
         return None if t is None else t.data_ptr()
 
     structs = (_Layer * len(layers))(*[
-        _Layer(_linear_struct(l.qkv), _linear_struct(l.o), _linear_struct(l.gate_up), _linear_struct(l.down),
-               l.post_norm.data_ptr(), l.next_norm.data_ptr(), l.window, l.rope, pointer(l.q_norm),
-               pointer(l.k_norm), pointer(l.attn_out_norm), pointer(l.mlp_out_norm)) for l in layers])
+        _Layer(_linear_struct(l.qkv, dots), _linear_struct(l.o, dots), _linear_struct(l.gate_up, dots),
+               _linear_struct(l.down, dots), l.post_norm.data_ptr(), l.next_norm.data_ptr(), l.window, l.rope,
+               pointer(l.q_norm), pointer(l.k_norm), pointer(l.attn_out_norm), pointer(l.mlp_out_norm))
+        for l in layers])
     kinds = {w.kind for l in layers for w in (l.qkv, l.o, l.gate_up, l.down)}
     max_rows = float32_rows if "float32" in kinds else DECODE_ROWS if "bfloat16" in kinds else None
     return DecodePlan(tuple(layers), structs, dtype, layers[0].post_norm.numel(), layers[0].gate_up.n // 2,

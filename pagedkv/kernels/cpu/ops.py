@@ -11,7 +11,8 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
   hands float32 rows to where the CPU has them (`vnni_supported`);
 - pagedkv/kernels/cpu/cpu_amx.c: the same with bfloat16 activations on AMX (`int4_linear` of bfloat16 rows),
   and AMX's availability (`amx_supported`), which the attention kernel uses too;
-- pagedkv/kernels/cpu/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16);
+- pagedkv/kernels/cpu/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16), and
+  bfloat16 rows through 4-bit weights where AMX is missing (`int4_linear` of bfloat16 rows);
 - pagedkv/kernels/cpu/cpu_f32.c: float32 matrix products of few rows (`f32_linear`, AVX-512);
 - pagedkv/kernels/cpu/cpu_decode.c: a decode batch's decoder layers in one call (pagedkv/kernels/cpu/decode.py);
 - pagedkv/kernels/cpu/cpu_q6k.c: float32 rows through GGUF's Q6_K blocks read in place (`q6k_linear`).
@@ -38,8 +39,8 @@ from .. import reference
 __all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefill", "paged_attention_supports",
            "rotary_and_cache", "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp",
            "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4",
-           "int4_linear", "amx_supported", "set_amx", "vnni_supported", "set_vnni", "F32_LINEAR_ROWS",
-           "f32_linear", "f32_linear_preferred", "q6k_linear", "q6k_dequantize"]
+           "int4_linear", "int4_bf16_supported", "amx_supported", "set_amx", "vnni_supported", "set_vnni",
+           "F32_LINEAR_ROWS", "f32_linear", "f32_linear_preferred", "q6k_linear", "q6k_dequantize"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c",
                                                                         "cpu_amx.c", "cpu_vnni.c", "cpu_f32.c",
@@ -124,6 +125,7 @@ def library() -> ctypes.CDLL | None:
     lib.reshape_and_cache.argtypes = [ptr, i64, ptr, i64, i32, ptr, i32, i64, i32, i32, i32, i32, i32, ptr, i64]
     lib.int4_linear.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     lib.int4_linear_amx.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
+    lib.int4_linear_bf16.argtypes = [ptr, i64, i64, i64, ptr, i32, i64, i64, ptr, i32]
     lib.amx_enable.argtypes = [i32]
     lib.vnni_enable.argtypes = [i32]
     lib.bf16_linear.argtypes = [ptr, i64, i32, i64, ptr, i64, ptr, ptr, i32]
@@ -393,24 +395,34 @@ def set_vnni(enabled: bool) -> None:
     vnni_supported.cache_clear()
 
 
+@functools.lru_cache(maxsize=None)
+def int4_bf16_supported() -> bool:
+    """Whether bfloat16 rows through 4-bit weights take AVX512-BF16 dot products where AMX is
+    missing (cpu_bf16.c's `int4_linear_bf16`: the library builds for a CPU with AVX512-BF16)."""
+    return library() is not None and library().int4_bf16_supported() == 1
+
+
 def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> torch.Tensor:
     """x @ W^T for a W packed by `pack_int4` (K columns of W; with repeat_x, W has 2 * x's
     columns: Q8_0's codes split into high and low halves, w = d * q), in x's type. Float32 rows
-    (and bfloat16 ones where AMX is missing, converted): each group's 32 activations as integers
-    below a shared exponent (22 bits under the largest), exact integer sums with the codes,
-    float32 from there (cpu_vnni.c, where the CPU has AVX512-VNNI); else float32 weights and sums
-    (cpu_int4.c). Bfloat16 rows with AMX: the weights rounded to bfloat16, float32 sums, one
-    rounding of each output (cpu_amx.c). Either way each row's result is the same whatever the
-    other rows."""
+    (and bfloat16 ones where neither AMX nor AVX512-BF16 is there, converted): each group's 32
+    activations as integers below a shared exponent (22 bits under the largest), exact integer
+    sums with the codes, float32 from there (cpu_vnni.c, where the CPU has AVX512-VNNI); else
+    float32 weights and sums (cpu_int4.c). Bfloat16 rows: the weights rounded to bfloat16,
+    float32 sums, one rounding of each output, on AMX's tiles (cpu_amx.c) or else by
+    AVX512-BF16's dot products (cpu_bf16.c; another summation order, so other last bits). Each
+    way each row's result is the same whatever the other rows."""
     dtype = x.dtype
     amx = dtype == torch.bfloat16 and amx_supported()
-    x = x if amx else x.float()
+    dots = dtype == torch.bfloat16 and not amx and int4_bf16_supported()
+    x = x if amx or dots else x.float()
     if x.stride(-1) != 1:
         x = x.contiguous()
     n_out, w_cols = packed.shape
     if x.dim() != 2 or x.shape[1] * (2 if repeat_x else 1) != w_cols:
         raise ValueError(f"int4_linear: input {tuple(x.shape)} for a weight of {w_cols} columns")
-    kernel = library().int4_linear_amx if amx else library().int4_linear
+    kernel = (library().int4_linear_amx if amx else library().int4_linear_bf16 if dots
+              else library().int4_linear)
     out = torch.empty((x.shape[0], n_out), dtype=x.dtype)
     rc = kernel(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data.data_ptr(), int(packed.half), n_out,
                 w_cols, out.data_ptr(), torch.get_num_threads())

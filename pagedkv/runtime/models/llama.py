@@ -362,6 +362,9 @@ class LlamaModel:
             if self.dtype == torch.bfloat16 and cpu_ops.amx_supported():
                 how = ("pagedkv's 4-bit AMX kernel (bfloat16 activations and weights, float32 sums, "
                        "batch-invariant rows)")
+            elif self.dtype == torch.bfloat16 and cpu_ops.int4_bf16_supported():
+                how = ("pagedkv's 4-bit AVX512-BF16 kernel (bfloat16 activations and weights, float32 sums, "
+                       "batch-invariant rows)")
             else:
                 how = "pagedkv's 4-bit CPU kernel (float32 activations, batch-invariant rows)"
         else:
