@@ -1,8 +1,9 @@
 // The packed 4-bit layout shared by cpu_int4.c and cpu_vnni.c (float32 activations), cpu_amx.c
-// (bfloat16 activations on AMX) and cpu_bf16.c (bfloat16 activations, AVX512-BF16): per tile of 16 output rows, per group of 32 columns, the codes of 16
-// column pairs (byte r of pair p holds row r's codes for columns 2p, low nibble, and 2p + 1,
-// high nibble), then the 16 rows' scales and offsets (w = scale * code + offset), float16
-// (`half`) or float32. Packed by pagedkv/kernels/cpu/ops.pack_int4.
+// (bfloat16 activations on AMX) and cpu_bf16.c (bfloat16 activations, AVX512-BF16): per tile of
+// 16 output rows, per group of 32 columns, the codes of 16 column pairs (byte r of pair p holds
+// row r's codes for columns 2p, low nibble, and 2p + 1, high nibble), then the 16 rows' scales
+// and offsets (w = scale * code + offset), float16 (`half`) or float32. Packed by
+// pagedkv/kernels/cpu/ops.pack_int4.
 #pragma once
 #include <stdint.h>
 #include <string.h>
