@@ -1,16 +1,21 @@
 """pagedkv's CPU kernels with and without AMX, side by side in one run, on a model's shapes.
 
     python -m tools.bench_cpu_kernels [--rows 1,16,32,64,128,512,2900] [--threads 1]
-        [--repeats 3] [--seqs 64] [--context 155] [--model PATH.gguf] [--out DIR] [--update-docs]
+        [--repeats 3] [--seqs 64] [--context 155] [--dense-rows 1,2,4,8] [--model PATH.gguf]
+        [--no-amx] [--out DIR] [--update-docs]
 
 4-bit matrices: every quantized matrix of the model (its layers' fused q/k/v, o, gate/up and
 down, and the lm_head), kept as the GGUF file stores them, multiplied by `rows` rows of float32
-activations in float32 FMAs (pagedkv/kernels/cpu/cpu_int4.c) and in exact integer products (pagedkv/kernels/cpu/cpu_vnni.c:
-AVX512-VNNI, and AMX from 8 rows), and of bfloat16 ones (pagedkv/kernels/cpu/cpu_amx.c on AMX): ms for one
-pass over all of them, best of --repeats. Attention over a bfloat16 cache in the model's shape
-(every layer, --seqs sequences of --context positions in blocks of 16 scattered over the cache,
-bfloat16 queries): a decode step, and prompts of the same length, with the query-key products
-on AMX and in vector FMAs.
+activations in float32 FMAs (pagedkv/kernels/cpu/cpu_int4.c) and in exact integer products
+(pagedkv/kernels/cpu/cpu_vnni.c: AVX512-VNNI; AMX from 8 rows, or where AMX is missing register blocks
+from 7), and of bfloat16 ones (pagedkv/kernels/cpu/cpu_amx.c on AMX, else AVX512-BF16's dot products,
+pagedkv/kernels/cpu/cpu_bf16.c): ms for one pass over all of them, best of --repeats. Float32 matrices of few
+rows (the same weights dequantized: a float32 model's decode step): F.linear (the BLAS) against
+pagedkv/kernels/cpu/cpu_f32.c. With AMX, attention over a bfloat16 cache in the model's shape (every layer,
+--seqs sequences of --context positions in blocks of 16 scattered over the cache, bfloat16
+queries): a decode step, and prompts of the same length, with the query-key products on AMX and
+in vector FMAs. --no-amx turns AMX off (`set_amx`), so that a CPU with AMX measures the paths
+of one without; the section is then "... without AMX".
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pagedkv.kernels.cpu import ops as cpu_ops
 from pagedkv.ablation.report import add_output_arguments, markdown_table, output_folder, publish
 
 TITLE = "CPU kernels with and without AMX, SmolLM2-135M"
+TITLE_NO_AMX = "CPU kernels without AMX, SmolLM2-135M"
 BLOCK = 16
 
 
@@ -43,6 +49,20 @@ def best_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3
+
+
+def dense_rows(weights: list[torch.Tensor], rows: list[int], repeats: int) -> list[list[object]]:
+    """One row per batch size: F.linear against cpu_f32.c over the model's float32 matrices."""
+    import torch.nn.functional as F
+
+    table = []
+    for m in rows:
+        x = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
+        blas = best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in weights], repeats)
+        own = best_ms(lambda: [cpu_ops.f32_linear(x[w.shape[1]], w) for w in weights], repeats)
+        table.append([m, ms(blas), ms(own), f"{blas / own:.2f}x"])
+        log(f"float32, {m} rows: F.linear {ms(blas)} ms, cpu_f32.c {ms(own)} ms")
+    return table
 
 
 def matrix_rows(linears: list, rows: list[int], repeats: int) -> list[list[object]]:
@@ -103,25 +123,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seqs", type=int, default=64, help="sequences for attention")
     p.add_argument("--context", type=int, default=155, help="positions per sequence for attention")
+    p.add_argument("--dense-rows", default="1,2,4,8",
+                   help="batch sizes for the float32 matrices (F.linear against cpu_f32.c); empty: none")
     p.add_argument("--model", help="a GGUF file (default: the default model)")
+    p.add_argument("--no-amx", action="store_true",
+                   help="turn AMX off, so that a CPU with AMX measures the paths of one without")
     add_output_arguments(p)
     args = p.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",") if r.strip()]
-    if not rows or min(rows) < 1 or args.threads < 1 or args.repeats < 1 or args.seqs < 1 or args.context < 1:
-        p.error("need batch sizes, threads, repeats, sequences and context of at least 1")
+    dense = [int(r) for r in args.dense_rows.split(",") if r.strip()]
+    if (not rows or min(rows + dense) < 1 or max(dense, default=1) > cpu_ops.F32_LINEAR_ROWS or args.threads < 1
+            or args.repeats < 1 or args.seqs < 1 or args.context < 1):
+        p.error(f"need batch sizes, threads, repeats, sequences and context of at least 1, and at most "
+                f"{cpu_ops.F32_LINEAR_ROWS} dense rows")
     if cpu_ops.library() is None:
         print("bench_cpu_kernels: the CPU kernels do not build here (no C compiler?)", file=sys.stderr)
         return 2
-    if not cpu_ops.amx_supported() or not cpu_ops.vnni_supported():
-        print("bench_cpu_kernels: no AMX or AVX512-VNNI on this CPU or operating system; nothing to compare",
-              file=sys.stderr)
+    if not cpu_ops.vnni_supported():
+        print("bench_cpu_kernels: no AVX512-VNNI on this CPU; nothing to compare", file=sys.stderr)
         return 2
+    had_amx = cpu_ops.amx_supported()
+    if args.no_amx:
+        cpu_ops.set_amx(False)
+    try:
+        return run(args, rows, dense, had_amx)
+    finally:
+        cpu_ops.set_amx(True)
+
+
+def run(args, rows: list[int], dense: list[int], had_amx: bool) -> int:
+    amx = cpu_ops.amx_supported()
     out = output_folder(args, "bench_cpu_kernels")
     torch.set_num_threads(args.threads)
 
     from pagedkv import default_model_path, load_model
-    from pagedkv.runtime.models.llama import LlamaModel
-    from pagedkv.runtime.models.quant import Int4Linear
+    from pagedkv.runtime.models.llama import DualWeight, LlamaModel
+    from pagedkv.runtime.models.quant import GroupQuantized, Int4Linear
 
     path = args.model or default_model_path()
     loaded = load_model(path, quantization="auto")
@@ -129,19 +166,35 @@ def main(argv: list[str] | None = None) -> int:
     linears = [w for w in model.linear_weights() if isinstance(w, Int4Linear)]
     with torch.inference_mode():
         matrices = matrix_rows(linears, rows, args.repeats)
-        attention = attention_rows(loaded.config, args.seqs, args.context, args.repeats)
-    formats = ", ".join(sorted({w.fmt for w in linears}))
+        attention = attention_rows(loaded.config, args.seqs, args.context, args.repeats) if amx else None
+        float32 = None
+        if dense and cpu_ops.library().f32_linear_supported():
+            # A float32 model's few-row weights (plain, in huge pages), fused as the model runs them.
+            linears.clear()
+            del model
+            dense_model = LlamaModel(loaded.config, loaded.weights, torch.device("cpu"), torch.float32,
+                                     keep_quantized=False)
+            weights = [w.plain for w in dense_model.linear_weights() if isinstance(w, DualWeight)]
+            float32 = dense_rows(weights, dense, args.repeats)
+    formats = ", ".join(sorted({w.fmt for w in loaded.weights.values() if isinstance(w, GroupQuantized)}))
+    bf16 = ("on AMX (cpu_amx.c)" if amx else "AVX512-BF16 dot products (cpu_bf16.c)" if cpu_ops.int4_bf16_supported()
+            else "rows converted to float32 (cpu_vnni.c)")
+    where = ("with AMX" if amx else "AMX switched off (--no-amx)" if had_amx else "a CPU without AMX")
     body = (f"Model {path.rsplit('/', 1)[-1]} ({formats} kept as stored), {args.threads} thread(s), best of "
-            f"{args.repeats}; torch {torch.__version__}.\n\n"
+            f"{args.repeats}, {where}; torch {torch.__version__}.\n\n"
             "4-bit matrices, one pass over all of them (ms):\n\n"
             + markdown_table(["rows", "float32 FMAs (cpu_int4.c)", "float32, integer products (cpu_vnni.c)",
-                              "bfloat16 on AMX (cpu_amx.c)", "integer products' speed", "bfloat16's speed"],
-                             matrices)
-            + f"\n\nAttention over a bfloat16 cache, every layer, {args.seqs} sequences of {args.context} "
-              f"positions in blocks of {BLOCK}, bfloat16 queries (ms):\n\n"
-            + markdown_table(["step", "vector FMAs", "query-key products on AMX", "AMX's speed"], attention))
+                              f"bfloat16 {bf16}", "integer products' speed", "bfloat16's speed"], matrices))
+    if float32:
+        body += ("\n\nFloat32 matrices (the same weights dequantized: a float32 model's layers and lm_head, "
+                 "in huge pages), few rows (ms):\n\n"
+                 + markdown_table(["rows", "F.linear (the BLAS)", "cpu_f32.c", "cpu_f32.c's speed"], float32))
+    if attention:
+        body += (f"\n\nAttention over a bfloat16 cache, every layer, {args.seqs} sequences of {args.context} "
+                 f"positions in blocks of {BLOCK}, bfloat16 queries (ms):\n\n"
+                 + markdown_table(["step", "vector FMAs", "query-key products on AMX", "AMX's speed"], attention))
     print(body)
-    publish(TITLE, body, out, args.update_docs)
+    publish(TITLE if amx else TITLE_NO_AMX, body, out, args.update_docs)
     return 0
 
 
