@@ -36,3 +36,21 @@ def test_engines_that_match_nothing_are_refused(q4_with_vocab, capsys):
     with pytest.raises(SystemExit):
         bench_cpu_peers.main(["--engines", "nothing by this name", "--model", q4_with_vocab])
     assert "matches no engine" in capsys.readouterr().err
+
+
+def test_no_amx_switches_amx_off_in_every_child(q4_with_vocab, capsys, monkeypatch):
+    # --no-amx: pagedkv's children turn AMX off themselves, and every child's oneDNN is held
+    # below AMX; the table says so (and --update-docs would write the section without AMX).
+    seen = []
+    real = bench_cpu_peers.run_peer
+
+    def spy(python, script, args, threads, no_amx=False):
+        seen.append((args.get("no_amx"), no_amx))
+        return real(python, script, args, threads, no_amx)
+
+    monkeypatch.setattr(bench_cpu_peers, "run_peer", spy)
+    args = ["--threads", "1", "--repeats", "1", "--requests", "0", "--new-tokens", "3", "--prompt-len", "4",
+            "--engines", "quantization auto", "--no-amx", "--model", q4_with_vocab]
+    assert bench_cpu_peers.main(args) == 0
+    assert seen == [(True, True)]
+    assert "AMX switched off" in capsys.readouterr().out

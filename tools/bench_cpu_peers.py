@@ -2,7 +2,7 @@
 
     python -m tools.bench_cpu_peers [--threads 1,2] [--prompt-len 128] [--new-tokens 128]
         [--requests 64] [--repeats 3] [--llama-cpp-python PY] [--vllm-python PY] [--model PATH.gguf]
-        [--engines WORDS] [--update-docs]
+        [--engines WORDS] [--no-amx] [--update-docs]
 
 A: one stream, a prompt of --prompt-len tokens, --new-tokens new ones: prefill tokens/s and
 decode ms per token, wall and CPU time (the process's CPU time, all its threads: the machine
@@ -19,6 +19,11 @@ and bfloat16 where native; it reads transformers' own float32 export of the file
 temporary folder), each in the virtual environment whose python is given. Every engine runs
 in a fresh child process confined to the same cores (taskset), one after another. Medians
 over --repeats.
+
+--no-amx measures a CPU with AMX as one without: pagedkv's kernels with AMX switched off
+(`set_amx`), and every child's oneDNN (torch's, so pagedkv's, transformers' and vLLM's) held
+to AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16); llama.cpp takes it from its build (one
+without AMX: GGML_AMX_*=OFF). Its section is then "... without AMX", beside the other.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ import torch
 from pagedkv.ablation.report import markdown_table, write_section
 
 TITLE = "CPU engines side by side, SmolLM2-135M"
+TITLE_NO_AMX = "CPU engines side by side without AMX, SmolLM2-135M"
+NO_AMX_ISA = "AVX512_CORE_BF16"  # oneDNN's most capable ISA below AMX
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -128,6 +135,10 @@ def run_own(args: dict) -> dict:
     from tools.bench_decode import load_transformers
 
     torch.set_num_threads(args["threads"])
+    if args.get("no_amx"):
+        from pagedkv.kernels.cpu import ops as cpu_ops
+
+        cpu_ops.set_amx(False)
     with torch.inference_mode():
         if args["engine"] == "transformers":
             result = run_transformers(load_transformers(args["model"]), args["prompt"], args["new_tokens"],
@@ -217,7 +228,7 @@ if __name__ == "__main__":  # vLLM may start processes by spawning, which import
 """
 
 
-def run_peer(python: str, script: str, args: dict, threads: int) -> dict:
+def run_peer(python: str, script: str, args: dict, threads: int, no_amx: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec, code = os.path.join(tmp, "args.json"), os.path.join(tmp, "run.py")
         with open(spec, "w") as f:
@@ -227,6 +238,8 @@ def run_peer(python: str, script: str, args: dict, threads: int) -> dict:
         # vLLM's engine in this process (no engine-core child), so that its CPU time is counted.
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
                    VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        if no_amx:
+            env["ONEDNN_MAX_CPU_ISA"] = NO_AMX_ISA
         if python == sys.executable:  # this repository's engines: import it from its root
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         cmd = ["taskset", "-c", f"0-{threads - 1}", python, code, spec]
@@ -258,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", help="only the engines whose names contain one of these comma-separated words "
                                       "(case-insensitive), e.g. 'quantization,vllm'; the columns 'vs pagedkv "
                                       "float32' then compare with the first engine run")
+    p.add_argument("--no-amx", action="store_true",
+                   help="measure a CPU with AMX as one without: pagedkv's AMX paths off, oneDNN held to AVX512-BF16")
     p.add_argument("--update-docs", action="store_true", help="write the table to docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
@@ -274,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = prompts(1, args.prompt_len, vocab, 0)[0].tolist()
     batch = workload_b(args.requests, vocab) if args.requests else None
     common = dict(prompt=prompt, new_tokens=args.new_tokens, batch=batch)
-    own = dict(common, model=path)
+    own = dict(common, model=path, no_amx=args.no_amx)
     peers = {  # name: (python, script, arguments)
         "pagedkv, float32 (--quantization none)":
             (sys.executable, OWN, dict(own, engine="pagedkv", quantization="none", dtype="float32")),
@@ -312,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {}
         for r in range(args.repeats):  # engines alternate, so that a change in load hits all alike
             for name, (python, script, peer_args) in peers.items():
-                runs.setdefault(name, []).append(run_peer(python, script, {**peer_args, "threads": t}, t))
+                runs.setdefault(name, []).append(run_peer(python, script, {**peer_args, "threads": t}, t,
+                                                          args.no_amx))
             loads.append(os.getloadavg()[0])
             log(f"{t} thread(s): repeat {r + 1}/{args.repeats} done, load {loads[-1]:.2f}")
         base = None
@@ -339,7 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         header += ["B: tokens/s (wall)", "B: tokens per CPU second"]
     import transformers
 
-    body = (f"Model {os.path.basename(path)}; A: one prompt of {args.prompt_len} random token ids, {args.new_tokens} "
+    from pagedkv.kernels.cpu import ops as cpu_ops
+
+    amx = cpu_ops.amx_supported() and not args.no_amx
+    where = ("AMX switched off (--no-amx: pagedkv's AMX paths off, oneDNN held to AVX512-BF16)" if args.no_amx
+             else "with AMX" if amx else "a CPU without AMX")
+    body = (f"Model {os.path.basename(path)}; {where}; A: one prompt of {args.prompt_len} random token ids, {args.new_tokens} "
             f"greedy new tokens; " + (f"B: {args.requests} requests at once, prompt tokens mean "
                                       f"{statistics.mean(map(len, batch[0])):.0f} (max {max(map(len, batch[0]))}), "
                                       f"outputs mean {statistics.mean(batch[1]):.0f} (max {max(batch[1])}), "
@@ -349,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             f"during the runs: {min(loads):.2f} to {max(loads):.2f} on {os.cpu_count()} CPUs.\n\n"
             + markdown_table(header, rows) + "\n")
     print(body)
-    if args.update_docs:  # one section per model: the default model's keeps its title
-        write_section(TITLE if args.model is None else f"CPU engines side by side, {os.path.basename(path)}", body)
+    if args.update_docs:  # one section per model and per AMX: the default model's keep their titles
+        without = "" if amx else " without AMX"
+        write_section((TITLE if amx else TITLE_NO_AMX) if args.model is None
+                      else f"CPU engines side by side{without}, {os.path.basename(path)}", body)
     return 0
 
 
