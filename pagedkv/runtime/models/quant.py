@@ -15,9 +15,9 @@ They run on pagedkv/kernels/cpu/cpu_vnni.c where the CPU has AVX512-VNNI (float3
 each below its group's largest kept in exact integer sums with the file's codes, then float32
 with the file's scales), else on pagedkv/kernels/cpu/cpu_int4.c (float32 activations and arithmetic, the
 file's codes and scales as they are), either way every row's result independent of its batch;
-a bfloat16 model's on pagedkv/kernels/cpu/cpu_amx.c where the CPU has AMX (the weights a bfloat16 model dequantized from the
-file holds, float32 sums, every row's result independent of its batch); or, where neither can be
-built, on torch's kernel, which is vectorised for bfloat16 activations only (float32 ones take
+a bfloat16 model's on pagedkv/kernels/cpu/cpu_amx.c where the CPU has AMX, else by AVX512-BF16's dot products
+(pagedkv/kernels/cpu/cpu_bf16.c; either way the weights a bfloat16 model dequantized from the file holds,
+float32 sums, every row's result independent of its batch); or, where neither can be built, on torch's kernel, which is vectorised for bfloat16 activations only (float32 ones take
 a scalar path, about 20x slower) and wants its scales in the activations' type: a quantized
 layer then takes its input in bfloat16, with scales and offsets rounded to bfloat16, and gives
 its output back in the caller's type.
@@ -214,9 +214,12 @@ class Int4Linear:
     """x @ W^T for a GroupQuantized W. Where the CPU kernels build: float32 activations,
     float32-accurate, each row's result independent of the rest of the batch (pagedkv/kernels/cpu/cpu_int4.c,
     about twice as fast as torch's kernel from 16 rows on; pagedkv/kernels/cpu/cpu_vnni.c, where the CPU has
-    AVX512-VNNI, 1.3 to 1.5 times faster again); bfloat16 activations on AMX (pagedkv/kernels/cpu/cpu_amx.c),
-    3 to 4.5 times cpu_int4.c's speed from 32 rows on. Else torch's int4 CPU kernel, whose
-    vectorised path takes bfloat16 activations and bfloat16 scales."""
+    AVX512-VNNI, 1.3 to 1.5 times faster again, and where AMX is missing about 2.4 times from 8
+    rows on, in register blocks); bfloat16 activations on AMX (pagedkv/kernels/cpu/cpu_amx.c), 3 to 4.5 times
+    cpu_int4.c's speed from 32 rows on, or without AMX by AVX512-BF16 dot products
+    (pagedkv/kernels/cpu/cpu_bf16.c, 1.7 to 2.1 times cpu_vnni.c's speed from 64 rows on, a third of it at one
+    row). Else torch's int4 CPU kernel, whose vectorised path takes bfloat16 activations and
+    bfloat16 scales."""
 
     def __init__(self, weight: GroupQuantized, kernel: str | None = None) -> None:
         """kernel: "pagedkv" or "torch"; None takes pagedkv's where the CPU kernels build."""
