@@ -29,7 +29,7 @@ def test_kernels_without_amx(q4_gguf, capsys, tmp_path):
     # products in register blocks, bfloat16 by AVX512-BF16's dot products) and float32's few
     # rows (F.linear against cpu_f32.c); no attention table (one path); AMX on again after.
     made_with_amx = cpu_ops.amx_supported()
-    args = ["--rows", "1,9", "--dense-rows", "1,3", "--repeats", "1", "--model", q4_gguf, "--no-amx",
+    args = ["--rows", "1,9", "--dense-rows", "1,3", "--repeats", "1", "--model", q4_gguf, "--no-amx", "--clock", "cpu",
             "--out", str(tmp_path / "out")]
     assert bench_cpu_kernels.main(args) == 0
     out = capsys.readouterr().out
