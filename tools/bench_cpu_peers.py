@@ -347,12 +347,14 @@ def main(argv: list[str] | None = None) -> int:
             if batch:
                 generated = sum(batch[1])
                 row += [f"{generated / med('batch', 'wall'):.0f}", f"{generated / med('batch', 'cpu'):.0f}"]
+            row.append(f"{args.prompt_len / med('prefill', 'cpu'):.0f}")
             rows.append(row)
     stack.close()  # the exported folder (also removed at exit if a run fails)
     header = ["engine", "threads", "A: prefill tok/s", "A: decode ms/token (wall)", "A: decode CPU ms/token",
               "A: decode speed vs pagedkv float32", "A: greedy tokens equal to pagedkv float32's"]
     if batch:
         header += ["B: tokens/s (wall)", "B: tokens per CPU second"]
+    header.append("A: prefill tokens per CPU second")
     import transformers
 
     from pagedkv.kernels.cpu import ops as cpu_ops
