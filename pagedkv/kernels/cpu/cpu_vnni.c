@@ -27,8 +27,11 @@
 // and 16 rows, 1.4-1.5 from 32 to 128, 1.15 at 2,900. From 16 rows the float32 work each group
 // adds to every output (a conversion, two multiply-adds), not the tile products, sets the pace.
 // Without AMX (an AMD EPYC, Zen 4) the register blocks run at about 60 G multiply-adds a second
-// on one core, 80% of what VPDPBUSD's one 512-bit instruction a cycle allows with 22-bit
-// activations in three bytes (the rest: each group's float32 work per row and tile).
+// on one core (Q8_0's halves counted twice), 80% of what VPDPBUSD's one 512-bit instruction a
+// cycle allows with 22-bit activations in three bytes (the rest: each group's float32 work per
+// row and tile): 1.6 times the 4-row passes at 64 to 512 rows, and the pace of cpu_int4.c's FMAs
+// there (Zen 4 issues one 512-bit FMA a cycle too); one row keeps the 4-row pass, 1.7 times
+// cpu_int4.c's speed.
 // And exact sums make both paths give the same bits: a row's result depends neither on its batch
 // (preemption stays invisible in the outputs) nor on whether the CPU has AMX.
 #include <stdint.h>
