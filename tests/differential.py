@@ -6,7 +6,8 @@ aborts exactly what it returns alone.
 greedy, beam search, seeded n-sampling and top-p parameters; `run_concurrently` keeps up to
 `concurrency` of them live in one engine (arrivals staggered, some aborted part-way);
 `LoneRuns` runs each request by itself in a roomy engine without prefix caching, once per
-distinct request. Outputs are compared as token ids and cumulative log-probabilities' tokens.
+distinct request. Outputs are compared as token ids and cumulative log-probabilities' tokens,
+prompt logprobs as tokens, ranks and values within float tolerance.
 """
 from __future__ import annotations
 
@@ -72,11 +73,16 @@ def _constrained_params(rng: random.Random) -> SamplingParams:
                           **rng.choice([sampled, {"temperature": 0}]))
 
 
+def _with(params: SamplingParams, **changes) -> SamplingParams:
+    fields = {k: v for k, v in vars(params).items() if k not in ("stop_strings", "stop_token_set")}
+    return SamplingParams(**{**fields, **changes})
+
+
 def random_workload(seed: int, vocab_size: int, num_requests: int = 40, abort_share: float = 0.1,
-                    constrained: bool = False) -> list[Request]:
+                    constrained: bool = False, prompt_logprobs: bool = False) -> list[Request]:
     """Requests over a few shared heads (lengths at and off block boundaries for any block size
     up to 16), some identical to others, some aborted. `constrained`: half of the requests have
-    grammars, penalties, logit_bias and min_tokens."""
+    grammars, penalties, logit_bias and min_tokens. `prompt_logprobs`: half ask for them."""
     rng = random.Random(seed)
     tokens = lambda n: tuple(rng.randrange(3, vocab_size) for _ in range(n))  # noqa: E731 (0-2: special)
     heads = [(), tokens(16), tokens(23), tokens(33)]
@@ -85,6 +91,8 @@ def random_workload(seed: int, vocab_size: int, num_requests: int = 40, abort_sh
     for _ in range(max(4, num_requests // 3)):
         prompt = rng.choice(heads) + tokens(rng.randint(1, 14))
         params = _constrained_params(rng) if constrained and rng.random() < 0.5 else _params(rng)
+        if prompt_logprobs and rng.random() < 0.5:
+            params = _with(params, prompt_logprobs=rng.choice([0, 1, 5]))
         distinct.append(Request(prompt, params))
     requests = []
     for _ in range(num_requests):
@@ -100,9 +108,10 @@ def outputs_of(output) -> list[tuple[int, ...]]:
 
 
 def run_concurrently(engine: LLMEngine, requests: list[Request], concurrency: int,
-                     seed: int = 0) -> dict[int, list[tuple[int, ...]]]:
+                     seed: int = 0, prompt_logprobs: dict | None = None) -> dict[int, list[tuple[int, ...]]]:
     """Feeds the requests in order, keeping at most `concurrency` live (a random number joins
-    each step); returns each finished, not aborted, request's outputs by its index."""
+    each step); returns each finished, not aborted, request's outputs by its index (and puts
+    its prompt logprobs in `prompt_logprobs`, when given, by its index too)."""
     rng = random.Random(seed)
     pending = list(enumerate(requests))
     live: dict[str, tuple[int, int]] = {}  # request id -> (index, steps since arrival)
@@ -127,6 +136,8 @@ def run_concurrently(engine: LLMEngine, requests: list[Request], concurrency: in
             if output.finished and output.request_id in live:
                 index, _ = live.pop(output.request_id)
                 results[index] = outputs_of(output)
+                if prompt_logprobs is not None:
+                    prompt_logprobs[index] = output.prompt_logprobs
         step += 1
         if step > 20000:
             raise AssertionError("the workload did not finish")
@@ -141,6 +152,7 @@ class LoneRuns:
         self.engine = LLMEngine(EngineConfig(block_size=block_size, num_device_blocks=1024, swap_space_gib=0.01,
                                              enable_prefix_caching=False), loaded)
         self.known: dict[tuple, list[tuple[int, ...]]] = {}
+        self.prompt_logprobs: dict[tuple, list | None] = {}  # what each returned as its prompt logprobs
 
     def __call__(self, request: Request) -> list[tuple[int, ...]]:
         if request.key not in self.known:
@@ -149,7 +161,22 @@ class LoneRuns:
                 for output in self.engine.step():
                     if output.finished:
                         self.known[request.key] = outputs_of(output)
+                        self.prompt_logprobs[request.key] = output.prompt_logprobs
         return self.known[request.key]
+
+
+def same_prompt_logprobs(a: list | None, b: list | None, tolerance: float) -> bool:
+    """The same tokens in the same order at every position, the same ranks, and logprobs
+    within `tolerance` (float32 products may round differently in another batch)."""
+    if a is None or b is None or len(a) != len(b):
+        return a is b
+    for x, y in zip(a, b):
+        if (x is None) != (y is None):
+            return False
+        if x is not None and (list(x) != list(y) or any(
+                x[t][1] != y[t][1] or abs(x[t][0] - y[t][0]) > tolerance for t in x)):
+            return False
+    return True
 
 
 def assert_all_blocks_free(engine: LLMEngine) -> None:

@@ -10,7 +10,7 @@ the other came back with garbage."""
 import random
 
 import pytest
-from differential import LoneRuns, assert_all_blocks_free, random_workload, run_concurrently
+from differential import LoneRuns, assert_all_blocks_free, random_workload, run_concurrently, same_prompt_logprobs
 
 from pagedkv.runtime.engine.config import EngineConfig
 from pagedkv.runtime.engine.llm_engine import LLMEngine
@@ -93,4 +93,28 @@ def test_constrained_requests_equal_their_lone_runs(loaded, lone, seed, mode, as
     assert stats["preemptions"][mode] > 0
     assert any(r.params.structured_outputs for r in requests)
     assert not engine.matchers  # every finished or aborted sequence's matcher is gone
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("seed", [3, 5, 6])  # workloads that preempt in both modes (5: mid-prefill too)
+def test_prompt_logprobs_equal_their_lone_runs(loaded, lone, seed, mode, async_scheduling):
+    """Half of the requests ask for prompt logprobs: those are computed once per position
+    through chunks, preemption mid-prefill and prefix-cache hits (which such requests skip),
+    and equal the lone run's; every request's tokens stay its lone run's."""
+    requests = random_workload(200 + seed, loaded.config.vocab_size, prompt_logprobs=True)
+    config = random_config(seed, mode, async_scheduling, requests, tight=True)
+    engine = LLMEngine(config, loaded)
+    got: dict[int, list | None] = {}
+    results = run_concurrently(engine, requests, concurrency=24, seed=seed, prompt_logprobs=got)
+    differ = [i for i in results if results[i] != lone(requests[i])]
+    assert differ == [], f"{len(differ)} of {len(results)} differ"
+    asked = [i for i in results if requests[i].params.prompt_logprobs is not None]
+    assert asked and all(got[i] is not None and len(got[i]) == len(requests[i].prompt) for i in asked)
+    assert all(got[i] is None for i in results if i not in asked)
+    wrong = [i for i in asked if not same_prompt_logprobs(got[i], lone.prompt_logprobs[requests[i].key], 1e-5)]
+    assert wrong == [], f"{len(wrong)} of {len(asked)} differ"
+    assert engine.stats()["preemptions"][mode] > 0
+    assert not engine.prompt_logprobs
     assert_all_blocks_free(engine)

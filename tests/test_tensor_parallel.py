@@ -93,10 +93,11 @@ def test_heads_that_do_not_divide_are_refused_before_any_process_starts(paths):
 def test_step_message_round_trip(paths):
     llm = LLM(loaded=load_model(paths["gqa-untied"]), **SMALL)
     engine = llm.engine
-    engine.add_request("a", PROMPTS[2], SamplingParams(max_tokens=4))
+    engine.add_request("a", PROMPTS[2], SamplingParams(max_tokens=4, prompt_logprobs=2))
     out = engine.scheduler.schedule()
     out.blocks_to_swap_out, out.blocks_to_copy = [(3, 1)], [(4, 5)]
     batch = engine.executor.prepare(out)
+    assert batch.num_prompt_logits == 12  # the first chunk's positions (the budget), all of them
     back = StepMessage.decode(StepMessage.of(out, batch).encode(), torch.device("cpu"))
     assert (back.blocks_to_swap_out, back.blocks_to_swap_in, back.blocks_to_copy) == ([(3, 1)], [], [(4, 5)])
     for field in dataclasses.fields(batch):
@@ -172,3 +173,17 @@ def test_preemption_is_invisible_and_every_rank_follows_the_plan(tp, mode):
         torch.testing.assert_close(report["device_cache"], whole[..., rank * heads:(rank + 1) * heads, :],
                                    atol=1e-4, rtol=1e-4)
     assert (reports[0]["bytes_swapped"] > swapped_before) == (mode == "swap")
+
+
+def test_prompt_logprobs_equal_one_rank(tp):
+    """The prompt's rows go through the split lm_head in a product of their own on every rank."""
+    name, llm, single = tp
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=3)
+    results = llm.generate(PROMPTS, params, use_tqdm=False)
+    alone = single.generate(PROMPTS, params, use_tqdm=False)
+    assert tokens(results) == tokens(alone)
+    for prompt, got, ref in zip(PROMPTS, results, alone):
+        assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(prompt)
+        for a, b in zip(got.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            assert list(a) == list(b) and all(a[t][1] == b[t][1] for t in a)
+            assert all(abs(a[t][0] - b[t][0]) < 1e-4 for t in a)

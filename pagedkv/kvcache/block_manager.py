@@ -262,9 +262,9 @@ class BlockManager:
         return kept * self.block_size
 
     # -- admission and allocation ---------------------------------------------------------
-    def _plan(self, seqs: list[Sequence]) -> _Plan:
+    def _plan(self, seqs: list[Sequence], read_cache: bool = True) -> _Plan:
         num_shared, shared_tokens = self._shared_prefix_blocks(seqs)
-        hits = [self._cached_prefix(s) for s in seqs]
+        hits = [self._cached_prefix(s) if read_cache else [] for s in seqs]
         # The shared part is one set of blocks, so it hits only as far as every sequence does;
         # a sequence's own blocks hit only after a fully cached shared part (a prefix chain).
         shared_hits = hits[0][: min(num_shared, *(len(h) for h in hits))]
@@ -275,8 +275,9 @@ class BlockManager:
         revived = {b for b in shared_hits if pool.ref_counts[b] == 0}
         revived.update(b for own in own_hits for b in own if pool.ref_counts[b] == 0)
         num_new = num_shared - len(shared_hits) + sum(t - len(o) for t, o in zip(own_total, own_hits))
-        return _Plan(num_shared, shared_tokens, shared_hits, own_hits, self._lower_hits(seqs[0], num_shared,
-                     len(shared_hits)), num_new, len(revived), num_shared + sum(own_total))
+        lower = self._lower_hits(seqs[0], num_shared, len(shared_hits)) if read_cache else []
+        return _Plan(num_shared, shared_tokens, shared_hits, own_hits, lower, num_new, len(revived),
+                     num_shared + sum(own_total))
 
     def _lower_hits(self, lead: Sequence, num_shared: int, num_hits: int) -> list[LowerHit]:
         """The shared part's blocks after the device's hits that a tier below holds (never the
@@ -287,13 +288,15 @@ class BlockManager:
         blocks = full_blocks(lead, num_hits, stop, self.block_size)
         return self.tiers.lower_hits([(h, tokens, parent_hash(lead, i)) for i, (h, tokens) in enumerate(blocks, num_hits)])
 
-    def can_allocate(self, group: SequenceGroup) -> AllocStatus:
-        plan = self._plan(group.unfinished_seqs())
+    def can_allocate(self, group: SequenceGroup, read_cache: bool = True) -> AllocStatus:
+        plan = self._plan(group.unfinished_seqs(), read_cache)
         return self._status(plan.need, plan.num_total)
 
-    def allocate(self, group: SequenceGroup) -> Allocation:
+    def allocate(self, group: SequenceGroup, read_cache: bool = True) -> Allocation:
         """Maps every unfinished sequence's tokens, reusing cached blocks for the longest
-        cached prefix of each; returns what is shared and what is computed already."""
+        cached prefix of each; returns what is shared and what is computed already.
+        `read_cache` False takes nothing from the prefix cache or the tiers below (every token
+        is computed); the blocks computed are offered to the cache as usual."""
         seqs = group.unfinished_seqs()
         if not seqs:
             raise BlockManagerError(f"request {group.request_id} has no unfinished sequence")
@@ -301,7 +304,7 @@ class BlockManager:
             if seq.seq_id in self._tables:
                 raise BlockManagerError(f"sequence {seq.seq_id} already has blocks")
         pool = self.pools[Device.DEVICE]
-        plan = self._plan(seqs)
+        plan = self._plan(seqs, read_cache)
         if plan.need > pool.num_free_blocks:
             raise BlockManagerError(f"request {group.request_id} needs {plan.need} blocks, "
                                     f"{pool.num_free_blocks} are free")
@@ -322,7 +325,7 @@ class BlockManager:
         num_hits = len(plan.shared_hits)
         lower = plan.lower
         loaded = self.tiers.load(seqs[0].seq_id, lower, shared[num_hits:num_hits + len(lower)]) if lower else 0
-        if self.tiers.enabled:
+        if self.tiers.enabled and read_cache:
             self.tiers.count_misses()
         computed = []
         for seq, own in zip(seqs, plan.own_hits):

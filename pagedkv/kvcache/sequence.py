@@ -125,6 +125,11 @@ class SequenceGroup:
     recomputing: bool = False
     # Admitted, and waiting for blocks being read from the disk tier before its prefill.
     loading: bool = False
+    # Prompt logprobs: the first prompt position whose logits no step has computed yet (None:
+    # not asked for, or all scheduled). While it is set, admission takes nothing from the
+    # prefix cache or the tiers below it: a position found there is not computed, and has no
+    # logits.
+    prompt_logits_from: int | None = None
 
     def unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]

@@ -42,6 +42,9 @@ class ScheduledSeq:
     end: int
     sample: bool
     block_table: list[int]
+    # Prompt logprobs: positions a..b-1 (within start..end-1) whose next-token logits are
+    # computed too, each that of the prompt token after it.
+    prompt_logits: tuple[int, int] | None = None
 
 
 @dataclass
@@ -62,6 +65,7 @@ class SchedulerOutput:
     preempted: list[tuple[SequenceGroup, PreemptionMode]] = field(default_factory=list)
     rejected: list[SequenceGroup] = field(default_factory=list)  # finished with an error
     num_batched_tokens: int = 0
+    num_prompt_logits: int = 0  # positions whose logits the rows' prompt_logits ask for
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -221,12 +225,30 @@ class Scheduler:
         # One new token is a decode row, whatever led to it (the attention is the same).
         rows = out.decodes if end - start == 1 else out.prefills
         rows.append(ScheduledSeq(seq, group, start, end, end == len(seq), self.bm.get_block_table(seq)))
+        if group.prompt_logits_from is not None:
+            self._prompt_logits(rows[-1], out)
         seq.num_computed_tokens = end
         if group.is_prefilling:
             # Written by the end of this step: later requests (even in this step) may share
             # them. Decoded blocks are offered when the sequence frees them.
             self.bm.cache_computed(seq)
         out.num_batched_tokens += end - start
+
+    @staticmethod
+    def _prompt_logits(row: ScheduledSeq, out: SchedulerOutput) -> None:
+        """Asks for the logits of the row's prompt positions that no earlier step computed:
+        once each, whatever preemption recomputes (the scheduled positions count as computed:
+        a step that is scheduled runs)."""
+        group = row.group
+        first, stop = group.prompt_logits_from, min(row.end, row.seq.prompt_len - 1)
+        if row.start > first:  # admission reads no cached blocks for these groups
+            raise RuntimeError(f"request {group.request_id}: prompt positions {first}..{row.start - 1} were "
+                               "skipped, and have no logits for the prompt logprobs")
+        if first < stop:
+            row.prompt_logits = (first, stop)
+            out.num_prompt_logits += stop - first
+            first = stop
+        group.prompt_logits_from = first if first < row.seq.prompt_len - 1 else None
 
     def _schedule_prefill(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         if group.loading:
@@ -257,7 +279,9 @@ class Scheduler:
 
     # -- admission, swapping, preemption ----------------------------------------------------------
     def _admit(self, out: SchedulerOutput) -> None:
-        self._bring_in(self.waiting, self.bm.can_allocate, self._start, out, lambda group: (
+        # A group that needs prompt logits computes its whole prompt: nothing comes from the cache.
+        can = lambda group: self.bm.can_allocate(group, group.prompt_logits_from is None)  # noqa: E731
+        self._bring_in(self.waiting, can, self._start, out, lambda group: (
             f"the prompt cannot fit in the KV cache ({len(group.seqs[0])} tokens; the cache holds "
             f"{self.bm.num_device_blocks} blocks of {self.bm.block_size} tokens)"))
 
@@ -287,7 +311,8 @@ class Scheduler:
         seqs = group.unfinished_seqs()
         if group.first_scheduled_time is None:
             group.first_scheduled_time = time.monotonic()
-        alloc = self.bm.allocate(group)
+        reads_cache = group.prompt_logits_from is None
+        alloc = self.bm.allocate(group, reads_cache)
         # The lead computes the shared prefix; the others start after it. Identical
         # sequences still compute their last token each, to get logits of their own.
         # Whatever the prefix cache holds is not computed again.
@@ -299,7 +324,7 @@ class Scheduler:
             saved += seq.num_computed_tokens - base
         if group.recomputing:
             self.recompute_cached_tokens += saved
-        else:
+        elif reads_cache:  # a request whose prompt logits are computed asks the cache nothing
             self.prefix_queried_tokens += len(seqs[0])
             self.prefix_hit_tokens += alloc.computed_tokens[0]
         group.is_prefilling, group.loading = True, alloc.loading

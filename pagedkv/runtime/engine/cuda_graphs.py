@@ -120,6 +120,6 @@ class DecodeGraphs:
         self.copied.record()
         self.graphs[batch].replay()
         logits = self.outputs[batch]
-        if len(inputs.logits_indices) == rows:  # every row samples: they are the first `rows`
+        if len(inputs.logits_indices) == rows and not inputs.num_prompt_logits:  # every row samples, in order
             return logits[:rows]
         return logits[torch.from_numpy(inputs.logits_indices).to(logits.device)]

@@ -91,7 +91,7 @@ class ModelExecutor:
             num_prefill_tokens=inputs.num_prefill_tokens, prefill_block_tables=t["prefill_block_tables"],
             prefill_query_start_loc=t["prefill_query_start_loc"], prefill_context_lens=t["prefill_context_lens"],
             decode_block_tables=t["decode_block_tables"], decode_context_lens=t["decode_context_lens"],
-            logits_indices=t["logits_indices"])
+            logits_indices=t["logits_indices"], num_prompt_logits=inputs.num_prompt_logits)
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         return self.upload(host_inputs(out, self.block_size))
@@ -99,7 +99,8 @@ class ModelExecutor:
     def execute(self, out: SchedulerOutput, batch: ModelInput | None = None,
                 inputs: HostInputs | None = None, started: Callable[[], None] | None = None) -> torch.Tensor:
         """Float32 logits on the model's device, one row per scheduled sequence that samples,
-        in `out.scheduled` order. `batch` (`prepare(out)`) or `inputs` (`host_inputs(out)`):
+        in `out.scheduled` order, then one per position that the rows' `prompt_logits` name
+        (`out.num_prompt_logits`, row by row). `batch` (`prepare(out)`) or `inputs` (`host_inputs(out)`):
         what the caller made already. `started` is called once, when the model's work is under
         way (LlamaModel.forward says when), or at once for an empty step."""
         self.apply_cache_ops(out)

@@ -19,8 +19,11 @@ class HostInputs:
     prefill_context_lens: np.ndarray  # int32 [S_p]
     decode_block_tables: np.ndarray  # int32 [S_d, blocks the longest decode row reads]
     decode_context_lens: np.ndarray  # int32 [S_d]
-    logits_indices: np.ndarray       # int64: the tokens whose next-token logits are wanted
+    # int64: the tokens whose next-token logits are wanted, the sampling rows' first (one per
+    # row that samples, in row order), then the positions the rows' prompt_logits name
+    logits_indices: np.ndarray
     num_prefill_tokens: int
+    num_prompt_logits: int = 0  # the last entries of logits_indices that are prompt positions
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
@@ -66,9 +69,24 @@ def host_inputs(out: SchedulerOutput, block_size: int) -> HostInputs:
     sample = np.fromiter((r.sample for r in rows), dtype=bool, count=len(rows))
     query_start = np.zeros(num_prefills + 1, dtype=np.int32)
     query_start[1:] = np.cumsum(counts[:num_prefills])
+    logits_indices = (first_token + counts - 1)[sample]
+    if out.num_prompt_logits:
+        logits_indices = np.concatenate([logits_indices, _prompt_indices(rows, first_token)])
     return HostInputs(
         token_ids=token_ids, positions=positions, slot_mapping=slots,
         prefill_block_tables=prefill_tables, prefill_query_start_loc=query_start,
         prefill_context_lens=ends[:num_prefills].astype(np.int32),
         decode_block_tables=decode_tables, decode_context_lens=ends[num_prefills:].astype(np.int32),
-        logits_indices=(first_token + counts - 1)[sample], num_prefill_tokens=num_prefill_tokens)
+        logits_indices=logits_indices, num_prefill_tokens=num_prefill_tokens,
+        num_prompt_logits=out.num_prompt_logits)
+
+
+def _prompt_indices(rows: list[ScheduledSeq], first_token: np.ndarray) -> np.ndarray:
+    """The batch indices of the positions the rows' prompt_logits name, row by row."""
+    asked = [(k, row.prompt_logits[0] - row.start, row.prompt_logits[1] - row.start)
+             for k, row in enumerate(rows) if row.prompt_logits is not None]
+    offsets = np.array(asked, dtype=np.int64).reshape(-1, 3)
+    lengths = offsets[:, 2] - offsets[:, 1]
+    starts = first_token[offsets[:, 0]] + offsets[:, 1]
+    # Each row's run start..start + length - 1, without a loop over the positions.
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))

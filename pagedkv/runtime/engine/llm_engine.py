@@ -1,6 +1,7 @@
 """LLMEngine: requests in, one scheduler iteration and one model call per step, outputs out."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from pagedkv.runtime.engine.beam_search import BeamSearch
 from pagedkv.runtime.engine.config import EngineConfig, build_engine_parts
 from pagedkv.runtime.engine.outputs import FAILED, REJECTED, CompletionOutput, RequestOutput
 from pagedkv.runtime.engine.overlap import Drawn, Prepared, prepare
+from pagedkv.runtime.engine.prompt_logprobs import PromptLogprobs, compute as compute_prompt_logprobs
 from pagedkv.runtime.engine.quote import quote
 from pagedkv.runtime.engine.sampler import Controls, SampledToken, sample_batch
 from pagedkv.runtime.engine.sampling_params import SamplingParams
@@ -65,6 +67,7 @@ class LLMEngine:
         self.beam_results: dict[str, list] = {}  # request id -> best hypotheses, once done
         self.failed: set[str] = set()  # requests that failed in a step (not rejected at admission)
         self.streaming: set[str] = set()  # requests that get an output every step, not only the last
+        self.prompt_logprobs: dict[str, PromptLogprobs] = {}  # of the requests that asked for them
         self.stopping = StopChecker(self.tokenizer, self.model_config)
         self.started = time.monotonic()
         self.closed = False
@@ -119,6 +122,10 @@ class LLMEngine:
         if params.use_beam_search:
             eos = [] if params.ignore_eos else self.model_config.eos_token_ids
             self.beams[request_id] = BeamSearch(params, len(ids), eos + params.stop_token_ids)
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs[request_id] = PromptLogprobs(ids, min(params.prompt_logprobs,
+                                                                       self.model_config.vocab_size))
+            group.prompt_logits_from = 0 if len(ids) > 1 else None
         self.groups[request_id] = group
         if stream:
             self.streaming.add(request_id)
@@ -169,7 +176,9 @@ class LLMEngine:
         self.beams.pop(request_id, None)
         self.beam_results.pop(request_id, None)
         self.streaming.discard(request_id)
-        return self._output(group, {})
+        output = self._output(group, {})
+        self.prompt_logprobs.pop(request_id, None)
+        return output
 
     def has_unfinished(self) -> bool:
         # A step scheduled ahead for requests that have all finished since is left for the next
@@ -248,6 +257,7 @@ class LLMEngine:
         if self.prepared is None:  # this step forks sequences: its tokens reach them now
             outputs += self.process(step.out, logits)
         else:
+            logits = self._take_prompt_logits(step.out, logits)
             rows = [row for row in step.out.scheduled if row.sample]
             draws = [(row.seq, k) for k, row in enumerate(rows)]
             self.steps += 1
@@ -324,6 +334,7 @@ class LLMEngine:
         that stream or finished."""
         self.steps += 1
         new_tokens: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        logits = self._take_prompt_logits(out, logits)
         self._sample(out, logits, new_tokens)
         self.profile.mark("sample")
         changed = {row.group.request_id: row.group for row in out.scheduled if row.sample}
@@ -347,8 +358,34 @@ class LLMEngine:
                 self.beam_results.pop(group.request_id, None)
                 self.failed.discard(group.request_id)
                 self.streaming.discard(group.request_id)
+                self.prompt_logprobs.pop(group.request_id, None)
         self.scheduler.free_finished()
         return outputs
+
+    def _take_prompt_logits(self, out: SchedulerOutput, logits: torch.Tensor) -> torch.Tensor:
+        """Reduces the step's prompt-logprob rows (the last `out.num_prompt_logits` of `logits`)
+        into their requests' prompt logprobs, all rows at once; returns the sampling rows. A
+        failure here is the step's, as the model's would be."""
+        num = out.num_prompt_logits
+        if not num:
+            return logits
+        split = logits.shape[0] - num
+        rows = [row for row in out.scheduled if row.prompt_logits is not None]
+        live = [self.prompt_logprobs.get(row.group.request_id) if self._live(row.group) else None for row in rows]
+        width = max((state.k for state in live if state is not None), default=0)
+        # Position p's logits predict prompt token p + 1.
+        targets = np.fromiter(itertools.chain.from_iterable(
+            row.seq.token_ids[row.prompt_logits[0] + 1:row.prompt_logits[1] + 1] for row in rows),
+            dtype=np.int64, count=num)
+        if any(state is not None for state in live):
+            values = compute_prompt_logprobs(logits[split:], targets, width)
+            first = 0
+            for row, state in zip(rows, live):
+                a, b = row.prompt_logits
+                if state is not None:
+                    state.put(a, values[first:first + b - a], values.shape[1] // 2 - 1)
+                first += b - a
+        return logits[:split]  # the profile counts this work in the "sample" phase
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor,
                 new_tokens: dict[str, dict[int, list[int]]]) -> None:
@@ -587,8 +624,10 @@ class LLMEngine:
                        for i, seq in enumerate(group.seqs)]
         queued = None if group.first_scheduled_time is None else group.first_scheduled_time - group.arrival_time
         code = (FAILED if group.request_id in self.failed else REJECTED) if group.error else None
+        state = self.prompt_logprobs.get(group.request_id)
         return RequestOutput(group.request_id, prompt, outputs, group.is_finished, group.error,
-                             queue_time=queued, error_code=code)
+                             queue_time=queued, error_code=code,
+                             prompt_logprobs=state.result() if state is not None and state.done else None)
 
     def _beam_outputs(self, group: SequenceGroup) -> list[CompletionOutput]:
         hypotheses = self.beam_results.get(group.request_id)

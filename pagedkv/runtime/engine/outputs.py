@@ -29,3 +29,7 @@ class RequestOutput:
     error: str | None = None
     queue_time: float | None = None  # seconds from arrival to first scheduling, once scheduled
     error_code: str | None = None  # REJECTED or FAILED when error is set
+    # Asked for with SamplingParams.prompt_logprobs, once every prompt position has them: None
+    # for the first token, then {token id: (logprob, rank)}, the prompt token first and the
+    # top prompt_logprobs after it (vLLM's shape, with (logprob, rank) for its Logprob).
+    prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None

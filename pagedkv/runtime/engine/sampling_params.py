@@ -101,6 +101,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs returned per token
+    # vLLM's prompt_logprobs: each prompt token's logprob given the tokens before it (with its
+    # rank), and this many of the likeliest tokens there; the first token has none.
+    prompt_logprobs: int | None = None
     # Penalties as vLLM's (and OpenAI's): presence and frequency over the output's tokens,
     # repetition (divides positive logits, multiplies negative ones) over prompt and output.
     presence_penalty: float = 0.0
@@ -174,6 +177,10 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}]")
             if self.logprobs > MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, f"in [0, {MAX_LOGPROBS}]")
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = _as_float(name, getattr(self, name), f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
             if not -MAX_PENALTY <= value <= MAX_PENALTY:

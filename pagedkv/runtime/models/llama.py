@@ -40,6 +40,10 @@ class ModelInput:
     decode_block_tables: torch.Tensor      # int32 [S_d, max_blocks]
     decode_context_lens: torch.Tensor      # int32 [S_d]
     logits_indices: torch.Tensor | None  # int64 rows whose next-token logits are wanted; None: all
+    # The last this many of logits_indices (prompt logprobs' positions) go through the lm_head
+    # in a product of their own, so that the rows before them (those that sample) get the
+    # logits they get in a step without them: a product's kernel can depend on its rows.
+    num_prompt_logits: int = 0
 
 
 def rope_inv_freq(config: ModelConfig, theta: float | None = None, scaling: dict | None | bool = True,
@@ -454,12 +458,20 @@ class LlamaModel:
                                      self.num_kv_heads, cfg.rms_norm_eps, self.scale, local[0][:, 0], local[1][:, 0])
         else:
             x = self.layers_forward(h, x, ropes, kv_cache, batch, fused)
-        if batch.logits_indices is not None:
-            x = x[batch.logits_indices]
-        logits = self.tp.gather_logits(self.linear(x, self.lm_head).float(), cfg.vocab_size)
+        logits = self.logits(x, batch.logits_indices, batch.num_prompt_logits)
         if started is not None and not on_cpu:
             started()
         return logits
+
+    def logits(self, x: torch.Tensor, indices: torch.Tensor | None, num_apart: int = 0) -> torch.Tensor:
+        """Float32 logits of the rows of x that `indices` names (all when None); its last
+        `num_apart` rows in a product of their own."""
+        if indices is not None:
+            x = x[indices]
+        split = x.shape[0] - num_apart
+        if num_apart and split:
+            return torch.cat([self.logits(x[:split], None), self.logits(x[split:], None)])
+        return self.tp.gather_logits(self.linear(x, self.lm_head).float(), self.config.vocab_size)
 
     def layers_forward(self, h: torch.Tensor, x: torch.Tensor, ropes: list[tuple[torch.Tensor, torch.Tensor]],
                        kv_cache: torch.Tensor, batch: ModelInput, fused: bool) -> torch.Tensor:
