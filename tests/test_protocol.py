@@ -187,3 +187,27 @@ def test_tokenize_and_detokenize_messages():
     msg = _decode({"type": "tokenize", "id": 1, "messages": [{"role": "user", "content": "hi"}]})
     assert msg.add_special_tokens is False  # a chat template writes its own special tokens
     assert _decode({"type": "detokenize", "id": 2, "tokens": [5, 6]}).tokens == [5, 6]
+
+
+def test_prompt_logprobs_travel_as_triples_with_the_prompt_and_its_texts():
+    from pagedkv.runtime.engine.outputs import CompletionOutput, RequestOutput
+    from pagedkv.runtime.serving.protocol import final_reply
+    from pagedkv.runtime.serving.streaming import RequestStream
+
+    msg = _decode({"type": "generate", "id": 1, "prompt": "x", "params": {"prompt_logprobs": 3}})
+    assert msg.params.prompt_logprobs == 3
+    for bad in (-1, 21, "1", True):
+        with pytest.raises(ProtocolError, match="prompt_logprobs"):
+            _decode({"type": "generate", "id": 1, "prompt": "x", "params": {"prompt_logprobs": bad}})
+    output = RequestOutput("r", [4, 5, 6], [CompletionOutput(0, [7], "g", -0.5, "length")], True,
+                           prompt_logprobs=[None, {5: (-2.5, 3), 9: (-0.5, 1)}, {6: (-0.25, 1)}])
+    texts = {4: "d", 5: "e", 6: "f", 9: "i"}
+    reply = final_reply(1, output, texts.__getitem__)
+    assert reply["prompt_token_ids"] == [4, 5, 6]
+    assert reply["prompt_logprobs"] == [None, [[5, -2.5, 3], [9, -0.5, 1]], [[6, -0.25, 1]]]
+    assert reply["prompt_token_texts"] == texts
+    assert msgpack.unpackb(msgpack.packb(reply), strict_map_key=False)["prompt_logprobs"][1][0] == [5, -2.5, 3]
+    assert "prompt_logprobs" not in final_reply(1, RequestOutput("r", [4], [], True), texts.__getitem__)
+    stream = RequestStream(lambda ids: "", [], texts.__getitem__)
+    assert stream.prompt_fields(output)["prompt_token_texts"] == texts
+    assert stream.prompt_fields(output) == {}  # once

@@ -77,6 +77,22 @@ def test_stream_deltas_add_up_to_the_final_output(client):
     assert text == final["outputs"][0]["text"]
 
 
+def test_prompt_logprobs_come_with_the_final_and_the_first_streamed_reply(client, offline):
+    params = dict(max_tokens=4, temperature=0.0, prompt_logprobs=2)
+    ref = offline.generate([PROMPT], SamplingParams(**params), use_tqdm=False)[0].prompt_logprobs
+    expected = [None] + [[[t, lp, rank] for t, (lp, rank) in entry.items()] for entry in ref[1:]]
+    final = client.generate(prompt_ids=PROMPT, **params)
+    assert final["prompt_token_ids"] == PROMPT and final["prompt_logprobs"] == expected
+    texts = final["prompt_token_texts"]
+    assert set(texts) == {PROMPT[0], *(t for entry in expected[1:] for t, _, _ in entry)}
+    assert texts[PROMPT[1]] == offline.tokenizer.decode([PROMPT[1]])
+    replies = list(client.stream(prompt_ids=PROMPT, **params))
+    carrying = [r for r in replies if "prompt_logprobs" in r]
+    assert [r["type"] for r in carrying] == ["token", "final"] and carrying[0] is replies[0]
+    assert carrying[0]["prompt_logprobs"] == expected and carrying[0]["prompt_token_texts"] == texts
+    assert "prompt_logprobs" not in client.generate(prompt_ids=PROMPT, max_tokens=2)
+
+
 def test_stream_with_stop_string_never_sends_the_stop_string(client, offline):
     full = offline.generate(["hello world"], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].text

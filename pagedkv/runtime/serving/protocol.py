@@ -237,7 +237,28 @@ def final_reply(request_id: Any, output: RequestOutput, token_text: Callable[[in
         for out, c in zip(reply["outputs"], output.outputs):
             if c.logprobs is not None:
                 out["token_texts"] = token_texts(c.logprobs, token_text)
+    reply.update(prompt_logprob_fields(output, token_text))
     return reply
+
+
+def prompt_logprob_fields(output: RequestOutput, token_text: Callable[[int], str] | None = None) -> dict:
+    """A reply's prompt logprobs, when the request asked for them and they are done:
+    `prompt_token_ids`, `prompt_logprobs` (null for the first token, then per position
+    [[token_id, logprob, rank], ...]: the prompt token first, then the top ones, likeliest
+    first) and, with token_text, `prompt_token_texts` (the text of every id named there and
+    of the first prompt token)."""
+    if output.prompt_logprobs is None:
+        return {}
+    fields: dict[str, Any] = {
+        "prompt_token_ids": output.prompt_token_ids,
+        "prompt_logprobs": [None if entry is None else [[t, lp, rank] for t, (lp, rank) in entry.items()]
+                            for entry in output.prompt_logprobs]}
+    if token_text is not None:
+        ids = dict.fromkeys(output.prompt_token_ids[:1])
+        for entry in output.prompt_logprobs[1:]:
+            ids.update(dict.fromkeys(entry))
+        fields["prompt_token_texts"] = {t: token_text(t) for t in ids}
+    return fields
 
 
 def logprob_lists(logprobs: list[dict[int, float]] | None) -> list[list[tuple[int, float]]] | None:

@@ -235,7 +235,8 @@ class Server:
             raise ProtocolError(BAD_REQUEST, str(e), msg.id, param="structured_outputs")
         except ValueError as e:
             raise ProtocolError(BAD_REQUEST, str(e), msg.id)
-        token_text = self._token_text if msg.params.logprobs is not None else None
+        asks = msg.params.logprobs is not None or msg.params.prompt_logprobs is not None
+        token_text = self._token_text if asks else None
         stream = RequestStream(self.engine.stopping.decode, msg.params.stop, token_text) if msg.stream else None
         self.in_flight[request_id] = InFlight(envelope, msg.id, stream)
         self.by_client[key] = request_id
@@ -335,7 +336,8 @@ class Server:
         request = self.in_flight[output.request_id]
         deltas = request.stream.deltas(output) if request.stream else None
         if deltas:
-            self._send(request.envelope, {"type": "token", "id": request.client_id, "outputs": deltas})
+            self._send(request.envelope, {"type": "token", "id": request.client_id, "outputs": deltas,
+                                          **request.stream.prompt_fields(output)})
         if not output.finished:
             return
         self._forget(output.request_id)

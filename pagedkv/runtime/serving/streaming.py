@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from pagedkv.runtime.engine.outputs import RequestOutput
-from pagedkv.runtime.serving.protocol import logprob_lists, token_texts
+from pagedkv.runtime.serving.protocol import logprob_lists, prompt_logprob_fields, token_texts
 
 REPLACEMENT = "\ufffd"
 
@@ -51,6 +51,14 @@ class RequestStream:
         self.decode, self.stop = decode, stop
         self.token_text = token_text  # with logprobs: adds them, and their tokens' texts, to each delta
         self.texts: dict[int, TextStream] = {}
+        self.prompt_sent = False  # prompt logprobs go out once, with the first reply after the prompt
+
+    def prompt_fields(self, output: RequestOutput) -> dict:
+        """The prompt logprobs' fields for this reply: the first time they are there, else none."""
+        if self.prompt_sent or output.prompt_logprobs is None:
+            return {}
+        self.prompt_sent = True
+        return prompt_logprob_fields(output, self.token_text)
 
     def deltas(self, output: RequestOutput) -> list[dict]:
         """What this step adds to each output: {"index", "token_ids", "text"}, changed ones only."""
