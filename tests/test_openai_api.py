@@ -399,7 +399,7 @@ def error_of(response: httpx.Response) -> dict:
     ({"prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
     ({"prompt": []}, "prompt"),
     ({"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": PROMPT, "echo": True, "logprobs": 2}, "echo"),
+    ({"prompt": PROMPT, "prompt_logprobs": 21}, "prompt_logprobs"),
     ({"prompt": PROMPT, "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": PROMPT, "temprature": 0.5}, "temprature"),
     ({"prompt": PROMPT, "n": 3, "best_of": 2}, "best_of"),

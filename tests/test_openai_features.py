@@ -444,10 +444,11 @@ def test_continue_final_message(api, model, offline):
     ("/v1/completions", {"guided_grammar": 'start: "a"'}, 200),
     ("/v1/completions", {"structured_outputs": {"json": {"type": "object"}}}, 200),
     ("/v1/completions", {"include_stop_str_in_output": True}, 200),
-    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": 1}, 200),
+    ("/v1/completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
     ("/v1/completions", {"truncate_prompt_tokens": 2}, 200),
     ("/v1/completions", {"echo": True}, 200),
-    ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
+    ("/v1/completions", {"echo": True, "logprobs": 1}, 200),
     ("/v1/completions", {"suffix": "x"}, "suffix"),
     ("/v1/completions", {"presence_penalty": 3}, "presence_penalty"),
     ("/v1/completions", {"repetition_penalty": 1.1, "frequency_penalty": -0.5}, 200),
@@ -465,6 +466,8 @@ def test_continue_final_message(api, model, offline):
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {"chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
     ("/v1/chat/completions", {"parallel_tool_calls": False}, 200),
+    ("/v1/chat/completions", {"prompt_logprobs": 2}, 200),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
 ])
 def test_every_field_works_or_is_a_400_naming_it(url, model, path, extra, status):
     source = {"prompt": "hello"} if path == "/v1/completions" else {"messages": MESSAGES}

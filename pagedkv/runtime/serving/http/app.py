@@ -259,6 +259,7 @@ class Gateway:
     @staticmethod
     def _chunk(job: Job, fmt, base: int, reply: dict) -> str:
         """One engine reply as SSE chunks, one choice per chunk as OpenAI sends them."""
+        fmt.take(base // job.n, reply)  # echo with logprobs: the prompt's come with the first reply
         if reply["type"] == "final":
             choices = [c for o in reply["outputs"] for c in fmt.finish(base + o["index"], o["finish_reason"], o)]
         else:

@@ -26,7 +26,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort",
            "guided_decoding_backend", "request_id", "safety_identifier", "prompt_cache_key"}
 # Known fields that this server honours only with their neutral value; another is a 400.
-NEUTRAL = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "prompt_logprobs": None,
+NEUTRAL = {"skip_special_tokens": True, "spaces_between_special_tokens": True,
            "suffix": "", "modalities": ["text"], "echo": False, "chat_template_kwargs": {}, "documents": None,
            "audio": None, "prediction": None, "web_search_options": None, "functions": None, "function_call": None}
 # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its legacy names.
@@ -65,6 +65,10 @@ class Job:
     tool_name: str | None = None  # named: the function
     tool_parser: str | None = None  # auto: the model's tool-call format (tool_calls.py)
     echo: bool = False  # completions: the prompt before each choice's text
+    # vLLM's prompt_logprobs: how many of the likeliest tokens the response's `prompt_logprobs`
+    # lists per prompt position (None: no such field). The engine computes at least as many
+    # (params["prompt_logprobs"]): completions' echo with logprobs needs them too.
+    prompt_logprobs: int | None = None
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
@@ -300,9 +304,7 @@ def parse(body: Any, chat: bool, max_model_len: int | None, defaults: dict | Non
         params["structured_outputs"] = structured
         job.structured_param = structured_param
     _logprobs(body, job)
-    if echo and job.logprobs:
-        raise bad_request("'echo' with 'logprobs' needs the prompt's logprobs, which this server does not "
-                          "compute", "echo")
+    _prompt_logprobs(body, job)
     checked = _validate(params)
     # What the engine gets is what was checked: 10**30 as a temperature is valid, but an integer
     # that size cannot travel.
@@ -455,6 +457,24 @@ def _logprobs(body: dict, job: Job) -> None:
     job.logprobs, job.params["logprobs"] = True, count
 
 
+def _prompt_logprobs(body: dict, job: Job) -> None:
+    """vLLM's prompt_logprobs, and completions' echo with logprobs, which lists the prompt's
+    tokens with their logprobs first (OpenAI's legacy behaviour): the engine computes the
+    prompt's logprobs for either. As in vLLM, echo with logprobs reports them in
+    `prompt_logprobs` too, with `logprobs` alternatives, unless prompt_logprobs says how many."""
+    asked = _get(body, "prompt_logprobs", (int,))
+    if asked is not None:
+        if not 0 <= asked <= MAX_LOGPROBS:
+            raise bad_request(f"'prompt_logprobs' must be in [0, {MAX_LOGPROBS}], got {asked}", "prompt_logprobs")
+        if job.stream:
+            raise bad_request("'prompt_logprobs' are not available with 'stream': true", "prompt_logprobs")
+    echoed = job.params.get("logprobs") if job.echo and job.logprobs else None
+    job.prompt_logprobs = asked if asked is not None or job.stream else echoed
+    wanted = [k for k in (asked, echoed) if k is not None]
+    if wanted:
+        job.params["prompt_logprobs"] = max(wanted)
+
+
 def _validate(params: dict) -> SamplingParams:
     """SamplingParams' own checks, here too, so that the error names the field."""
     try:
@@ -467,8 +487,8 @@ def _validate(params: dict) -> SamplingParams:
 
 def _known(chat: bool) -> set[str]:
     common = {"model", "stream", "stream_options", "n", "best_of", "use_beam_search", "beam_width", "logprobs",
-              "max_tokens", "response_format", "structured_outputs", "logit_bias", "guided_whitespace_pattern", *LEGACY_GUIDED,
-              *SAMPLING, *IGNORED, *NEUTRAL}
+              "prompt_logprobs", "max_tokens", "response_format", "structured_outputs", "logit_bias",
+              "guided_whitespace_pattern", *LEGACY_GUIDED, *SAMPLING, *IGNORED, *NEUTRAL}
     return common | ({"messages", "top_logprobs", "max_completion_tokens", "tools", "tool_choice",
                       "add_generation_prompt", "continue_final_message"} if chat else {"prompt"})
 

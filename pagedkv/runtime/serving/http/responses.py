@@ -3,7 +3,8 @@
 `CompletionFormat` and `ChatFormat` differ only where OpenAI's two APIs differ: the object
 names, a choice's text (`text` vs `message` / `delta`), and the shape of `logprobs`
 (completions: parallel lists `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`;
-chat: `content`, a list of `{token, logprob, bytes, top_logprobs}`).
+chat: `content`, a list of `{token, logprob, bytes, top_logprobs}`). vLLM's `prompt_logprobs`
+goes in each completions choice, and at the top of a chat response.
 """
 from __future__ import annotations
 
@@ -38,6 +39,28 @@ def _ranked(entry: list[list], texts: dict[int, str]) -> list[tuple[str, float]]
     return [(texts.get(t, ""), lp) for t, lp in sorted(entry, key=lambda pair: (-pair[1], pair[0]))]
 
 
+def _clamped(logprob: float) -> float:
+    """-inf as OpenAI and vLLM write it in JSON, which has no infinities."""
+    return max(logprob, -9999.0)
+
+
+def _top(entry: list[list], k: int) -> list[list]:
+    """An engine prompt-logprobs entry cut to the prompt token and the top k: the engine lists the
+    prompt token first (with the rank of its place among the top ones when it is there) and
+    the other top ones after it, perhaps more of them than k."""
+    return entry[:1] + [item for item in entry[1:] if item[2] <= k]
+
+
+def prompt_logprobs(reply: dict, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` from an engine reply: null for the first token, then per position
+    {token id: {"logprob", "rank", "decoded_token"}}, the prompt token first and the top k after
+    it (a prompt token among them keeps its place first, with the rank of its place there)."""
+    texts = reply.get("prompt_token_texts", {})
+    return [None if entry is None else {
+        str(t): {"logprob": _clamped(lp), "rank": rank, "decoded_token": texts.get(t, "")}
+        for t, lp, rank in _top(entry, k)} for entry in reply["prompt_logprobs"]]
+
+
 def _by_text(ranked: list[tuple[str, float]]) -> dict[str, float]:
     """Completions key top logprobs by text: of tokens that read the same, the likeliest stays."""
     top: dict[str, float] = {}
@@ -57,16 +80,34 @@ class _Format:
         self.started: set[int] = set()         # choices whose first chunk went out
         self.offsets: dict[int, int] = {}      # completions' text_offset, per choice
         self.echo: list[str] | None = None     # completions' echo: each prompt's text
+        self.prompts: dict[int, dict] = {}     # by prompt: the reply that carried its prompt logprobs
+
+    def take(self, p: int, reply: dict) -> None:
+        """Keeps prompt p's prompt logprobs when this reply of its engine request carries them."""
+        if "prompt_logprobs" in reply and p not in self.prompts:
+            self.prompts[p] = reply
 
     def response(self, finals: list[dict]) -> dict:
         choices = []
         for p, final in enumerate(finals):
+            self.take(p, final)
             outputs = final["outputs"]
             if self.job.best_of:  # the n likeliest of best_of samples
                 outputs = sorted(outputs, key=lambda o: -o["cumulative_logprob"])[: self.job.n]
             choices += [self.choice(p * self.job.n + j, out) for j, out in enumerate(outputs)]
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(finals), "system_fingerprint": None}
+        return self.with_prompt_logprobs(body)
+
+    def _prompt_logprobs(self, p: int) -> list[dict | None] | None:
+        """vLLM's `prompt_logprobs` of prompt p, as the request asked (None: not asked)."""
+        if self.job.prompt_logprobs is None or p not in self.prompts:
+            return None
+        return prompt_logprobs(self.prompts[p], self.job.prompt_logprobs)
+
+    def with_prompt_logprobs(self, body: dict) -> dict:
+        """Where the API puts vLLM's `prompt_logprobs` (completions: in each choice)."""
+        return body
 
     def chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
         body = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -87,38 +128,68 @@ class _Format:
     def logprobs(self, index: int, token_ids: list[int], logprobs: list, texts: dict) -> dict: ...
 
 
+# One position of completions' logprobs: its token's text, the token's logprob and the top
+# ones by text (both None for the first token of an echoed prompt).
+Position = tuple[str, float | None, dict[str, float] | None]
+
+
 class CompletionFormat(_Format):
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def _echo(self, index: int) -> str:
-        """The prompt's text before a choice's first text, with echo."""
+    def _echo(self, index: int) -> tuple[str, list[Position]]:
+        """With echo, before a choice's first text: the prompt's text, and with logprobs its
+        positions (OpenAI's legacy echo: the first token's logprob is null)."""
         if self.echo is None or index in self.started:
-            return ""
+            return "", []
         self.started.add(index)
-        return self.echo[index // self.job.n]
+        p = index // self.job.n
+        reply = self.prompts.get(p)
+        if not self.job.logprobs or reply is None:
+            return self.echo[p], []
+        texts, ids, k = reply.get("prompt_token_texts", {}), reply["prompt_token_ids"], self.top
+        positions: list[Position] = [(texts.get(ids[0], ""), None, None)]
+        for t, entry in zip(ids[1:], reply["prompt_logprobs"][1:]):
+            pairs = [(i, _clamped(lp)) for i, lp, _ in _top(entry, k)]
+            positions.append((texts.get(t, ""), pairs[0][1], _by_text(_ranked(pairs, texts))))
+        return self.echo[p], positions
+
+    def _text_and_logprobs(self, index: int, out: dict) -> tuple[str, dict | None]:
+        text, positions = self._echo(index)
+        if not self.job.logprobs or (out.get("logprobs") is None and not positions):
+            return text + out["text"], None
+        if out.get("logprobs") is not None:
+            texts = out.get("token_texts", {})
+            positions += [(texts.get(t, ""), dict(map(tuple, entry))[t], _by_text(_ranked(entry, texts)))
+                          for t, entry in zip(out["token_ids"], out["logprobs"])]
+        return text + out["text"], self._completion_logprobs(index, positions)
 
     def choice(self, index: int, out: dict) -> dict:
-        return {"index": index, "text": self._echo(index) + out["text"], "logprobs": self._logprobs(index, out),
-                "finish_reason": finish_reason(out["finish_reason"])}
+        text, logprobs = self._text_and_logprobs(index, out)
+        choice = {"index": index, "text": text, "logprobs": logprobs,
+                  "finish_reason": finish_reason(out["finish_reason"])}
+        if self.job.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._prompt_logprobs(index // self.job.n)
+        return choice
 
     def delta(self, index: int, out: dict) -> list[dict]:
-        return [{"index": index, "text": self._echo(index) + out["text"], "logprobs": self._logprobs(index, out),
-                 "finish_reason": None}]
+        text, logprobs = self._text_and_logprobs(index, out)
+        return [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}]
 
     def finish(self, index: int, reason: str | None, out: dict | None = None) -> list[dict]:
-        return [{"index": index, "text": self._echo(index), "logprobs": None, "finish_reason": finish_reason(reason)}]
+        text, positions = self._echo(index)
+        logprobs = self._completion_logprobs(index, positions) if positions else None
+        return [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}]
 
-    def logprobs(self, index: int, token_ids: list[int], logprobs: list, texts: dict) -> dict:
-        tokens = [texts.get(t, "") for t in token_ids]
+    def _completion_logprobs(self, index: int, positions: list[Position]) -> dict:
         offsets, offset = [], self.offsets.get(index, 0)
-        for token in tokens:
+        for token, _, _ in positions:
             offsets.append(offset)
             offset += len(token)
         self.offsets[index] = offset  # a stream's next chunk goes on from here
-        return {"tokens": tokens,
-                "token_logprobs": [dict(map(tuple, entry))[t] for entry, t in zip(logprobs, token_ids)],
-                "top_logprobs": [_by_text(_ranked(entry, texts)) for entry in logprobs],
+        return {"tokens": [token for token, _, _ in positions],
+                "token_logprobs": [logprob for _, logprob, _ in positions],
+                "top_logprobs": [top for _, _, top in positions],
                 "text_offset": offsets}
 
 
@@ -214,6 +285,11 @@ class ChatFormat(_Format):
         chunks = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
         return [*self._role(index), *chunks, {"index": index, "delta": {}, "logprobs": None,
                                               "finish_reason": self._reason(reason, index in self.called)}]
+
+    def with_prompt_logprobs(self, body: dict) -> dict:
+        if self.job.prompt_logprobs is not None:  # vLLM's place: the response's, as a chat has one prompt
+            body["prompt_logprobs"] = self._prompt_logprobs(0)
+        return body
 
     def _role(self, index: int) -> list[dict]:
         """OpenAI's first chunk of each choice names the role, with empty content."""
