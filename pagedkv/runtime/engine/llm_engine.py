@@ -371,13 +371,14 @@ class LLMEngine:
             return logits
         split = logits.shape[0] - num
         rows = [row for row in out.scheduled if row.prompt_logits is not None]
+        # Requests aborted since the step was scheduled (async scheduling) keep nothing.
         live = [self.prompt_logprobs.get(row.group.request_id) if self._live(row.group) else None for row in rows]
-        width = max((state.k for state in live if state is not None), default=0)
-        # Position p's logits predict prompt token p + 1.
-        targets = np.fromiter(itertools.chain.from_iterable(
-            row.seq.token_ids[row.prompt_logits[0] + 1:row.prompt_logits[1] + 1] for row in rows),
-            dtype=np.int64, count=num)
         if any(state is not None for state in live):
+            width = max(state.k for state in live if state is not None)
+            # Position p's logits predict prompt token p + 1.
+            targets = np.fromiter(itertools.chain.from_iterable(
+                row.seq.token_ids[row.prompt_logits[0] + 1:row.prompt_logits[1] + 1] for row in rows),
+                dtype=np.int64, count=num)
             values = compute_prompt_logprobs(logits[split:], targets, width)
             first = 0
             for row, state in zip(rows, live):
