@@ -31,30 +31,31 @@ def loaded(model_path):
 
 @pytest.fixture(scope="module")
 def reference(model_path):
-    """transformers' float32 log-softmax over each prompt position's logits."""
+    """transformers' float32 logits of each prompt position."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     cache: dict[tuple, torch.Tensor] = {}
 
-    def logprobs(prompt: list[int]) -> torch.Tensor:
+    def logits(prompt: list[int]) -> torch.Tensor:
         if tuple(prompt) not in cache:
             with torch.no_grad():
-                logits = model(torch.tensor([prompt])).logits[0].float()
-            cache[tuple(prompt)] = torch.log_softmax(logits, dim=-1)
+                cache[tuple(prompt)] = model(torch.tensor([prompt])).logits[0].float()
         return cache[tuple(prompt)]
 
-    return logprobs
+    return logits
 
 
 def check_against(reference, prompt: list[int], got, k: int) -> None:
-    """Every position's prompt token logprob and rank, and its top k, as transformers has them."""
+    """Every position's prompt token logprob (transformers' log-softmax of its logits) and rank
+    (how many tokens are at least as likely), and its top k."""
     assert got is not None and len(got) == len(prompt) and got[0] is None
-    lp = reference(prompt)
+    logits = reference(prompt)
+    lp = torch.log_softmax(logits, dim=-1)
     for i in range(1, len(prompt)):
         entry, row, token = got[i], lp[i - 1], prompt[i]
         assert list(entry)[0] == token
         value, rank = entry[token]
         assert value == pytest.approx(row[token].item(), abs=TOL)
-        assert rank == int((row >= row[token]).sum())
+        assert rank == int((logits[i - 1] >= logits[i - 1, token]).sum())
         top = torch.topk(row, k)
         listed = list(entry.items())[1:] if token not in top.indices.tolist() else list(entry.items())
         assert len(entry) == k + (token not in top.indices.tolist())

@@ -8,16 +8,34 @@ computes those rows besides the sampling rows (`ModelInput.num_prompt_logits`), 
 target's logprob and rank and the top k ids and logprobs, one copy to the host for the whole
 step. `PromptLogprobs` gathers a request's positions across chunks and steps.
 
-Logprobs are the float32 log-softmax of the raw logits (vLLM's default, as the sampler's);
-the rank is vLLM's: how many tokens have a logprob at least the target's (1: the likeliest).
+Logprobs are those of the raw logits in float32 (vLLM's default), computed as the sampler's
+are: logit minus the row's log-sum-exp, never a whole [rows, vocab] log-softmax. The rank is
+vLLM's: how many tokens are at least as likely as the target, itself included (1: the
+likeliest), counted on the logits, whose order the logprobs share.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from pagedkv.kernels.cpu import ops as cpu_ops
+
 # Rows reduced at a time: a bound on the [rows, vocab] temporaries beside the logits.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """[rows, 1]: the CPU kernel's one pass where it is built (the sampler's), else torch's."""
+    fused = cpu_ops.greedy_and_logsumexp(x)
+    return fused[1] if fused is not None else torch.logsumexp(x, dim=-1, keepdim=True)
+
+
+def _count_at_least(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """[rows]: how many entries of each row are >= that row's value. On the CPU with numpy,
+    whose count of a boolean mask is several times faster than torch's sum of one."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.count_nonzero(x.numpy() >= value.numpy(), axis=1))
+    return (x >= value).sum(dim=-1)
 
 
 @torch.inference_mode()
@@ -33,12 +51,14 @@ def compute(logits: torch.Tensor, targets: np.ndarray, k: int) -> np.ndarray:
     step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
     parts = []
     for start in range(0, rows, step):
-        logprobs = torch.log_softmax(logits[start:start + step].float(), dim=-1)
-        chosen = logprobs.gather(1, target[start:start + step])
-        cols = [chosen.double(), (logprobs >= chosen).sum(dim=-1, keepdim=True).double()]
+        x = logits[start:start + step].float().contiguous()
+        log_total = _logsumexp(x)
+        chosen = x.gather(1, target[start:start + step])
+        rank = _count_at_least(x, chosen).to(x.device)
+        cols = [(chosen - log_total).double(), rank[:, None].double()]
         if k:
-            values, ids = logprobs.topk(k, dim=-1)
-            cols += [ids.double(), values.double()]
+            values, ids = x.topk(k, dim=-1)
+            cols += [ids.double(), (values - log_total).double()]
         parts.append(torch.cat(cols, dim=1))
     return torch.cat(parts).cpu().numpy()
 
