@@ -436,6 +436,12 @@ def test_f32_linear_of_no_rows_is_empty():
     assert cpu_ops.f32_linear(torch.randn(0, 64), torch.randn(8, 64)).shape == (0, 8)
 
 
+@pytest.mark.skipif(not cpu_ops.bf16_linear_supported(), reason="needs AVX512-BF16")
+def test_bf16_linear_of_no_rows_is_empty():
+    x, w = torch.randn(0, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    assert cpu_ops.bf16_linear(x, w).shape == (0, 8)
+
+
 def model_ops(dtype):
     """The model's torch implementations of the steps the elementwise kernels replace."""
     from pagedkv.runtime.models.llama import LlamaModel

@@ -453,6 +453,8 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                          f"{weight.dtype}" + ("" if bias is None else f" and bias {tuple(bias.shape)} {bias.dtype}"))
     bias = None if bias is None else bias.contiguous()
     out = torch.empty((x.shape[0], n), dtype=torch.bfloat16)
+    if not x.shape[0]:  # a step none of whose tokens wants logits hands the lm_head no rows
+        return out
     rc = library().bf16_linear(x.data_ptr(), x.stride(0), x.shape[0], k, weight.data_ptr(), n,
                                None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if rc:
