@@ -4,6 +4,7 @@ events), /metrics says where requests went and what they hit, and an engine kill
 is taken out within 2 s: no request hangs, those in flight on it end with a 503, the others and
 every later one succeed, and a restarted engine is taken back."""
 import concurrent.futures
+import signal
 import time
 
 import httpx
@@ -38,6 +39,11 @@ def chat(url: str, messages: list[dict], max_tokens: int = 8, timeout: float = 6
 
 def routed(url: str) -> dict[str, int]:
     return {e["address"]: e["routed"] for e in httpx.get(f"{url}/health", timeout=10).json()["engines"]}
+
+
+def in_flight(url: str, address: str) -> int:
+    engines = httpx.get(f"{url}/health", timeout=10).json()["engines"]
+    return next(e["in_flight"] for e in engines if e["address"] == address)
 
 
 def test_a_returning_chat_goes_to_the_engine_that_holds_it(model_path, tmp_path):
@@ -94,7 +100,16 @@ def test_an_engine_killed_under_load(model_path, tmp_path):
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and min(routed(url).values()) < 4:
                 time.sleep(0.02)
-            time.sleep(0.3)  # generating on both
+            # Frozen while it holds requests, so that some are surely in flight when it dies (a fast
+            # machine finishes 200 tokens of the tiny model in well under a second).
+            while True:
+                assert time.monotonic() < deadline, "engine B never held a request"
+                if in_flight(url, b.address) >= 1:
+                    b.process.send_signal(signal.SIGSTOP)
+                    if in_flight(url, b.address) >= 1:
+                        break
+                    b.process.send_signal(signal.SIGCONT)
+                time.sleep(0.005)
             b.process.kill()  # how fast it is taken out is a benchmark's figure (tools/bench_router)
             engines = wait_engines(url, 1, timeout=30)
             dead = next(e for e in engines if e["address"] == b.address)
