@@ -3,7 +3,7 @@ read from the disk tier and when they are recomputed, side by side, and what the
 picks, from the page cache, from the disk, and from a deliberately slow disk.
 
     python -m tools.bench_tier_cost [--quick] [--lengths 256,512,1024,2048] [--repeats 3]
-                                    [--throttle-mbps 10] [--threads N] [--out DIR] [--update-docs]
+                                    [--throttle-mbps 10,3] [--threads N] [--out DIR] [--update-docs]
                                     [--model PATH]
 
 For each history length, one history of random tokens is prefilled once and its blocks are
@@ -16,16 +16,17 @@ tokens, one output token) with an empty device pool:
 
 Sources: `page cache` (a folder on the machine's disk, its files just written: reads come from
 memory), `disk` (the same folder, its pages dropped from the page cache before each read:
-posix_fadvise DONTNEED), `throttled disk` (a folder on an ext4 file system in a file, mounted
-through a loop device whose reads a blkio cgroup caps at --throttle-mbps, pages dropped
-likewise; root only, tools/throttled_dir.py; left out without root or with
+posix_fadvise DONTNEED), `throttled disk, N MB/s` (a folder on an ext4 file system in a file,
+mounted through a loop device whose reads a blkio cgroup caps at each of --throttle-mbps, pages
+dropped likewise; root only, tools/throttled_dir.py; left out without root or with
 --throttle-mbps 0).
 
 The cost model (pagedkv/preemption/policy.py) estimates a load as the blocks' bytes over the
 tier's read bandwidth and a recompute as the tokens over the prefill rate, both learned as the
 engine runs (moving averages of wall-clock measurements). Each source has one cost model that
 lives across its engines (each engine starts from the estimates the one before it left), as
-one engine running this sequence would have. Times are wall-clock (a read waits for the disk,
+one engine running this sequence would have; it starts from the prefill rate that the
+prefills writing the histories left. Times are wall-clock (a read waits for the disk,
 which CPU time does not count), on one torch thread by default.
 
 Writes results.json into --out, or a fresh folder; with --update-docs, a section of
@@ -51,7 +52,11 @@ from tools.bench_multiturn import drop_page_cache
 
 TITLE = "KV tiers: load or recompute"
 NEW_TOKENS = 16
-PAGE_CACHE, DISK, THROTTLED = "page cache", "disk", "throttled disk"
+PAGE_CACHE, DISK = "page cache", "disk"
+
+
+def throttled_name(mbps: float) -> str:
+    return f"throttled disk, {mbps:g} MB/s"
 
 
 @dataclass
@@ -71,6 +76,7 @@ class Source:
     name: str
     folder: Path
     cold: bool  # drop the folder's pages from the page cache before each read
+    read_mbps: float = 0.0  # the throttle to set first (0: none)
     cost: CostModel = field(default_factory=CostModel)
 
 
@@ -91,6 +97,7 @@ def one_turn(engine: LLMEngine, prompt: list[int]) -> float:
 class Bench:
     def __init__(self, loaded: LoadedModel, engine_args: dict, block_size: int = 16) -> None:
         self.loaded, self.engine_args, self.block_size = loaded, engine_args, block_size
+        self.cost = CostModel()  # what the prefills writing the histories taught
 
     def engine(self, blocks: int, folder: Path | None) -> LLMEngine:
         return LLMEngine(EngineConfig(**self.engine_args, block_size=self.block_size, num_device_blocks=blocks,
@@ -104,7 +111,9 @@ class Bench:
         """The history's blocks into each folder: prefilled once, stored by an engine that closes."""
         for folder in folders:
             engine = self.engine(self.blocks_for(len(history) + 1), folder)
+            engine.cost.prefill_tokens_per_s = self.cost.prefill_tokens_per_s
             one_turn(engine, history)
+            self.cost.prefill_tokens_per_s = engine.cost.prefill_tokens_per_s
             engine.close()
 
     def measure(self, source: Source, history: list[int], repeat: int, mode: str) -> Measurement:
@@ -173,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short histories, one repeat")
     parser.add_argument("--lengths", help="history lengths in tokens (default 256,512,1024,2048)")
     parser.add_argument("--repeats", type=int, help="runs of each way per source and length (default 3)")
-    parser.add_argument("--throttle-mbps", type=float, default=10.0,
-                        help="read bandwidth of the throttled disk, MB/s (0: leave it out; needs root)")
+    parser.add_argument("--throttle-mbps", default="10,3",
+                        help="read bandwidths of the throttled disk, MB/s, comma-separated (0: leave it out; "
+                             "root only)")
     parser.add_argument("--throttle-where", type=Path, default=Path("/var/tmp"),
                         help="where the throttled disk's image file goes")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -196,17 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pagedkv-tier-cost-"))
     rng = random.Random(args.seed)
     histories = {n: [rng.randrange(FIRST_PLAIN_TOKEN, loaded.config.vocab_size) for _ in range(n)] for n in lengths}
+    rates = [float(x) for x in args.throttle_mbps.split(",") if float(x) > 0]
     throttle = None
-    if args.throttle_mbps > 0 and os.geteuid() == 0:
+    if rates and os.geteuid() == 0:
         from tools.throttled_dir import throttled
 
-        throttle = throttled(args.throttle_mbps, 2 + 2 * sum(lengths) * 50_000 / (1 << 30), args.throttle_where)
+        throttle = throttled(rates[0], 2 + 2 * sum(lengths) * 50_000 / (1 << 30), args.throttle_where)
     measurements: list[Measurement] = []
     try:
         slow = throttle.__enter__() if throttle else None
         sources = [Source(PAGE_CACHE, work / "fast", False), Source(DISK, work / "fast", True)]
         if slow:
-            sources.append(Source(THROTTLED, Path(slow.mount) / "kv", True))
+            sources += [Source(throttled_name(r), Path(slow.mount) / "kv", True, r) for r in rates]
         warm = bench.engine(64, None)
         one_turn(warm, histories[lengths[0]][:32])  # the first model calls, paid here
         bytes_per_token = warm.cache.spec.bytes_per_block // bench.block_size
@@ -215,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in lengths:
             bench.write(histories[n], sorted({s.folder for s in sources}))
         for source in sources:
+            source.cost.prefill_tokens_per_s = bench.cost.prefill_tokens_per_s
+            if source.read_mbps:
+                slow.set_rate(source.read_mbps)
             for n in lengths:
                 for repeat in range(repeats):
                     for mode in ("recompute", "load", "auto"):
@@ -231,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{bytes_per_token}. Returning turn: the history and {NEW_TOKENS} new tokens, one output token, a "
                    f"fresh engine with an empty device pool each time; medians of {repeats} run(s). Sources: page "
                    "cache (files just written), disk (pages dropped first), "
-                   + (f"throttled disk ({args.throttle_mbps:g} MB/s reads, pages dropped first)" if throttle
-                      else "no throttled disk (it needs root)") + ". "
+                   + (f"throttled disk ({' and '.join(f'{r:g}' for r in rates)} MB/s reads, pages dropped first)"
+                      if throttle else "no throttled disk (it needs root)") + ". "
                    "Auto: the cost model's choice, with the estimates one engine running this sequence would hold.")
     text = "\n\n".join(p for p in [description, markdown_table(HEADER, rows),
                                    markdown_table(["target", "measured", "goal", "met"], targets), args.notes] if p)

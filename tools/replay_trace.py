@@ -6,6 +6,7 @@ cache's.
                                  [--trace-block 512] [--concurrency 1] [--prompts-only]
                                  [--store disk|memory] [--out DIR] [--update-docs]
     python -m tools.replay_trace --generate TRACE.jsonl [--seed 0]   # a synthetic trace
+    python -m tools.replay_trace --generate-chat TRACE.jsonl [--conversations 24 --turns 8 --clients 2]
 
 The trace is in the format Mooncake publishes: one JSON object a line with `timestamp` (ms),
 `input_length`, `output_length` and `hash_ids`, the ids of the prompt's blocks of
@@ -458,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", nargs="?", help="a trace in Mooncake's JSONL format")
     parser.add_argument("--generate", metavar="PATH", help="write a synthetic trace with shared prefixes to PATH")
+    parser.add_argument("--generate-chat", metavar="PATH",
+                        help="write tools.bench_multiturn's chat workload (its default lengths, --conversations, "
+                             "--turns and --clients) as a trace of --block-size blocks to PATH")
+    parser.add_argument("--conversations", type=int, default=24, help="--generate-chat: conversations")
+    parser.add_argument("--turns", type=int, default=8, help="--generate-chat: turns of each")
+    parser.add_argument("--clients", type=int, default=2, help="--generate-chat: clients")
     parser.add_argument("--config", action="append", type=TierConfig.parse, default=[],
                         help="DEVICE,HOST,DISK blocks (repeatable; default: 64,0,0 64,256,0 64,0,576 64,256,320)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
@@ -473,8 +480,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.generate:
         write_trace(args.generate, synthetic_trace(trace_block=args.trace_block, seed=args.seed))
         print(f"wrote {args.generate}", file=sys.stderr)
-        if not args.trace:
-            return 0
+    if args.generate_chat:
+        from tools.bench_multiturn import Sizes
+        from tools.multiturn_workloads import multi_turn, to_trace
+
+        s = Sizes()
+        workload = multi_turn(args.conversations, args.turns, 49152, args.clients, s.system_tokens, s.context_mean,
+                              s.context_range, s.message_mean, s.message_range, s.answer_mean, s.answer_range,
+                              seed=args.seed)
+        write_trace(args.generate_chat, (TraceRequest(r["timestamp"], r["input_length"], r["output_length"],
+                                                      r["hash_ids"]) for r in to_trace(workload, args.block_size)))
+        print(f"wrote {args.generate_chat}", file=sys.stderr)
+    if (args.generate or args.generate_chat) and not args.trace:
+        return 0
     if not args.trace:
         parser.error("name a trace (or --generate PATH)")
     requests = read_trace(args.trace)

@@ -39,6 +39,19 @@ class Throttled:
         """Puts a process (this one by default) in the cgroup: its reads of the directory are capped."""
         (Path(self.cgroup) / "cgroup.procs").write_text(str(pid or os.getpid()))
 
+    def set_rate(self, read_mbps: float) -> None:
+        _limit(Path(self.cgroup), self.loop, read_mbps)
+        self.read_mbps = read_mbps
+
+
+def _limit(cgroup: Path, loop: str, read_mbps: float) -> None:
+    device = os.stat(loop).st_rdev
+    rate, number = int(read_mbps * 1e6), f"{os.major(device)}:{os.minor(device)}"
+    if (cgroup / "blkio.throttle.read_bps_device").exists():
+        (cgroup / "blkio.throttle.read_bps_device").write_text(f"{number} {rate}")
+    else:
+        (cgroup / "io.max").write_text(f"{number} rbps={rate}")
+
 
 def _run(*args: str) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
@@ -63,18 +76,14 @@ def up(read_mbps: float, size_gb: float = 4.0, where: Path = Path("/var/tmp")) -
         _run("mkfs.ext4", "-q", "-F", loop)
         mount.mkdir(exist_ok=True)
         _run("mount", loop, str(mount))
-        device = os.stat(loop).st_rdev
-        rate = int(read_mbps * 1e6)
         if V1.is_dir() and (V1 / "blkio.throttle.read_bps_device").exists():
             cgroup = V1 / NAME
-            cgroup.mkdir(exist_ok=True)
-            (cgroup / "blkio.throttle.read_bps_device").write_text(f"{os.major(device)}:{os.minor(device)} {rate}")
         elif (V2 / "cgroup.controllers").exists():
             cgroup = V2 / NAME
-            cgroup.mkdir(exist_ok=True)
-            (cgroup / "io.max").write_text(f"{os.major(device)}:{os.minor(device)} rbps={rate}")
         else:
             raise SystemExit("no cgroup controller for block I/O found (blkio under v1, io under v2)")
+        cgroup.mkdir(exist_ok=True)
+        _limit(cgroup, loop, read_mbps)
     except BaseException:
         subprocess.run(["umount", str(mount)], capture_output=True)
         subprocess.run(["losetup", "-d", loop], capture_output=True)
