@@ -439,6 +439,11 @@ def describe(sizes: Sizes, workload: MultiTurn, bench: Bench, clock: str, thread
             "generated tokens per second.")
 
 
+def load_average() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def torch_threads(threads: int) -> str:
     return f"{threads} torch thread{'s' if threads != 1 else ''}"
 
@@ -488,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     out = output_folder(args, "bench_multiturn")
     disk_dir = args.disk_dir or Path(tempfile.gettempdir())
     disk_dir.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
     bench = Bench(loaded, {"model": args.model, "device": args.device}, sizes, clock, disk_dir,
                   cold_restart=not args.warm_restart, seed=args.seed)
 
@@ -518,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         results["no_reuse"] = [asdict(r) for r in runs_nr]
     if targets:
         sections.append(markdown_table(["target", "measured", "goal", "met"], targets))
+    sections.append(f"Load average (1 / 5 / 15 min) at the start: {load_before}; at the end: {load_average()} "
+                    f"({os.cpu_count()} cores).")
     if args.notes:
         sections.append(args.notes)
     text = "\n\n".join(sections)

@@ -48,7 +48,7 @@ from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams, load_m
 from pagedkv.ablation.report import add_output_arguments, markdown_table, output_folder, publish
 from pagedkv.ablation.workload import FIRST_PLAIN_TOKEN
 from pagedkv.preemption.policy import CostModel
-from tools.bench_multiturn import drop_page_cache
+from tools.bench_multiturn import drop_page_cache, load_average
 
 TITLE = "KV tiers: load or recompute"
 NEW_TOKENS = 16
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model)
     bench = Bench(loaded, {"model": args.model, "device": args.device})
     out = output_folder(args, "bench_tier_cost")
+    load_before = load_average()
     work = Path(tempfile.mkdtemp(prefix="pagedkv-tier-cost-"))
     rng = random.Random(args.seed)
     histories = {n: [rng.randrange(FIRST_PLAIN_TOKEN, loaded.config.vocab_size) for _ in range(n)] for n in lengths}
@@ -248,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                    + (f"throttled disk ({' and '.join(f'{r:g}' for r in rates)} MB/s reads, pages dropped first)"
                       if throttle else "no throttled disk (it needs root)") + ". "
                    "Auto: the cost model's choice, with the estimates one engine running this sequence would hold.")
+    load = f"Load average (1 / 5 / 15 min) at the start: {load_before}; at the end: {load_average()}."
     text = "\n\n".join(p for p in [description, markdown_table(HEADER, rows),
-                                   markdown_table(["target", "measured", "goal", "met"], targets), args.notes] if p)
+                                   markdown_table(["target", "measured", "goal", "met"], targets), load, args.notes]
+                         if p)
     print(text)
     (out / "results.json").write_text(json.dumps([asdict(m) for m in measurements], indent=2))
     publish(TITLE + (" (CUDA)" if on_cuda else " (CPU)"), text, out, args.update_docs)
