@@ -187,9 +187,9 @@ def record_admissions(engine: LLMEngine, record: dict[str, dict[str, int]]) -> N
         stats = bm.tiers.stats()
         return {tier: stats.get(tier, {}).get("hit_blocks", 0) for tier in ("host", "disk")}
 
-    def recording(group):
+    def recording(group, *args, **kwargs):
         before = tier_hits()
-        alloc = allocate(group)
+        alloc = allocate(group, *args, **kwargs)
         if group.request_id not in record and not group.recomputing:
             after = tier_hits()
             lower = {tier: (after[tier] - before[tier]) * bm.block_size for tier in after}

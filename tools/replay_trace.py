@@ -152,6 +152,7 @@ class MemoryStore:
     usually stored tail first: the device evicts it in that order)."""
 
     name = "disk"
+    write_through = False
 
     def __init__(self, capacity_blocks: int) -> None:
         self.capacity_blocks = capacity_blocks
