@@ -1,7 +1,8 @@
 """tools.replay_trace: traces in Mooncake's format through the block manager and its tiers
 (no model): hand-counted hits per tier, an unbounded cache bounds every tiered one, larger tiers
-never hit less on chat-shaped traces, the in-memory store stands in for the DiskTier, and two
-defects of the tiers that the replays showed (strict xfails: they pass once fixed)."""
+never hit less on chat-shaped traces, the in-memory store stands in for the DiskTier, and the
+orders in which the host and disk tiers evict a prefix the device evicted tail first (the
+replays showed both wrong once)."""
 from __future__ import annotations
 
 import json
@@ -100,17 +101,21 @@ def test_an_unbounded_cache_bounds_every_tiered_one(seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_larger_tiers_never_hit_less_on_a_chat_trace(seed):
     """On conversations that each continue their own last turn, round robin, each tier alone
-    (and the disk under a host tier of fixed size) never hits less when it grows. (A host tier
-    growing over a disk tier can: the disk then receives other blocks, and the two can hold the
-    same block twice; the host tier also evicts a prefix head first, see the xfail below.)"""
+    never hits less when it grows. A disk under a host tier of fixed size only adds hits: the
+    device and the host do the same whatever the disk holds (a block read from the disk lands
+    as a recomputed one would). Growing, it need not keep adding: its leaves-first eviction has
+    no stack property (nor has a host tier growing over a disk, which then receives other blocks)."""
     trace = chat_trace(6, 4, seed)
     m = fits(trace, 4)
     sizes = (0, 4, 8, 16, 32, 64, 128)
     kw = dict(block_size=4, trace_block=8, store="memory", prompts_only=bool(seed % 2))
-    for grid in ([(m + d, 0, 0) for d in sizes], [(m, h, 0) for h in sizes], [(m, 0, s) for s in sizes],
-                 [(m, 8, s) for s in sizes]):
+    for grid in ([(m + d, 0, 0) for d in sizes], [(m, h, 0) for h in sizes], [(m, 0, s) for s in sizes]):
         hits = [rt.replay(trace, rt.TierConfig(*c), **kw).total_hit_tokens for c in grid]
         assert hits == sorted(hits), (grid, hits)
+    under_host = [rt.replay(trace, rt.TierConfig(m, 8, s), **kw).hit_tokens for s in sizes]
+    assert all({t: h[t] for t in ("device", "host")} == {t: under_host[0][t] for t in ("device", "host")}
+               for h in under_host), under_host
+    assert under_host[0]["disk"] == 0 and under_host[-1]["disk"] > 0
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -124,8 +129,6 @@ def test_the_memory_store_equals_the_disk_tier_while_it_has_room(seed):
         assert disk.hit_tokens == memory.hit_tokens and disk.hit_tokens["disk"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="DiskTier: a block stored after the blocks that continue it counts no "
-                                       "children, and one fewer once they go; it then never leaves")
 def test_the_memory_store_equals_the_disk_tier_when_full():
     trace = rt.synthetic_trace(num_groups=4, requests_per_group=10, trace_block=16, output_length=(1, 24), seed=3)
     config = rt.TierConfig(fits(trace, 4), 0, 48)
@@ -134,8 +137,6 @@ def test_the_memory_store_equals_the_disk_tier_when_full():
     assert disk.hit_tokens == memory.hit_tokens
 
 
-@pytest.mark.xfail(strict=True, reason="DiskTier: a block stored after the blocks that continue it counts no "
-                                       "children, and one fewer once they go; it then never leaves")
 def test_the_disk_tier_evicts_a_prefix_stored_tail_first(tmp_path):
     """The device evicts a prefix tail first, so the disk receives it tail first. Its head, once
     the tail has gone, is a leaf like any other and must be evictable."""
@@ -158,8 +159,6 @@ def test_the_disk_tier_evicts_a_prefix_stored_tail_first(tmp_path):
     assert head not in held, "the head stayed while newer blocks were evicted"
 
 
-@pytest.mark.xfail(strict=True, reason="Tiers.release_pins releases the step's demotion targets in reverse "
-                                       "eviction order: the host tier's LRU list gets a prefix head first")
 def test_the_host_tier_evicts_a_demoted_prefix_tail_first():
     bm = BlockManager(4, num_device_blocks=4, num_cpu_blocks=8, watermark=0.0, host_caching=True)
 

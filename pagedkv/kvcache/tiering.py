@@ -114,6 +114,7 @@ class Tiers:
         self.host_stats = TierStats()
         self.ops = TierOps()
         self._pins: list[tuple[Device, int]] = []
+        self._demoted: list[int] = []  # host blocks copied into this step, pinned like the others
         self._loading: dict[int, list[_PendingLoad]] = {}  # sequence id -> its reads
         self._reads: dict[tuple[str, bytes], list[_PendingLoad]] = {}  # (tier, hash) -> reads waiting
         self._misses: dict[str, int] = {}  # per tier, the last lookup's blocks not found there
@@ -240,7 +241,7 @@ class Tiers:
             if host.num_free_blocks > 0:
                 target = host.allocate()  # may evict a host block to the store tiers
                 host.cache(target, *entry)
-                self._pins.append((Device.CPU, target))
+                self._demoted.append(target)
                 self.ops.demotions.append((block, target))
                 self.host_stats.stored_blocks += 1
                 self.host_stats.stored_bytes += self.block_bytes
@@ -266,8 +267,13 @@ class Tiers:
     # -- steps ------------------------------------------------------------------------------------
     def release_pins(self) -> None:
         """The last planned step's copies are done: its pinned blocks go back."""
-        for device, block in reversed(self._pins):  # tail first: a prefix's head stays longer
+        # Demotion targets in the device's eviction order, the others in reverse of the prefix
+        # order they were taken in: either way a prefix's tail goes back first and leaves first.
+        for block in self._demoted:
+            self.release(Device.CPU, block)
+        for device, block in reversed(self._pins):
             self.release(device, block)
+        self._demoted.clear()
         self._pins.clear()
 
     def begin_step(self) -> list[tuple[str, int, float]]:
