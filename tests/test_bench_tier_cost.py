@@ -41,8 +41,6 @@ def test_the_summary_judges_choices_by_the_forced_runs():
     assert targets[0][1:] == ["100%", "<= 10%", "no"]
 
 
-@pytest.mark.xfail(strict=True, reason="CostModel.observe_load averages each block's bandwidth: a disk that serves "
-                                       "some blocks at once and stalls on others looks many times faster than it is")
 def test_the_cost_model_learns_a_bursty_disks_bandwidth():
     """Per-block read times measured on tools.throttled_dir at 10 MB/s (readahead makes some reads
     free, the others wait): the estimate should be near the bytes over the seconds, not the mean of

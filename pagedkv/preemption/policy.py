@@ -45,9 +45,11 @@ class CostModel:
             self.swap_bytes_per_s = self._blend(self.swap_bytes_per_s, num_bytes / seconds)
 
     def observe_load(self, tier: str, num_bytes: int, seconds: float) -> None:
+        # Seconds per byte are averaged, not bytes per second: a device whose readahead serves some
+        # blocks at once while others wait would otherwise look many times faster than it is.
         if num_bytes > 0 and seconds > 0:
-            self.load_bytes_per_s[tier] = self._blend(self.load_bytes_per_s.get(tier, num_bytes / seconds),
-                                                      num_bytes / seconds)
+            old = 1 / self.load_bytes_per_s.get(tier, num_bytes / seconds)
+            self.load_bytes_per_s[tier] = 1 / self._blend(old, seconds / num_bytes)
 
     def load_seconds(self, tier: str, num_bytes: int) -> float:
         """Seconds to bring `num_bytes` from `tier` to the device: the host tier's blocks come
