@@ -14,7 +14,8 @@ out once, all reads before all writes.
 With the tiers below the device on (the CPU pool as a host tier, a disk tier in a temporary
 folder), the memory model follows blocks through them too: evicted blocks demoted to the host
 or stored on disk (their slots pickled as the payload), loaded back at admission, disk reads
-landing in a later step; every rule is one step, whose pinned blocks go back at its end.
+landing in a later step, or failing on a damaged file; every rule is one step, whose pinned
+blocks go back at its end.
 
 With a sliding window, every computation first releases the blocks that lie wholly before the
 window of its first position, as the scheduler does: a sequence must still read back every
@@ -199,6 +200,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
             for seq in group.unfinished_seqs():
                 self.compute(seq, done)
         self.end_step()
+
+    @precondition(lambda self: self.disk is not None and self.disk.num_blocks)
+    @rule(data=st.data())
+    def damage_a_disk_block(self, data):
+        """A block file goes bad on disk: its read fails, and what follows it in the prefix,
+        from whichever tier, is recomputed."""
+        self.disk.wait_idle()
+        block_hash = data.draw(st.sampled_from(sorted(self.disk._index)))
+        self.disk.path(block_hash).write_bytes(b"damaged")
 
     @precondition(lambda self: self.live_seqs())
     @rule(data=st.data(), token=TOKENS)
@@ -432,6 +442,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.disk.prepare_load(held)
             self.disk.wait_idle()
             for loaded in self.disk.poll():
+                if loaded.payload is None:  # damaged by a rule
+                    continue
                 slots = pickle.loads(loaded.payload)
                 header = loaded.header
                 entry = CachedBlock(loaded.block_hash, tuple(header["tokens"]), bytes.fromhex(header["parent"]))

@@ -162,6 +162,9 @@ class MemoryStore:
         self._done: list[Loaded] = []
         self._stored: list[tuple[bytes, bytes]] = []
 
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self._index
+
     @property
     def num_blocks(self) -> int:
         return len(self._index)

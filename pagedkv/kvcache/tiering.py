@@ -4,7 +4,10 @@ copy for them this step.
 
 - Host tier: the CPU pool, the one the preemption swap uses (one allocator, one accounting).
   It keeps a prefix cache of its own (hash -> block, least recently used first): a block the
-  device evicts is copied there (demoted) instead of dropped, and a swapped-out group's
+  device evicts is copied there (demoted) instead of dropped, unless the disk (a store tier
+  filled by evictions) holds it already: the two hold different blocks, so their sizes add up
+  (a block read back from the disk and evicted again would otherwise take host room twice
+  over). A swapped-out group's
   complete blocks stay there after it comes back. Its cached blocks count as free, so swapping
   takes them back when it needs the room, the least recently used first.
 - Store tiers below the memory (the disk, DiskTier in disk_tier.py, and any other with its
@@ -40,6 +43,7 @@ class StoreTier(Protocol):
     # its K/V are written), so that other engines find it at once; otherwise only evicted blocks.
     write_through: bool
 
+    def __contains__(self, block_hash: bytes) -> bool: ...  # held (as far as this engine knows)
     def lookup(self, hashes: list[bytes], parent: bytes = b"") -> int: ...  # leading blocks held
     def prepare_load(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> None: ...  # pins, starts reads
     def wants(self, block_hash: bytes) -> bool: ...  # a store would add the block
@@ -136,26 +140,30 @@ class Tiers:
 
     # -- finding blocks below the device ------------------------------------------------------
     def lower_hits(self, blocks: list[tuple[bytes, tuple[int, ...], bytes]]) -> list[LowerHit]:
-        """The leading `blocks` (hash, token ids, parent hash) that the tiers below hold, in order, host
-        first, up to the first that none holds; cut where the cost model would rather recompute
-        a run of them."""
+        """The leading `blocks` (hash, token ids, parent hash) that the tiers below hold, in order, up
+        to the first that none holds: a run from the host, then each store tier continuing where the
+        one before stopped, and again from the host (a prefix can alternate: the host leaves to the
+        disk what it holds); cut where the cost model would rather recompute a run of them."""
         hits: list[LowerHit] = []
         self._misses = {}
-        for block_hash, tokens, _ in blocks:
-            host = self.host_pool.lookup(block_hash, tokens) if self.host_caching else None
-            if host is None:
-                break
-            hits.append(LowerHit(HOST, block_hash, tokens, host))
-        if self.host_caching and len(hits) < len(blocks):
-            self._misses[HOST] = len(blocks) - len(hits)
-        for tier in self.stores.values():  # each continues the prefix where the one before stopped
-            rest = blocks[len(hits):]
-            if not rest:
-                break
-            held = tier.lookup([h for h, _, _ in rest], rest[0][2])
-            hits += [LowerHit(tier.name, h, tokens) for h, tokens, _ in rest[:held]]
-            if held < len(rest):
+        while len(hits) < len(blocks):
+            start = len(hits)
+            if self.host_caching:
+                for block_hash, tokens, _ in blocks[len(hits):]:
+                    host = self.host_pool.lookup(block_hash, tokens)
+                    if host is None:
+                        break
+                    hits.append(LowerHit(HOST, block_hash, tokens, host))
+                self._misses[HOST] = len(blocks) - len(hits)
+            for tier in self.stores.values():
+                rest = blocks[len(hits):]
+                if not rest:
+                    break
+                held = tier.lookup([h for h, _, _ in rest], rest[0][2])
+                hits += [LowerHit(tier.name, h, tokens) for h, tokens, _ in rest[:held]]
                 self._misses[tier.name] = len(rest) - held
+            if len(hits) == start:
+                break
         # Runs of one tier, each loaded only if that beats recomputing it.
         kept = 0
         while kept < len(hits):
@@ -184,23 +192,27 @@ class Tiers:
     def load(self, seq_id: int, hits: list[LowerHit], device_blocks: list[int]) -> int:
         """Plans the loads of `hits` (held) into `device_blocks`; host loads are copied this
         step, reads from store tiers start now and finish in a later step (`finish_loads`). Returns how
-        many blocks are in place this step (the host run at the head)."""
+        many blocks are in place this step: the host run at the head (a host block after a read
+        counts once the reads before it are good)."""
         ready = 0
-        reads = []
+        waiting: list[_PendingLoad] = []
         for hit, block in zip(hits, device_blocks):
             self._stats(hit.tier).hit_blocks += 1
             if hit.tier == HOST:
                 self.ops.host_loads.append((hit.host_block, block))
                 self.host_stats.loaded_bytes += self.block_bytes
-                ready += 1
+                if waiting:
+                    waiting.append(_PendingLoad(hit, block, done=True))
+                else:
+                    ready += 1
             else:
                 pending = _PendingLoad(hit, block)
-                reads.append(pending)
+                waiting.append(pending)
                 self._reads.setdefault((hit.tier, hit.block_hash), []).append(pending)
-        if reads:
-            self._loading[seq_id] = reads
+        if waiting:
+            self._loading[seq_id] = waiting
             for tier in self.stores.values():
-                mine = [(p.hit.block_hash, p.hit.token_ids) for p in reads if p.hit.tier == tier.name]
+                mine = [(p.hit.block_hash, p.hit.token_ids) for p in waiting if p.hit.tier == tier.name]
                 if mine:
                     tier.prepare_load(mine)
         return ready
@@ -211,13 +223,14 @@ class Tiers:
 
     def finish_loads(self, seq_id: int) -> int:
         """Once every read of the sequence is done: plans the copies of the blocks read well,
-        up to the first that failed (the rest are recomputed). Returns how many."""
-        reads = self._loading.pop(seq_id, [])
+        up to the first that failed (the rest are recomputed). Returns how many blocks are in
+        place, host blocks between the reads included."""
         good = 0
-        for pending in reads:
-            if pending.payload is None:
-                break
-            self.ops.loads.append(LoadOp(pending.device_block, pending.payload, pending.header or {}))
+        for pending in self._loading.pop(seq_id, []):
+            if pending.hit.tier != HOST:
+                if pending.payload is None:
+                    break
+                self.ops.loads.append(LoadOp(pending.device_block, pending.payload, pending.header or {}))
             good += 1
         return good
 
@@ -238,6 +251,8 @@ class Tiers:
         if self.host_caching:
             if host.lookup(entry.block_hash, entry.token_ids) is not None:
                 return  # the host holds it already
+            if any(entry.block_hash in tier for tier in self.stores.values() if not tier.write_through):
+                return  # a store tier filled by evictions holds it: the host's room goes to blocks it lacks
             if host.num_free_blocks > 0:
                 target = host.allocate()  # may evict a host block to the store tiers
                 host.cache(target, *entry)
