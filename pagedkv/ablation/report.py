@@ -67,9 +67,16 @@ def machine_description() -> str:
 
 
 def command_line() -> str:
+    """The command that runs, with a `--notes` paragraph shown as NOTES (it is printed below)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     program = ["-m", spec.name] if spec else [os.path.relpath(sys.argv[0])]
-    return "python " + " ".join(shlex.quote(a) for a in [*program, *sys.argv[1:]])
+    args = list(sys.argv[1:])
+    for i, arg in enumerate(args):
+        if arg.startswith("--notes="):
+            args[i] = "--notes=NOTES"
+        elif arg == "--notes" and i + 1 < len(args):
+            args[i + 1] = "NOTES"
+    return "python " + " ".join(shlex.quote(a) for a in [*program, *args])
 
 
 def write_section(title: str, body: str, machine: str | None = None, path: Path | None = None) -> None:
