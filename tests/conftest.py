@@ -35,6 +35,30 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def model_path(tiny_model):
+    """A module's tiny model (a module that needs another shape defines its own)."""
+    return tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_path):
+    """The module's model, loaded once."""
+    from pagedkv.runtime.models.loader import load_model
+
+    return load_model(model_path)
+
+
+@pytest.fixture
+def always_load(monkeypatch):
+    """The cost model never cuts a load from a tier below the device. A tiny model recomputes a
+    block faster than any tier reads it, so it would learn to recompute; the tests that check what
+    the tiers serve need the blocks read (the cost model's own choice is tested apart)."""
+    from pagedkv.preemption.policy import PreemptionPolicy
+
+    monkeypatch.setattr(PreemptionPolicy, "should_load", lambda self, tier, num_blocks, block_size: True)
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models: threads only add synchronisation, which stalls on a busy machine. One
     count for a whole module also keeps both sides of a comparison's floats identical."""

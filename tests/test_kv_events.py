@@ -13,20 +13,9 @@ from test_kv_tiers import generate, long_prompts
 from pagedkv.runtime.engine.config import EngineConfig
 from pagedkv.runtime.engine.llm_engine import LLMEngine
 from pagedkv.runtime.engine.sampling_params import SamplingParams
-from pagedkv.runtime.models.loader import load_model
 from pagedkv.runtime.serving.kv_index import KVIndex, decode_batch
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load_model(model_path)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread", "always_load")]
 
 
 class Subscriber:

@@ -25,16 +25,6 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load_model(model_path)
-
-
-@pytest.fixture(scope="module")
 def lone(loaded):
     return LoneRuns(loaded)
 
@@ -63,6 +53,7 @@ def tiered(tmp_path, **kwargs) -> EngineConfig:
     return EngineConfig(**args)
 
 
+@pytest.mark.usefixtures("always_load")
 @pytest.mark.parametrize("tiers", ["host", "disk", "host+disk"])
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 @pytest.mark.parametrize("seed", range(4))
@@ -90,6 +81,7 @@ def test_every_request_equals_its_lone_run_with_tiers(loaded, lone, tmp_path, ti
     engine.close()
 
 
+@pytest.mark.usefixtures("always_load")
 def test_greedy_from_the_disk_after_a_restart_equals_transformers(loaded, model_path, tmp_path):
     prompts = long_prompts(4, 37)
     first = LLMEngine(tiered(tmp_path), loaded)
@@ -131,6 +123,7 @@ def test_another_process_serves_what_this_one_stored(loaded, model_path, tmp_pat
     assert tokens == expected and hits == 3 * 7
 
 
+@pytest.mark.usefixtures("always_load")
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
 def test_damaged_and_foreign_blocks_are_misses(loaded, tiny_model, tmp_path, damage):
     prompts = long_prompts(2, 33, seed=3)

@@ -10,23 +10,12 @@ from models import MIXED_WORKLOAD, make_llm
 from pagedkv.runtime.engine import llm_engine
 from pagedkv.runtime.engine.prompt_logprobs import PromptLogprobs, compute
 from pagedkv.runtime.engine.sampling_params import SamplingParams
-from pagedkv.runtime.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPTS = [list(range(5, 30)), [3, 4], [42] * 9, list(range(100, 140, 2)), [7]]
 TOL = 2e-5  # float32 logits of two implementations of the same model
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load_model(model_path)
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,8 @@ from pagedkv.runtime.engine.llm_engine import LLMEngine
 from pagedkv.runtime.engine.sampling_params import SamplingParams
 from pagedkv.runtime.models.loader import load_model
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread", "always_load")]
 BLOCK = 4
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load_model(model_path)
 
 
 @pytest.fixture

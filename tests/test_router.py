@@ -17,11 +17,6 @@ pytestmark = pytest.mark.timeout(600)
 ENGINE_ARGS = ["--block-size", "4", "--num-device-blocks", "256", "--kv-events-endpoint", "tcp://127.0.0.1:*"]
 
 
-@pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
-
-
 def wait_engines(url: str, healthy: int, timeout: float = 60) -> list[dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

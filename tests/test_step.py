@@ -9,7 +9,6 @@ from pagedkv.runtime.engine.cuda_graphs import batch_buckets
 from pagedkv.runtime.engine.inputs import host_inputs
 from pagedkv.runtime.engine.profile import PHASES
 from pagedkv.runtime.engine.sampling_params import SamplingParams
-from pagedkv.runtime.models.loader import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -19,16 +18,6 @@ MIX = [SamplingParams(max_tokens=14, temperature=0, ignore_eos=True),
        SamplingParams(max_tokens=12, n=3, temperature=0.9, seed=7, ignore_eos=True),
        SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=11, ignore_eos=True, logprobs=3),
        SamplingParams(max_tokens=9, temperature=0.7, min_p=0.1, seed=3, ignore_eos=True)]
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return tiny_model(num_layers=2, num_heads=4, num_kv_heads=2)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path):
-    return load_model(model_path)
 
 
 def reference_inputs(out, block_size):
