@@ -197,6 +197,16 @@ def measured(prefill_tokens_per_s: float, swap_bytes_per_s: float, steps: int = 
     return cost
 
 
+def test_a_prior_stands_only_until_the_first_measurement():
+    cost = CostModel()
+    cost.observe_prefill(300, 1.0)
+    cost.observe_load("disk", 10**7, 1.0)
+    assert cost.prefill_tokens_per_s == pytest.approx(300.0) and cost.load_bytes_per_s["disk"] == pytest.approx(1e7)
+    assert cost.load_bytes_per_s["remote"] == CostModel().load_bytes_per_s["remote"]  # not measured yet
+    cost.observe_prefill(600, 1.0)  # then a moving average of the seconds per token
+    assert cost.prefill_tokens_per_s == pytest.approx(1 / (0.7 / 300 + 0.3 / 600))
+
+
 def test_cost_model_learns_the_measured_throughputs():
     cost = measured(prefill_tokens_per_s=300.0, swap_bytes_per_s=5e9)
     assert cost.prefill_tokens_per_s == pytest.approx(300.0, rel=1e-6)

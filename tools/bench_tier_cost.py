@@ -35,13 +35,14 @@ docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pagedkv import EngineConfig, LLMEngine, LoadedModel, SamplingParams, load_model
@@ -58,6 +59,12 @@ PAGE_CACHE, DISK = "page cache", "disk"
 def throttled_name(mbps: float) -> str:
     return f"throttled disk, {mbps:g} MB/s"
 
+
+
+def carry(dst: CostModel, src: CostModel) -> None:
+    """`dst` continues from `src`'s estimates, as one engine running the whole sequence would."""
+    for f in fields(CostModel):
+        setattr(dst, f.name, copy.copy(getattr(src, f.name)))
 
 @dataclass
 class Measurement:
@@ -111,18 +118,16 @@ class Bench:
         """The history's blocks into each folder: prefilled once, stored by an engine that closes."""
         for folder in folders:
             engine = self.engine(self.blocks_for(len(history) + 1), folder)
-            engine.cost.prefill_tokens_per_s = self.cost.prefill_tokens_per_s
+            carry(engine.cost, self.cost)
             one_turn(engine, history)
-            self.cost.prefill_tokens_per_s = engine.cost.prefill_tokens_per_s
+            carry(self.cost, engine.cost)
             engine.close()
 
     def measure(self, source: Source, history: list[int], repeat: int, mode: str) -> Measurement:
         prompt = history + [FIRST_PLAIN_TOKEN + i for i in range(NEW_TOKENS)]
         engine = self.engine(self.blocks_for(len(prompt)), None if mode == "recompute" else source.folder)
         cost = engine.cost
-        cost.prefill_tokens_per_s = source.cost.prefill_tokens_per_s
-        cost.load_bytes_per_s = dict(source.cost.load_bytes_per_s)
-        cost.swap_bytes_per_s = source.cost.swap_bytes_per_s
+        carry(cost, source.cost)
         bm = engine.block_manager
         if mode == "load":
             bm.tiers.should_load = lambda tier, num_blocks: True
@@ -138,8 +143,7 @@ class Bench:
             tiers = engine.stats()["kv_tiers"]
         finally:
             engine.close()
-        source.cost.prefill_tokens_per_s = cost.prefill_tokens_per_s
-        source.cost.load_bytes_per_s = dict(cost.load_bytes_per_s)
+        carry(source.cost, cost)
         loaded = tiers.get("disk", {}).get("hit_blocks", 0)
         return Measurement(source.name, len(history), repeat, mode, ttft, loaded, predicted_load, predicted_recompute)
 
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in lengths:
             bench.write(histories[n], sorted({s.folder for s in sources}))
         for source in sources:
-            source.cost.prefill_tokens_per_s = bench.cost.prefill_tokens_per_s
+            carry(source.cost, bench.cost)
             if source.read_mbps:
                 slow.set_rate(source.read_mbps)
             for n in lengths:

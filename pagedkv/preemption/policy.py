@@ -24,32 +24,37 @@ MODES = ("auto", "swap", "recompute")
 
 @dataclass
 class CostModel:
-    """Running estimates (exponential moving averages), with priors before the first measurement."""
+    """Running estimates (exponential moving averages of the time per unit), each a prior until
+    its first measurement replaces it."""
 
     prefill_tokens_per_s: float = 2_000.0
     swap_bytes_per_s: float = 2e9
     smoothing: float = 0.3
-    # Read bandwidth of the tiers below the host (the disk, a shared remote tier), with a prior
-    # until measured.
+    # Read bandwidth of the tiers below the host (the disk, a shared remote tier).
     load_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"disk": 1e9, "remote": 5e8})
+    measured: set[str] = field(default_factory=set)  # the estimates that are no longer priors
 
-    def _blend(self, old: float, new: float) -> float:
-        return (1 - self.smoothing) * old + self.smoothing * new
+    def _blend(self, name: str, rate: float, units: int, seconds: float) -> float:
+        """The new rate after `units` took `seconds`. Seconds per unit are averaged, not units per
+        second: a disk whose readahead serves some blocks at once while others wait would
+        otherwise look many times faster than it is."""
+        if name not in self.measured:
+            self.measured.add(name)
+            return units / seconds
+        return 1 / ((1 - self.smoothing) / rate + self.smoothing * seconds / units)
 
     def observe_prefill(self, num_tokens: int, seconds: float) -> None:
         if num_tokens > 0 and seconds > 0:
-            self.prefill_tokens_per_s = self._blend(self.prefill_tokens_per_s, num_tokens / seconds)
+            self.prefill_tokens_per_s = self._blend("prefill", self.prefill_tokens_per_s, num_tokens, seconds)
 
     def observe_swap(self, num_bytes: int, seconds: float) -> None:
         if num_bytes > 0 and seconds > 0:
-            self.swap_bytes_per_s = self._blend(self.swap_bytes_per_s, num_bytes / seconds)
+            self.swap_bytes_per_s = self._blend("swap", self.swap_bytes_per_s, num_bytes, seconds)
 
     def observe_load(self, tier: str, num_bytes: int, seconds: float) -> None:
-        # Seconds per byte are averaged, not bytes per second: a device whose readahead serves some
-        # blocks at once while others wait would otherwise look many times faster than it is.
         if num_bytes > 0 and seconds > 0:
-            old = 1 / self.load_bytes_per_s.get(tier, num_bytes / seconds)
-            self.load_bytes_per_s[tier] = 1 / self._blend(old, seconds / num_bytes)
+            rate = self.load_bytes_per_s.get(tier, num_bytes / seconds)
+            self.load_bytes_per_s[tier] = self._blend(f"load:{tier}", rate, num_bytes, seconds)
 
     def load_seconds(self, tier: str, num_bytes: int) -> float:
         """Seconds to bring `num_bytes` from `tier` to the device: the host tier's blocks come
