@@ -48,6 +48,29 @@ def loaded(model_path):
     return load_model(model_path)
 
 
+@pytest.fixture(scope="module")
+def api(url):
+    """The openai client on a module's gateway (`url`)."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model(api):
+    """The name the module's gateway serves its model under."""
+    return api.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def offline(model_path):
+    """The module's model run offline, the reference for what its server returns."""
+    from pagedkv import LLM
+
+    return LLM(model=model_path, num_device_blocks=512, block_size=4)
+
+
 @pytest.fixture
 def always_load(monkeypatch):
     """The cost model never cuts a load from a tier below the device. A tiny model recomputes a

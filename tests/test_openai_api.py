@@ -24,7 +24,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import ROOT, running_gateway, running_http_server
 
-from pagedkv.runtime.engine.llm import LLM
 from pagedkv.runtime.engine.sampling_params import SamplingParams
 from pagedkv.runtime.serving.client import Client
 
@@ -58,22 +57,6 @@ def url(server):
 def engine(server):
     with Client(server[0].address, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def offline(model_path):
-    return LLM(model=model_path, num_device_blocks=512, block_size=4)
-
-
-@pytest.fixture(scope="module")
-def api(url):
-    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(api):
-    return api.models.list().data[0].id
 
 
 def reference(offline, prompt, **params):

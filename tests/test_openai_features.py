@@ -20,7 +20,6 @@ import pytest
 from chat_templates import HERMES, LLAMA3
 from server_process import running_http_server
 
-from pagedkv.runtime.engine.llm import LLM
 from pagedkv.runtime.engine.sampling_params import SamplingParams
 from pagedkv.runtime.serving.client import Client
 
@@ -68,22 +67,6 @@ def server(model_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(server):
     return server[1]
-
-
-@pytest.fixture(scope="module")
-def api(url):
-    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(api):
-    return api.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
-def offline(model_path):
-    return LLM(model=model_path, num_device_blocks=512, block_size=4)
 
 
 def post(url: str, path: str, body: dict) -> httpx.Response:

@@ -6,11 +6,9 @@ numbers must be the offline engine's."""
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 from server_process import running_http_server
 
-from pagedkv.runtime.engine.llm import LLM
 from pagedkv.runtime.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(600)
@@ -28,22 +26,6 @@ def url(model_path, tmp_path_factory):
     with running_http_server(model_path, "--num-device-blocks", "200", "--block-size", "4",
                              log_path=str(log)) as (_, url):
         yield url
-
-
-@pytest.fixture(scope="module")
-def api(url):
-    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(api):
-    return api.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
-def offline(model_path):
-    return LLM(model=model_path, num_device_blocks=512, block_size=4)
 
 
 def offline_run(offline, prompt, **params):
