@@ -97,7 +97,7 @@ def float32_kernel(request):
 def test_pagedkv_int4_linear_is_float32_accurate(fmt, rows, float32_kernel):
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(1)), fmt, ROWS, COLS)
     x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(2))
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     out = lin(x)
     assert out.dtype == torch.float32 and out.shape == (rows, ROWS)
     # The file's scales as they are: float16 where it stores them, float32 for Q4_K's products.
@@ -114,7 +114,7 @@ def test_pagedkv_int4_linear_is_float32_accurate(fmt, rows, float32_kernel):
 def test_pagedkv_int4_rows_do_not_depend_on_their_batch(fmt, float32_kernel):
     # What keeps preemption invisible: a row's output is the same alone or in any batch.
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt, ROWS, COLS)
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     x = torch.randn(1100, COLS, generator=torch.Generator().manual_seed(6))  # 1,024 rows on: tile groups
     assert_rows_independent(lin, x, [(0, 1), (3, 5), (0, 7), (0, 8), (10, 16), (20, 27), (0, 64), (69, 70),
                                      (100, 227), (1, 1030)])
@@ -128,7 +128,7 @@ needs_vnni = pytest.mark.skipif(not cpu_ops.vnni_supported(), reason="no AVX512-
 def test_integer_products_are_the_same_with_and_without_amx(fmt):
     # The sums are exact integers, so AMX's tile products and the vectors' give the same bits.
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(8)), fmt, ROWS, COLS)
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     x = torch.randn(40, COLS, generator=torch.Generator().manual_seed(9))
     with_amx = lin(x)
     made_with_amx = cpu_ops.amx_supported()
@@ -142,7 +142,7 @@ def test_integer_products_are_the_same_with_and_without_amx(fmt):
 @needs_vnni
 def test_integer_products_follow_each_groups_scale():
     weight = odd_weight()
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     g = torch.Generator().manual_seed(10)
     x = torch.randn(12, 576, generator=g)
     # Groups of very different sizes within a row, and an outlier within a group: each group
@@ -199,7 +199,7 @@ needs_bf16_int4 = pytest.mark.skipif(not (cpu_ops.amx_supported() or cpu_ops.int
 def test_amx_int4_linear_holds_a_bfloat16_models_weights(fmt, rows):
     weight = from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(1)), fmt, ROWS, COLS)
     x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(2)).bfloat16()
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     out = lin(x)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, ROWS)
     # The weights a bfloat16 model dequantized from the file holds, exact products, float32
@@ -226,7 +226,7 @@ def odd_weight() -> GroupQuantized:
 def test_amx_int4_rows_do_not_depend_on_their_batch(fmt):
     weight = odd_weight() if fmt == "odd" else from_gguf_blocks(raw_blocks(fmt, np.random.default_rng(5)), fmt,
                                                                   ROWS, COLS)
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     x = torch.randn(600, weight.shape[1], generator=torch.Generator().manual_seed(6)).bfloat16()  # blocks of 256
     full = assert_rows_independent(lin, x, [(0, 1), (3, 5), (10, 16), (15, 33), (0, 64), (250, 260), (255, 300),
                                             (1, 600)])
@@ -246,7 +246,7 @@ def test_bf16_dot_products_on_any_shape(tiles, groups, rows, kind, seed):
     # alone or in any other batch, on either thread count.
     g = torch.Generator().manual_seed(seed)
     weight = random_weight(g, tiles, groups, kind)
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     x = (torch.randn(rows, 32 * groups, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()).bfloat16()
     made_with_amx = cpu_ops.amx_supported()
     try:
@@ -277,7 +277,7 @@ def test_bf16_dot_products_on_any_shape(tiles, groups, rows, kind, seed):
 def test_bf16_dot_products_hold_a_bfloat16_models_weights():
     weight = from_gguf_blocks(raw_blocks("Q8_0", np.random.default_rng(1)), "Q8_0", ROWS, COLS)
     x = torch.randn(40, COLS, generator=torch.Generator().manual_seed(2)).bfloat16()
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     made_with_amx = cpu_ops.amx_supported()
     try:
         cpu_ops.set_amx(False)
@@ -317,7 +317,7 @@ def test_integer_products_on_any_shape(tiles, groups, rows, kind, seed):
     # Q4_0-like symmetric codes, or Q8_0's split halves; float32-accurate, rows independent.
     g = torch.Generator().manual_seed(seed)
     weight = random_weight(g, tiles, groups, kind)
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     x = torch.randn(rows, 32 * groups, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()
     out = lin(x)
     dense = weight.dequantize().double()
@@ -336,7 +336,7 @@ def test_integer_register_blocks_on_any_shape(tiles, groups, rows, kind, seed):
     # each row the bits it has alone (the vector path) or in any other batch.
     g = torch.Generator().manual_seed(seed)
     weight = random_weight(g, tiles, groups, kind)
-    lin = Int4Linear(weight, kernel="pagedkv")
+    lin = Int4Linear(weight, kernel="pagedkv", eight_bit=False)
     x = torch.randn(rows, 32 * groups, generator=g) * torch.rand(rows, 1, generator=g).mul(8).exp2()
     made_with_amx = cpu_ops.amx_supported()
     try:
@@ -433,7 +433,7 @@ def test_preemption_is_invisible_quantized(q4_gguf, mode, dtype):
 
 @needs_amx
 def test_amx_int4_takes_no_rows_and_says_when_amx_is_off():
-    lin = Int4Linear(odd_weight(), kernel="pagedkv")
+    lin = Int4Linear(odd_weight(), kernel="pagedkv", eight_bit=False)
     assert lin(torch.zeros(0, 576).bfloat16()).shape == (0, 48)
     model_made_with_amx = cpu_ops.amx_supported()
     try:

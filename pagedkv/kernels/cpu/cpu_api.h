@@ -29,6 +29,11 @@ void vnni_enable(int on);
 int int4_linear_vnni(const float *x, int64_t x_stride, int64_t m, int64_t x_cols, const uint8_t *packed, int half,
                      int64_t n_out, int64_t w_cols, float *out, int num_threads);
 
+// cpu_q8.c: float32 rows through 8-bit codes (Q8_0) in exact integer sums (VNNI).
+int q8_linear_supported(void);
+int q8_linear(const float *x, int64_t x_stride, int64_t m, int64_t k, const uint8_t *packed, int64_t n_out,
+              float *out, int num_threads);
+
 // cpu_amx.c: AMX's state, and bfloat16 rows through packed 4-bit weights on its tiles.
 int amx_supported(void);
 void amx_enable(int on);

@@ -18,16 +18,16 @@ typedef void (*Sgemm)(const char *transa, const char *transb, const int *m, cons
                       const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
                       const float *beta, float *c, const int *ldc);
 
-enum { LINEAR_F32 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2, LINEAR_Q6K = 3, LINEAR_INT4_DOTS = 4 };
+enum { LINEAR_F32 = 0, LINEAR_INT4 = 1, LINEAR_BF16 = 2, LINEAR_Q6K = 3, LINEAR_INT4_DOTS = 4, LINEAR_Q8 = 5 };
 
 // One weight matrix: out[rows, n] = x[rows, in] @ W^T.
 typedef struct {
     int32_t kind;        // LINEAR_F32 (sgemm, or f32_linear without one; float32 rows), LINEAR_INT4 (cpu_int4.c's
                          // float32 rows, or cpu_amx.c's bfloat16 ones), LINEAR_INT4_DOTS (bfloat16 rows by
                          // cpu_bf16.c's 4-bit kernel, where AMX is missing), LINEAR_BF16, LINEAR_Q6K
-                         // (cpu_q6k.c's float32 rows)
+                         // (cpu_q6k.c's float32 rows), LINEAR_Q8 (cpu_q8.c's float32 rows)
     int32_t half;        // LINEAR_INT4, LINEAR_INT4_DOTS: scales and offsets in float16
-    const void *data;    // [n, columns] row-major, cpu_int4.c's packed tiles or GGUF's Q6_K blocks
+    const void *data;    // [n, columns] row-major, cpu_int4.c's or cpu_q8.c's packed tiles, or GGUF's Q6_K blocks
     int64_t n, columns;  // output features; weight columns (LINEAR_INT4: twice the input's for Q8_0's split codes)
 } Linear;
 
@@ -88,6 +88,8 @@ static int linear(const DecodeStep *s, const Linear *w, const void *x, int64_t x
         return bf16_linear(x, x_cols, (int)s->rows, w->columns, w->data, w->n, NULL, out, s->num_threads);
     case LINEAR_Q6K:
         return q6k_linear(x, x_cols, s->rows, w->columns, w->data, w->n, out, s->num_threads);
+    case LINEAR_Q8:
+        return q8_linear(x, x_cols, s->rows, w->columns, w->data, w->n, out, s->num_threads);
     }
     return -4;
 }

@@ -42,14 +42,14 @@
 #include "cpu_int4.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#include <math.h>
+#include "cpu_digits.h"
 
 #define VECTOR_ROWS 4     // the most rows the vector path takes per pass over the weights
 #define AMX_ROWS 8        // from this many rows, AMX where the CPU has it
 #define BLOCKED_ROWS 7    // from this many rows, register blocks (block_rows) where AMX is missing
 #define BLOCK_BYTES (1024 * 1024)  // a block of rows' activations, as AMX's parts, kept in L2 while the tiles pass
 #define PREFETCH_BYTES 3072
+#define ACTIVATION_BITS 22  // 2^21 <= max |a| < 2^22 in each group
 
 
 static int vnni_allowed = 1;  // vnni_enable(0) hands float32 rows back to cpu_int4.c, for tests
@@ -58,61 +58,13 @@ int vnni_supported(void) { return vnni_allowed; }
 
 void vnni_enable(int on) { vnni_allowed = on; }
 
-// One row's constants for one group of its activations.
-typedef struct {
-    float scale;    // 2^e
-    float sum;      // 2^e * sum(a): the group's sum of x
-    int32_t total;  // sum(a)
-} RowGroup;
-
-// 2^k as a float, from its bits where it is a normal number.
-static inline float power_of_two(int k) {
-    if (k < -126) return ldexpf(1, k);
-    const uint32_t bits = (uint32_t)(k + 127) << 23;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-// A group's 32 activations as integers a (two vectors) and its RowGroup.
-static inline __attribute__((always_inline)) void integers(const float *x, __m512i a[2], RowGroup *ri) {
-    const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
-    const float biggest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    a[0] = a[1] = _mm512_setzero_si512();
-    uint32_t bits;
-    memcpy(&bits, &biggest, 4);
-    const int exponent = (int)(bits >> 23);  // biggest = 1.f * 2^(exponent - 127)
-    // NaNs and infinities (VMAXPS may pass a NaN over): no integer holds them, the outputs become NaN.
-    if (_mm512_fpclass_ps_mask(v0, 0x99) | _mm512_fpclass_ps_mask(v1, 0x99)) {
-        ri->scale = NAN;
-    } else if (exponent == 0) {  // zeros, or subnormals too small to count
-        ri->scale = 0;
-    } else {  // a = x * 2^(148 - exponent): 2^21 <= max |a| < 2^22
-        const int up = 148 - exponent;  // 2^up may overflow a float: two steps
-        const __m512 half_up = _mm512_set1_ps(power_of_two(up / 2)), rest = _mm512_set1_ps(power_of_two(up - up / 2));
-        a[0] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v0, half_up), rest));  // nearest, ties even
-        a[1] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v1, half_up), rest));
-        ri->scale = power_of_two(-up);
-    }
-    ri->total = _mm512_reduce_add_epi32(_mm512_add_epi32(a[0], a[1]));
-    ri->sum = (float)ri->total * ri->scale;
-}
-
-// v mod 2^bits as a signed digit, from -offset to 2^bits - 1 - offset.
-static inline __m512i digit(__m512i v, int bits, int offset) {
-    const __m512i shift = _mm512_set1_epi32(offset);
-    return _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, shift), _mm512_set1_epi32((1 << bits) - 1)), shift);
-}
-
-static inline void store_bytes(int8_t *dst, __m512i v) { _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(v)); }
-
 // a = 65536 h + 256 m + l, three signed bytes (|h| <= 64), stored [h | m | l], 32 bytes each:
 // 96 bytes a group, groups `group_stride` bytes apart (96 for the vector path, a row's groups
 // together; SLOT_BYTES for register blocks, a block's rows of one group together).
 static void byte_digits(const float *x, int64_t groups, int8_t *dst, int64_t group_stride, RowGroup *info) {
     for (int64_t g = 0; g < groups; g++) {
         __m512i a[2];
-        integers(x + g * GROUP, a, info + g);
+        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS);
         int8_t *d = dst + g * group_stride;
         for (int i = 0; i < 2; i++) {
             const __m512i l = digit(a[i], 8, 128), rest = _mm512_srai_epi32(_mm512_sub_epi32(a[i], l), 8);
@@ -133,7 +85,7 @@ static void tile_digits(const float *x, int64_t groups, int64_t row, int8_t *xq,
     const int64_t slab = row / TILE, r = row % TILE;
     for (int64_t g = 0; g < groups; g++) {
         __m512i a[2];
-        integers(x + g * GROUP, a, info + g);
+        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS);
         for (int i = 0; i < 2; i++) {
             const __m512i a0 = digit(a[i], 12, 2056);
             const __m512i parts[2] = {_mm512_srai_epi32(_mm512_sub_epi32(a[i], a0), 12), a0};

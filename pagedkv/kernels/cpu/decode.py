@@ -23,7 +23,7 @@ __all__ = ["DECODE_ROWS", "NativeLinear", "NativeLayer", "DecodePlan", "decode_p
            "sgemm_matches_linear"]
 
 DECODE_ROWS = cpu_ops.BF16_LINEAR_ROWS  # the most sequences a step may hold: bf16_linear's rows
-KINDS = {"float32": 0, "int4": 1, "bfloat16": 2, "q6k": 3, "int4 dots": 4}  # LINEAR_* of cpu_decode.c
+KINDS = {"float32": 0, "int4": 1, "bfloat16": 2, "q6k": 3, "int4 dots": 4, "q8": 5}  # LINEAR_* of cpu_decode.c
 
 i32, i64, ptr, f32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -51,8 +51,8 @@ class _DecodeStep(ctypes.Structure):
 @dataclass(frozen=True)
 class NativeLinear:
     """A weight as cpu_decode.c multiplies it: "float32" or "bfloat16" ([n, columns], contiguous),
-    "int4" (cpu_ops.PackedInt4's data; `columns` counts Q8_0's split codes twice) or "q6k"
-    (GGUF's Q6_K blocks, cpu_q6k.c)."""
+    "int4" (cpu_ops.PackedInt4's data; `columns` counts Q8_0's split codes twice), "q8"
+    (cpu_ops.PackedQ8's data, cpu_q8.c) or "q6k" (GGUF's Q6_K blocks, cpu_q6k.c)."""
     kind: str
     data: torch.Tensor
     n: int
@@ -146,11 +146,11 @@ def decode_plan(layers: list[NativeLayer], dtype: torch.dtype, float32_rows: int
     # cpu_bf16.c's dot products (as the model's loop picks them, cpu_ops.int4_linear).
     dots = dtype == torch.bfloat16 and not cpu_ops.amx_supported() and cpu_ops.int4_bf16_supported()
     bf16_int4 = {"int4"} if cpu_ops.amx_supported() or dots else set()
-    allowed = {"bfloat16", *bf16_int4} if dtype == torch.bfloat16 else {"float32", "int4", "q6k"}
+    allowed = {"bfloat16", *bf16_int4} if dtype == torch.bfloat16 else {"float32", "int4", "q6k", "q8"}
     checked: set[tuple[int, int]] = set()
     for layer in layers:
         for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            if w.kind not in allowed or (w.kind not in ("int4", "q6k") and not w.data.is_contiguous()):
+            if w.kind not in allowed or (w.kind not in ("int4", "q6k", "q8") and not w.data.is_contiguous()):
                 return None
             if w.kind == "bfloat16" and not cpu_ops.bf16_linear_supported():
                 return None

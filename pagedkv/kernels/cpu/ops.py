@@ -15,7 +15,8 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
   bfloat16 rows through 4-bit weights where AMX is missing (`int4_linear` of bfloat16 rows);
 - pagedkv/kernels/cpu/cpu_f32.c: float32 matrix products of few rows (`f32_linear`, AVX-512);
 - pagedkv/kernels/cpu/cpu_decode.c: a decode batch's decoder layers in one call (pagedkv/kernels/cpu/decode.py);
-- pagedkv/kernels/cpu/cpu_q6k.c: float32 rows through GGUF's Q6_K blocks read in place (`q6k_linear`).
+- pagedkv/kernels/cpu/cpu_q6k.c: float32 rows through GGUF's Q6_K blocks read in place (`q6k_linear`);
+- pagedkv/kernels/cpu/cpu_q8.c: float32 rows through 8-bit codes (Q8_0) in exact integer products (`q8_linear`).
 The library is found again by a hash of its sources, flags, compiler and CPU, so a cache folder
 shared by machines holds one build per machine.
 """
@@ -40,12 +41,14 @@ __all__ = ["reshape_and_cache", "paged_attention_decode", "paged_attention_prefi
            "rotary_and_cache", "add_rms_norm", "silu_and_mul", "model_kernels_usable", "greedy_and_logsumexp",
            "library", "BF16_LINEAR_ROWS", "bf16_linear", "bf16_linear_supported", "PackedInt4", "pack_int4",
            "int4_linear", "int4_bf16_supported", "amx_supported", "set_amx", "vnni_supported", "set_vnni",
-           "F32_LINEAR_ROWS", "f32_linear", "f32_linear_preferred", "q6k_linear", "q6k_dequantize"]
+           "F32_LINEAR_ROWS", "f32_linear", "f32_linear_preferred", "q6k_linear", "q6k_dequantize",
+           "PackedQ8", "pack_q8", "q8_linear", "q8_supported"]
 
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_kernels.c", "cpu_int4.c", "cpu_bf16.c",
                                                                         "cpu_amx.c", "cpu_vnni.c", "cpu_f32.c",
-                                                                        "cpu_decode.c", "cpu_q6k.c"))
-HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_api.h", "cpu_bfloat16.h", "cpu_int4.h"))
+                                                                        "cpu_decode.c", "cpu_q6k.c", "cpu_q8.c"))
+HEADERS = tuple(Path(__file__).resolve().with_name(name) for name in ("cpu_api.h", "cpu_bfloat16.h", "cpu_int4.h",
+                                                                        "cpu_digits.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `bf16` flag per torch dtype
 ERRORS = {-1: "a block table entry or slot is outside the cache", -2: "out of memory for the kernel's buffers",
@@ -133,6 +136,7 @@ def library() -> ctypes.CDLL | None:
     lib.decode_layers.argtypes = [ptr, ptr, i32, ptr, ptr]
     lib.q6k_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i32]
     lib.q6k_dequantize.argtypes = [ptr, i64, i64, ptr]
+    lib.q8_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i32]
     return lib
 
 
@@ -427,6 +431,59 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> 
     rc = kernel(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], packed.data.data_ptr(), int(packed.half), n_out,
                 w_cols, out.data_ptr(), torch.get_num_threads())
     check_rc(rc, "int4_linear")
+    return out.to(dtype)
+
+
+@dataclass(frozen=True)
+class PackedQ8:
+    """An 8-bit weight in cpu_q8.c's layout: uint8 [N/16, K/32 * 544], per tile of 16 rows the
+    codes q + 128 of each group of 32 columns (512 bytes, in VPDPBUSD's order), then the groups'
+    float16 scales (w = d * q)."""
+    data: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0] * INT4_TILE, self.data.shape[1] // 544 * 32
+
+
+@functools.lru_cache(maxsize=None)
+def q8_supported() -> bool:
+    """Whether `q8_linear` runs here: the library builds for a CPU with AVX512-VNNI."""
+    return library() is not None and library().q8_linear_supported() == 1
+
+
+def pack_q8(codes: torch.Tensor, scales: torch.Tensor) -> PackedQ8:
+    """8-bit codes q + 128 (uint8 [N, K]) with one float16-exact scale d per 32 columns
+    (float32 [N, K / 32]): w = d * q."""
+    n, k = codes.shape
+    if n % INT4_TILE or k % 32 or scales.shape != (n, k // 32) or not torch.equal(scales.half().float(), scales):
+        raise ValueError(f"cannot pack 8-bit codes {tuple(codes.shape)} with scales {tuple(scales.shape)}")
+    tiles, groups = n // INT4_TILE, k // 32
+    # [tile, row n, group, vector kk, column c] -> [tile, group, kk, n, c]: vector kk holds row n's
+    # codes of columns 4kk .. 4kk + 3 in bytes 4n .. 4n + 3.
+    ordered = codes.to(torch.uint8).view(tiles, INT4_TILE, groups, 8, 4).permute(0, 2, 3, 1, 4)
+    halves = scales.half().view(tiles, INT4_TILE, groups).transpose(1, 2).contiguous().view(torch.uint8)
+    return PackedQ8(torch.cat([ordered.reshape(tiles, groups * 512), halves.reshape(tiles, groups * 32)],
+                              dim=1).contiguous())
+
+
+def q8_linear(x: torch.Tensor, packed: PackedQ8) -> torch.Tensor:
+    """x @ W^T for a W packed by `pack_q8`, in x's type (computed from float32 rows): each group
+    of 32 activations as integers below a shared exponent (14 bits under the largest), exact
+    integer sums with the codes, float32 from there (cpu_q8.c). Each row's result is the same
+    whatever the other rows."""
+    dtype = x.dtype
+    x = x.float()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_out, k = packed.shape
+    if x.dim() != 2 or x.shape[1] != k or not q8_supported():
+        raise ValueError(f"q8_linear: input {tuple(x.shape)} for a weight of {k} columns"
+                         + ("" if q8_supported() else ", on a CPU without AVX512-VNNI"))
+    out = torch.empty((x.shape[0], n_out), dtype=torch.float32)
+    rc = library().q8_linear(x.data_ptr(), x.stride(0), x.shape[0], k, packed.data.data_ptr(), n_out,
+                             out.data_ptr(), torch.get_num_threads())
+    check_rc(rc, "q8_linear")
     return out.to(dtype)
 
 

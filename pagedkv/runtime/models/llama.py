@@ -238,7 +238,7 @@ class LlamaModel:
         def plain(w) -> torch.Tensor | None:
             if isinstance(w, DualWeight):
                 return w.plain
-            if isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedInt4):
+            if isinstance(w, Int4Linear) and isinstance(w.packed, (cpu_ops.PackedInt4, cpu_ops.PackedQ8)):
                 return w.packed.data
             return w if isinstance(w, torch.Tensor) and w.layout == torch.strided else None
 
@@ -278,6 +278,8 @@ class LlamaModel:
                 return cpu_decode.NativeLinear("q6k", w.packed, w.out_features, w.in_features)
             if isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedInt4):
                 return cpu_decode.NativeLinear("int4", w.packed.data, *w.packed.shape, half=w.packed.half)
+            if isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedQ8):
+                return cpu_decode.NativeLinear("q8", w.packed.data, *w.packed.shape)
             return None
 
         cfg = self.config
@@ -321,7 +323,7 @@ class LlamaModel:
         if isinstance(weight, BlockQuantized):
             return BlockLinear(weight)
         if isinstance(weight, GroupQuantized):
-            return Int4Linear(weight)
+            return Int4Linear(weight, eight_bit=self.dtype == torch.float32)
         if self.linear_kind == "onednn":
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH)
             # bfloat16's few-row loops take 32 columns at a time.
@@ -368,6 +370,9 @@ class LlamaModel:
                        "batch-invariant rows)")
             elif self.dtype == torch.bfloat16 and cpu_ops.int4_bf16_supported():
                 how = ("pagedkv's 4-bit AVX512-BF16 kernel (bfloat16 activations and weights, float32 sums, "
+                       "batch-invariant rows)")
+            elif any(isinstance(lin.packed, cpu_ops.PackedQ8) for lin in quantized):
+                how = ("pagedkv's 4-bit and 8-bit CPU kernels (float32 activations, 8-bit codes whole, "
                        "batch-invariant rows)")
             else:
                 how = "pagedkv's 4-bit CPU kernel (float32 activations, batch-invariant rows)"

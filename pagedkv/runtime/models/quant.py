@@ -221,13 +221,17 @@ class Int4Linear:
     row). Else torch's int4 CPU kernel, whose vectorised path takes bfloat16 activations and
     bfloat16 scales."""
 
-    def __init__(self, weight: GroupQuantized, kernel: str | None = None) -> None:
-        """kernel: "pagedkv" or "torch"; None takes pagedkv's where the CPU kernels build."""
+    def __init__(self, weight: GroupQuantized, kernel: str | None = None, eight_bit: bool = True) -> None:
+        """kernel: "pagedkv" or "torch"; None takes pagedkv's where the CPU kernels build.
+        eight_bit: Q8_0's (and Q5_0's) codes whole, through cpu_q8.c, where it runs and AMX is
+        missing (a float32 model's; AMX's tile products outrun it from a few rows, and a
+        bfloat16 model's kernels take the halves)."""
         self.out_features, self.in_features = weight.shape
         self.split8, self.fmt = weight.split8, weight.fmt
         self.kernel = kernel or ("pagedkv" if cpu_ops.library() is not None else "torch")
         if self.kernel == "pagedkv":
-            self.packed = cpu_ops.pack_int4(weight.codes, weight.scales, weight.zeros)
+            eight = weight.split8 and eight_bit and cpu_ops.q8_supported() and not cpu_ops.amx_supported()
+            self.packed = (eight and _packed_q8(weight)) or cpu_ops.pack_int4(weight.codes, weight.scales, weight.zeros)
             return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
         # [groups, N, 2]: per group and output row, (scale, zero).
@@ -236,13 +240,27 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel == "pagedkv":
-            out = cpu_ops.int4_linear(x, self.packed, repeat_x=self.split8)
+            if isinstance(self.packed, cpu_ops.PackedQ8):
+                out = cpu_ops.q8_linear(x, self.packed)
+            else:
+                out = cpu_ops.int4_linear(x, self.packed, repeat_x=self.split8)
             return out if bias is None else out.add_(bias)
         xb = x.to(torch.bfloat16)
         if self.split8:
             xb = torch.cat([xb, xb], dim=1)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros).to(x.dtype)
         return out if bias is None else out.add_(bias)
+
+
+def _packed_q8(weight: GroupQuantized) -> cpu_ops.PackedQ8 | None:
+    """Q8_0's split halves joined again (q + 128 = 16 * high + low, d the low halves' scale) in
+    cpu_q8.c's layout; None where the scales are not the file's float16 ones."""
+    columns, groups = weight.shape[1], weight.shape[1] // GROUP
+    codes = weight.codes[:, :columns].to(torch.int32) * 16 + weight.codes[:, columns:]
+    d = weight.scales[:, groups:]
+    if not torch.equal(d.half().float(), d) or not torch.equal(weight.scales[:, :groups], 16 * d):
+        return None
+    return cpu_ops.pack_q8(codes.to(torch.uint8), d.contiguous())
 
 
 class BlockLinear(Int4Linear):
