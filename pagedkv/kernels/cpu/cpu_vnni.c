@@ -48,7 +48,7 @@
 #define AMX_ROWS 8        // from this many rows, AMX where the CPU has it
 #define BLOCKED_ROWS 7    // from this many rows, register blocks (block_rows) where AMX is missing
 #define BLOCK_BYTES (1024 * 1024)  // a block of rows' activations, as AMX's parts, kept in L2 while the tiles pass
-#define PREFETCH_BYTES 3072
+#define PREFETCH_BYTES (32 * 1024)  // one row streams the codes: asked for this far ahead, into L2 (as cpu_q8.c)
 #define ACTIVATION_BITS 22  // 2^21 <= max |a| < 2^22 in each group
 
 
@@ -159,7 +159,7 @@ static inline __attribute__((always_inline)) void vector_rows(const int8_t *xv, 
     for (int64_t g = 0; g < w_groups; g++) {
         const int64_t ag = g < groups ? g : g - groups;  // Q8_0's low halves: the same activations
         for (int line = 0; line < group_bytes(half); line += 64)
-            __builtin_prefetch(tile + g * group_bytes(half) + PREFETCH_BYTES + line);
+            __builtin_prefetch(tile + g * group_bytes(half) + PREFETCH_BYTES + line, 0, 2);
         __m512i b[8];
         code_rows(tile, g, half, b);
         const GroupScales gs = scales_of(tile, g, half);
