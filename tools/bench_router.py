@@ -2,7 +2,7 @@
 workload over several engines on this machine (tools/serve_engines.py starts each cluster anew:
 empty caches).
 
-    python -m tools.bench_router [--engines 2] [--chats 8] [--turns 4] [--model PATH] [--json OUT]
+    python -m tools.bench_router [--engines 3] [--conversations 12] [--clients 4] [--turns 4] [--json OUT]
 
 Runs, in one invocation: round-robin; prefix-aware; round-robin with the engines sharing a Redis
 remote tier. Per run: prefill tokens the engines computed (their stats), generated tokens per
@@ -10,16 +10,19 @@ second (wall clock), time to first token of first and of returning turns (stream
 the remote tier's hits. Then an engine of the prefix-aware cluster is killed under load and the
 time until the gateway stops sending it requests is measured (its /health, polled every 10 ms).
 
-Workload: every chat has its own system prompt (about --system-words words) and asks --turns
-questions in turn, each answer (--max-tokens, greedy, EOS ignored) part of the next turn's
-history; all chats run at once, each one turn at a time.
+Workload: tools/multiturn_workloads.py's, the one the KV tiers are measured on (shaped like vLLM's
+benchmarks/multi_turn), through the chat API: one system prompt for every conversation, each
+conversation's first message a long context of its own, then turns of log-normal lengths; each
+client goes round robin over its conversations, one turn at a time, so a conversation's turns
+are far apart. Lengths are drawn in tokens and written as that many common words (about a token
+each); each answer (its drawn length, greedy, EOS ignored) is part of the next turn's history,
+as a chat client sends it back.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import random
 import statistics
 import sys
 import threading
@@ -28,6 +31,7 @@ import time
 import httpx
 
 from pagedkv import Client
+from tools.multiturn_workloads import MultiTurn, multi_turn
 from tools.serve_engines import running_cluster
 
 WORDS = ("river mountain cloud engine paper lamp garden window stone harbor violin meadow rocket pencil "
@@ -35,41 +39,52 @@ WORDS = ("river mountain cloud engine paper lamp garden window stone harbor viol
          "lantern compass falcon glacier prairie quartz saddle tunnel velvet walnut yellow zephyr").split()
 
 
-def make_chats(n: int, turns: int, system_words: int, user_words: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    chats = []
-    for i in range(n):
-        system = f"Chat {i}. " + " ".join(rng.choice(WORDS) for _ in range(system_words))
-        questions = [f"Question {t}: tell me about " + " ".join(rng.choice(WORDS) for _ in range(user_words))
-                     for t in range(turns)]
-        chats.append({"system": system, "questions": questions})
-    return chats
+def as_words(tokens: list[int]) -> str:
+    return " ".join(WORDS[t % len(WORDS)] for t in tokens)
 
 
-async def run_chat(client: httpx.AsyncClient, url: str, chat: dict, max_tokens: int, records: list) -> None:
-    messages = [{"role": "system", "content": chat["system"]}]
-    for turn, question in enumerate(chat["questions"]):
-        messages.append({"role": "user", "content": question})
-        started = time.perf_counter()
-        first, text, tokens = None, [], 0
-        async with client.stream("POST", f"{url}/v1/chat/completions",
-                                 json={"messages": messages, "max_tokens": max_tokens,
-                                       "temperature": 0, "ignore_eos": True, "stream": True,
-                                       "stream_options": {"include_usage": True}}) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
-                for choice in event.get("choices", []):
-                    piece = choice.get("delta", {}).get("content")
-                    if piece:
-                        first = first or time.perf_counter()
-                        text.append(piece)
-        records.append({"turn": turn, "ttft": (first or time.perf_counter()) - started, "tokens": tokens})
-        messages.append({"role": "assistant", "content": "".join(text)})
+def make_workload(args) -> MultiTurn:
+    """tools/multiturn_workloads.py's workload at this benchmark's sizes (ranges around each mean)."""
+    return multi_turn(args.conversations, args.turns, vocab_size=1 << 15, clients=args.clients,
+                      system_tokens=args.system_tokens, context_mean=args.context_mean,
+                      context_range=(args.context_mean // 2, args.context_mean * 3),
+                      message_mean=args.message_mean, message_range=(max(4, args.message_mean // 4), args.message_mean * 4),
+                      answer_mean=args.answer_mean, answer_range=(max(4, args.answer_mean // 4), args.answer_mean * 4))
+
+
+async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
+    """One streamed turn: (seconds to its first token, the answer's text, its tokens)."""
+    started = time.perf_counter()
+    first, text, tokens = None, [], 0
+    async with client.stream("POST", f"{url}/v1/chat/completions",
+                             json={"messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                                   "ignore_eos": True, "stream": True,
+                                   "stream_options": {"include_usage": True}}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    first = first or time.perf_counter()
+                    text.append(piece)
+    return (first or time.perf_counter()) - started, "".join(text), tokens
+
+
+async def run_client(client: httpx.AsyncClient, url: str, wl: MultiTurn, k: int, records: list) -> None:
+    """Client k's conversations, round robin, one turn at a time."""
+    histories: dict[int, list[dict]] = {}
+    for c, turn in wl.schedule(k, range(wl.turns)):
+        conv = wl.conversations[c]
+        messages = histories.setdefault(c, [{"role": "system", "content": as_words(wl.system)}])
+        messages.append({"role": "user", "content": as_words(conv.messages[turn])})
+        ttft, text, tokens = await chat_turn(client, url, messages, conv.answer_lens[turn])
+        records.append({"turn": turn, "ttft": ttft, "tokens": tokens})
+        messages.append({"role": "assistant", "content": text})
 
 
 def engine_totals(addresses: list[str]) -> dict:
@@ -83,21 +98,23 @@ def engine_totals(addresses: list[str]) -> dict:
     return totals
 
 
-async def workload(url: str, chats: list[dict], max_tokens: int) -> tuple[list, float]:
+async def workload(url: str, wl: MultiTurn, tolerant: bool = False) -> tuple[list, float]:
+    """Every client at once; `tolerant`: clients that fail (an engine killed) end quietly."""
     records: list = []
     async with httpx.AsyncClient(timeout=600) as client:
         started = time.perf_counter()
-        await asyncio.gather(*(run_chat(client, url, chat, max_tokens, records) for chat in chats))
+        await asyncio.gather(*(run_client(client, url, wl, k, records) for k in range(wl.clients)),
+                             return_exceptions=tolerant)
         return records, time.perf_counter() - started
 
 
-def one_run(name: str, args, routing: str, redis: bool, chats: list[dict], kill: bool = False) -> dict:
+def one_run(name: str, args, routing: str, redis: bool, wl: MultiTurn, kill: bool = False) -> dict:
     engine_args = ["--model", args.model] if args.model else []
     engine_args += args.engine_args
     with running_cluster(args.engines, engine_args, routing, redis,
                          gateway_args=["--load-slack", str(args.load_slack)]) as cluster:
         wait_healthy(cluster.url, args.engines)
-        records, wall = asyncio.run(workload(cluster.url, chats, args.max_tokens))
+        records, wall = asyncio.run(workload(cluster.url, wl))
         totals = engine_totals(cluster.addresses)
         returning = [r["ttft"] for r in records if r["turn"] > 0]
         firsts = [r["ttft"] for r in records if r["turn"] == 0]
@@ -107,7 +124,7 @@ def one_run(name: str, args, routing: str, redis: bool, chats: list[dict], kill:
                   "ttft_p50_first_s": statistics.median(firsts), "ttft_p50_returning_s": statistics.median(returning),
                   **totals}
         if kill:
-            result["kill_to_out_s"] = kill_one(cluster, chats, args.max_tokens)
+            result["kill_to_out_s"] = kill_one(cluster, wl)
         print(json.dumps(result), flush=True)
         return result
 
@@ -125,9 +142,9 @@ def wait_healthy(url: str, engines: int, timeout: float = 120) -> None:
     raise RuntimeError("the engines did not come into service")
 
 
-def kill_one(cluster, chats: list[dict], max_tokens: int) -> float:
-    """Kills the last engine while the chats run again; seconds until /health shows it out."""
-    load = threading.Thread(target=lambda: asyncio.run(_tolerant(cluster.url, chats, max_tokens)), daemon=True)
+def kill_one(cluster, wl: MultiTurn) -> float:
+    """Kills the last engine while the workload runs again; seconds until /health shows it out."""
+    load = threading.Thread(target=lambda: asyncio.run(workload(cluster.url, wl, tolerant=True)), daemon=True)
     load.start()
     time.sleep(2.0)
     victim = cluster.engines[-1]
@@ -149,21 +166,16 @@ def kill_one(cluster, chats: list[dict], max_tokens: int) -> float:
     return out
 
 
-async def _tolerant(url: str, chats: list[dict], max_tokens: int) -> None:
-    records: list = []
-    async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(run_chat(client, url, chat, max_tokens, records) for chat in chats),
-                             return_exceptions=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engines", type=int, default=2)
-    parser.add_argument("--chats", type=int, default=8)
+    parser.add_argument("--engines", type=int, default=3)
+    parser.add_argument("--conversations", type=int, default=12)
+    parser.add_argument("--clients", type=int, default=4, help="each plays its conversations round robin")
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--system-words", type=int, default=150)
-    parser.add_argument("--user-words", type=int, default=20)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--system-tokens", type=int, default=128, help="the system prompt every conversation shares")
+    parser.add_argument("--context-mean", type=int, default=384, help="each conversation's own context (tokens)")
+    parser.add_argument("--message-mean", type=int, default=48, help="a user message (tokens)")
+    parser.add_argument("--answer-mean", type=int, default=24, help="an answer (tokens)")
     parser.add_argument("--model", help="default: the engines' default model")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--load-slack", type=int, default=1, help="the gateway's --load-slack")
@@ -171,11 +183,11 @@ def main() -> int:
     parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="flags for every engine, after --")
     args = parser.parse_args()
     args.engine_args = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
-    chats = make_chats(args.chats, args.turns, args.system_words, args.user_words)
+    wl = make_workload(args)
     results = {}
     for name in args.runs.split(","):
         routing = "prefix" if name.startswith("prefix") else "round-robin"
-        results[name] = one_run(name, args, routing, name.endswith("+redis"), chats, kill=name == "prefix")
+        results[name] = one_run(name, args, routing, name.endswith("+redis"), wl, kill=name == "prefix")
     rr, pa, rd = results.get("round-robin"), results.get("prefix"), results.get("round-robin+redis")
     lines = []
     if rr and pa:
