@@ -31,6 +31,7 @@ import time
 import httpx
 
 from pagedkv import Client
+from pagedkv.runtime.serving.http.router import LOAD_SLACK
 from tools.multiturn_workloads import MultiTurn, multi_turn
 from tools.serve_engines import running_cluster
 
@@ -178,7 +179,7 @@ def main() -> int:
     parser.add_argument("--answer-mean", type=int, default=24, help="an answer (tokens)")
     parser.add_argument("--model", help="default: the engines' default model")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--load-slack", type=int, default=1, help="the gateway's --load-slack")
+    parser.add_argument("--load-slack", type=int, default=LOAD_SLACK, help="the gateway's --load-slack")
     parser.add_argument("--runs", default="round-robin,prefix,round-robin+redis")
     parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="flags for every engine, after --")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from pagedkv.runtime.cli.args import add_connection_arguments
+from pagedkv.runtime.serving.http.router import LOAD_SLACK
 
 API_KEY_ENV = "PAGEDKV_API_KEY"  # read when --api-key is not given (keeps the key out of `ps`)
 TRY_PROMPT = "The capital of France is"
@@ -35,8 +36,8 @@ def add_api_parser(sub) -> None:
     add("--routing", default="prefix", choices=["prefix", "round-robin"],
         help="with several --address: send each request to the engine that holds most of its prefix (by the "
              "engines' KV events), balanced against load, chats back to their engine; or round-robin")
-    add("--load-slack", type=int, default=1, help="prefix routing: requests in flight beyond the least loaded "
-        "engine's that an engine holding most of the prompt may have and still get it")
+    add("--load-slack", type=int, default=LOAD_SLACK, help="prefix routing: requests in flight beyond the least "
+        f"loaded engine's that an engine holding most of the prompt may have and still get it (default {LOAD_SLACK})")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # set by `pagedkv serve`
     api.set_defaults(func=cmd_api)

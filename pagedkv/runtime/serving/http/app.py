@@ -36,6 +36,7 @@ from pagedkv.runtime.serving.http.guard import (
 from pagedkv.runtime.serving.http.metrics import Metrics, RequestTimer
 from pagedkv.runtime.serving.http.requests import Job, parse, parse_detokenize, parse_tokenize
 from pagedkv.runtime.serving.http.responses import DONE, format_for, sse, usage
+from pagedkv.runtime.serving.http.router import LOAD_SLACK
 
 log = logging.getLogger("pagedkv.api")
 
@@ -45,7 +46,7 @@ class ApiConfig:
     address: str = DEFAULT_ADDRESS        # the engine's ZeroMQ socket
     addresses: list[str] | None = None    # several engines: routed by cached prefix and load (router.py)
     routing: str = "prefix"               # with several: "prefix" (cached prefix, load, session) or "round-robin"
-    load_slack: int = 1                   # prefix routing: requests in flight beyond the least loaded engine's
+    load_slack: int = LOAD_SLACK          # prefix routing: requests in flight beyond the least loaded engine's
     host: str = "127.0.0.1"
     port: int = 8000                      # 0: a free port
     api_key: str | None = None            # required as a Bearer token on /v1 when set
