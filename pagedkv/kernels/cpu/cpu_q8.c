@@ -70,28 +70,20 @@ static inline __attribute__((always_inline)) void tile_rows(const int8_t *xd, co
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *codes = tile + g * CODES;
         for (int line = 0; line < CODES; line += 64) __builtin_prefetch(codes + PREFETCH_BYTES + line, 0, 2);
-        // Few rows: each row's sums in `ways` chains, so that the products do not wait on each other.
-        const int ways = rows >= 4 ? 1 : rows == 1 ? 4 : 2;
-        __m512i high[MICRO_ROWS][4], low[MICRO_ROWS][4];
-        for (int i = 0; i < rows; i++)
-            for (int w = 0; w < ways; w++) high[i][w] = low[i][w] = _mm512_setzero_si512();
+        __m512i high[MICRO_ROWS], low[MICRO_ROWS];
+        for (int i = 0; i < rows; i++) high[i] = low[i] = _mm512_setzero_si512();
         for (int kk = 0; kk < 8; kk++) {
             const __m512i b = _mm512_loadu_si512(codes + 64 * kk);
             for (int i = 0; i < rows; i++) {
                 const int8_t *d = xd + (i * groups + g) * DIGITS + 4 * kk;
-                high[i][kk % ways] = _mm512_dpbusd_epi32(high[i][kk % ways], b, broadcast4(d));
-                low[i][kk % ways] = _mm512_dpbusd_epi32(low[i][kk % ways], b, broadcast4(d + GROUP));
+                high[i] = _mm512_dpbusd_epi32(high[i], b, broadcast4(d));
+                low[i] = _mm512_dpbusd_epi32(low[i], b, broadcast4(d + GROUP));
             }
         }
-        for (int i = 0; i < rows; i++)  // integer sums: exact in any order
-            for (int w = 1; w < ways; w++) {
-                high[i][0] = _mm512_add_epi32(high[i][0], high[i][w]);
-                low[i][0] = _mm512_add_epi32(low[i][0], low[i][w]);
-            }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + g * TILE * 2)));
         for (int i = 0; i < rows; i++) {
             const RowGroup *ri = info + i * groups + g;
-            const __m512i sums = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(high[i][0], 8), low[i][0]),
+            const __m512i sums = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(high[i], 8), low[i]),
                                                   _mm512_set1_epi32(128 * ri->total));
             acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(ri->scale)), _mm512_cvtepi32_ps(sums), acc[i]);
         }
