@@ -123,6 +123,7 @@ class Tiers:
         self._reads: dict[tuple[str, bytes], list[_PendingLoad]] = {}  # (tier, hash) -> reads waiting
         self._misses: dict[str, int] = {}  # per tier, the last lookup's blocks not found there
         self._write_through = [tier.name for tier in stores if tier.write_through]
+        self._filled_by_evictions = [tier for tier in stores if not tier.write_through]  # the disk tier
         self._fresh: list[tuple[int, CachedBlock]] = []  # blocks the device cached since the last step
         if self._write_through:
             device_pool.listeners.append(self._cached)
@@ -251,7 +252,7 @@ class Tiers:
         if self.host_caching:
             if host.lookup(entry.block_hash, entry.token_ids) is not None:
                 return  # the host holds it already
-            if any(entry.block_hash in tier for tier in self.stores.values() if not tier.write_through):
+            if any(entry.block_hash in tier for tier in self._filled_by_evictions):
                 return  # a store tier filled by evictions holds it: the host's room goes to blocks it lacks
             if host.num_free_blocks > 0:
                 target = host.allocate()  # may evict a host block to the store tiers
