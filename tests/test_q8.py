@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
+from test_quant import integer_bound
 
 from pagedkv.kernels.cpu import ops as cpu_ops
 from pagedkv.runtime.models.quant import Int4Linear, from_gguf_blocks
@@ -29,12 +30,7 @@ def dense(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The error each output may have: each activation rounded to 14 bits below its group's
-    largest (half a unit: 2^-14 of that largest), and a few float32 roundings of each term."""
-    groups = x.shape[1] // 32
-    largest = x.abs().double().view(x.shape[0], groups, 32).amax(2)  # [rows, groups]
-    per_group = w.abs().view(w.shape[0], groups, 32).sum(2)          # [n, groups]
-    return 2 ** -14 * largest @ per_group.T + 2 ** -21 * (x.abs().double() @ w.abs().T) + 1e-30
+    return integer_bound(x, w.abs())
 
 
 def test_float64_reference_and_the_bound_is_tight():

@@ -1,17 +1,17 @@
 // Weight-only 4-bit matrix products with float32 activations in exact integer arithmetic: out =
 // x @ W^T, x and out float32, W packed as pagedkv/kernels/cpu/cpu_int4.h lays it out (GGUF's Q4_0, Q4_1 and
-// Q4_K codes; Q8_0's two 4-bit halves stay two matrices over the same activations: each half's
-// sums fit int32, the 8-bit code's would not).
+// Q4_K codes; Q8_0's two 4-bit halves stay two matrices over the same activations, where AMX
+// is there or a model keeps them: elsewhere cpu_q8.c takes its whole codes).
 //
 // Each row's group of 32 activations shares one exponent: a = x * 2^-e rounded to an integer,
-// 2^21 <= max |a| < 2^22, so each activation keeps 22 bits below its group's largest (float32
-// keeps 24; the 4-bit weights' own error is about 2^-5). sum(a * code) over the group is then an
+// 2^13 <= max |a| < 2^14, so each activation keeps 14 bits below its group's largest (the 4-bit
+// weights' own error is about 2^-5: 2^9 times coarser). sum(a * code) over the group is then an
 // exact int32, computed
-// - by AVX512-VNNI: a as three signed bytes, a = 65536 h + 256 m + l, each byte's products with
+// - by AVX512-VNNI: a as two signed bytes, a = 256 h + l, each byte's products with
 //   the codes by VPDPBUSD (64 products an instruction); up to 6 rows a pass over the weights
 //   decodes the codes as it goes, 4 rows at a time (`vector_rows`); from 7 rows where AMX is
 //   missing, register blocks of 8 rows by one tile take the codes decoded once per block of rows
-//   (`block_rows`: 24 sums in registers, each broadcast digit fed straight into VPDPBUSD);
+//   (`block_rows`: 16 sums in registers, each broadcast digit fed straight into VPDPBUSD);
 // - from 8 rows by AMX where the CPU has it: a = 4096 a1 + a0, each part two signed bytes
 //   16 d1 + d0 in one 64-byte tile row, which TDPBSUD multiplies by 16 times the codes and by the
 //   codes (8,192 products an instruction).
@@ -26,12 +26,11 @@
 // matrices, 1 thread (tools/bench_cpu_kernels), Xeon with AMX: 1.3 times cpu_int4.c's speed at 1
 // and 16 rows, 1.4-1.5 from 32 to 128, 1.15 at 2,900. From 16 rows the float32 work each group
 // adds to every output (a conversion, two multiply-adds), not the tile products, sets the pace.
-// Without AMX (an AMD EPYC, Zen 4) the register blocks run at about 60 G multiply-adds a second
-// on one core (Q8_0's halves counted twice), 80% of what VPDPBUSD's one 512-bit instruction a
-// cycle allows with 22-bit activations in three bytes (the rest: each group's float32 work per
-// row and tile): 1.6 times the 4-row passes at 64 to 512 rows, and the pace of cpu_int4.c's FMAs
-// there (Zen 4 issues one 512-bit FMA a cycle too); one row keeps the 4-row pass, 1.7 times
-// cpu_int4.c's speed.
+// Without AMX (an AMD EPYC, Zen 4) the register blocks ran at about 60 G multiply-adds a second
+// on one core with 22-bit activations in three bytes (80% of what VPDPBUSD's one 512-bit
+// instruction a cycle allows; the rest: each group's float32 work per row and tile): 1.6 times
+// the 4-row passes at 64 to 512 rows; two bytes take two thirds of the products. One row keeps
+// the 4-row pass, 1.7 times cpu_int4.c's speed.
 // And exact sums make both paths give the same bits: a row's result depends neither on its batch
 // (preemption stays invisible in the outputs) nor on whether the CPU has AMX.
 #include <stdint.h>
@@ -49,7 +48,8 @@
 #define BLOCKED_ROWS 7    // from this many rows, register blocks (block_rows) where AMX is missing
 #define BLOCK_BYTES (1024 * 1024)  // a block of rows' activations, as AMX's parts, kept in L2 while the tiles pass
 #define PREFETCH_BYTES (32 * 1024)  // one row streams the codes: asked for this far ahead, into L2 (as cpu_q8.c)
-#define ACTIVATION_BITS 22  // 2^21 <= max |a| < 2^22 in each group
+#define ACTIVATION_BITS 14  // 2^13 <= max |a| < 2^14 in each group
+#define DIGIT_BYTES 64      // a group's digits in one row: 32 h, then 32 l
 
 
 static int vnni_allowed = 1;  // vnni_enable(0) hands float32 rows back to cpu_int4.c, for tests
@@ -58,8 +58,8 @@ int vnni_supported(void) { return vnni_allowed; }
 
 void vnni_enable(int on) { vnni_allowed = on; }
 
-// a = 65536 h + 256 m + l, three signed bytes (|h| <= 64), stored [h | m | l], 32 bytes each:
-// 96 bytes a group, groups `group_stride` bytes apart (96 for the vector path, a row's groups
+// a = 256 h + l, two signed bytes (|h| <= 64), stored [h | l], 32 bytes each: DIGIT_BYTES a
+// group, groups `group_stride` bytes apart (DIGIT_BYTES for the vector path, a row's groups
 // together; SLOT_BYTES for register blocks, a block's rows of one group together).
 static void byte_digits(const float *x, int64_t groups, int8_t *dst, int64_t group_stride, RowGroup *info) {
     for (int64_t g = 0; g < groups; g++) {
@@ -67,18 +67,16 @@ static void byte_digits(const float *x, int64_t groups, int8_t *dst, int64_t gro
         integers(x + g * GROUP, a, info + g, ACTIVATION_BITS);
         int8_t *d = dst + g * group_stride;
         for (int i = 0; i < 2; i++) {
-            const __m512i l = digit(a[i], 8, 128), rest = _mm512_srai_epi32(_mm512_sub_epi32(a[i], l), 8);
-            const __m512i m = digit(rest, 8, 128), h = _mm512_srai_epi32(_mm512_sub_epi32(rest, m), 8);
+            const __m512i l = digit(a[i], 8, 128), h = _mm512_srai_epi32(_mm512_sub_epi32(a[i], l), 8);
             store_bytes(d + i * 16, h);
-            store_bytes(d + 32 + i * 16, m);
-            store_bytes(d + 64 + i * 16, l);
+            store_bytes(d + GROUP + i * 16, l);
         }
     }
 }
 
 #define PART_BYTES (TILE * 64)  // AMX: one part of one group of 16 rows
 
-// For AMX: a = 4096 a1 + a0, a0 in -2056..2039 and |a1| <= 1025, each as 16 d1 + d0 (d0 in -8..7,
+// For AMX: a = 4096 a1 + a0, a0 in -2056..2039 and |a1| <= 4, each as 16 d1 + d0 (d0 in -8..7,
 // d1 a signed byte): an A tile row's 64 bytes, the 32 d1 then the 32 d0. Slab s (16 rows), group g,
 // part p (a1, a0) at ((s * groups + g) * 2 + p) * PART_BYTES, the slab's row r 64 r bytes on.
 static void tile_digits(const float *x, int64_t groups, int64_t row, int8_t *xq, RowGroup *info) {
@@ -164,9 +162,9 @@ static inline __attribute__((always_inline)) void vector_rows(const int8_t *xv, 
         code_rows(tile, g, half, b);
         const GroupScales gs = scales_of(tile, g, half);
         for (int i = 0; i < rows; i++) {
-            __m512i s[3];
-            for (int p = 0; p < 3; p++) {  // two chains each: integer sums, exact in any order
-                const int8_t *a = xv + (i * groups + ag) * 96 + p * GROUP;
+            __m512i s[2];
+            for (int p = 0; p < 2; p++) {  // two chains each: integer sums, exact in any order
+                const int8_t *a = xv + (i * groups + ag) * DIGIT_BYTES + p * GROUP;
                 __m512i even = _mm512_setzero_si512(), odd = even;
                 for (int kk = 0; kk < 8; kk += 2) {
                     int32_t four[2];
@@ -176,9 +174,7 @@ static inline __attribute__((always_inline)) void vector_rows(const int8_t *xv, 
                 }
                 s[p] = _mm512_add_epi32(even, odd);
             }
-            // 65536 h + 256 m + l: int32 arithmetic wraps, and the sum fits, so it is exact.
-            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(s[0], 16),
-                                                  _mm512_add_epi32(_mm512_slli_epi32(s[1], 8), s[2]));
+            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(s[0], 8), s[1]);  // 256 h + l
             acc[i] = add_group(acc[i], sums, info + i * groups + ag, &gs);
         }
     }
@@ -189,7 +185,7 @@ static inline __attribute__((always_inline)) void vector_rows(const int8_t *xv, 
 static void vector_tile(const int8_t *xv, const RowGroup *info, int64_t groups, int64_t w_groups, const uint8_t *tile,
                         const int half, int64_t m, float *out, int64_t out_stride) {
     for (int64_t r = 0; r < m; r += VECTOR_ROWS) {
-        const int8_t *x = xv + r * groups * 96;
+        const int8_t *x = xv + r * groups * DIGIT_BYTES;
         const RowGroup *ri = info + r * groups;
         float *o = out + r * out_stride;
         switch (m - r < VECTOR_ROWS ? (int)(m - r) : VECTOR_ROWS) {
@@ -202,14 +198,14 @@ static void vector_tile(const int8_t *xv, const RowGroup *info, int64_t groups, 
 }
 
 // Batches where AMX is missing: BLOCK_ROWS rows at a time against one tile (register blocking:
-// 3 * BLOCK_ROWS integer sums and the tile's codes in registers, each activation's four bytes
+// 2 * BLOCK_ROWS integer sums and the tile's codes in registers, each activation's four bytes
 // broadcast from memory straight into VPDPBUSD), each tile's codes turned into VPDPBUSD's
 // operands and its scales read once per block of rows (`tile_operands`), the block's digits
 // kept in L2 while every tile passes. Each group's sums are exact, and `add_group` adds them
 // in the order the other paths do, so the bits are theirs.
-#define BLOCK_ROWS 8              // rows per micro-kernel: 24 integer sums in registers
+#define BLOCK_ROWS 8              // rows per micro-kernel: 16 integer sums in registers
 #define PANEL_BYTES (512 * 1024)  // a block of rows' digits, kept in L2 while the tiles pass
-#define SLOT_BYTES (BLOCK_ROWS * 96)  // a group's digits of BLOCK_ROWS rows, row after row
+#define SLOT_BYTES (BLOCK_ROWS * DIGIT_BYTES)  // a group's digits of BLOCK_ROWS rows, row after row
 
 // A tile's codes as code_rows gives them (8 vectors a group) and its groups' scales.
 static void tile_operands(const uint8_t *tile, int64_t w_groups, const int half, __m512i *codes, GroupScales *scales) {
@@ -222,17 +218,15 @@ static void tile_operands(const uint8_t *tile, int64_t w_groups, const int half,
 // One group's integer sums for BLOCK_ROWS rows (`a`: their digits, SLOT_BYTES; `c`: the group's
 // 8 code vectors) or 4: s<row><plane> = sum over the group of the plane's digits times the codes.
 // GCC does not fold the broadcasts into VPDPBUSD and spills the sums: the loop is written out.
-#define DP(i, p, kk) "vpdpbusd " #i "*96+" #p "*32+" #kk "*4(%[a])%{1to16%}, %[b], %[s" #i #p "]\n\t"
-#define ROW(i, kk) DP(i, 0, kk) DP(i, 1, kk) DP(i, 2, kk)
-#define ZERO(i) \
-    "vpxord %[s" #i "0], %[s" #i "0], %[s" #i "0]\n\tvpxord %[s" #i "1], %[s" #i "1], %[s" #i "1]\n\t" \
-    "vpxord %[s" #i "2], %[s" #i "2], %[s" #i "2]\n\t"
+#define DP(i, p, kk) "vpdpbusd " #i "*64+" #p "*32+" #kk "*4(%[a])%{1to16%}, %[b], %[s" #i #p "]\n\t"
+#define ROW(i, kk) DP(i, 0, kk) DP(i, 1, kk)
+#define ZERO(i) "vpxord %[s" #i "0], %[s" #i "0], %[s" #i "0]\n\tvpxord %[s" #i "1], %[s" #i "1], %[s" #i "1]\n\t"
 #define CODES(kk) "vmovdqa64 " #kk "*64(%[c]), %[b]\n\t"
 #define STEP8(kk) CODES(kk) ROW(0, kk) ROW(1, kk) ROW(2, kk) ROW(3, kk) ROW(4, kk) ROW(5, kk) ROW(6, kk) ROW(7, kk)
 #define STEP4(kk) CODES(kk) ROW(0, kk) ROW(1, kk) ROW(2, kk) ROW(3, kk)
-#define SUMS(i) [s##i##0] "=&v"(s[i][0]), [s##i##1] "=&v"(s[i][1]), [s##i##2] "=&v"(s[i][2])
+#define SUMS(i) [s##i##0] "=&v"(s[i][0]), [s##i##1] "=&v"(s[i][1])
 
-static inline __attribute__((always_inline)) void group_sums8(const int8_t *a, const __m512i *c, __m512i s[8][3]) {
+static inline __attribute__((always_inline)) void group_sums8(const int8_t *a, const __m512i *c, __m512i s[8][2]) {
     __m512i b;
     __asm__(ZERO(0) ZERO(1) ZERO(2) ZERO(3) ZERO(4) ZERO(5) ZERO(6) ZERO(7)
             STEP8(0) STEP8(1) STEP8(2) STEP8(3) STEP8(4) STEP8(5) STEP8(6) STEP8(7)
@@ -240,7 +234,7 @@ static inline __attribute__((always_inline)) void group_sums8(const int8_t *a, c
             : [a] "r"(a), [c] "r"(c), "m"(*(const int8_t(*)[SLOT_BYTES])a), "m"(*(const __m512i(*)[8])c));
 }
 
-static inline __attribute__((always_inline)) void group_sums4(const int8_t *a, const __m512i *c, __m512i s[8][3]) {
+static inline __attribute__((always_inline)) void group_sums4(const int8_t *a, const __m512i *c, __m512i s[8][2]) {
     __m512i b;
     __asm__(ZERO(0) ZERO(1) ZERO(2) ZERO(3)
             STEP4(0) STEP4(1) STEP4(2) STEP4(3) STEP4(4) STEP4(5) STEP4(6) STEP4(7)
@@ -265,13 +259,11 @@ static inline __attribute__((always_inline)) void block_rows(const int8_t *xb, c
     for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < w_groups; g++) {
         const int64_t ag = g < groups ? g : g - groups;  // Q8_0's low halves: the same activations
-        __m512i s[8][3];
+        __m512i s[8][2];
         if (wide) group_sums8(xb + ag * SLOT_BYTES, codes + g * 8, s);
         else group_sums4(xb + ag * SLOT_BYTES, codes + g * 8, s);
         for (int i = 0; i < (wide ? 8 : 4); i++) {  // rows past `rows`: zeros, computed and left
-            // 65536 h + 256 m + l: int32 arithmetic wraps, and the sum fits, so it is exact.
-            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(s[i][0], 16),
-                                                  _mm512_add_epi32(_mm512_slli_epi32(s[i][1], 8), s[i][2]));
+            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(s[i][0], 8), s[i][1]);  // 256 h + l
             acc[i] = add_group(acc[i], sums, info + i * groups + ag, scales + g);
         }
     }
@@ -284,7 +276,7 @@ static void block_tile(const int8_t *xb, const RowGroup *info, int64_t groups, i
                        const GroupScales *scales, int64_t rows, float *out, int64_t out_stride) {
     for (int64_t r = 0; r < rows; r += BLOCK_ROWS) {
         const int n = rows - r < BLOCK_ROWS ? (int)(rows - r) : BLOCK_ROWS;
-        const int8_t *x = xb + r * groups * 96;
+        const int8_t *x = xb + r * groups * DIGIT_BYTES;
         if (n > 4) block_rows(x, info + r * groups, groups, w_groups, codes, scales, out + r * out_stride, out_stride,
                               n, 1);
         else block_rows(x, info + r * groups, groups, w_groups, codes, scales, out + r * out_stride, out_stride, n,
@@ -418,14 +410,14 @@ int int4_linear_vnni(const float *x, int64_t x_stride, int64_t m, int64_t x_cols
     // one job a block and tile, consecutive jobs one block through the tiles.
     const int blocked = m >= BLOCKED_ROWS && !amx_supported();  // with AMX: the vectors below AMX_ROWS
     const int64_t padded = blocked ? (m + BLOCK_ROWS - 1) / BLOCK_ROWS * BLOCK_ROWS : m;  // rows past m: zeros
-    int8_t *xv = malloc(padded * groups * 96);
+    int8_t *xv = malloc(padded * groups * DIGIT_BYTES);
     RowGroup *info = calloc(padded * groups, sizeof(RowGroup));
     if (!xv || !info) {
         free(xv);
         free(info);
         return -2;
     }
-    int64_t block = blocked ? PANEL_BYTES / (groups * 96) / BLOCK_ROWS * BLOCK_ROWS : m;
+    int64_t block = blocked ? PANEL_BYTES / (groups * DIGIT_BYTES) / BLOCK_ROWS * BLOCK_ROWS : m;
     if (block < BLOCK_ROWS) block = BLOCK_ROWS;
     const int64_t jobs = (m + block - 1) / block * tiles;
     int failed = 0;
@@ -433,10 +425,11 @@ int int4_linear_vnni(const float *x, int64_t x_stride, int64_t m, int64_t x_cols
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < padded; r++) {
-            int8_t *d = blocked ? xv + r / BLOCK_ROWS * groups * SLOT_BYTES + r % BLOCK_ROWS * 96 : xv + r * groups * 96;
-            const int64_t stride = blocked ? SLOT_BYTES : 96;
+            int8_t *d = blocked ? xv + r / BLOCK_ROWS * groups * SLOT_BYTES + r % BLOCK_ROWS * DIGIT_BYTES
+                                : xv + r * groups * DIGIT_BYTES;
+            const int64_t stride = blocked ? SLOT_BYTES : DIGIT_BYTES;
             if (r < m) byte_digits(x + r * x_stride, groups, d, stride, info + r * groups);
-            else for (int64_t g = 0; g < groups; g++) memset(d + g * stride, 0, 96);
+            else for (int64_t g = 0; g < groups; g++) memset(d + g * stride, 0, DIGIT_BYTES);
         }
         __m512i *codes = blocked ? aligned_alloc(64, w_groups * 8 * sizeof(__m512i)) : NULL;
         GroupScales *scales = blocked ? aligned_alloc(64, w_groups * sizeof(GroupScales)) : NULL;
@@ -455,7 +448,7 @@ int int4_linear_vnni(const float *x, int64_t x_stride, int64_t m, int64_t x_cols
                 const int64_t r0 = j / tiles * block, t = j % tiles;
                 const int64_t rows = m - r0 < block ? m - r0 : block;
                 tile_operands(packed + t * tile_bytes, w_groups, half, codes, scales);
-                block_tile(xv + r0 * groups * 96, info + r0 * groups, groups, w_groups, codes, scales, rows,
+                block_tile(xv + r0 * groups * DIGIT_BYTES, info + r0 * groups, groups, w_groups, codes, scales, rows,
                            out + r0 * n_out + t * TILE, n_out);
             }
         }
