@@ -14,10 +14,10 @@
 // (d * 2^e) * sum to its 16 outputs with one FMA, groups in increasing order: a row's result
 // is the same whatever the other rows, their number or the threads.
 //
-// Why: cpu_vnni.c takes 8-bit codes as two 4-bit halves, each against 22-bit activations in
-// three bytes: six VPDPBUSD per 64 products and the nibbles to unpack, which leaves one row
-// bound by instructions (Gemma 3 270M's tied lm_head, 262,144 x 640 in Q8_0: 11.4 ms, 15.7 GB/s
-// of one core's 26). Here the codes go into the products as loaded. Where AMX is there, the
+// Why: cpu_vnni.c takes 8-bit codes as two 4-bit halves: twice the products and the nibbles to
+// unpack (with its activations in three bytes, six VPDPBUSD per 64 products; one row was then
+// bound by instructions: Gemma 3 270M's tied lm_head, 262,144 x 640 in Q8_0, 11.4 ms, 15.7 GB/s
+// of one core's 26-31). Here the codes go into the products as loaded. Where AMX is there, the
 // models keep the halves instead (cpu_vnni.c's tile products outrun these from a few rows).
 #include <stdint.h>
 #include <stdlib.h>

@@ -9,9 +9,10 @@ int8 kernel in torch (`_weight_int8pack_mm` scales whole output rows); its codes
 into two 4-bit halves, q + 128 = 16 * hi + lo, that is w = 16d * (hi - 8) + (d * (lo - 8) + 8d),
 and run through the same kernel over twice the input width: the file's codes and scales again.
 (cpu_int4.c and cpu_amx.c join the halves back into the 8-bit code before multiplying: the
-file's d * q exactly, one product per weight; cpu_vnni.c sums each half exactly in integers.)
+file's d * q exactly, one product per weight; cpu_vnni.c sums each half exactly in integers;
+cpu_q8.c, which a float32 model's Q8_0 matrices take where AMX is missing, the whole codes.)
 
-They run on pagedkv/kernels/cpu/cpu_vnni.c where the CPU has AVX512-VNNI (float32 activations, 22 bits of
+They run on pagedkv/kernels/cpu/cpu_vnni.c where the CPU has AVX512-VNNI (float32 activations, 14 bits of
 each below its group's largest kept in exact integer sums with the file's codes, then float32
 with the file's scales), else on pagedkv/kernels/cpu/cpu_int4.c (float32 activations and arithmetic, the
 file's codes and scales as they are), either way every row's result independent of its batch;
