@@ -189,6 +189,29 @@ def test_integer_products_follow_each_groups_scale():
     assert torch.equal(lin(wide[:, :576]), lin(wide[:, :576].contiguous()))
 
 
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, 8, 9, 17])  # the 4-row passes, register blocks and their tails
+def test_integer_products_of_integers_that_fit_are_exact(rows):
+    # Activations that are integers with each group's largest in [2^13, 2^14) keep every bit, and
+    # power-of-two scales keep every sum exact in float32: the outputs must equal the float64
+    # product exactly (a slip in the two bytes' digits, their signs or the codes' offset shows).
+    g = torch.Generator().manual_seed(rows)
+    n, k = 32, 128
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = torch.randint(-6, -2, (n, k // 32), generator=g).float().exp2()
+    weight = GroupQuantized(codes, scales, torch.zeros_like(scales), False, "Q4_0")  # w = scale * (code - 8)
+    x = torch.randint(-8191, 8192, (rows, k), generator=g).float()
+    x.view(rows, -1, 32)[:, :, 5] = torch.randint(8192, 16384, (rows, k // 32), generator=g).float()
+    x.view(rows, -1, 32)[:, ::2, 5] *= -1
+    made_with_amx = cpu_ops.amx_supported()
+    try:
+        cpu_ops.set_amx(False)
+        out = Int4Linear(weight, kernel="pagedkv", eight_bit=False)(x)
+    finally:
+        cpu_ops.set_amx(made_with_amx)
+    assert torch.equal(out.double(), x.double() @ weight.dequantize().double().T)
+
+
 def assert_rows_independent(lin: Int4Linear, x: torch.Tensor, slices: list[tuple[int, int]]) -> torch.Tensor:
     """Each slice of x's rows gives the rows of the whole batch's result, and so does the other
     thread count; returns that result."""
