@@ -44,16 +44,21 @@ def as_words(tokens: list[int]) -> str:
     return " ".join(WORDS[t % len(WORDS)] for t in tokens)
 
 
+def around(mean: int) -> tuple[int, int]:
+    return max(4, mean // 4), mean * 4
+
+
 def make_workload(args) -> MultiTurn:
     """tools/multiturn_workloads.py's workload at this benchmark's sizes (ranges around each mean)."""
     return multi_turn(args.conversations, args.turns, vocab_size=1 << 15, clients=args.clients,
                       system_tokens=args.system_tokens, context_mean=args.context_mean,
                       context_range=(args.context_mean // 2, args.context_mean * 3),
-                      message_mean=args.message_mean, message_range=(max(4, args.message_mean // 4), args.message_mean * 4),
-                      answer_mean=args.answer_mean, answer_range=(max(4, args.answer_mean // 4), args.answer_mean * 4))
+                      message_mean=args.message_mean, message_range=around(args.message_mean),
+                      answer_mean=args.answer_mean, answer_range=around(args.answer_mean))
 
 
-async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
+async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict],
+                    max_tokens: int) -> tuple[float, str, int]:
     """One streamed turn: (seconds to its first token, the answer's text, its tokens)."""
     started = time.perf_counter()
     first, text, tokens = None, [], 0

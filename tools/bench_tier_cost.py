@@ -60,11 +60,11 @@ def throttled_name(mbps: float) -> str:
     return f"throttled disk, {mbps:g} MB/s"
 
 
-
 def carry(dst: CostModel, src: CostModel) -> None:
     """`dst` continues from `src`'s estimates, as one engine running the whole sequence would."""
     for f in fields(CostModel):
         setattr(dst, f.name, copy.copy(getattr(src, f.name)))
+
 
 @dataclass
 class Measurement:

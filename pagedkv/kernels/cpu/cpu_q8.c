@@ -132,7 +132,8 @@ int q8_linear(const float *x, int64_t x_stride, int64_t m, int64_t k, const uint
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; r++) row_digits(x + r * x_stride, groups, xd + r * groups * DIGITS, info + r * groups);
+        for (int64_t r = 0; r < m; r++)
+            row_digits(x + r * x_stride, groups, xd + r * groups * DIGITS, info + r * groups);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < jobs; j++) {
             const int64_t r0 = j / tiles * panel, t = j % tiles;

@@ -434,16 +434,19 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> 
     return out.to(dtype)
 
 
+Q8_CODES, Q8_SCALES = 512, 32  # bytes per tile (16 rows) and group (32 columns): codes, float16 scales
+
+
 @dataclass(frozen=True)
 class PackedQ8:
-    """An 8-bit weight in cpu_q8.c's layout: uint8 [N/16, K/32 * 544], per tile of 16 rows the
+    """An 8-bit weight in cpu_q8.c's layout: uint8 [N/16, K/32 * (Q8_CODES + Q8_SCALES)], per tile of 16 rows the
     codes q + 128 of each group of 32 columns (512 bytes, in VPDPBUSD's order), then the groups'
     float16 scales (w = d * q)."""
     data: torch.Tensor
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.data.shape[0] * INT4_TILE, self.data.shape[1] // 544 * 32
+        return self.data.shape[0] * INT4_TILE, self.data.shape[1] // (Q8_CODES + Q8_SCALES) * 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -463,8 +466,8 @@ def pack_q8(codes: torch.Tensor, scales: torch.Tensor) -> PackedQ8:
     # codes of columns 4kk .. 4kk + 3 in bytes 4n .. 4n + 3.
     ordered = codes.to(torch.uint8).view(tiles, INT4_TILE, groups, 8, 4).permute(0, 2, 3, 1, 4)
     halves = scales.half().view(tiles, INT4_TILE, groups).transpose(1, 2).contiguous().view(torch.uint8)
-    return PackedQ8(torch.cat([ordered.reshape(tiles, groups * 512), halves.reshape(tiles, groups * 32)],
-                              dim=1).contiguous())
+    codes = ordered.reshape(tiles, groups * Q8_CODES)
+    return PackedQ8(torch.cat([codes, halves.reshape(tiles, groups * Q8_SCALES)], dim=1).contiguous())
 
 
 def q8_linear(x: torch.Tensor, packed: PackedQ8) -> torch.Tensor:

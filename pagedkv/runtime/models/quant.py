@@ -216,10 +216,11 @@ class Int4Linear:
     row's result independent of the rest of the batch (pagedkv/kernels/cpu/cpu_int4.c, float32-accurate,
     about twice as fast as torch's kernel from 16 rows on; pagedkv/kernels/cpu/cpu_vnni.c, where the CPU has
     AVX512-VNNI, 14-bit activations in exact integer sums, 1.5 to 1.8 times cpu_int4.c's speed
-    where AMX is missing; Q8_0's whole codes by pagedkv/kernels/cpu/cpu_q8.c there); bfloat16 activations on AMX (pagedkv/kernels/cpu/cpu_amx.c), 3 to 4.5 times
+    where AMX is missing; Q8_0's whole codes by pagedkv/kernels/cpu/cpu_q8.c there); bfloat16
+    activations on AMX (pagedkv/kernels/cpu/cpu_amx.c), 3 to 4.5 times
     cpu_int4.c's speed from 32 rows on, or without AMX by AVX512-BF16 dot products
-    (pagedkv/kernels/cpu/cpu_bf16.c, 1.7 to 2.1 times cpu_vnni.c's speed from 64 rows on, a third of it at one
-    row). Else torch's int4 CPU kernel, whose vectorised path takes bfloat16 activations and
+    (pagedkv/kernels/cpu/cpu_bf16.c, 1.1 to 1.2 times cpu_vnni.c's speed from 64 rows on, a quarter of it at
+    one row). Else torch's int4 CPU kernel, whose vectorised path takes bfloat16 activations and
     bfloat16 scales."""
 
     def __init__(self, weight: GroupQuantized, kernel: str | None = None, eight_bit: bool = True) -> None:
