@@ -202,6 +202,27 @@ def test_threads_split_sequences_not_results():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_attention_ignores_which_heads_and_sequences_share_its_job(cache_dtype):
+    # A job walks a sequence's context once for up to 8 KV heads (where the threads still have
+    # jobs enough), else for one: twelve KV heads take jobs of 8 and 4 in a batch on one thread,
+    # jobs of one head for a sequence alone on two. Each sequence alone gives the bits it gives
+    # in the batch, and the reference's values.
+    cache, tables, query, lens = decode_case([70, 5, 129, 33, 16], 16, (12, 12), 64, cache_dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        batch = cpu_ops.paged_attention_decode(query, cache, 1, tables, lens, 0.125)
+        torch.set_num_threads(2)
+        alone = [cpu_ops.paged_attention_decode(query[s:s + 1], cache, 1, tables[s:s + 1], lens[s:s + 1], 0.125)
+                 for s in range(len(lens))]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(torch.cat(alone), batch)
+    want = reference.paged_attention_decode(query, cache, 1, tables, lens, 0.125)
+    torch.testing.assert_close(batch, want, rtol=1e-5, atol=2e-6)
+
+
 def test_decode_refuses_tables_that_leave_the_cache():
     cache, tables, query, lens = decode_case([20, 30], 16, (4, 4), 64, torch.float32)
     bad = tables.clone()

@@ -188,6 +188,23 @@ static inline void tile_rows(const CacheLayer *c, const int32_t *table, int t0, 
     }
 }
 
+// Asks for the K and V bytes span_first .. span_end-1 of the slots of positions t0 .. t0+15
+// (those before `first` as tile_rows, none from `end`) into L2. Attention asks two tiles
+// ahead: a sequence's blocks lie anywhere in the cache, and a tile's arithmetic is shorter
+// than its rows take to arrive from memory.
+static inline void prefetch_tile(const CacheLayer *c, const int32_t *table, int t0, int end, int first,
+                                 int64_t span_first, int64_t span_end, int elem) {
+    const int n = end - t0 < TILE ? end - t0 : TILE;
+    if (n <= 0) return;
+    int64_t rows[TILE];
+    tile_rows(c, table, t0, n, first, rows);
+    for (int i = 0; i < n; i++)
+        for (int64_t b = span_first; b < span_end; b += 64) {
+            __builtin_prefetch((const char *)c->base + rows[i] * elem + b, 0, 2);
+            __builtin_prefetch((const char *)c->base + (rows[i] + c->kv_stride) * elem + b, 0, 2);
+        }
+}
+
 // One cache row of VECS * 16 elements as float vectors. A bfloat16 row of an even number of
 // vectors is read 32 elements a load and widened in two operations: the even elements to
 // row[2p], the odd ones to row[2p+1] (`split` order; queries and outputs are permuted to
@@ -231,25 +248,37 @@ static inline __attribute__((always_inline)) void from_row_order(const vfloat *r
     }
 }
 
-// Up to QUERIES query vectors of one sequence against one KV head: q[j] (float32 [VECS * 16])
-// sees context positions lo[j] .. ctx[j]-1 (ctx[j] > 0 for j < nq; lo[j] = ctx[j] - window
-// with a sliding window of `window` > 0 positions, else 0). Flash-style: one pass over the
-// context in tiles of 16 positions, a running maximum and sum per query, the weighted V rows
-// summed in registers; each K and V row is read once for all the queries. Tiles are aligned to
-// multiples of 16 positions, and a query skips the tiles that hold none of its positions, so
-// each query's arithmetic is its own (no lane mixes queries) and a row's result is the same
-// whatever queries, batch or thread it is computed with. Blocks wholly before every query's
-// window are never read. With `amx` (bfloat16 cache and queries, heads a
-// multiple of 32 wide) a tile's scores are one C tile, positions by queries: A = the tile's K
-// rows (in place when they are 16 evenly spaced rows, else copied), B = the queries, 32
-// dimensions at a time; each query's column is its own, as above. SmolLM2-135M's decode, 64
-// sequences of 155 positions, 30 layers, 1 thread: 35-38 ms to 32; prompts 1.3 times faster.
+// The KV heads one job walks a sequence's context for at once: a tile's rows of every head
+// lie together in the cache (a slot holds all of them), so one pass streams them in order.
+#define UNITS 8
+// Arrays of a head's vectors take the largest size: sized by VECS, a constant only after
+// inlining, they would be variable-length arrays, kept in memory.
+#define MAX_VECS 16
+
+// Query vectors of one sequence against up to UNITS KV heads: for unit u (KV head at element
+// offset heads[u] of a slot), q[(u * QUERIES + j) * VECS * 16] is query j (float32, element
+// order), which sees context positions lo[j] .. ctx[j]-1 (ctx[j] > 0 for j < nq; lo[j] =
+// ctx[j] - window with a sliding window of `window` > 0 positions, else 0); query j of every
+// unit is the same token's. Flash-style: one pass over the context in tiles of 16 positions, a
+// running maximum and sum per query, the weighted V rows summed in registers; each K and V row
+// is read once for a unit's queries. Tiles are aligned to multiples of 16 positions, and a
+// query skips the tiles that hold none of its positions, so each query's arithmetic is its own
+// (no lane mixes queries or heads) and a row's result is the same whatever queries, heads,
+// batch or thread it is computed with. Blocks wholly before every query's window are never
+// read. With `amx` (bfloat16 cache and queries, heads a multiple of 32 wide; one unit) a
+// tile's scores are one C tile, positions by queries: A = the tile's K rows (in place when they
+// are 16 evenly spaced rows, else copied), B = the queries, 32 dimensions at a time; each
+// query's column is its own, as above. SmolLM2-135M's decode over a float32 cache, 64
+// sequences of 300 positions, 30 layers, 1 thread, Zen 4: 130 ms a step, where one KV head a
+// job with its arrays in memory took 236 (the reads, scattered 24 KB a block and layer, now
+// set the pace: about 7 GB/s, where such reads alone reach 10).
 static inline __attribute__((always_inline)) void attend(const CacheLayer *c, const int bf16, const int VECS,
                                                         const int amx, const int32_t *table, const float *q,
-                                                        const int *ctx, int nq, int window, float scale,
-                                                        float *out) {
+                                                        const int *ctx, int nq, const int64_t *heads, int units,
+                                                        int window, float scale, float *out) {
     const int d_len = VECS * LANES, split = bf16 && VECS % 2 == 0;
-    vfloat acc[QUERIES][VECS], partial[QUERIES][TILE], qv[QUERIES][VECS];
+    vfloat acc[UNITS][QUERIES][MAX_VECS], qv[UNITS][QUERIES][MAX_VECS];
+    float top[UNITS][QUERIES], total[UNITS][QUERIES];
 #if HAVE_AMX
     // The queries as B tiles, one per 32 dimensions: row r holds each query's dimensions 2r and
     // 2r + 1 (bfloat16, exact: the queries were bfloat16). Columns from nq on are left as they
@@ -267,131 +296,144 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
                 for (int r = 0; r < TILE; r++) q_tiles[d][r * TILE + j] = pairs[r];
             }
 #endif
-    float top[QUERIES], total[QUERIES], weight[QUERIES][TILE] __attribute__((aligned(64)));
+    float weight[QUERIES][TILE] __attribute__((aligned(64)));
     int64_t rows[TILE], ahead[TILE];
     int ctx_max = 0, lo[QUERIES], lo_min = 0;
     for (int j = 0; j < QUERIES; j++) {
-        top[j] = -INFINITY;
-        total[j] = 0.0f;
-        for (int v = 0; v < VECS; v++) acc[j][v] = splat(0.0f);
-        to_row_order(q + j * d_len, split, VECS, qv[j]);
         lo[j] = j < nq && window > 0 && ctx[j] > window ? ctx[j] - window : 0;
         if (j < nq && ctx[j] > ctx_max) ctx_max = ctx[j];
         if (j < nq && (j == 0 || lo[j] < lo_min)) lo_min = lo[j];
     }
+    for (int u = 0; u < units; u++)
+        for (int j = 0; j < QUERIES; j++) {
+            top[u][j] = -INFINITY;
+            total[u][j] = 0.0f;
+            for (int v = 0; v < VECS; v++) acc[u][j][v] = splat(0.0f);
+            if (j < nq) to_row_order(q + (u * QUERIES + j) * d_len, split, VECS, qv[u][j]);
+        }
+    // The bytes of a slot the job reads: from the first unit's head to the end of the last's.
+    const int elem = bf16 ? 2 : 4;
+    const int64_t span_first = heads[0] * elem, span_end = (heads[units - 1] + d_len) * elem;
     const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const int t_first = lo_min / TILE * TILE;
     tile_rows(c, table, t_first, ctx_max - t_first < TILE ? ctx_max - t_first : TILE, lo_min, rows);
+    prefetch_tile(c, table, t_first + TILE, ctx_max, lo_min, span_first, span_end, elem);
     for (int t0 = t_first; t0 < ctx_max; t0 += TILE) {
         const int n = ctx_max - t0 < TILE ? ctx_max - t0 : TILE;
-        // The next tile's rows, asked for now: a sequence's blocks lie anywhere in the cache.
         const int n_next = ctx_max - t0 - n < TILE ? ctx_max - t0 - n : TILE;
         tile_rows(c, table, t0 + TILE, n_next, lo_min, ahead);
-        for (int i = 0; i < n_next; i++)
-            for (int b = 0; b < d_len * (bf16 ? 2 : 4); b += 64) {
-                __builtin_prefetch((const char *)c->base + ahead[i] * (bf16 ? 2 : 4) + b);
-                __builtin_prefetch((const char *)c->base + (ahead[i] + c->kv_stride) * (bf16 ? 2 : 4) + b);
-            }
-        if (!amx)
-            for (int i = 0; i < TILE; i++) {
-                vfloat part[QUERIES];
-                for (int j = 0; j < QUERIES; j++) part[j] = splat(0.0f);
-                if (i < n) {
-                    vfloat k[VECS];
-                    load_row(c->base, rows[i], bf16, VECS, k);
-                    for (int v = 0; v < VECS; v++)
-                        for (int j = 0; j < QUERIES; j++) part[j] += qv[j][v] * k[v];
-                }
-                for (int j = 0; j < QUERIES; j++) partial[j][i] = part[j];
-            }
-#if HAVE_AMX
-        else {
-            // scores[i][j] = K row i . query j: A = the tile's K rows (in place where they are
-            // 16 evenly spaced rows of one block, else copied, the rows past n zero).
-            const uint16_t *k = (const uint16_t *)c->base + rows[0];
-            int64_t k_stride = c->slot_stride * 2;
-            int in_place = n == TILE;
-            for (int i = 1; i < TILE && in_place; i++) in_place = rows[i] - rows[0] == i * c->slot_stride;
-            if (!in_place) {
-                for (int i = 0; i < TILE; i++) {
-                    if (i < n) memcpy(k_rows[i], (const uint16_t *)c->base + rows[i], d_len * 2);
-                    else memset(k_rows[i], 0, d_len * 2);
-                }
-                k = k_rows[0];
-                k_stride = sizeof k_rows[0];
-            }
-            _tile_zero(4);
-            for (int d = 0; d < d_len / 32; d++) {
-                _tile_loadd(0, k + d * 32, k_stride);
-                _tile_loadd(2, q_tiles[d], 64);
-                _tile_dpbf16ps(4, 0, 2);
-            }
-            _tile_stored(4, scores, TILE * 4);
-        }
-#endif
+        prefetch_tile(c, table, t0 + 2 * TILE, ctx_max, lo_min, span_first, span_end, elem);
+        for (int i = n; i < TILE; i++) rows[i] = rows[n - 1];  // scored, never weighed
+        int valid[QUERIES], skip[QUERIES];  // lanes skip .. valid-1 of the tile are query j's
         for (int j = 0; j < QUERIES; j++) {
-            // Lanes skip .. valid-1 of the tile are query j's positions.
-            const int valid = j < nq ? (ctx[j] - t0 < n ? ctx[j] - t0 : n) : 0;
-            const int skip = j < nq && lo[j] > t0 ? lo[j] - t0 : 0;
-            vfloat p = splat(0.0f);
-            if (valid > skip) {
-                const vint keep = (lane < valid) & (lane >= skip);
-                vfloat s;
+            valid[j] = j < nq ? (ctx[j] - t0 < n ? ctx[j] - t0 : n) : 0;
+            skip[j] = j < nq && lo[j] > t0 ? lo[j] - t0 : 0;
+        }
+        for (int u = 0; u < units; u++) {
+            vfloat s[QUERIES];
+            if (!amx) {
+                vfloat partial[QUERIES][TILE];
+                for (int i = 0; i < TILE; i++) {
+                    vfloat k[MAX_VECS];
+                    load_row(c->base, rows[i] + heads[u], bf16, VECS, k);
+                    for (int j = 0; j < QUERIES; j++) {
+                        if (j >= nq) break;
+                        vfloat part = qv[u][j][0] * k[0];
+                        for (int v = 1; v < VECS; v++) part += qv[u][j][v] * k[v];
+                        partial[j][i] = part;
+                    }
+                }
+                for (int j = 0; j < QUERIES; j++)
+                    if (j < nq) s[j] = sum_each(partial[j]);
+            }
 #if HAVE_AMX
-                if (amx)  // query j's column of the scores
-                    s = (vfloat)_mm512_i32gather_ps(
-                        _mm512_add_epi32(_mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64,
-                                                          48, 32, 16, 0),
+            else {
+                // scores[i][j] = K row i . query j: A = the tile's K rows (in place where they are
+                // 16 evenly spaced rows of one block, else copied, the rows past n zero).
+                const uint16_t *k = (const uint16_t *)c->base + rows[0] + heads[u];
+                int64_t k_stride = c->slot_stride * 2;
+                int in_place = n == TILE;
+                for (int i = 1; i < TILE && in_place; i++) in_place = rows[i] - rows[0] == i * c->slot_stride;
+                if (!in_place) {
+                    for (int i = 0; i < TILE; i++) {
+                        if (i < n) memcpy(k_rows[i], (const uint16_t *)c->base + rows[i] + heads[u], d_len * 2);
+                        else memset(k_rows[i], 0, d_len * 2);
+                    }
+                    k = k_rows[0];
+                    k_stride = sizeof k_rows[0];
+                }
+                _tile_zero(4);
+                for (int d = 0; d < d_len / 32; d++) {
+                    _tile_loadd(0, k + d * 32, k_stride);
+                    _tile_loadd(2, q_tiles[d], 64);
+                    _tile_dpbf16ps(4, 0, 2);
+                }
+                _tile_stored(4, scores, TILE * 4);
+                for (int j = 0; j < nq; j++)  // query j's column of the scores
+                    s[j] = (vfloat)_mm512_i32gather_ps(
+                        _mm512_add_epi32(_mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80,
+                                                          64, 48, 32, 16, 0),
                                          _mm512_set1_epi32(j)),
                         scores, 4);
-                else
-#endif
-                    s = sum_each(partial[j]);
-                s *= scale;
-                s = blend(keep, s, splat(-INFINITY));
-                const float tile_top = max_lanes(s), new_top = tile_top > top[j] ? tile_top : top[j];
-                const float rescale = expf(top[j] - new_top);
-                p = exp_nonpositive(s - new_top);
-                total[j] = total[j] * rescale + sum_lanes(p);
-                top[j] = new_top;
-                for (int v = 0; v < VECS; v++) acc[j][v] *= rescale;
             }
-            memcpy(weight[j], &p, sizeof p);
-        }
-        for (int i = 0; i < n; i++) {
-            vfloat val[VECS];
-            load_row(c->base, rows[i] + c->kv_stride, bf16, VECS, val);
-            for (int v = 0; v < VECS; v++)
-                for (int j = 0; j < QUERIES; j++) acc[j][v] += weight[j][i] * val[v];
+#endif
+            vfloat a[QUERIES][MAX_VECS];  // the unit's weighted V sums, in registers for the tile
+            for (int j = 0; j < QUERIES; j++) {
+                vfloat p = splat(0.0f);
+                for (int v = 0; v < VECS; v++) a[j][v] = acc[u][j][v];
+                if (valid[j] > skip[j]) {
+                    const vint keep = (lane < valid[j]) & (lane >= skip[j]);
+                    const vfloat scaled = blend(keep, s[j] * scale, splat(-INFINITY));
+                    const float tile_top = max_lanes(scaled);
+                    const float new_top = tile_top > top[u][j] ? tile_top : top[u][j];
+                    const float rescale = expf(top[u][j] - new_top);
+                    p = exp_nonpositive(scaled - new_top);
+                    total[u][j] = total[u][j] * rescale + sum_lanes(p);
+                    top[u][j] = new_top;
+                    for (int v = 0; v < VECS; v++) a[j][v] *= rescale;
+                }
+                memcpy(weight[j], &p, sizeof p);
+            }
+            for (int i = 0; i < n; i++) {
+                vfloat val[MAX_VECS];
+                load_row(c->base, rows[i] + heads[u] + c->kv_stride, bf16, VECS, val);
+                for (int j = 0; j < QUERIES; j++) {
+                    if (j >= nq) break;
+                    for (int v = 0; v < VECS; v++) a[j][v] += weight[j][i] * val[v];
+                }
+            }
+            for (int j = 0; j < QUERIES; j++)
+                for (int v = 0; v < VECS; v++) acc[u][j][v] = a[j][v];
         }
         memcpy(rows, ahead, sizeof rows);
     }
-    for (int j = 0; j < nq; j++) {
-        const float inv = ctx[j] > 0 ? 1.0f / total[j] : 0.0f;
-        for (int v = 0; v < VECS; v++) acc[j][v] *= inv;
-        from_row_order(acc[j], split, VECS, out + j * d_len);
-    }
+    for (int u = 0; u < units; u++)
+        for (int j = 0; j < nq; j++) {
+            const float inv = ctx[j] > 0 ? 1.0f / total[u][j] : 0.0f;
+            for (int v = 0; v < VECS; v++) acc[u][j][v] *= inv;
+            from_row_order(acc[u][j], split, VECS, out + (u * QUERIES + j) * d_len);
+        }
 }
 
-// One job: query vectors first .. first+nq-1 of sequence `seq` (vector r * group + i is query
-// head kv_head * group + i of the sequence's row r) against KV head kv_head.
+// One job: for each of KV heads kv_head .. kv_head+heads-1, query vectors first ..
+// first+count-1 of sequence `seq` (vector r * group + i is query head kv_head * group + i of the
+// sequence's row r).
 typedef struct {
-    int seq, kv_head, first, count;
+    int seq, kv_head, heads, first, count;
 } Job;
 
 // The per-type, per-head-size instances of `attend`, chosen once per call.
 #define ATTEND_CASES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(16)
-#define ATTEND_FN(vecs)                                                                                            \
-    static void attend_f32_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,      \
-                                  int w, float s, float *o) { attend(c, 0, vecs, 0, t, q, x, n, w, s, o); }        \
-    static void attend_bf16_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n,     \
-                                   int w, float s, float *o) { attend(c, 1, vecs, 0, t, q, x, n, w, s, o); }       \
-    static void attend_bf16_amx_##vecs(const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n, \
-                                       int w, float s, float *o) {                                              \
-        attend(c, 1, vecs, HAVE_AMX && vecs % 2 == 0, t, q, x, n, w, s, o);                                        \
+#define ATTEND_ARGS const CacheLayer *c, const int32_t *t, const float *q, const int *x, int n, const int64_t *h, \
+                    int u, int w, float s, float *o
+#define ATTEND_FN(vecs)                                                                                     \
+    static void attend_f32_##vecs(ATTEND_ARGS) { attend(c, 0, vecs, 0, t, q, x, n, h, u, w, s, o); }       \
+    static void attend_bf16_##vecs(ATTEND_ARGS) { attend(c, 1, vecs, 0, t, q, x, n, h, u, w, s, o); }      \
+    static void attend_bf16_amx_##vecs(ATTEND_ARGS) {                                                       \
+        attend(c, 1, vecs, HAVE_AMX && vecs % 2 == 0, t, q, x, n, h, u, w, s, o);                           \
     }
 ATTEND_CASES(ATTEND_FN)
-typedef void (*AttendFn)(const CacheLayer *, const int32_t *, const float *, const int *, int, int, float, float *);
+typedef void (*AttendFn)(ATTEND_ARGS);
 
 // Whether attention takes its query-key products on AMX's tiles: bfloat16 queries and cache,
 // heads a multiple of 32 wide, and AMX usable here.
@@ -433,8 +475,8 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
     const CacheLayer c = cache_layer(cache, cache_bf16, num_blocks, num_layers, layer, block_size, num_kv_heads,
                                      head_dim);
     const int group = num_heads / num_kv_heads;
-    // Check every sequence before any work, and count the jobs.
-    int64_t num_jobs = 0;
+    // Check every sequence before any work, and count the query vectors' groups of QUERIES.
+    int64_t num_chunks = 0;
     for (int s = 0; s < num_seqs; s++) {
         const int64_t start = query_start_loc ? query_start_loc[s] : s;
         const int64_t q_len = query_start_loc ? query_start_loc[s + 1] - start : 1;
@@ -446,17 +488,24 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
             const int32_t block = block_tables[s * table_stride + b];
             if (block < 0 || block >= num_blocks) return ERR_BLOCK;
         }
-        if (q_len <= max_rows) num_jobs += (int64_t)num_kv_heads * ((q_len * group + QUERIES - 1) / QUERIES);
+        if (q_len <= max_rows) num_chunks += (q_len * group + QUERIES - 1) / QUERIES;
     }
+    // A job takes every KV head (up to UNITS) of its query vectors; one head each where that
+    // would leave threads too few jobs to share (a decode of a sequence or two), and on AMX.
+    int heads_per_job = num_kv_heads < UNITS ? num_kv_heads : UNITS;
+    if (amx || (num_threads > 1 && num_chunks < 4 * num_threads)) heads_per_job = 1;
+    const int head_jobs = (num_kv_heads + heads_per_job - 1) / heads_per_job;
+    const int64_t num_jobs = num_chunks * head_jobs;
     Job *jobs = malloc(sizeof(Job) * (num_jobs ? num_jobs : 1));
     if (!jobs) return ERR_MEMORY;
     int64_t j = 0;
     for (int s = 0; s < num_seqs; s++) {
         const int64_t q_len = query_start_loc ? query_start_loc[s + 1] - query_start_loc[s] : 1;
         const int64_t vectors = q_len <= max_rows ? q_len * group : 0;
-        for (int g = 0; g < num_kv_heads; g++)
-            for (int64_t first = 0; first < vectors; first += QUERIES)
-                jobs[j++] = (Job){s, g, (int)first, (int)(vectors - first < QUERIES ? vectors - first : QUERIES)};
+        for (int64_t first = 0; first < vectors; first += QUERIES)
+            for (int g = 0; g < num_kv_heads; g += heads_per_job)
+                jobs[j++] = (Job){s, g, num_kv_heads - g < heads_per_job ? num_kv_heads - g : heads_per_job,
+                                  (int)first, (int)(vectors - first < QUERIES ? vectors - first : QUERIES)};
     }
     const int64_t row_len = (int64_t)num_heads * head_dim;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_jobs > 1)
@@ -468,25 +517,28 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
         const int64_t start = query_start_loc ? query_start_loc[job.seq] : job.seq;
         const int64_t q_len = query_start_loc ? query_start_loc[job.seq + 1] - start : 1;
         const int ctx = context_lens[job.seq] > 0 ? context_lens[job.seq] : 0;
-        float q[QUERIES * 16 * LANES] __attribute__((aligned(64))), o[QUERIES * 16 * LANES] __attribute__((aligned(64)));
+        // The job's queries and outputs, float32: unit u's query k at (u * QUERIES + k) * head_dim.
+        float q[UNITS * QUERIES * 16 * LANES] __attribute__((aligned(64)));
+        float o[UNITS * QUERIES * 16 * LANES] __attribute__((aligned(64)));
         int q_ctx[QUERIES] = {0};
-        // Unused query slots are zeros: stale stack bytes could be subnormal floats, and every
-        // multiply by one would take a microcode assist.
-        memset(q + job.count * head_dim, 0, sizeof(float) * (QUERIES - job.count) * head_dim);
-        int64_t at[QUERIES];  // element offset of each query vector's head in `query` and `out`
-        for (int k = 0; k < job.count; k++) {
-            const int64_t row = (job.first + k) / group, head = (int64_t)job.kv_head * group + (job.first + k) % group;
-            q_ctx[k] = ctx ? (int)(ctx - q_len + row + 1) : 0;
-            at[k] = (start + row) * query_stride + head * head_dim;
-            for (int d = 0; d < head_dim; d++) q[k * head_dim + d] = load(query, at[k] + d, query_bf16);
-            at[k] = (start + row) * row_len + head * head_dim;
+        int64_t heads[UNITS];  // element offset of each unit's KV head in a slot
+        for (int k = 0; k < job.count; k++) q_ctx[k] = ctx ? (int)(ctx - q_len + (job.first + k) / group + 1) : 0;
+        for (int u = 0; u < job.heads; u++) {
+            heads[u] = (int64_t)(job.kv_head + u) * head_dim;
+            for (int k = 0; k < job.count; k++) {
+                const int64_t row = (job.first + k) / group, head = (int64_t)(job.kv_head + u) * group + (job.first + k) % group;
+                const int64_t at = (start + row) * query_stride + head * head_dim;
+                for (int d = 0; d < head_dim; d++) q[(u * QUERIES + k) * head_dim + d] = load(query, at + d, query_bf16);
+            }
         }
-        CacheLayer head_layer = c;  // the job's KV head: its rows start head_dim elements further per head
-        head_layer.base = (const char *)c.base + (int64_t)job.kv_head * head_dim * (cache_bf16 ? 2 : 4);
-        if (ctx) fn(&head_layer, block_tables + job.seq * table_stride, q, q_ctx, job.count, window, scale, o);
-        else memset(o, 0, sizeof(float) * job.count * head_dim);
-        for (int k = 0; k < job.count; k++)
-            for (int d = 0; d < head_dim; d++) store(out, at[k] + d, o[k * head_dim + d], query_bf16);
+        if (ctx) fn(&c, block_tables + job.seq * table_stride, q, q_ctx, job.count, heads, job.heads, window, scale, o);
+        else memset(o, 0, sizeof(float) * UNITS * QUERIES * head_dim);
+        for (int u = 0; u < job.heads; u++)
+            for (int k = 0; k < job.count; k++) {
+                const int64_t row = (job.first + k) / group, head = (int64_t)(job.kv_head + u) * group + (job.first + k) % group;
+                const int64_t at = (start + row) * row_len + head * head_dim;
+                for (int d = 0; d < head_dim; d++) store(out, at + d, o[(u * QUERIES + k) * head_dim + d], query_bf16);
+            }
     }
 #if HAVE_AMX
     if (amx) _tile_release();
