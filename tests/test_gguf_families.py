@@ -140,8 +140,10 @@ def test_quantized_gguf_equals_transformers_gguf_loader(family):
 
 @pytest.mark.parametrize("family", list(GGUF_FAMILIES), indirect=True)
 def test_quantized_gguf_kept_quantized_follows_the_dequantized_run(family):
-    # The 4- and 8-bit matrices kept as they are (float32 activations) against the same file
-    # dequantized: the same greedy tokens for the first steps, logits within 1% of their range.
+    # The 4- and 8-bit matrices kept as they are against the same file dequantized: logits within
+    # 4% of their range (up to 2% seen; where the CPU has AVX512-VNNI the activations enter those
+    # matrices as bytes, each rounded by up to 1/254 of its group's largest, in every matrix of
+    # every layer, and the KV cache is bfloat16; a wrong scale, offset or code errs by the range).
     name, folder, tmp = family
     path = write_family_gguf(str(tmp / "q.gguf"), folder, qtypes=QUANTIZED)
     prompts = prompts_for(name)[:3]
@@ -150,4 +152,4 @@ def test_quantized_gguf_kept_quantized_follows_the_dequantized_run(family):
     (_, seen), (_, want_seen) = greedy(name, kept, path, prompts, "auto"), greedy(name, load_model(path), path, prompts)
     for i in seen:
         (_, a), (_, b) = seen[i][0], want_seen[i][0]
-        assert (a - b).abs().max() <= 0.01 * (b.max() - b.min()), i
+        assert (a - b).abs().max() <= 0.04 * (b.max() - b.min()), i

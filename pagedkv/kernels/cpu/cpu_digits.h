@@ -1,7 +1,6 @@
-// Float32 activations as exact integers below a shared exponent, for the kernels that multiply
-// them by weight codes in integer sums (cpu_vnni.c's 4-bit codes, cpu_q8.c's 8-bit ones): each
-// group of 32 activations x becomes integers a = x * 2^-e, rounded to nearest, with e chosen so
-// that 2^(bits - 1) <= max |a| < 2^bits, and the group's constants (RowGroup).
+// Float32 activations as integers, for the kernels that multiply them by weight codes in exact
+// integer sums (cpu_vnni.c's 4-bit codes, cpu_q8.c's 8-bit ones): each group of 32 activations x
+// becomes integers a = x / scale, rounded to nearest, with the group's constants (RowGroup).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -10,8 +9,8 @@
 
 // One row's constants for one group of its activations.
 typedef struct {
-    float scale;    // 2^e
-    float sum;      // 2^e * sum(a): the group's sum of x
+    float scale;    // x = scale * a, as nearly as a holds it
+    float sum;      // scale * sum(a): the group's sum of x
     int32_t total;  // sum(a)
 } RowGroup;
 
@@ -24,10 +23,13 @@ static inline float power_of_two(int k) {
     return f;
 }
 
-// A group's 32 activations as integers a (two vectors), 2^(bits - 1) <= max |a| < 2^bits, and
-// its RowGroup.
+// A group's 32 activations as integers a (two vectors) and its RowGroup. With `fill` (a
+// constant after inlining), a = x * (2^bits - 1) / max |x| rounded to nearest: the largest is
+// +-(2^bits - 1), every level of the integers used. Else a power-of-two scale, a = x * 2^-e
+// rounded to nearest with 2^(bits - 1) <= max |a| < 2^bits: each activation keeps bits below
+// its group's largest, and scaling x by a power of two moves e only.
 static inline __attribute__((always_inline)) void integers(const float *x, __m512i a[2], RowGroup *ri,
-                                                           const int bits) {
+                                                           const int bits, const int fill) {
     const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
     const float biggest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     a[0] = a[1] = _mm512_setzero_si512();
@@ -39,8 +41,17 @@ static inline __attribute__((always_inline)) void integers(const float *x, __m51
         ri->scale = NAN;
     } else if (exponent == 0) {  // zeros, or subnormals too small to count
         ri->scale = 0;
+    } else if (fill) {  // a = x * 2^(127 - exponent) * top / m, m = 1.f: the largest becomes top
+        const float top = (float)((1 << bits) - 1), mantissa = biggest * power_of_two(127 - exponent);
+        const __m512 down = _mm512_set1_ps(power_of_two(127 - exponent)), up = _mm512_set1_ps(top / mantissa);
+        a[0] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v0, down), up));  // nearest, ties even
+        a[1] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v1, down), up));
+        ri->scale = mantissa / top * power_of_two(exponent - 127);
     } else {  // a = x * 2^up: 2^(bits - 1) <= max |a| < 2^bits
-        const int up = 126 + bits - exponent;  // 2^up may overflow a float: two steps
+        int up = 126 + bits - exponent;  // 2^up may overflow a float: two steps
+        // A largest within half a unit of 2^bits would round to it: one bit less (the largest
+        // then rounds to 2^(bits - 1)).
+        if ((biggest_bits & 0x7FFFFF) >= (1u << 23) - (1u << (23 - bits))) up--;
         const __m512 half_up = _mm512_set1_ps(power_of_two(up / 2)), rest = _mm512_set1_ps(power_of_two(up - up / 2));
         a[0] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v0, half_up), rest));  // nearest, ties even
         a[1] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(v1, half_up), rest));

@@ -45,7 +45,7 @@ int q8_linear_supported(void) { return 1; }
 static void row_digits(const float *x, int64_t groups, int8_t *dst, RowGroup *info) {
     for (int64_t g = 0; g < groups; g++) {
         __m512i a[2];
-        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS);
+        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS, 0);
         for (int i = 0; i < 2; i++) {
             const __m512i l = digit(a[i], 8, 128), h = _mm512_srai_epi32(_mm512_sub_epi32(a[i], l), 8);
             store_bytes(dst + g * DIGITS + i * 16, h);

@@ -3,35 +3,36 @@
 // Q4_K codes; Q8_0's two 4-bit halves stay two matrices over the same activations, where AMX
 // is there or a model keeps them: elsewhere cpu_q8.c takes its whole codes).
 //
-// Each row's group of 32 activations shares one exponent: a = x * 2^-e rounded to an integer,
-// 2^13 <= max |a| < 2^14, so each activation keeps 14 bits below its group's largest (the 4-bit
-// weights' own error is about 2^-5: 2^9 times coarser). sum(a * code) over the group is then an
-// exact int32, computed
-// - by AVX512-VNNI: a as two signed bytes, a = 256 h + l, each byte's products with
-//   the codes by VPDPBUSD (64 products an instruction); up to 6 rows a pass over the weights
-//   decodes the codes as it goes, 4 rows at a time (`vector_rows`); from 7 rows where AMX is
-//   missing, register blocks of 8 rows by one tile take the codes decoded once per block of rows
-//   (`block_rows`: 16 sums in registers, each broadcast digit fed straight into VPDPBUSD);
-// - from 8 rows by AMX where the CPU has it: a = 4096 a1 + a0, each part two signed bytes
-//   16 d1 + d0 in one 64-byte tile row, which TDPBSUD multiplies by 16 times the codes and by the
-//   codes (8,192 products an instruction).
+// Each row's group of 32 activations becomes signed bytes: a = x * 127 / max |x| rounded to an
+// integer (the largest +-127), as llama.cpp's 8-bit activations for the same files; each
+// activation errs by at most half a unit, 1/254 of its group's largest. sum(a * code) over the
+// group is then an exact int32, computed
+// - by AVX512-VNNI's VPDPBUSD (64 products an instruction): up to 6 rows a pass over the
+//   weights decodes the codes as it goes, 4 rows at a time (`vector_rows`); from 7 rows where
+//   AMX is missing, register blocks of 8 rows by one tile take the codes decoded once per block
+//   of rows (`block_rows`: 8 sums in registers, each broadcast activation fed straight into
+//   VPDPBUSD);
+// - from 8 rows by AMX where the CPU has it: a = 4096 a1 + a0 (a1 is 0 for bytes), each part
+//   two signed bytes 16 d1 + d0 in one 64-byte tile row, which TDPBSUD multiplies by 16 times
+//   the codes and by the codes (8,192 products an instruction).
 // Then, in float32 and in one order whatever the path, each group adds
-// scale * 2^e * sum(a * code) + offset * sum(x) to its 16 outputs, groups in increasing order
-// (where the offset is -8 times the scale, Q4_0's and Q8_0's high halves, 8 * sum(a) comes out of
-// the integer sum instead: nothing cancels in float32). A group holding a NaN or an infinity makes
-// its row's outputs NaN; a group of subnormals counts as zeros.
+// scale * (x's scale) * sum(a * code) + offset * sum(x) to its 16 outputs, groups in increasing
+// order (where the offset is -8 times the scale, Q4_0's and Q8_0's high halves, 8 * sum(a) comes
+// out of the integer sum instead: nothing cancels in float32). A group holding a NaN or an
+// infinity makes its row's outputs NaN; a group of subnormals counts as zeros.
 //
 // Why: float32 FMAs set the pace of cpu_int4.c, and decoding the 4-bit weights that of a single
-// row. Here the codes go into the products as bytes, and AMX's products outrun FMAs. SmolLM2-135M's
-// matrices, 1 thread (tools/bench_cpu_kernels), Xeon with AMX: 1.3 times cpu_int4.c's speed at 1
-// and 16 rows, 1.4-1.5 from 32 to 128, 1.15 at 2,900. From 16 rows the float32 work each group
-// adds to every output (a conversion, two multiply-adds), not the tile products, sets the pace.
-// Without AMX (an AMD EPYC, Zen 4) the register blocks ran at about 60 G multiply-adds a second
-// on one core with 22-bit activations in three bytes (80% of what VPDPBUSD's one 512-bit
-// instruction a cycle allows; the rest: each group's float32 work per row and tile): 1.6 times
-// the 4-row passes at 64 to 512 rows; two bytes take two thirds of the products. One row keeps
-// the 4-row pass, 1.7 times cpu_int4.c's speed.
-// And exact sums make both paths give the same bits: a row's result depends neither on its batch
+// row. Here the codes go into the products as bytes, and AMX's products outrun FMAs. Bytes, not
+// the 14 bits in two bytes this kernel took before: where AMX is missing VPDPBUSD sets the pace
+// of batches (about 0.8 of its one 512-bit instruction a cycle on Zen 4), and one byte an
+// activation halves its instructions. SmolLM2-135M's matrices on one core of an AMD EPYC (Zen 4),
+// tools/bench_cpu_kernels: 2.0x cpu_int4.c's speed at 1 and 16 rows, 2.3x at 64, 2.6x at 512
+// (two bytes: 1.5-1.6x from 16 rows on). What it costs (SmolLM2-135M, the Q4_1 file, 3,064
+// tokens of English text scored against the same weights in float32): perplexity +0.24%, the
+// likeliest token the same at 96.7% of positions (llama.cpp on the same file: +0.17%, 95.9%).
+// With AMX (a Xeon, 14-bit activations then): 1.3 times cpu_int4.c's speed at 1 and 16 rows,
+// 1.4-1.5 from 32 to 128, 1.15 at 2,900.
+// And exact sums make every path give the same bits: a row's result depends neither on its batch
 // (preemption stays invisible in the outputs) nor on whether the CPU has AMX.
 #include <stdint.h>
 #include <stdlib.h>
@@ -48,8 +49,8 @@
 #define BLOCKED_ROWS 7    // from this many rows, register blocks (block_rows) where AMX is missing
 #define BLOCK_BYTES (1024 * 1024)  // a block of rows' activations, as AMX's parts, kept in L2 while the tiles pass
 #define PREFETCH_BYTES (32 * 1024)  // one row streams the codes: asked for this far ahead, into L2 (as cpu_q8.c)
-#define ACTIVATION_BITS 14  // 2^13 <= max |a| < 2^14 in each group
-#define DIGIT_BYTES 64      // a group's digits in one row: 32 h, then 32 l
+#define ACTIVATION_BITS 7  // a in -127 .. 127, each group's largest +-127: a signed byte
+#define DIGIT_BYTES 32     // a group's activations in one row, a byte each
 
 
 static int vnni_allowed = 1;  // vnni_enable(0) hands float32 rows back to cpu_int4.c, for tests
@@ -58,19 +59,14 @@ int vnni_supported(void) { return vnni_allowed; }
 
 void vnni_enable(int on) { vnni_allowed = on; }
 
-// a = 256 h + l, two signed bytes (|h| <= 64), stored [h | l], 32 bytes each: DIGIT_BYTES a
-// group, groups `group_stride` bytes apart (DIGIT_BYTES for the vector path, a row's groups
-// together; SLOT_BYTES for register blocks, a block's rows of one group together).
+// Each group's a as 32 signed bytes (DIGIT_BYTES), groups `group_stride` bytes apart
+// (DIGIT_BYTES for the vector path, a row's groups together; SLOT_BYTES for register blocks, a
+// block's rows of one group together).
 static void byte_digits(const float *x, int64_t groups, int8_t *dst, int64_t group_stride, RowGroup *info) {
     for (int64_t g = 0; g < groups; g++) {
         __m512i a[2];
-        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS);
-        int8_t *d = dst + g * group_stride;
-        for (int i = 0; i < 2; i++) {
-            const __m512i l = digit(a[i], 8, 128), h = _mm512_srai_epi32(_mm512_sub_epi32(a[i], l), 8);
-            store_bytes(d + i * 16, h);
-            store_bytes(d + GROUP + i * 16, l);
-        }
+        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS, 1);
+        for (int i = 0; i < 2; i++) store_bytes(dst + g * group_stride + i * 16, a[i]);
     }
 }
 
@@ -79,11 +75,13 @@ static void byte_digits(const float *x, int64_t groups, int8_t *dst, int64_t gro
 // For AMX: a = 4096 a1 + a0, a0 in -2056..2039 and |a1| <= 4, each as 16 d1 + d0 (d0 in -8..7,
 // d1 a signed byte): an A tile row's 64 bytes, the 32 d1 then the 32 d0. Slab s (16 rows), group g,
 // part p (a1, a0) at ((s * groups + g) * 2 + p) * PART_BYTES, the slab's row r 64 r bytes on.
+// (Made for 14-bit activations: with bytes a1 is 0, and its tile products add zeros. Dropping
+// that part would halve AMX's products; it waits for an AMX CPU to test it on.)
 static void tile_digits(const float *x, int64_t groups, int64_t row, int8_t *xq, RowGroup *info) {
     const int64_t slab = row / TILE, r = row % TILE;
     for (int64_t g = 0; g < groups; g++) {
         __m512i a[2];
-        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS);
+        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS, 1);
         for (int i = 0; i < 2; i++) {
             const __m512i a0 = digit(a[i], 12, 2056);
             const __m512i parts[2] = {_mm512_srai_epi32(_mm512_sub_epi32(a[i], a0), 12), a0};
@@ -162,20 +160,15 @@ static inline __attribute__((always_inline)) void vector_rows(const int8_t *xv, 
         code_rows(tile, g, half, b);
         const GroupScales gs = scales_of(tile, g, half);
         for (int i = 0; i < rows; i++) {
-            __m512i s[2];
-            for (int p = 0; p < 2; p++) {  // two chains each: integer sums, exact in any order
-                const int8_t *a = xv + (i * groups + ag) * DIGIT_BYTES + p * GROUP;
-                __m512i even = _mm512_setzero_si512(), odd = even;
-                for (int kk = 0; kk < 8; kk += 2) {
-                    int32_t four[2];
-                    memcpy(four, a + 4 * kk, 8);
-                    even = _mm512_dpbusd_epi32(even, b[kk], _mm512_set1_epi32(four[0]));
-                    odd = _mm512_dpbusd_epi32(odd, b[kk + 1], _mm512_set1_epi32(four[1]));
-                }
-                s[p] = _mm512_add_epi32(even, odd);
+            const int8_t *a = xv + (i * groups + ag) * DIGIT_BYTES;
+            __m512i even = _mm512_setzero_si512(), odd = even;  // two chains: integer sums, exact in any order
+            for (int kk = 0; kk < 8; kk += 2) {
+                int32_t four[2];
+                memcpy(four, a + 4 * kk, 8);
+                even = _mm512_dpbusd_epi32(even, b[kk], _mm512_set1_epi32(four[0]));
+                odd = _mm512_dpbusd_epi32(odd, b[kk + 1], _mm512_set1_epi32(four[1]));
             }
-            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(s[0], 8), s[1]);  // 256 h + l
-            acc[i] = add_group(acc[i], sums, info + i * groups + ag, &gs);
+            acc[i] = add_group(acc[i], _mm512_add_epi32(even, odd), info + i * groups + ag, &gs);
         }
     }
     for (int i = 0; i < rows; i++) _mm512_storeu_ps(out + i * out_stride, acc[i]);
@@ -215,18 +208,17 @@ static void tile_operands(const uint8_t *tile, int64_t w_groups, const int half,
     }
 }
 
-// One group's integer sums for BLOCK_ROWS rows (`a`: their digits, SLOT_BYTES; `c`: the group's
-// 8 code vectors) or 4: s<row><plane> = sum over the group of the plane's digits times the codes.
+// One group's integer sums for BLOCK_ROWS rows (`a`: their activations, SLOT_BYTES; `c`: the
+// group's 8 code vectors) or 4: s[row] = sum over the group of the activations times the codes.
 // GCC does not fold the broadcasts into VPDPBUSD and spills the sums: the loop is written out.
-#define DP(i, p, kk) "vpdpbusd " #i "*64+" #p "*32+" #kk "*4(%[a])%{1to16%}, %[b], %[s" #i #p "]\n\t"
-#define ROW(i, kk) DP(i, 0, kk) DP(i, 1, kk)
-#define ZERO(i) "vpxord %[s" #i "0], %[s" #i "0], %[s" #i "0]\n\tvpxord %[s" #i "1], %[s" #i "1], %[s" #i "1]\n\t"
+#define ROW(i, kk) "vpdpbusd " #i "*32+" #kk "*4(%[a])%{1to16%}, %[b], %[s" #i "]\n\t"
+#define ZERO(i) "vpxord %[s" #i "], %[s" #i "], %[s" #i "]\n\t"
 #define CODES(kk) "vmovdqa64 " #kk "*64(%[c]), %[b]\n\t"
 #define STEP8(kk) CODES(kk) ROW(0, kk) ROW(1, kk) ROW(2, kk) ROW(3, kk) ROW(4, kk) ROW(5, kk) ROW(6, kk) ROW(7, kk)
 #define STEP4(kk) CODES(kk) ROW(0, kk) ROW(1, kk) ROW(2, kk) ROW(3, kk)
-#define SUMS(i) [s##i##0] "=&v"(s[i][0]), [s##i##1] "=&v"(s[i][1])
+#define SUMS(i) [s##i] "=&v"(s[i])
 
-static inline __attribute__((always_inline)) void group_sums8(const int8_t *a, const __m512i *c, __m512i s[8][2]) {
+static inline __attribute__((always_inline)) void group_sums8(const int8_t *a, const __m512i *c, __m512i s[8]) {
     __m512i b;
     __asm__(ZERO(0) ZERO(1) ZERO(2) ZERO(3) ZERO(4) ZERO(5) ZERO(6) ZERO(7)
             STEP8(0) STEP8(1) STEP8(2) STEP8(3) STEP8(4) STEP8(5) STEP8(6) STEP8(7)
@@ -234,14 +226,13 @@ static inline __attribute__((always_inline)) void group_sums8(const int8_t *a, c
             : [a] "r"(a), [c] "r"(c), "m"(*(const int8_t(*)[SLOT_BYTES])a), "m"(*(const __m512i(*)[8])c));
 }
 
-static inline __attribute__((always_inline)) void group_sums4(const int8_t *a, const __m512i *c, __m512i s[8][2]) {
+static inline __attribute__((always_inline)) void group_sums4(const int8_t *a, const __m512i *c, __m512i s[8]) {
     __m512i b;
     __asm__(ZERO(0) ZERO(1) ZERO(2) ZERO(3)
             STEP4(0) STEP4(1) STEP4(2) STEP4(3) STEP4(4) STEP4(5) STEP4(6) STEP4(7)
             : SUMS(0), SUMS(1), SUMS(2), SUMS(3), [b] "=&v"(b)
             : [a] "r"(a), [c] "r"(c), "m"(*(const int8_t(*)[SLOT_BYTES])a), "m"(*(const __m512i(*)[8])c));
 }
-#undef DP
 #undef ROW
 #undef ZERO
 #undef CODES
@@ -259,13 +250,11 @@ static inline __attribute__((always_inline)) void block_rows(const int8_t *xb, c
     for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < w_groups; g++) {
         const int64_t ag = g < groups ? g : g - groups;  // Q8_0's low halves: the same activations
-        __m512i s[8][2];
+        __m512i s[8];
         if (wide) group_sums8(xb + ag * SLOT_BYTES, codes + g * 8, s);
         else group_sums4(xb + ag * SLOT_BYTES, codes + g * 8, s);
-        for (int i = 0; i < (wide ? 8 : 4); i++) {  // rows past `rows`: zeros, computed and left
-            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(s[i][0], 8), s[i][1]);  // 256 h + l
-            acc[i] = add_group(acc[i], sums, info + i * groups + ag, scales + g);
-        }
+        for (int i = 0; i < (wide ? 8 : 4); i++)  // rows past `rows`: zeros, computed and left
+            acc[i] = add_group(acc[i], s[i], info + i * groups + ag, scales + g);
     }
     for (int i = 0; i < rows; i++) _mm512_storeu_ps(out + i * out_stride, acc[i]);
 }

@@ -12,9 +12,9 @@ and run through the same kernel over twice the input width: the file's codes and
 file's d * q exactly, one product per weight; cpu_vnni.c sums each half exactly in integers;
 cpu_q8.c, which a float32 model's Q8_0 matrices take where AMX is missing, the whole codes.)
 
-They run on pagedkv/kernels/cpu/cpu_vnni.c where the CPU has AVX512-VNNI (float32 activations, 14 bits of
-each below its group's largest kept in exact integer sums with the file's codes, then float32
-with the file's scales), else on pagedkv/kernels/cpu/cpu_int4.c (float32 activations and arithmetic, the
+They run on pagedkv/kernels/cpu/cpu_vnni.c where the CPU has AVX512-VNNI (float32 activations as signed
+bytes, each group of 32 scaled so that its largest is +-127 as llama.cpp's, in exact integer sums
+with the file's codes, then float32 with the file's scales), else on pagedkv/kernels/cpu/cpu_int4.c (float32 activations and arithmetic, the
 file's codes and scales as they are), either way every row's result independent of its batch;
 a bfloat16 model's on pagedkv/kernels/cpu/cpu_amx.c where the CPU has AMX, else by AVX512-BF16's dot products
 (pagedkv/kernels/cpu/cpu_bf16.c; either way the weights a bfloat16 model dequantized from the file holds,
@@ -215,8 +215,8 @@ class Int4Linear:
     """x @ W^T for a GroupQuantized W. Where the CPU kernels build: float32 activations, each
     row's result independent of the rest of the batch (pagedkv/kernels/cpu/cpu_int4.c, float32-accurate,
     about twice as fast as torch's kernel from 16 rows on; pagedkv/kernels/cpu/cpu_vnni.c, where the CPU has
-    AVX512-VNNI, 14-bit activations in exact integer sums, 1.5 to 1.8 times cpu_int4.c's speed
-    where AMX is missing; Q8_0's whole codes by pagedkv/kernels/cpu/cpu_q8.c there); bfloat16
+    AVX512-VNNI, activations as signed bytes in exact integer sums, 2 to 2.6 times cpu_int4.c's
+    speed where AMX is missing; Q8_0's whole codes by pagedkv/kernels/cpu/cpu_q8.c there); bfloat16
     activations on AMX (pagedkv/kernels/cpu/cpu_amx.c), 3 to 4.5 times
     cpu_int4.c's speed from 32 rows on, or without AMX by AVX512-BF16 dot products
     (pagedkv/kernels/cpu/cpu_bf16.c, 1.1 to 1.2 times cpu_vnni.c's speed from 64 rows on, a quarter of it at
