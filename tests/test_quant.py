@@ -463,6 +463,21 @@ def test_engine_runs_quantized_layers_and_none_is_dense(q4_gguf):
         EngineConfig(quantization="int3")
 
 
+def test_kv_cache_dtype_auto_is_bfloat16_for_a_float32_model_kept_quantized_on_the_cpu(q4_gguf):
+    config = EngineConfig(device="cpu")
+    assert config.kv_cache_torch_dtype(torch.float32, quantized_weights=True) == torch.bfloat16
+    assert config.kv_cache_torch_dtype(torch.float32, quantized_weights=False) == torch.float32  # dense files
+    assert config.kv_cache_torch_dtype(torch.bfloat16, quantized_weights=True) == torch.bfloat16
+    explicit = EngineConfig(device="cpu", kv_cache_dtype="float32")
+    assert explicit.kv_cache_torch_dtype(torch.float32, quantized_weights=True) == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16"):
+        EngineConfig(kv_cache_dtype="fp8")
+    loaded = load_model(q4_gguf, quantization="auto")
+    common = dict(loaded=loaded, device="cpu", num_device_blocks=8, swap_space_gib=0.0)
+    assert LLM(**common).engine.cache.spec.dtype == torch.bfloat16  # the default model's default
+    assert LLM(quantization="none", **common).engine.cache.spec.dtype == torch.float32  # the reference
+
+
 PROMPTS = [list(range(5, 12)), [3, 4], list(range(20, 41)), [7, 8, 9, 10, 11, 12, 13, 14, 15], [42] * 5]
 WORKLOAD = MIXED_WORKLOAD
 

@@ -103,6 +103,13 @@ def _build(compiler: str) -> Path:
     raise OSError("no writable folder for the compiled CPU kernels")
 
 
+def build_name() -> str:
+    """The compiled kernels' file name (a digest of their sources, flags, compiler and CPU), or
+    "none" where the torch reference runs: which arithmetic computes here."""
+    lib = library()
+    return Path(lib._name).name if lib is not None else "none"
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with one warning) where they cannot be built."""
@@ -410,8 +417,8 @@ def int4_linear(x: torch.Tensor, packed: PackedInt4, repeat_x: bool = False) -> 
     """x @ W^T for a W packed by `pack_int4` (K columns of W; with repeat_x, W has 2 * x's
     columns: Q8_0's codes split into high and low halves, w = d * q), in x's type. Float32 rows
     (and bfloat16 ones where neither AMX nor AVX512-BF16 is there, converted): each group's 32
-    activations as integers below a shared exponent (14 bits under the largest), exact integer
-    sums with the codes, float32 from there (cpu_vnni.c, where the CPU has AVX512-VNNI); else
+    activations as signed bytes (the largest +-127, as llama.cpp's), exact integer sums with
+    the codes, float32 from there (cpu_vnni.c, where the CPU has AVX512-VNNI); else
     float32 weights and sums (cpu_int4.c). Bfloat16 rows: the weights rounded to bfloat16,
     float32 sums, one rounding of each output, on AMX's tiles (cpu_amx.c) or else by
     AVX512-BF16's dot products (cpu_bf16.c; another summation order, so other last bits). Each

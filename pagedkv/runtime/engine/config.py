@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pagedkv.runtime.models.parallel import WeightShard
 
 DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +42,7 @@ class EngineConfig:
     device: str | None = None             # "cuda" or "cpu"; None = cuda when available
     dtype: str | None = None              # None = bfloat16 on CUDA, float32 on CPU
     quantization: str = "auto"            # auto: a GGUF file's 4/8-bit matrices stay so on the CPU
+    kv_cache_dtype: str = "auto"          # auto: kv_cache_dtype() below
     block_size: int = 16
     num_device_blocks: int | None = None  # overrides the memory budget below
     kv_cache_gib: float = 1.0             # KV cache size on the CPU
@@ -80,6 +82,8 @@ class EngineConfig:
             raise ValueError(f"preemption_mode must be one of {', '.join(MODES)}, got {self.preemption_mode!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATION:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION)}, got {self.quantization!r}")
         if self.num_device_blocks is not None and self.num_device_blocks < 1:
@@ -145,6 +149,25 @@ class EngineConfig:
             return getattr(torch, self.dtype)
         return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
 
+    def kv_cache_torch_dtype(self, model_dtype: "torch.dtype", quantized_weights: bool) -> "torch.dtype":
+        """The KV cache's dtype. auto: the model's, but bfloat16 for a float32 model on the CPU
+        whose matrices run quantized (the default model's default): rounding K and V to bfloat16
+        (2^-9) is far below what the 4-bit weights and their byte activations already round, it
+        halves the bytes every decode step's attention reads, and twice the blocks fit the same
+        memory (llama.cpp keeps a 16-bit cache for such files too). The float32 reference
+        (--quantization none) keeps a float32 cache."""
+        import torch
+
+        if self.kv_cache_dtype != "auto":
+            chosen = getattr(torch, self.kv_cache_dtype)
+            if chosen != model_dtype and self.torch_device().type == "cuda":
+                raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} (--kv-cache-dtype) differs from the model's "
+                                 f"dtype {str(model_dtype).removeprefix('torch.')}: the CUDA kernels take the "
+                                 "model's; use auto")
+            return chosen
+        cpu_quantized = quantized_weights and self.torch_device().type == "cpu"
+        return torch.bfloat16 if cpu_quantized and model_dtype == torch.float32 else model_dtype
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add = parser.add_argument
@@ -156,6 +179,10 @@ class EngineConfig:
         add("--quantization", choices=list(QUANTIZATION), default="auto",
             help="auto (default): on the CPU a GGUF file's Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 matrices stay quantized; "
                  "none: dequantize them to the dtype (the exactness reference)")
+        add("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+            help="the KV cache's type; auto (default): the model's dtype, but bfloat16 where a float32 model's "
+                 "GGUF matrices stay quantized on the CPU (half the memory and the bytes attention reads; the "
+                 "float32 reference, --quantization none, keeps float32)")
         add("--block-size", type=int, default=16, help="tokens per KV block")
         group = parser.add_mutually_exclusive_group()
         group.add_argument("--num-device-blocks", type=int,
@@ -283,6 +310,7 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     from pagedkv.runtime.engine.profile import StepProfile
     from pagedkv.runtime.models.llama import LlamaModel, cpu_has_bfloat16
     from pagedkv.runtime.models.parallel import WeightShard
+    from pagedkv.runtime.models.quant import QUANTIZED
 
     device, dtype = config.torch_device(), config.torch_dtype()
     world = 1 if group is None else group.world_size
@@ -304,7 +332,9 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     model = LlamaModel(cfg, loaded.weights, device, dtype, None if group is None else group.model_parallel(),
                        keep_quantized=keep)
     log.info("model %s on %s: %s", loaded.source, device, model.describe())
-    spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads // world, cfg.head_dim, config.block_size, dtype)
+    quantized = keep and any(isinstance(w, QUANTIZED) for w in loaded.weights.values())
+    spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads // world, cfg.head_dim, config.block_size,
+                     config.kv_cache_torch_dtype(dtype, quantized))
     num_device = _num_device_blocks(config, spec, device)
     host = host_cache_bytes(config.kv_host_cache_gb, device) if config.enable_prefix_caching else 0
     num_cpu = spec.blocks_for_bytes(config.swap_space_gib * GIB + host)
@@ -320,11 +350,11 @@ def build_executor(config: EngineConfig, loaded: LoadedModel | None = None,
     if group is not None and group.rank == 0:
         return loaded, TensorParallelExecutor(model, cache, CostModel(), group, config.max_num_seqs, profile,
                                               checker)
-    stores = ([build_disk_tier(config.kv_disk_cache_dir, config.kv_disk_cache_gb, loaded, spec, device, keep)]
-              if config.kv_disk_cache_dir else [])
+    stores = ([build_disk_tier(config.kv_disk_cache_dir, config.kv_disk_cache_gb, loaded, spec, dtype, device,
+                               keep)] if config.kv_disk_cache_dir else [])
     if config.kv_remote_url:
         stores.append(build_remote_tier(config.kv_remote_url, config.kv_remote_timeout_ms / 1e3, loaded, spec,
-                                        device, keep))
+                                        dtype, device, keep))
     # Decode graphs capture no collectives: tensor-parallel ranks run eagerly.
     eager = config.enforce_eager or group is not None
     return loaded, ModelExecutor(model, cache, CostModel(), config.max_num_seqs, eager, profile, checker, stores)

@@ -2,10 +2,11 @@
 tier is, and the disk tier under the model's fingerprint.
 
 The fingerprint names everything that decides a block's bytes besides its tokens: the weights
-(a digest of the model's files), the model's configuration, the dtype, the block size and
-layout, the rank's share of the KV heads, the device kind (GPU and CPU kernels round
-differently) and the weights' mode on the CPU (quantized or dequantized), and pagedkv's
-version. It is computed the same way in every process, so that a restarted engine, or another
+(a digest of the model's files), the model's configuration, the cache's and the activations'
+dtypes, the block size and layout, the rank's share of the KV heads, the device kind (GPU and
+CPU kernels round differently), on the CPU the weights' mode (quantized or dequantized) and the
+compiled kernels (a digest of their sources, flags and CPU: a change to their arithmetic is
+another computation), and pagedkv's version. It is computed the same way in every process, so that a restarted engine, or another
 engine with the same model, finds the blocks; any difference is a different folder, never a
 wrong block.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pagedkv.kernels.cpu.ops import cache_dir
+from pagedkv.kernels.cpu.ops import build_name, cache_dir
 from pagedkv.kvcache.cache_engine import GIB, CacheSpec
 from pagedkv.kvcache.disk_tier import DiskTier
 from pagedkv.kvcache.remote_tier import RemoteTier, redacted
@@ -68,8 +69,8 @@ def files_digest(source: str) -> str:
     return hashlib.blake2b("".join(parts).encode(), digest_size=32).hexdigest()
 
 
-def model_fingerprint(loaded: LoadedModel, spec: CacheSpec, device: torch.device, quantized: bool,
-                      rank: int = 0, world_size: int = 1) -> str:
+def model_fingerprint(loaded: LoadedModel, spec: CacheSpec, activations: torch.dtype, device: torch.device,
+                      quantized: bool, rank: int = 0, world_size: int = 1) -> str:
     try:  # another version's kernels may round differently
         version = importlib.metadata.version("pagedkv")
     except importlib.metadata.PackageNotFoundError:
@@ -77,7 +78,8 @@ def model_fingerprint(loaded: LoadedModel, spec: CacheSpec, device: torch.device
     facts = {"weights": files_digest(loaded.source), "config": repr(loaded.config), "dtype": str(spec.dtype),
              "block_size": spec.block_size, "layout": LAYOUT, "kv_heads": spec.num_kv_heads,
              "head_dim": spec.head_dim, "layers": spec.num_layers, "rank": rank, "world_size": world_size,
-             "device": device.type, "quantized": quantized, "pagedkv": version}
+             "device": device.type, "quantized": quantized, "pagedkv": version, "activations": str(activations),
+             "cpu_kernels": build_name() if device.type == "cpu" else None}
     return hashlib.blake2b(json.dumps(facts, sort_keys=True).encode(), digest_size=32).hexdigest()
 
 
@@ -102,18 +104,19 @@ def host_cache_bytes(gib: float | None, device: torch.device) -> int:
     return int(min(available_ram() / 4, 64 * GIB))
 
 
-def build_disk_tier(directory: str, gib: float, loaded: LoadedModel, spec: CacheSpec, device: torch.device,
-                    quantized: bool) -> DiskTier:
-    tier = DiskTier(directory, int(gib * GIB), model_fingerprint(loaded, spec, device, quantized),
+def build_disk_tier(directory: str, gib: float, loaded: LoadedModel, spec: CacheSpec, activations: torch.dtype,
+                    device: torch.device, quantized: bool) -> DiskTier:
+    tier = DiskTier(directory, int(gib * GIB), model_fingerprint(loaded, spec, activations, device, quantized),
                     block_bytes=spec.bytes_per_block)
     log.info("KV disk cache %s: %d blocks of this model found (%.2f of %.1f GiB)", directory, tier.num_blocks,
              tier.used_bytes / GIB, gib)
     return tier
 
 
-def build_remote_tier(url: str, timeout_s: float, loaded: LoadedModel, spec: CacheSpec, device: torch.device,
-                      quantized: bool) -> RemoteTier:
-    tier = RemoteTier(url, model_fingerprint(loaded, spec, device, quantized), block_bytes=spec.bytes_per_block,
+def build_remote_tier(url: str, timeout_s: float, loaded: LoadedModel, spec: CacheSpec, activations: torch.dtype,
+                      device: torch.device, quantized: bool) -> RemoteTier:
+    tier = RemoteTier(url, model_fingerprint(loaded, spec, activations, device, quantized),
+                      block_bytes=spec.bytes_per_block,
                       timeout_s=timeout_s)
     tier.lookup([b"\0" * 32])  # asks once now: an unreachable server is said at start
     log.info("KV remote tier %s (%s)", redacted(url), "answers" if tier.available else "does not answer yet")
