@@ -68,20 +68,14 @@ def magnitude_of(weight: GroupQuantized, x: torch.Tensor) -> torch.Tensor:
     return x.abs() @ terms_of(weight).T
 
 
-# Half a unit of the integer kernels' activations, as a share of their group's largest: cpu_vnni.c's
-# signed bytes (the largest is 127 units), cpu_q8.c's 14 bits (the largest at least 2^13 units).
-BYTE_HALF_UNIT = 0.5 / 127
-Q8_HALF_UNIT = 2 ** -14
-
-
-def integer_bound(x: torch.Tensor, terms: torch.Tensor, half_unit: float) -> torch.Tensor:
-    """The error each output of an integer kernel (cpu_vnni.c, cpu_q8.c) may have: each
-    activation rounded to the nearest unit (at most `half_unit` of its group's largest), then a
-    few float32 roundings per term. terms: |w| per weight, [N, K]."""
+def integer_bound(x: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """The error each output of the integer kernels (cpu_vnni.c, cpu_q8.c) may have: each
+    activation rounded to a signed byte, its group's largest +-127 (half a unit: 1/254 of that
+    largest), then a few float32 roundings per term. terms: |w| per weight, [N, K]."""
     rows, groups = x.shape[0], x.shape[1] // 32
     largest = x.abs().double().view(rows, groups, 32).amax(2)
     per_group = terms.double().view(terms.shape[0], groups, 32).sum(2)
-    return (half_unit * (1 + 2 ** -20) * largest @ per_group.T + 2 ** -20 * (x.abs().double() @ terms.double().T)
+    return (0.5 / 127 * (1 + 2 ** -20) * largest @ per_group.T + 2 ** -20 * (x.abs().double() @ terms.double().T)
             + 1e-30)
 
 
@@ -128,7 +122,7 @@ def test_pagedkv_int4_linear_is_float32_accurate(fmt, rows, float32_kernel):
     reference = x.double() @ weight.dequantize().double().T
     # float32 weights and sums: a few float32 roundings per term; integer products: the
     # activations' bytes as well.
-    bound = (integer_bound(x, terms_of(weight), BYTE_HALF_UNIT) if float32_kernel == "integers"
+    bound = (integer_bound(x, terms_of(weight)) if float32_kernel == "integers"
              else 2 ** -20 * magnitude_of(weight, x).double())
     assert bool(((out.double() - reference).abs() <= bound).all())
     # bfloat16 rows and a bias: weights (and outputs) rounded to bfloat16, float32 sums.
@@ -183,7 +177,7 @@ def test_integer_products_follow_each_groups_scale():
     x[:, 100] = 3e4
     out = lin(x)
     reference = x.double() @ weight.dequantize().double().T
-    assert bool(((out.double() - reference).abs() <= integer_bound(x, terms_of(weight), BYTE_HALF_UNIT)).all())
+    assert bool(((out.double() - reference).abs() <= integer_bound(x, terms_of(weight))).all())
     # Powers of two only move exponents: the same integers, results scaled exactly.
     for k in (-60, -1, 3, 70):
         assert torch.equal(lin(x * 2.0 ** k), out * 2.0 ** k)
@@ -375,7 +369,7 @@ def test_integer_products_on_any_shape(tiles, groups, rows, kind, seed):
     out = lin(x)
     dense = weight.dequantize().double()
     error = (out.double() - x.double() @ dense.T).abs()
-    assert bool((error <= integer_bound(x, terms_of(weight), BYTE_HALF_UNIT)).all())
+    assert bool((error <= integer_bound(x, terms_of(weight))).all())
     assert torch.equal(lin(x[rows // 2:]), out[rows // 2:]) and torch.equal(lin(x[:1]), out[:1])
 
 
@@ -409,7 +403,7 @@ def test_integer_register_blocks_on_any_shape(tiles, groups, rows, kind, seed):
         cpu_ops.set_amx(made_with_amx)
     dense = weight.dequantize().double()
     error = (out.double() - x.double() @ dense.T).abs()
-    assert bool((error <= integer_bound(x, terms_of(weight), BYTE_HALF_UNIT)).all())
+    assert bool((error <= integer_bound(x, terms_of(weight))).all())
     assert torch.equal(lin(x), out)  # with AMX where there is one: the same exact sums
 
 

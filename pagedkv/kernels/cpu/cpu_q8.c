@@ -6,13 +6,12 @@
 // 4kk + 3 in bytes 4n .. 4n + 3: VPDPBUSD's unsigned operand as it is loaded), then the groups'
 // scales, 16 float16 a group. 34 bytes per 32 weights, as the file stores them.
 //
-// Each row's group of 32 activations shares one exponent (cpu_digits.h): a = x * 2^-e rounded,
-// 2^13 <= max |a| < 2^14, so each activation keeps 14 bits below its group's largest (64 times
-// finer than the codes' own step), as two signed bytes a = 256 h + l. Then
-//   sum(a * q) = 256 * sum(h * (q + 128)) + sum(l * (q + 128)) - 128 * sum(a),
-// exact in int32 (|sum| < 2^26), two VPDPBUSD per 64 products, and each group adds
-// (d * 2^e) * sum to its 16 outputs with one FMA, groups in increasing order: a row's result
-// is the same whatever the other rows, their number or the threads.
+// Each row's group of 32 activations becomes signed bytes (cpu_digits.h): a = x * 127 / max |x|
+// rounded, as cpu_vnni.c's (and llama.cpp's for the same files). Then
+//   sum(a * q) = sum(a * (q + 128)) - 128 * sum(a),
+// exact in int32, one VPDPBUSD per 64 products, and each group adds (d * x's scale) * sum to its
+// 16 outputs with one FMA, groups in increasing order: a row's result is the same whatever the
+// other rows, their number or the threads. (14 bits in two bytes before: twice the products.)
 //
 // Why: cpu_vnni.c takes 8-bit codes as two 4-bit halves: twice the products and the nibbles to
 // unpack (with its activations in three bytes, six VPDPBUSD per 64 products; one row was then
@@ -31,9 +30,9 @@
 #define TILE 16
 #define GROUP 32
 #define CODES 512            // a group's codes in a tile
-#define DIGITS 64            // a group's digits in a row: 32 h, then 32 l
-#define ACTIVATION_BITS 14   // 2^13 <= max |a| < 2^14 in each group
-#define MICRO_ROWS 8         // rows per pass over a tile's codes: 16 integer sums in registers
+#define DIGITS 32            // a group's activations in a row, a signed byte each
+#define ACTIVATION_BITS 7    // a in -127 .. 127, each group's largest +-127
+#define MICRO_ROWS 8         // rows per pass over a tile's codes: 8 integer sums in registers
 #define PANEL_BYTES (256 * 1024)  // a panel of rows' digits, kept in L2 while every tile passes
 // One row streams the codes from memory: prefetched into L2 this far ahead (Zen 4, one thread,
 // Gemma 3 270M's lm_head: 2 KB ahead 13.8 ms, 16 KB 9.1, 32 KB 8.3-8.7, 64 KB 8.6-8.8).
@@ -45,12 +44,8 @@ int q8_linear_supported(void) { return 1; }
 static void row_digits(const float *x, int64_t groups, int8_t *dst, RowGroup *info) {
     for (int64_t g = 0; g < groups; g++) {
         __m512i a[2];
-        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS, 0);
-        for (int i = 0; i < 2; i++) {
-            const __m512i l = digit(a[i], 8, 128), h = _mm512_srai_epi32(_mm512_sub_epi32(a[i], l), 8);
-            store_bytes(dst + g * DIGITS + i * 16, h);
-            store_bytes(dst + g * DIGITS + GROUP + i * 16, l);
-        }
+        integers(x + g * GROUP, a, info + g, ACTIVATION_BITS, 1);
+        for (int i = 0; i < 2; i++) store_bytes(dst + g * DIGITS + i * 16, a[i]);
     }
 }
 
@@ -70,21 +65,17 @@ static inline __attribute__((always_inline)) void tile_rows(const int8_t *xd, co
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *codes = tile + g * CODES;
         for (int line = 0; line < CODES; line += 64) __builtin_prefetch(codes + PREFETCH_BYTES + line, 0, 2);
-        __m512i high[MICRO_ROWS], low[MICRO_ROWS];
-        for (int i = 0; i < rows; i++) high[i] = low[i] = _mm512_setzero_si512();
+        __m512i s[MICRO_ROWS];
+        for (int i = 0; i < rows; i++) s[i] = _mm512_setzero_si512();
         for (int kk = 0; kk < 8; kk++) {
             const __m512i b = _mm512_loadu_si512(codes + 64 * kk);
-            for (int i = 0; i < rows; i++) {
-                const int8_t *d = xd + (i * groups + g) * DIGITS + 4 * kk;
-                high[i] = _mm512_dpbusd_epi32(high[i], b, broadcast4(d));
-                low[i] = _mm512_dpbusd_epi32(low[i], b, broadcast4(d + GROUP));
-            }
+            for (int i = 0; i < rows; i++)
+                s[i] = _mm512_dpbusd_epi32(s[i], b, broadcast4(xd + (i * groups + g) * DIGITS + 4 * kk));
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + g * TILE * 2)));
         for (int i = 0; i < rows; i++) {
             const RowGroup *ri = info + i * groups + g;
-            const __m512i sums = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(high[i], 8), low[i]),
-                                                  _mm512_set1_epi32(128 * ri->total));
+            const __m512i sums = _mm512_sub_epi32(s[i], _mm512_set1_epi32(128 * ri->total));
             acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(ri->scale)), _mm512_cvtepi32_ps(sums), acc[i]);
         }
     }

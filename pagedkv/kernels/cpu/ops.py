@@ -479,8 +479,8 @@ def pack_q8(codes: torch.Tensor, scales: torch.Tensor) -> PackedQ8:
 
 def q8_linear(x: torch.Tensor, packed: PackedQ8) -> torch.Tensor:
     """x @ W^T for a W packed by `pack_q8`, in x's type (computed from float32 rows): each group
-    of 32 activations as integers below a shared exponent (14 bits under the largest), exact
-    integer sums with the codes, float32 from there (cpu_q8.c). Each row's result is the same
+    of 32 activations as signed bytes (the largest +-127, as int4_linear's), exact integer sums
+    with the codes, float32 from there (cpu_q8.c). Each row's result is the same
     whatever the other rows."""
     dtype = x.dtype
     x = x.float()
