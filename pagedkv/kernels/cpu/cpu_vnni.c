@@ -27,9 +27,10 @@
 // of batches (about 0.8 of its one 512-bit instruction a cycle on Zen 4), and one byte an
 // activation halves its instructions. SmolLM2-135M's matrices on one core of an AMD EPYC (Zen 4),
 // tools/bench_cpu_kernels: 2.0x cpu_int4.c's speed at 1 and 16 rows, 2.3x at 64, 2.6x at 512
-// (two bytes: 1.5-1.6x from 16 rows on). What it costs (SmolLM2-135M, the Q4_1 file, 3,064
-// tokens of English text scored against the same weights in float32): perplexity +0.24%, the
-// likeliest token the same at 96.7% of positions (llama.cpp on the same file: +0.17%, 95.9%).
+// (two bytes: 1.5-1.6x from 16 rows on). What it costs (tools/bench_accuracy: SmolLM2-135M's
+// Q4_1 file on 3,064 tokens of docs/ARCHITECTURE.md against the same weights in float32, with
+// cpu_q8.c's lm_head taking the same bytes and a float32 cache): perplexity +0.07%, the likeliest
+// token the same at 95.0% of positions (llama.cpp on the same file: +0.04%, 95.2%).
 // With AMX (a Xeon, 14-bit activations then): 1.3 times cpu_int4.c's speed at 1 and 16 rows,
 // 1.4-1.5 from 32 to 128, 1.15 at 2,900.
 // And exact sums make every path give the same bits: a row's result depends neither on its batch
