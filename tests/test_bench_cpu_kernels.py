@@ -1,6 +1,6 @@
-"""tools/bench_cpu_kernels.py on a tiny GGUF file: the three 4-bit kernels and both attention paths
-timed side by side, the paths without AMX (--no-amx), and a one-line refusal where there is no
-AVX512-VNNI to compare."""
+"""tools/bench_cpu_kernels.py on a tiny GGUF file: the three 4-bit kernels, attention over each
+cache type and both attention paths timed side by side, the paths without AMX (--no-amx), and a
+one-line refusal where there is no AVX512-VNNI to compare."""
 import pytest
 
 from pagedkv.kernels.cpu import ops as cpu_ops
@@ -26,11 +26,12 @@ def test_kernels_side_by_side(q4_gguf, capsys, tmp_path):
 @pytest.mark.skipif(not cpu_ops.vnni_supported(), reason="no AVX512-VNNI on this CPU")
 def test_kernels_without_amx(q4_gguf, capsys, tmp_path):
     # A CPU without AMX, or one whose AMX --no-amx switches off: the 4-bit kernels (integer
-    # products in register blocks, bfloat16 by AVX512-BF16's dot products) and float32's few
-    # rows (F.linear against cpu_f32.c); no attention table (one path); AMX on again after.
+    # products in register blocks, bfloat16 by AVX512-BF16's dot products), float32's few rows
+    # (F.linear against cpu_f32.c) and attention over each cache type; no AMX attention table;
+    # AMX on again after.
     made_with_amx = cpu_ops.amx_supported()
-    args = ["--rows", "1,9", "--dense-rows", "1,3", "--repeats", "1", "--model", q4_gguf, "--no-amx", "--clock", "cpu",
-            "--out", str(tmp_path / "out")]
+    args = ["--rows", "1,9", "--dense-rows", "1,3", "--repeats", "1", "--seqs", "3", "--context", "40",
+            "--model", q4_gguf, "--no-amx", "--clock", "cpu", "--out", str(tmp_path / "out")]
     assert bench_cpu_kernels.main(args) == 0
     out = capsys.readouterr().out
     lines = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
@@ -39,6 +40,9 @@ def test_kernels_without_amx(q4_gguf, capsys, tmp_path):
     if cpu_ops.library().f32_linear_supported():
         assert "cpu_f32.c" in out and min(float(c) for c in cells["3"][:2]) > 0 and cells["3"][2].endswith("x")
     assert "query-key products" not in out
+    assert "over each cache type" in out
+    for key in ("decode step", "prompts"):  # float32 and bfloat16 caches, and their ratio
+        assert min(float(c) for c in cells[key][:2]) > 0 and cells[key][2].endswith("x"), key
     assert bench_cpu_kernels.TITLE_NO_AMX in (tmp_path / "out" / "BENCHMARKS-section.md").read_text()
     assert cpu_ops.amx_supported() == made_with_amx
 

@@ -11,7 +11,9 @@ activations in float32 FMAs (pagedkv/kernels/cpu/cpu_int4.c) and in exact intege
 from 7), and of bfloat16 ones (pagedkv/kernels/cpu/cpu_amx.c on AMX, else AVX512-BF16's dot products,
 pagedkv/kernels/cpu/cpu_bf16.c): ms for one pass over all of them, best of --repeats. Float32 matrices of few
 rows (the same weights dequantized: a float32 model's decode step): F.linear (the BLAS) against
-pagedkv/kernels/cpu/cpu_f32.c. With AMX, attention over a bfloat16 cache in the model's shape (every layer,
+pagedkv/kernels/cpu/cpu_f32.c. Attention in the model's shape with float32 queries over a float32
+and a bfloat16 cache (every layer, --seqs sequences of --context positions; none with --seqs 0). With
+AMX, attention over a bfloat16 cache in the model's shape (every layer,
 --seqs sequences of --context positions in blocks of 16 scattered over the cache, bfloat16
 queries): a decode step, and prompts of the same length, with the query-key products on AMX and
 in vector FMAs. --no-amx turns AMX off (`set_amx`), so that a CPU with AMX measures the paths
@@ -89,26 +91,31 @@ def matrix_rows(linears: list, rows: list[int], repeats: int) -> list[list[objec
     return table
 
 
-def attention_rows(config, seqs: int, context: int, repeats: int) -> list[list[object]]:
-    """Decode and prompt attention over every layer, AMX's query-key products against FMAs."""
+def attention_steps(config, seqs: int, context: int, cache_dtype: torch.dtype, query_dtype: torch.dtype) -> dict:
+    """A decode step and prompts of --context rows, every layer, over a cache of `seqs` sequences
+    whose blocks lie scattered (as a pool that has served a while leaves them)."""
     g = torch.Generator().manual_seed(0)
     per_seq = -(-context // BLOCK)
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     cache = torch.randn(seqs * per_seq + 1, config.num_layers, 2, BLOCK, kv_heads, head_dim, generator=g)
-    cache = cache.bfloat16()
-    tables = torch.randperm(seqs * per_seq, generator=g).view(seqs, per_seq).int()  # blocks scattered
+    cache = cache.to(cache_dtype)
+    tables = torch.randperm(seqs * per_seq, generator=g).view(seqs, per_seq).int()
     lens = torch.full((seqs,), context, dtype=torch.int32)
-    decode_q = torch.randn(seqs, heads, head_dim, generator=g).bfloat16()
-    prompt_q = torch.randn(seqs * context, heads, head_dim, generator=g).bfloat16()
+    decode_q = torch.randn(seqs, heads, head_dim, generator=g).to(query_dtype)
+    prompt_q = torch.randn(seqs * context, heads, head_dim, generator=g).to(query_dtype)
     starts = torch.arange(0, seqs * context + 1, context, dtype=torch.int32)
     scale = head_dim ** -0.5
-    steps = {
+    return {
         "decode step": lambda: [cpu_ops.paged_attention_decode(decode_q, cache, layer, tables, lens, scale)
                                 for layer in range(config.num_layers)],
         "prompts": lambda: [cpu_ops.paged_attention_prefill(prompt_q, cache, layer, tables, starts, lens, scale)
                             for layer in range(config.num_layers)]}
+
+
+def attention_rows(config, seqs: int, context: int, repeats: int) -> list[list[object]]:
+    """Attention over a bfloat16 cache with bfloat16 queries, AMX's query-key products against FMAs."""
     table = []
-    for what, fn in steps.items():
+    for what, fn in attention_steps(config, seqs, context, torch.bfloat16, torch.bfloat16).items():
         times = {}
         for amx in (False, True):
             cpu_ops.set_amx(amx)
@@ -119,12 +126,28 @@ def attention_rows(config, seqs: int, context: int, repeats: int) -> list[list[o
     return table
 
 
+def cache_rows(config, seqs: int, context: int, repeats: int) -> list[list[object]]:
+    """Float32 queries (a float32 model's) over a float32 cache and a bfloat16 one (the default
+    for a model whose matrices stay quantized): the bytes every step reads, halved."""
+    times: dict[str, dict[torch.dtype, float]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for what, fn in attention_steps(config, seqs, context, dtype, torch.float32).items():
+            times.setdefault(what, {})[dtype] = best_ms(fn, repeats)
+    table = []
+    for what, t in times.items():
+        table.append([what, ms(t[torch.float32]), ms(t[torch.bfloat16]),
+                      f"{t[torch.float32] / t[torch.bfloat16]:.2f}x"])
+        log(f"attention, float32 queries, {what}: float32 cache {ms(t[torch.float32])} ms, "
+            f"bfloat16 cache {ms(t[torch.bfloat16])} ms")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="1,16,32,64,128,512,2900", help="batch sizes for the 4-bit matrices")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seqs", type=int, default=64, help="sequences for attention")
+    p.add_argument("--seqs", type=int, default=64, help="sequences for attention (0: no attention)")
     p.add_argument("--context", type=int, default=155, help="positions per sequence for attention")
     p.add_argument("--dense-rows", default="1,2,4,8",
                    help="batch sizes for the float32 matrices (F.linear against cpu_f32.c); empty: none")
@@ -140,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [int(r) for r in args.rows.split(",") if r.strip()]
     dense = [int(r) for r in args.dense_rows.split(",") if r.strip()]
     if (not rows or min(rows + dense) < 1 or max(dense, default=1) > cpu_ops.F32_LINEAR_ROWS or args.threads < 1
-            or args.repeats < 1 or args.seqs < 1 or args.context < 1):
-        p.error(f"need batch sizes, threads, repeats, sequences and context of at least 1, and at most "
+            or args.repeats < 1 or args.seqs < 0 or args.context < 1):
+        p.error(f"need batch sizes, threads, repeats and context of at least 1, sequences of at least 0, and at most "
                 f"{cpu_ops.F32_LINEAR_ROWS} dense rows")
     if cpu_ops.library() is None:
         print("bench_cpu_kernels: the CPU kernels do not build here (no C compiler?)", file=sys.stderr)
@@ -176,7 +199,8 @@ def run(args, rows: list[int], dense: list[int], had_amx: bool) -> int:
     whole = sum(isinstance(w, Int4Linear) and isinstance(w.packed, cpu_ops.PackedQ8) for w in model.linear_weights())
     with torch.inference_mode():
         matrices = matrix_rows(linears, rows, args.repeats)
-        attention = attention_rows(loaded.config, args.seqs, args.context, args.repeats) if amx else None
+        attention = attention_rows(loaded.config, args.seqs, args.context, args.repeats) if amx and args.seqs else None
+        caches = cache_rows(loaded.config, args.seqs, args.context, args.repeats) if args.seqs else None
         float32 = None
         if dense and cpu_ops.library().f32_linear_supported():
             # A float32 model's few-row weights (plain, in huge pages), fused as the model runs them.
@@ -201,6 +225,10 @@ def run(args, rows: list[int], dense: list[int], had_amx: bool) -> int:
         body += ("\n\nFloat32 matrices (the same weights dequantized: a float32 model's layers and lm_head, "
                  "in huge pages), few rows (ms):\n\n"
                  + markdown_table(["rows", "F.linear (the BLAS)", "cpu_f32.c", "cpu_f32.c's speed"], float32))
+    if caches:
+        body += (f"\n\nAttention with float32 queries over each cache type, every layer, {args.seqs} sequences of "
+                 f"{args.context} positions in blocks of {BLOCK} scattered over the cache (ms):\n\n"
+                 + markdown_table(["step", "float32 cache", "bfloat16 cache", "bfloat16's speed"], caches))
     if attention:
         body += (f"\n\nAttention over a bfloat16 cache, every layer, {args.seqs} sequences of {args.context} "
                  f"positions in blocks of {BLOCK}, bfloat16 queries (ms):\n\n"
