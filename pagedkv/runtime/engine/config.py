@@ -42,7 +42,7 @@ class EngineConfig:
     device: str | None = None             # "cuda" or "cpu"; None = cuda when available
     dtype: str | None = None              # None = bfloat16 on CUDA, float32 on CPU
     quantization: str = "auto"            # auto: a GGUF file's 4/8-bit matrices stay so on the CPU
-    kv_cache_dtype: str = "auto"          # auto: kv_cache_dtype() below
+    kv_cache_dtype: str = "auto"          # auto: see kv_cache_torch_dtype()
     block_size: int = 16
     num_device_blocks: int | None = None  # overrides the memory budget below
     kv_cache_gib: float = 1.0             # KV cache size on the CPU

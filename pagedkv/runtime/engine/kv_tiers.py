@@ -6,9 +6,9 @@ The fingerprint names everything that decides a block's bytes besides its tokens
 dtypes, the block size and layout, the rank's share of the KV heads, the device kind (GPU and
 CPU kernels round differently), on the CPU the weights' mode (quantized or dequantized) and the
 compiled kernels (a digest of their sources, flags and CPU: a change to their arithmetic is
-another computation), and pagedkv's version. It is computed the same way in every process, so that a restarted engine, or another
-engine with the same model, finds the blocks; any difference is a different folder, never a
-wrong block.
+another computation), and pagedkv's version. It is computed the same way in every process, so
+that a restarted engine, or another engine with the same model, finds the blocks; any
+difference is a different folder, never a wrong block.
 """
 from __future__ import annotations
 

@@ -12,10 +12,11 @@ and run through the same kernel over twice the input width: the file's codes and
 file's d * q exactly, one product per weight; cpu_vnni.c sums each half exactly in integers;
 cpu_q8.c, which a float32 model's Q8_0 matrices take where AMX is missing, the whole codes.)
 
-They run on pagedkv/kernels/cpu/cpu_vnni.c where the CPU has AVX512-VNNI (float32 activations as signed
-bytes, each group of 32 scaled so that its largest is +-127 as llama.cpp's, in exact integer sums
-with the file's codes, then float32 with the file's scales), else on pagedkv/kernels/cpu/cpu_int4.c (float32 activations and arithmetic, the
-file's codes and scales as they are), either way every row's result independent of its batch;
+They run on pagedkv/kernels/cpu/cpu_vnni.c where the CPU has AVX512-VNNI (float32 activations as
+signed bytes, each group of 32 scaled so that its largest is +-127 as llama.cpp's, in exact
+integer sums with the file's codes, then float32 with the file's scales), else on
+pagedkv/kernels/cpu/cpu_int4.c (float32 activations and arithmetic, the file's codes and scales
+as they are), either way every row's result independent of its batch;
 a bfloat16 model's on pagedkv/kernels/cpu/cpu_amx.c where the CPU has AMX, else by AVX512-BF16's dot products
 (pagedkv/kernels/cpu/cpu_bf16.c; either way the weights a bfloat16 model dequantized from the file holds,
 float32 sums, every row's result independent of its batch); or, where neither can be built, on torch's kernel, which is vectorised for bfloat16 activations only (float32 ones take
