@@ -522,22 +522,30 @@ int paged_attention(const void *query, int64_t query_stride, int query_bf16, int
         float o[UNITS * QUERIES * 16 * LANES] __attribute__((aligned(64)));
         int q_ctx[QUERIES] = {0};
         int64_t heads[UNITS];  // element offset of each unit's KV head in a slot
-        for (int k = 0; k < job.count; k++) q_ctx[k] = ctx ? (int)(ctx - q_len + (job.first + k) / group + 1) : 0;
+        int64_t row[QUERIES];  // query k's row of the sequence, and its head's place in the group
+        int in_group[QUERIES];
+        for (int k = 0; k < job.count; k++) {
+            row[k] = (job.first + k) / group;
+            in_group[k] = (job.first + k) % group;
+            q_ctx[k] = ctx ? (int)(ctx - q_len + row[k] + 1) : 0;
+        }
         for (int u = 0; u < job.heads; u++) {
             heads[u] = (int64_t)(job.kv_head + u) * head_dim;
             for (int k = 0; k < job.count; k++) {
-                const int64_t row = (job.first + k) / group, head = (int64_t)(job.kv_head + u) * group + (job.first + k) % group;
-                const int64_t at = (start + row) * query_stride + head * head_dim;
-                for (int d = 0; d < head_dim; d++) q[(u * QUERIES + k) * head_dim + d] = load(query, at + d, query_bf16);
+                const int64_t head = (int64_t)(job.kv_head + u) * group + in_group[k];
+                const int64_t at = (start + row[k]) * query_stride + head * head_dim;
+                float *dst = q + (u * QUERIES + k) * head_dim;
+                for (int d = 0; d < head_dim; d++) dst[d] = load(query, at + d, query_bf16);
             }
         }
         if (ctx) fn(&c, block_tables + job.seq * table_stride, q, q_ctx, job.count, heads, job.heads, window, scale, o);
         else memset(o, 0, sizeof(float) * UNITS * QUERIES * head_dim);
         for (int u = 0; u < job.heads; u++)
             for (int k = 0; k < job.count; k++) {
-                const int64_t row = (job.first + k) / group, head = (int64_t)(job.kv_head + u) * group + (job.first + k) % group;
-                const int64_t at = (start + row) * row_len + head * head_dim;
-                for (int d = 0; d < head_dim; d++) store(out, at + d, o[(u * QUERIES + k) * head_dim + d], query_bf16);
+                const int64_t head = (int64_t)(job.kv_head + u) * group + in_group[k];
+                const int64_t at = (start + row[k]) * row_len + head * head_dim;
+                const float *src = o + (u * QUERIES + k) * head_dim;
+                for (int d = 0; d < head_dim; d++) store(out, at + d, src[d], query_bf16);
             }
     }
 #if HAVE_AMX
