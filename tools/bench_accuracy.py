@@ -64,10 +64,15 @@ def windows_of(ids: list[int], count: int, width: int) -> list[list[int]]:
     return [w for w in windows if len(w) > 1]
 
 
-def score_pagedkv(path: str, settings: dict, windows: list[list[int]]) -> Scores:
-    from pagedkv import EngineConfig, LLMEngine, SamplingParams
+def pagedkv_engine(path: str, settings: dict):
+    from pagedkv import EngineConfig, LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=path, device="cpu", swap_space_gib=0.0, **settings))
+    return LLMEngine(EngineConfig(model=path, device="cpu", swap_space_gib=0.0, **settings))
+
+
+def score_pagedkv(engine, windows: list[list[int]]) -> Scores:
+    from pagedkv import SamplingParams
+
     scores: Scores = []
     for n, ids in enumerate(windows):
         engine.add_request(f"w{n}", ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
@@ -113,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from pagedkv import model_path
-    from pagedkv.runtime.models.loader import load_model
 
     path = model_path(args.model)
-    tokenizer = load_model(path, quantization="auto").tokenizer
+    reference = pagedkv_engine(path, ENGINES[0][1])  # its tokenizer reads the text
+    tokenizer = reference.tokenizer
     if tokenizer is None:
         p.error(f"{path} has no tokenizer to read the text with")
     with open(args.text, encoding="utf-8") as f:
@@ -126,23 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     positions = sum(len(w) - 1 for w in windows)
     log(f"{os.path.basename(path)}: {len(windows)} windows, {positions} positions scored")
     results = []
-    for label, settings in ENGINES:
+    for n, (label, settings) in enumerate(ENGINES):
         started = time.perf_counter()
-        results.append((label, score_pagedkv(path, settings, windows)))
+        engine = reference if n == 0 else pagedkv_engine(path, settings)
+        results.append((label, score_pagedkv(engine, windows)))
+        del engine
         log(f"{label}: {time.perf_counter() - started:.0f} s")
+    del reference
     if args.llama_cpp_python:
         results.append(("llama.cpp (llama-cpp-python), the GGUF file",
                         score_llama_cpp(args.llama_cpp_python, path, windows, args.threads)))
         log("llama.cpp done")
 
-    reference = results[0][1]
     print(f"Model {os.path.basename(path)}; text {os.path.relpath(args.text, ROOT)}: {len(windows)} windows of up "
           f"to {args.window} tokens, {positions} positions; torch {torch.__version__}.\n")
     print("| engine | perplexity | vs float32 | likeliest token equal to float32's | mean abs. logprob difference |")
     print("|---|---|---|---|---|")
-    base = compare(reference, reference)[0]
+    base = compare(results[0][1], results[0][1])[0]
     for label, scores in results:
-        perplexity, same_top, drift = compare(reference, scores)
+        perplexity, same_top, drift = compare(results[0][1], scores)
         print(f"| {label} | {perplexity:.3f} | {100 * (perplexity / base - 1):+.2f}% | {100 * same_top:.1f}% | "
               f"{drift:.4f} |")
     return 0

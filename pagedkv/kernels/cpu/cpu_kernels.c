@@ -188,16 +188,14 @@ static inline void tile_rows(const CacheLayer *c, const int32_t *table, int t0, 
     }
 }
 
-// Asks for the K and V bytes span_first .. span_end-1 of the slots of positions t0 .. t0+15
-// (those before `first` as tile_rows, none from `end`) into L2. Attention asks two tiles
-// ahead: a sequence's blocks lie anywhere in the cache, and a tile's arithmetic is shorter
-// than its rows take to arrive from memory.
-static inline void prefetch_tile(const CacheLayer *c, const int32_t *table, int t0, int end, int first,
-                                 int64_t span_first, int64_t span_end, int elem) {
-    const int n = end - t0 < TILE ? end - t0 : TILE;
-    if (n <= 0) return;
-    int64_t rows[TILE];
-    tile_rows(c, table, t0, n, first, rows);
+// Positions of the tile from t0 before `end`: TILE, fewer in the last, 0 past it.
+static inline int tile_length(int t0, int end) { return end - t0 >= TILE ? TILE : end - t0 > 0 ? end - t0 : 0; }
+
+// Asks for the K and V bytes span_first .. span_end-1 of n rows (tile_rows' offsets) into L2.
+// Attention asks two tiles ahead: a sequence's blocks lie anywhere in the cache, and a tile's
+// arithmetic is shorter than its rows take to arrive from memory.
+static inline void prefetch_rows(const CacheLayer *c, const int64_t *rows, int n, int64_t span_first,
+                                 int64_t span_end, int elem) {
     for (int i = 0; i < n; i++)
         for (int64_t b = span_first; b < span_end; b += 64) {
             __builtin_prefetch((const char *)c->base + rows[i] * elem + b, 0, 2);
@@ -297,7 +295,7 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
             }
 #endif
     float weight[QUERIES][TILE] __attribute__((aligned(64)));
-    int64_t rows[TILE], ahead[TILE];
+    int64_t rows[TILE], ahead[TILE], far[TILE];  // this tile's rows, the next's, the one after
     int ctx_max = 0, lo[QUERIES], lo_min = 0;
     for (int j = 0; j < QUERIES; j++) {
         lo[j] = j < nq && window > 0 && ctx[j] > window ? ctx[j] - window : 0;
@@ -316,13 +314,13 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
     const int64_t span_first = heads[0] * elem, span_end = (heads[units - 1] + d_len) * elem;
     const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const int t_first = lo_min / TILE * TILE;
-    tile_rows(c, table, t_first, ctx_max - t_first < TILE ? ctx_max - t_first : TILE, lo_min, rows);
-    prefetch_tile(c, table, t_first + TILE, ctx_max, lo_min, span_first, span_end, elem);
+    tile_rows(c, table, t_first, tile_length(t_first, ctx_max), lo_min, rows);
+    tile_rows(c, table, t_first + TILE, tile_length(t_first + TILE, ctx_max), lo_min, ahead);
+    prefetch_rows(c, ahead, tile_length(t_first + TILE, ctx_max), span_first, span_end, elem);
     for (int t0 = t_first; t0 < ctx_max; t0 += TILE) {
-        const int n = ctx_max - t0 < TILE ? ctx_max - t0 : TILE;
-        const int n_next = ctx_max - t0 - n < TILE ? ctx_max - t0 - n : TILE;
-        tile_rows(c, table, t0 + TILE, n_next, lo_min, ahead);
-        prefetch_tile(c, table, t0 + 2 * TILE, ctx_max, lo_min, span_first, span_end, elem);
+        const int n = tile_length(t0, ctx_max), n_far = tile_length(t0 + 2 * TILE, ctx_max);
+        tile_rows(c, table, t0 + 2 * TILE, n_far, lo_min, far);  // each tile's rows found once
+        prefetch_rows(c, far, n_far, span_first, span_end, elem);
         for (int i = n; i < TILE; i++) rows[i] = rows[n - 1];  // scored, never weighed
         int valid[QUERIES], skip[QUERIES];  // lanes skip .. valid-1 of the tile are query j's
         for (int j = 0; j < QUERIES; j++) {
@@ -406,6 +404,7 @@ static inline __attribute__((always_inline)) void attend(const CacheLayer *c, co
                 for (int v = 0; v < VECS; v++) acc[u][j][v] = a[j][v];
         }
         memcpy(rows, ahead, sizeof rows);
+        memcpy(ahead, far, sizeof ahead);
     }
     for (int u = 0; u < units; u++)
         for (int j = 0; j < nq; j++) {
