@@ -18,7 +18,8 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
 - pagedkv/kernels/cpu/cpu_q6k.c: float32 rows through GGUF's Q6_K blocks read in place (`q6k_linear`);
 - pagedkv/kernels/cpu/cpu_q8.c: float32 rows through 8-bit codes (Q8_0) in exact integer products (`q8_linear`).
 The library is found again by a hash of its sources, flags, compiler and CPU, so a cache folder
-shared by machines holds one build per machine.
+shared by machines holds one build per machine. PAGEDKV_CPU_CFLAGS adds compiler flags (a build of
+its own), e.g. `-march=x86-64-v4` for a library that runs on every AVX-512 CPU.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -77,7 +79,8 @@ def _cpu_signature() -> str:
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     texts = [source.read_text() for source in SOURCES + HEADERS]
-    key = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), version, _cpu_signature()]).encode())
+    flags = (*CFLAGS, *shlex.split(os.environ.get("PAGEDKV_CPU_CFLAGS", "")))
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_signature()]).encode())
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"pagedkv-{os.getuid()}"):
         if (folder / name).is_file():
@@ -90,7 +93,7 @@ def _build(compiler: str) -> Path:
         except OSError:
             continue  # not writable: try the next folder
         try:
-            done = subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
+            done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", partial, "-lm"],
                                   capture_output=True, text=True, timeout=300)
             if done.returncode:
                 lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
