@@ -12,9 +12,9 @@
 //   AMX is missing, register blocks of 8 rows by one tile take the codes decoded once per block
 //   of rows (`block_rows`: 8 sums in registers, each broadcast activation fed straight into
 //   VPDPBUSD);
-// - from 8 rows by AMX where the CPU has it: a = 4096 a1 + a0 (a1 is 0 for bytes), each part
-//   two signed bytes 16 d1 + d0 in one 64-byte tile row, which TDPBSUD multiplies by 16 times
-//   the codes and by the codes (8,192 products an instruction).
+// - from 8 rows by AMX where the CPU has it: a = 16 d1 + d0 as two signed bytes in one 64-byte
+//   tile row, which TDPBSUD multiplies by 16 times the codes and by the codes (8,192 products an
+//   instruction, one a group of 16 rows).
 // Then, in float32 and in one order whatever the path, each group adds
 // scale * (x's scale) * sum(a * code) + offset * sum(x) to its 16 outputs, groups in increasing
 // order (where the offset is -8 times the scale, Q4_0's and Q8_0's high halves, 8 * sum(a) comes
@@ -71,27 +71,21 @@ static void byte_digits(const float *x, int64_t groups, int8_t *dst, int64_t gro
     }
 }
 
-#define PART_BYTES (TILE * 64)  // AMX: one part of one group of 16 rows
+#define PART_BYTES (TILE * 64)  // AMX: one group of 16 rows, an A tile
 
-// For AMX: a = 4096 a1 + a0, a0 in -2056..2039 and |a1| <= 4, each as 16 d1 + d0 (d0 in -8..7,
-// d1 a signed byte): an A tile row's 64 bytes, the 32 d1 then the 32 d0. Slab s (16 rows), group g,
-// part p (a1, a0) at ((s * groups + g) * 2 + p) * PART_BYTES, the slab's row r 64 r bytes on.
-// (Made for 14-bit activations: with bytes a1 is 0, and its tile products add zeros. Dropping
-// that part would halve AMX's products; it waits for an AMX CPU to test it on.)
+// For AMX: a = 16 d1 + d0 (d0 in -8..7, d1 in -8..8): an A tile row's 64 bytes, the 32 d1 then the
+// 32 d0. Slab s (16 rows), group g at (s * groups + g) * PART_BYTES, the slab's row r 64 r bytes on.
+// (One tile product a group: the 14-bit activations this kernel took before needed two.)
 static void tile_digits(const float *x, int64_t groups, int64_t row, int8_t *xq, RowGroup *info) {
     const int64_t slab = row / TILE, r = row % TILE;
     for (int64_t g = 0; g < groups; g++) {
         __m512i a[2];
         integers(x + g * GROUP, a, info + g, ACTIVATION_BITS, 1);
         for (int i = 0; i < 2; i++) {
-            const __m512i a0 = digit(a[i], 12, 2056);
-            const __m512i parts[2] = {_mm512_srai_epi32(_mm512_sub_epi32(a[i], a0), 12), a0};
-            for (int p = 0; p < 2; p++) {
-                const __m512i d0 = digit(parts[p], 4, 8), d1 = _mm512_srai_epi32(_mm512_sub_epi32(parts[p], d0), 4);
-                int8_t *d = xq + ((slab * groups + g) * 2 + p) * PART_BYTES + r * 64 + i * 16;
-                store_bytes(d, d1);
-                store_bytes(d + GROUP, d0);
-            }
+            const __m512i d0 = digit(a[i], 4, 8), d1 = _mm512_srai_epi32(_mm512_sub_epi32(a[i], d0), 4);
+            int8_t *d = xq + (slab * groups + g) * PART_BYTES + r * 64 + i * 16;
+            store_bytes(d, d1);
+            store_bytes(d + GROUP, d0);
         }
     }
 }
@@ -289,20 +283,16 @@ static void code_tiles(const uint8_t *tile, int64_t w_groups, const int half, ui
     }
 }
 
-// Group g's sums (C tiles stored: the parts a1 and a0) added to the slab's rows.
-static inline __attribute__((always_inline)) void add_sums(__m512 *acc, int32_t sums[2][TILE][TILE],
+// Group g's sums (the C tile stored) added to the slab's rows.
+static inline __attribute__((always_inline)) void add_sums(__m512 *acc, int32_t sums[TILE][TILE],
                                                            const uint8_t *tile, int64_t g, const int half,
                                                            const RowGroup *info, int64_t groups, const int rows) {
     const GroupScales gs = scales_of(tile, g, half);
     const RowGroup *ri = info + (g < groups ? g : g - groups);
-    for (int i = 0; i < rows; i++) {
-        const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][i]), 12),
-                                           _mm512_load_si512(sums[1][i]));
-        acc[i] = add_group(acc[i], s, ri + i * groups, &gs);
-    }
+    for (int i = 0; i < rows; i++) acc[i] = add_group(acc[i], _mm512_load_si512(sums[i]), ri + i * groups, &gs);
 }
 
-// One slab's rows (up to 16) against one tile. Tiles 0-1 A (the parts), 2 B, 3-4 C. Each group's
+// One slab's rows (up to 16) against one tile. Tile 0 A, 2 B, 3 C. Each group's
 // sums are added up two groups later, while the tile products run on, row by row as the vector
 // path adds them.
 static inline __attribute__((always_inline)) void amx_slab(const int8_t *xq, const RowGroup *info, int64_t groups,
@@ -310,20 +300,15 @@ static inline __attribute__((always_inline)) void amx_slab(const int8_t *xq, con
                                                            const int half, int64_t slab, const int rows, float *out,
                                                            int64_t out_stride) {
     __m512 acc[TILE];
-    int32_t sums[3][2][TILE][TILE] __attribute__((aligned(64)));
+    int32_t sums[3][TILE][TILE] __attribute__((aligned(64)));
     const RowGroup *slab_info = info + slab * TILE * groups;
     for (int i = 0; i < TILE; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t g = 0, turn = 0; g < w_groups; g++, turn = turn == 2 ? 0 : turn + 1) {
-        const int8_t *parts = xq + (slab * groups + (g < groups ? g : g - groups)) * 2 * PART_BYTES;
         _tile_loadd(2, codes + g * 1024, 64);
-        _tile_loadd(0, parts, 64);
-        _tile_loadd(1, parts + PART_BYTES, 64);
+        _tile_loadd(0, xq + (slab * groups + (g < groups ? g : g - groups)) * PART_BYTES, 64);
         _tile_zero(3);
-        _tile_zero(4);
         _tile_dpbsud(3, 0, 2);
-        _tile_dpbsud(4, 1, 2);
-        _tile_stored(3, sums[turn][0], 64);
-        _tile_stored(4, sums[turn][1], 64);
+        _tile_stored(3, sums[turn], 64);
         if (g > 1) add_sums(acc, sums[turn == 2 ? 0 : turn + 1], tile, g - 2, half, slab_info, groups, rows);
     }
     for (int64_t g = w_groups > 1 ? w_groups - 2 : 0; g < w_groups; g++)
@@ -337,7 +322,7 @@ static inline __attribute__((always_inline)) void amx_slab(const int8_t *xq, con
 static int amx_rows(const float *x, int64_t x_stride, int64_t m, int64_t groups, int64_t w_groups,
                     const uint8_t *packed, int64_t tile_bytes, const int half, int64_t tiles, float *out,
                     int64_t n_out, int num_threads) {
-    const int64_t slabs = (m + TILE - 1) / TILE, slab_bytes = groups * 2 * PART_BYTES;
+    const int64_t slabs = (m + TILE - 1) / TILE, slab_bytes = groups * PART_BYTES;
     const int64_t block = BLOCK_BYTES / slab_bytes > 1 ? BLOCK_BYTES / slab_bytes : 1;  // slabs a block
     const int64_t blocks = (slabs + block - 1) / block, jobs = blocks * tiles;
     int8_t *xq = aligned_alloc(64, slabs * slab_bytes);
@@ -352,8 +337,8 @@ static int amx_rows(const float *x, int64_t x_stride, int64_t m, int64_t groups,
                     tile_digits(x + row * x_stride, groups, row, xq, info + row * groups);
                     continue;
                 }
-                for (int64_t gp = 0; gp < groups * 2; gp++)  // rows past m multiply as zeros
-                    memset(xq + (s * groups * 2 + gp) * PART_BYTES + row % TILE * 64, 0, 64);
+                for (int64_t g = 0; g < groups; g++)  // rows past m multiply as zeros
+                    memset(xq + (s * groups + g) * PART_BYTES + row % TILE * 64, 0, 64);
             }
         amx_configure_tiles();
         uint8_t *codes = aligned_alloc(64, w_groups * 1024);
