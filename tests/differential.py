@@ -31,7 +31,16 @@ class Request:
         return self.prompt, repr(self.params)
 
 
-def _params(rng: random.Random) -> SamplingParams:
+def _params(rng: random.Random, stops: list[int] | None = None) -> SamplingParams:
+    """`stops`: the sampled and greedy requests stop at these tokens (and EOS) instead of running
+    to their length."""
+    params = _running_params(rng)
+    if stops is None or params.beam_width > 1:
+        return params
+    return _with(params, stop_token_ids=stops, ignore_eos=False)
+
+
+def _running_params(rng: random.Random) -> SamplingParams:
     kind = rng.choice(["greedy", "greedy", "beam", "seeded_n", "top_p"])
     max_tokens = rng.randint(2, 12)
     if kind == "greedy":
@@ -79,18 +88,21 @@ def _with(params: SamplingParams, **changes) -> SamplingParams:
 
 
 def random_workload(seed: int, vocab_size: int, num_requests: int = 40, abort_share: float = 0.1,
-                    constrained: bool = False, prompt_logprobs: bool = False) -> list[Request]:
+                    constrained: bool = False, prompt_logprobs: bool = False, stopping: bool = False) -> list[Request]:
     """Requests over a few shared heads (lengths at and off block boundaries for any block size
     up to 16), some identical to others, some aborted. `constrained`: half of the requests have
-    grammars, penalties, logit_bias and min_tokens. `prompt_logprobs`: half ask for them."""
+    grammars, penalties, logit_bias and min_tokens. `prompt_logprobs`: half ask for them.
+    `stopping`: all but beam searches stop at a sixth of the vocabulary's tokens, so that
+    samples of one request end at different steps."""
     rng = random.Random(seed)
     tokens = lambda n: tuple(rng.randrange(3, vocab_size) for _ in range(n))  # noqa: E731 (0-2: special)
+    stops = sorted(rng.sample(range(3, vocab_size), vocab_size // 6)) if stopping else None
     heads = [(), tokens(16), tokens(23), tokens(33)]
     heads.append(heads[1] + tokens(9))  # a head that extends another
     distinct = []
     for _ in range(max(4, num_requests // 3)):
         prompt = rng.choice(heads) + tokens(rng.randint(1, 14))
-        params = _constrained_params(rng) if constrained and rng.random() < 0.5 else _params(rng)
+        params = _constrained_params(rng) if constrained and rng.random() < 0.5 else _params(rng, stops)
         if prompt_logprobs and rng.random() < 0.5:
             params = _with(params, prompt_logprobs=rng.choice([0, 1, 5]))
         distinct.append(Request(prompt, params))

@@ -156,6 +156,27 @@ def test_abort_with_a_token_in_flight(loaded):
     assert_all_free(engine)
 
 
+def test_an_abort_before_the_step_that_forks_its_samples(loaded):
+    """A request whose prompt completes in the step scheduled ahead, where its n samples would
+    fork, aborted before that step runs: the step forks nothing for it (its blocks are gone),
+    and the other request finishes as alone."""
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    samples = SamplingParams(max_tokens=6, n=3, temperature=0.9, seed=1, ignore_eos=True)
+    expected = make_llm(loaded).generate([PROMPTS[0]], greedy, use_tqdm=False)
+    engine = make_llm(loaded, async_scheduling=True).engine
+    engine.add_request("a", PROMPTS[0], greedy, stream=False)
+    engine.step(), engine.step()
+    engine.add_request("b", PROMPTS[2], samples, stream=False)
+    engine.step()
+    assert any(row.group.request_id == "b" and row.sample for row in engine.prepared.out.scheduled)
+    assert engine.abort("b").finished
+    finished = {}
+    while engine.has_unfinished():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert set(finished) == {"a"} and results([finished["a"]]) == approx(expected)
+    assert_all_free(engine)
+
+
 def test_a_failing_draw_ends_its_request_alone(loaded, monkeypatch):
     params = [SamplingParams(max_tokens=15, temperature=0, ignore_eos=True) for _ in PROMPTS]
     expected = make_llm(loaded).generate(PROMPTS, params, use_tqdm=False)

@@ -118,3 +118,22 @@ def test_prompt_logprobs_equal_their_lone_runs(loaded, lone, seed, mode, async_s
     assert engine.stats()["preemptions"][mode] > 0
     assert not engine.prompt_logprobs
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("seed", range(12))
+def test_samples_that_stop_at_different_steps_equal_their_lone_runs(loaded, lone, seed, mode, async_scheduling):
+    """Samples of one request that stop at different steps (stop tokens) while other requests'
+    prompts fork samples and beams, and aborts: with async scheduling a step scheduled ahead
+    holds rows of samples that the step before's tokens end, and of requests aborted since.
+    They get nothing more (an extra token after a stop token was the bug) and fork nothing."""
+    requests = random_workload(300 + seed, loaded.config.vocab_size, abort_share=0.2, stopping=True)
+    config = random_config(seed, mode, async_scheduling, requests)
+    engine = LLMEngine(config, loaded)
+    results = run_concurrently(engine, requests, concurrency=random.Random(seed).randint(6, 24), seed=seed)
+    differ = [i for i in results if results[i] != lone(requests[i])]
+    assert differ == [], f"{len(differ)} of {len(results)} differ"
+    stopped = [i for i in results if requests[i].params.n > 1 and len({len(t) for t in results[i]}) > 1]
+    assert stopped  # samples of one request that ended at different steps
+    assert_all_blocks_free(engine)

@@ -337,8 +337,8 @@ class LLMEngine:
         logits = self._take_prompt_logits(out, logits)
         self._sample(out, logits, new_tokens)
         self.profile.mark("sample")
-        changed = {row.group.request_id: row.group for row in out.scheduled if row.sample}
-        changed.update({g.request_id: g for g in out.rejected})
+        changed = {row.group.request_id: row.group for row in out.scheduled if row.sample and self._live(row.group)}
+        changed.update({g.request_id: g for g in out.rejected if self._live(g)})
         outputs = self._outputs(changed, new_tokens)
         self.profile.mark("outputs")
         return outputs
@@ -395,6 +395,8 @@ class LLMEngine:
         beam_rows: dict[str, list[int]] = defaultdict(list)
         plain_rows: list[int] = []
         for i, row in enumerate(sampling):
+            if row.seq.is_finished or not self._live(row.group):
+                continue  # async scheduling: ended by the step before's token, or aborted, since scheduled
             (beam_rows[row.group.request_id] if row.group.request_id in self.beams else plain_rows).append(i)
         # Parallel samples: a fresh group forks its n sequences off the prompt's logits.
         draws: list[tuple[Sequence, int]] = []
