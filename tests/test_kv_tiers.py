@@ -9,13 +9,15 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
 from differential import LoneRuns, assert_all_blocks_free, random_workload, run_concurrently
 
+from pagedkv.kvcache.disk_tier import DiskTier, FinishedWork
 from pagedkv.runtime.engine.config import EngineConfig
-from pagedkv.runtime.engine.llm_engine import LLMEngine
+from pagedkv.runtime.engine.llm_engine import READ_WAIT_S, LLMEngine
 from pagedkv.runtime.engine.sampling_params import SamplingParams
 from pagedkv.runtime.models.loader import load_model
 
@@ -98,6 +100,49 @@ def test_greedy_from_the_disk_after_a_restart_equals_transformers(loaded, model_
         ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
         assert tokens == ref[0, len(prompt):].tolist()
     second.close()
+
+
+@pytest.mark.usefixtures("always_load")
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_step_with_only_reads_in_flight_waits_for_them(loaded, tmp_path, monkeypatch, async_scheduling):
+    """Nothing to run but a prompt whose blocks are being read from the disk: each step sleeps
+    until a read lands (READ_WAIT_S at most) instead of returning at once to a caller that
+    would spin, and the request then finishes as without the wait."""
+    prompts = long_prompts(1, 37, seed=3)
+    first = LLMEngine(tiered(tmp_path), loaded)
+    expected = generate(first, prompts)
+    first.close()
+    gate = threading.Event()
+    read = DiskTier._read_all
+    monkeypatch.setattr(DiskTier, "_read_all", lambda self, blocks: gate.wait(60) and read(self, blocks))
+    engine = LLMEngine(tiered(tmp_path, num_device_blocks=200, async_scheduling=async_scheduling), loaded)
+    waits = []
+    wait = engine.block_manager.wait_for_reads
+    monkeypatch.setattr(engine.block_manager, "wait_for_reads", lambda timeout: waits.append(timeout) or wait(timeout))
+    engine.add_request("r", prompts[0], GREEDY, stream=False)
+    for _ in range(3):
+        assert engine.step() == []
+    assert waits == [READ_WAIT_S] * 3
+    gate.set()
+    outputs = []
+    while engine.has_unfinished():
+        outputs += [o for o in engine.step() if o.finished]
+    assert outputs[0].outputs[0].token_ids == expected[0]
+    assert engine.stats()["kv_tiers"]["disk"]["hit_blocks"] == 9
+    assert_all_blocks_free(engine)
+    engine.close()
+
+
+def test_finished_work_wakes_a_waiter():
+    work = FinishedWork()
+    assert not work.wait(0)
+    work.put(("load", 1))
+    assert work.wait(0) and work.take() == [("load", 1)] and not work.wait(0)
+    later = threading.Timer(0.05, work.put, [("store", 2)])
+    later.start()
+    assert work.wait(60)  # woken by the put, not by the timeout
+    later.join()
+    assert work.take() == [("store", 2)]
 
 
 def test_another_process_serves_what_this_one_stored(loaded, model_path, tmp_path):

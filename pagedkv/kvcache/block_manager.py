@@ -350,6 +350,11 @@ class BlockManager:
         """Whether the group waits for blocks being read from a store tier."""
         return self.tiers.enabled and self.tiers.is_loading(group.unfinished_seqs()[0].seq_id)
 
+    def wait_for_reads(self, timeout: float) -> None:
+        """Sleeps until a read from a store tier lands (or `timeout` seconds pass)."""
+        if self.tiers.enabled:
+            self.tiers.wait_for_reads(timeout)
+
     def finish_loads(self, group: SequenceGroup) -> int:
         """Once its reads are done: plans the copies of the good blocks into the group's table
         (the rest are recomputed); returns the tokens they hold, the shared head's computed

@@ -25,6 +25,7 @@ import logging
 import os
 import queue
 import struct
+import threading
 import time
 import zlib
 from collections import OrderedDict
@@ -126,6 +127,33 @@ class Loaded:
     seconds: float = 0.0
 
 
+class FinishedWork:
+    """What a tier's I/O threads have finished, for the scheduler's thread to take in (`poll`),
+    and a wait for it: an engine with nothing to run but reads in flight sleeps until one
+    lands instead of stepping again at once."""
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready = threading.Event()
+
+    def put(self, item: tuple) -> None:
+        self._items.put(item)
+        self._ready.set()
+
+    def take(self) -> list[tuple]:
+        self._ready.clear()  # before taking: an item put meanwhile sets it again
+        items = []
+        while True:
+            try:
+                items.append(self._items.get_nowait())
+            except queue.Empty:
+                return items
+
+    def wait(self, timeout: float) -> bool:
+        """Whether something was put since the last `take` (waiting up to `timeout` seconds)."""
+        return self._ready.wait(timeout)
+
+
 class DiskTier:
     name = "disk"
     write_through = False  # blocks come when the memory tiers evict them, and at shutdown
@@ -148,7 +176,7 @@ class DiskTier:
         self._orphans: dict[bytes, int] = {}  # a hash not in the index -> blocks in it that continue it
         self._used = 0
         self._storing: dict[bytes, bytes] = {}  # blocks being written -> their parents
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = FinishedWork()
         self._io = ThreadPoolExecutor(1, thread_name_prefix="pagedkv-disk")
         self._writes_stopped = False
         self._counter = 0
@@ -360,11 +388,7 @@ class DiskTier:
         reads are returned (a damaged or missing file's block with payload None, its file
         removed from the index)."""
         loaded = []
-        while True:
-            try:
-                item = self._done.get_nowait()
-            except queue.Empty:
-                return loaded
+        for item in self._done.take():
             if item[0] == "store":
                 _, block_hash, ok, error, seconds, size = item
                 self.stats.store_seconds += seconds
@@ -380,6 +404,10 @@ class DiskTier:
             else:
                 self.stats.loaded_bytes += len(payload)
             loaded.append(Loaded(block_hash, payload, header, seconds))
+        return loaded
+
+    def wait_finished(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
 
     def _remove_if_damaged(self, block_hash: bytes) -> None:
         path = self.path(block_hash)

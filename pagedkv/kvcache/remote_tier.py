@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from pagedkv.kvcache.disk_tier import BlockFileError, Loaded, TierStats, decode_block, encode_block
+from pagedkv.kvcache.disk_tier import BlockFileError, FinishedWork, Loaded, TierStats, decode_block, encode_block
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class RemoteTier:
         self._lock = threading.Lock()  # the breaker's state, shared with the I/O threads
         self._down_until = 0.0
         self._down = False
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = FinishedWork()
         self._loads: queue.SimpleQueue = queue.SimpleQueue()
         self._stores: queue.SimpleQueue = queue.SimpleQueue()
         self._pending_stores = 0  # queued writes poll() has not taken in
@@ -285,11 +285,7 @@ class RemoteTier:
         (a missing or bad value's block with payload None)."""
         loaded = []
         now = time.monotonic()
-        while True:
-            try:
-                item = self._done.get_nowait()
-            except queue.Empty:
-                break
+        for item in self._done.take():
             if item[0] == "store":
                 _, block_hash, ok, size, seconds = item
                 self._storing.discard(block_hash)
@@ -312,6 +308,9 @@ class RemoteTier:
                 self.stats.loaded_bytes += len(payload)
             loaded.append(Loaded(block_hash, payload, header, seconds))
         return loaded
+
+    def wait_finished(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
 
     def describe(self) -> dict:
         return {**self.stats.as_dict(), "cached_blocks": len(self._present), "available": self.available,

@@ -50,6 +50,7 @@ class StoreTier(Protocol):
     def prepare_store(self, block_hash: bytes, token_ids: tuple[int, ...], payload: bytes, parent: bytes = b"",
                       extra: dict | None = None) -> list[bytes]: ...  # starts a write; returns what it evicts
     def poll(self) -> list[Loaded]: ...  # finished reads; finished writes become visible
+    def wait_finished(self, timeout: float) -> bool: ...  # until `poll` has something (or timeout)
     def describe(self) -> dict: ...  # statistics and what the tier holds
     def wait_idle(self, timeout: float | None = None) -> None: ...
     def close(self) -> None: ...
@@ -217,6 +218,14 @@ class Tiers:
                 if mine:
                     tier.prepare_load(mine)
         return ready
+
+    def wait_for_reads(self, timeout: float) -> None:
+        """Sleeps until a store tier with reads in flight has finished something (or `timeout`
+        seconds have passed)."""
+        busy = {p.hit.tier for reads in self._loading.values() for p in reads if not p.done}
+        for name in busy:
+            if self.stores[name].wait_finished(timeout / len(busy)):
+                return
 
     def is_loading(self, seq_id: int) -> bool:
         reads = self._loading.get(seq_id)

@@ -66,6 +66,7 @@ class SchedulerOutput:
     rejected: list[SequenceGroup] = field(default_factory=list)  # finished with an error
     num_batched_tokens: int = 0
     num_prompt_logits: int = 0  # positions whose logits the rows' prompt_logits ask for
+    waiting_for_reads: bool = False  # a group waits for its blocks read from a store tier
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -253,6 +254,7 @@ class Scheduler:
     def _schedule_prefill(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         if group.loading:
             if self.bm.is_loading(group):
+                out.waiting_for_reads = True
                 return  # its blocks are still being read from disk; the others go on
             self._finish_loads(group)
         before = out.num_batched_tokens

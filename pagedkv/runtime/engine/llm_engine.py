@@ -35,6 +35,9 @@ class RequestTooLong(ValueError):
 
 
 _BESIDE = os.environ.get("PAGEDKV_MASKS_BESIDE", "1") != "0"
+# A step with nothing to run but requests whose blocks are being read from a store tier waits
+# this long at most for a read to land, rather than returning at once to be called again.
+READ_WAIT_S = 0.01
 
 
 def _same_rows(a: list, b: list) -> bool:
@@ -223,6 +226,7 @@ class LLMEngine:
         outputs = self.process(out, logits)
         self.profile.end("prefill" if out.prefills else "decode")
         self._release_if_idle()
+        self._wait_for_reads(out, outputs)
         return outputs
 
     def _release_if_idle(self) -> None:
@@ -266,7 +270,15 @@ class LLMEngine:
             self.profile.mark("sample")
         self.profile.end("prefill" if step.out.prefills else "decode")
         self._release_if_idle()
+        self._wait_for_reads(self.prepared.out if self.prepared is not None else step.out, outputs)
         return outputs
+
+    def _wait_for_reads(self, upcoming: SchedulerOutput, outputs: list[RequestOutput]) -> None:
+        """Nothing to return, nothing in flight, and the step to come has nothing to run but
+        requests waiting for blocks read from a store tier: sleeps until a read lands (at most
+        READ_WAIT_S), so that the caller's loop does not spin."""
+        if upcoming.is_empty and upcoming.waiting_for_reads and not outputs and self.drawn is None:
+            self.block_manager.wait_for_reads(READ_WAIT_S)
 
     def _host_work(self, last: Drawn | None, out: SchedulerOutput) -> tuple[list[RequestOutput], Prepared | None,
                                                                           float]:
