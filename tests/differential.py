@@ -6,14 +6,17 @@ aborts exactly what it returns alone.
 greedy, beam search, seeded n-sampling and top-p parameters; `run_concurrently` keeps up to
 `concurrency` of them live in one engine (arrivals staggered, some aborted part-way);
 `LoneRuns` runs each request by itself in a roomy engine without prefix caching, once per
-distinct request. Outputs are compared as token ids and cumulative log-probabilities' tokens,
-prompt logprobs as tokens, ranks and values within float tolerance.
+distinct request. Outputs are compared as token ids and, where a float32 model's matrix
+products give each row the same bits whatever its batch (pagedkv/kernels/cpu/cpu_f32.c), as
+cumulative log-probabilities bit for bit; prompt logprobs as tokens, ranks and values within
+float tolerance.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
+from pagedkv.kernels.cpu import ops as cpu_ops
 from pagedkv.runtime.engine.config import EngineConfig
 from pagedkv.runtime.engine.llm_engine import LLMEngine
 from pagedkv.runtime.engine.sampling_params import SamplingParams
@@ -115,19 +118,25 @@ def random_workload(seed: int, vocab_size: int, num_requests: int = 40, abort_sh
     return requests
 
 
-def outputs_of(output) -> list[tuple[int, ...]]:
-    return [tuple(c.token_ids) for c in output.outputs]
+# Each row's bits independent of its batch: a request's log-probabilities are its lone run's.
+BITWISE = cpu_ops.f32_linear_preferred()
+Outputs = list[tuple[tuple[int, ...], float | None]]  # per completion: tokens, cumulative logprob
+
+
+def outputs_of(output) -> Outputs:
+    """Each completion's tokens, and its cumulative log-probability where BITWISE."""
+    return [(tuple(c.token_ids), c.cumulative_logprob if BITWISE else None) for c in output.outputs]
 
 
 def run_concurrently(engine: LLMEngine, requests: list[Request], concurrency: int,
-                     seed: int = 0, prompt_logprobs: dict | None = None) -> dict[int, list[tuple[int, ...]]]:
+                     seed: int = 0, prompt_logprobs: dict | None = None) -> dict[int, Outputs]:
     """Feeds the requests in order, keeping at most `concurrency` live (a random number joins
     each step); returns each finished, not aborted, request's outputs by its index (and puts
     its prompt logprobs in `prompt_logprobs`, when given, by its index too)."""
     rng = random.Random(seed)
     pending = list(enumerate(requests))
     live: dict[str, tuple[int, int]] = {}  # request id -> (index, steps since arrival)
-    results: dict[int, list[tuple[int, ...]]] = {}
+    results: dict[int, Outputs] = {}
     step = 0
     while pending or engine.has_unfinished():
         for _ in range(rng.randint(0, concurrency)):
@@ -163,10 +172,10 @@ class LoneRuns:
     def __init__(self, loaded: LoadedModel, block_size: int = 16):
         self.engine = LLMEngine(EngineConfig(block_size=block_size, num_device_blocks=1024, swap_space_gib=0.01,
                                              enable_prefix_caching=False), loaded)
-        self.known: dict[tuple, list[tuple[int, ...]]] = {}
+        self.known: dict[tuple, Outputs] = {}
         self.prompt_logprobs: dict[tuple, list | None] = {}  # what each returned as its prompt logprobs
 
-    def __call__(self, request: Request) -> list[tuple[int, ...]]:
+    def __call__(self, request: Request) -> Outputs:
         if request.key not in self.known:
             self.engine.add_request("alone", list(request.prompt), request.params, stream=False)
             while self.engine.has_unfinished():

@@ -27,10 +27,10 @@ def test_kernels_side_by_side(q4_gguf, capsys, tmp_path):
 def test_kernels_without_amx(q4_gguf, capsys, tmp_path):
     # A CPU without AMX, or one whose AMX --no-amx switches off: the 4-bit kernels (integer
     # products in register blocks, bfloat16 by AVX512-BF16's dot products), float32's few rows
-    # (F.linear against cpu_f32.c) and attention over each cache type; no AMX attention table;
-    # AMX on again after.
+    # and a prompt's (F.linear and oneDNN against cpu_f32.c) and attention over each cache type;
+    # no AMX attention table; AMX on again after.
     made_with_amx = cpu_ops.amx_supported()
-    args = ["--rows", "1,9", "--dense-rows", "1,3", "--repeats", "1", "--seqs", "3", "--context", "40",
+    args = ["--rows", "1,9", "--dense-rows", "1,3,40", "--repeats", "1", "--seqs", "3", "--context", "40",
             "--model", q4_gguf, "--no-amx", "--clock", "cpu", "--out", str(tmp_path / "out")]
     assert bench_cpu_kernels.main(args) == 0
     out = capsys.readouterr().out
@@ -38,7 +38,8 @@ def test_kernels_without_amx(q4_gguf, capsys, tmp_path):
     cells = {row[0].strip(): [c.strip() for c in row[1:]] for row in lines}
     assert min(float(c) for c in cells["9"][:3]) > 0 and all(c.endswith("x") for c in cells["9"][3:])
     if cpu_ops.library().f32_linear_supported():
-        assert "cpu_f32.c" in out and min(float(c) for c in cells["3"][:2]) > 0 and cells["3"][2].endswith("x")
+        assert "cpu_f32.c" in out and min(float(c) for c in cells["3"][:3]) > 0 and cells["3"][3].endswith("x")
+        assert min(float(c) for c in cells["40"][:3]) > 0 and cells["40"][3].endswith("x")
     assert "query-key products" not in out
     assert "over each cache type" in out
     for key in ("decode step", "prompts"):  # float32 and bfloat16 caches, and their ratio

@@ -134,6 +134,6 @@ def test_samples_that_stop_at_different_steps_equal_their_lone_runs(loaded, lone
     results = run_concurrently(engine, requests, concurrency=random.Random(seed).randint(6, 24), seed=seed)
     differ = [i for i in results if results[i] != lone(requests[i])]
     assert differ == [], f"{len(differ)} of {len(results)} differ"
-    stopped = [i for i in results if requests[i].params.n > 1 and len({len(t) for t in results[i]}) > 1]
+    stopped = [i for i in results if requests[i].params.n > 1 and len({len(t) for t, _ in results[i]}) > 1]
     assert stopped  # samples of one request that ended at different steps
     assert_all_blocks_free(engine)

@@ -1,7 +1,7 @@
 """pagedkv's CPU kernels with and without AMX, side by side in one run, on a model's shapes.
 
     python -m tools.bench_cpu_kernels [--rows 1,16,32,64,128,512,2900] [--threads 1]
-        [--repeats 3] [--seqs 64] [--context 155] [--dense-rows 1,2,4,8] [--model PATH.gguf]
+        [--repeats 3] [--seqs 64] [--context 155] [--dense-rows 1,2,4,8,64,512] [--model PATH.gguf]
         [--no-amx] [--clock wall|cpu] [--out DIR] [--update-docs]
 
 4-bit matrices: every quantized matrix of the model (its layers' fused q/k/v, o, gate/up and
@@ -9,9 +9,10 @@ down, and the lm_head), kept as the GGUF file stores them, multiplied by `rows` 
 activations in float32 FMAs (pagedkv/kernels/cpu/cpu_int4.c) and in exact integer products
 (pagedkv/kernels/cpu/cpu_vnni.c: AVX512-VNNI; AMX from 8 rows, or where AMX is missing register blocks
 from 7), and of bfloat16 ones (pagedkv/kernels/cpu/cpu_amx.c on AMX, else AVX512-BF16's dot products,
-pagedkv/kernels/cpu/cpu_bf16.c): ms for one pass over all of them, best of --repeats. Float32 matrices of few
-rows (the same weights dequantized: a float32 model's decode step): F.linear (the BLAS) against
-pagedkv/kernels/cpu/cpu_f32.c. Attention in the model's shape with float32 queries over a float32
+pagedkv/kernels/cpu/cpu_bf16.c): ms for one pass over all of them, best of --repeats. Float32 matrices
+(the same weights dequantized: a float32 model's decode steps and prompts): F.linear (the BLAS)
+and oneDNN against pagedkv/kernels/cpu/cpu_f32.c, which gives each row the same bits whatever its
+batch. Attention in the model's shape with float32 queries over a float32
 and a bfloat16 cache (every layer, --seqs sequences of --context positions; none with --seqs 0). With
 AMX, attention over a bfloat16 cache in the model's shape (every layer,
 --seqs sequences of --context positions in blocks of 16 scattered over the cache, bfloat16
@@ -57,16 +58,22 @@ def best_ms(fn, repeats: int) -> float:
 
 
 def dense_rows(weights: list[torch.Tensor], rows: list[int], repeats: int) -> list[list[object]]:
-    """One row per batch size: F.linear against cpu_f32.c over the model's float32 matrices."""
+    """One row per batch size: F.linear and oneDNN (weights prepacked) against cpu_f32.c over
+    the model's float32 matrices."""
     import torch.nn.functional as F
 
+    from pagedkv.runtime.models.llama import _PACK_BATCH
+
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, _PACK_BATCH) for w in weights]
     table = []
     for m in rows:
         x = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
         blas = best_ms(lambda: [F.linear(x[w.shape[1]], w) for w in weights], repeats)
+        onednn = best_ms(lambda: [torch.ops.mkldnn._linear_pointwise(x[w.shape[1]], p, None, "none", [], "")
+                                  for w, p in zip(weights, packed)], repeats)
         own = best_ms(lambda: [cpu_ops.f32_linear(x[w.shape[1]], w) for w in weights], repeats)
-        table.append([m, ms(blas), ms(own), f"{blas / own:.2f}x"])
-        log(f"float32, {m} rows: F.linear {ms(blas)} ms, cpu_f32.c {ms(own)} ms")
+        table.append([m, ms(blas), ms(onednn), ms(own), f"{min(blas, onednn) / own:.2f}x"])
+        log(f"float32, {m} rows: F.linear {ms(blas)} ms, oneDNN {ms(onednn)} ms, cpu_f32.c {ms(own)} ms")
     return table
 
 
@@ -149,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seqs", type=int, default=64, help="sequences for attention (0: no attention)")
     p.add_argument("--context", type=int, default=155, help="positions per sequence for attention")
-    p.add_argument("--dense-rows", default="1,2,4,8",
-                   help="batch sizes for the float32 matrices (F.linear against cpu_f32.c); empty: none")
+    p.add_argument("--dense-rows", default="1,2,4,8,64,512",
+                   help="batch sizes for the float32 matrices (F.linear, oneDNN, cpu_f32.c); empty: none")
     p.add_argument("--model", help="a GGUF file (default: the default model)")
     p.add_argument("--no-amx", action="store_true",
                    help="turn AMX off, so that a CPU with AMX measures the paths of one without")
@@ -162,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = [int(r) for r in args.rows.split(",") if r.strip()]
     dense = [int(r) for r in args.dense_rows.split(",") if r.strip()]
-    if (not rows or min(rows + dense) < 1 or max(dense, default=1) > cpu_ops.F32_LINEAR_ROWS or args.threads < 1
-            or args.repeats < 1 or args.seqs < 0 or args.context < 1):
-        p.error(f"need batch sizes, threads, repeats and context of at least 1, sequences of at least 0, and at most "
-                f"{cpu_ops.F32_LINEAR_ROWS} dense rows")
+    if (not rows or min(rows + dense) < 1 or args.threads < 1 or args.repeats < 1 or args.seqs < 0
+            or args.context < 1):
+        p.error("need batch sizes, threads, repeats and context of at least 1, and sequences of at least 0")
     if cpu_ops.library() is None:
         print("bench_cpu_kernels: the CPU kernels do not build here (no C compiler?)", file=sys.stderr)
         return 2
@@ -223,8 +229,9 @@ def run(args, rows: list[int], dense: list[int], had_amx: bool) -> int:
                               f"bfloat16 {bf16}", "integer products' speed", "bfloat16's speed"], matrices))
     if float32:
         body += ("\n\nFloat32 matrices (the same weights dequantized: a float32 model's layers and lm_head, "
-                 "in huge pages), few rows (ms):\n\n"
-                 + markdown_table(["rows", "F.linear (the BLAS)", "cpu_f32.c", "cpu_f32.c's speed"], float32))
+                 "in huge pages; cpu_f32.c gives each row the same bits whatever its batch) (ms):\n\n"
+                 + markdown_table(["rows", "F.linear (the BLAS)", "oneDNN, prepacked", "cpu_f32.c",
+                                   "cpu_f32.c's speed against the faster"], float32))
     if caches:
         body += (f"\n\nAttention with float32 queries over each cache type, every layer, {args.seqs} sequences of "
                  f"{args.context} positions in blocks of {BLOCK} scattered over the cache (ms):\n\n"

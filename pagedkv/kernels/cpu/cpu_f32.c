@@ -1,21 +1,27 @@
-// float32 matrix products for few rows (single-stream and small-batch decode of a float32
-// model): out = x @ W^T (+ bias), x [M, K] and W [N, K] float32, plain row-major weights.
+// float32 matrix products: out = x @ W^T (+ bias), x [M, K] and W [N, K] float32, plain
+// row-major weights, for any M.
 //
 // Each output is one sum in one order whatever M: lane l of a 16-lane accumulator sums
 // x[k] * w[k] over k = l, l + 16, l + 32, ... in increasing k by FMAs (the last partial vector
 // with its missing lanes as zeros), then the 16 lanes are added in a fixed tree, then the bias.
-// So a row's result does not depend on the other rows of its batch, and the model's Python
-// loop and pagedkv/kernels/cpu/cpu_decode.c, which both call this, give the same bits.
+// So a row's result does not depend on the other rows of its batch (nor on the thread count),
+// and the model's Python loop and pagedkv/kernels/cpu/cpu_decode.c, which both call this, give
+// the same bits. That is what keeps a float32 model's outputs the same under preemption,
+// chunked prefill and prefix hits, which change the rows a position is computed with: oneDNN's
+// and the BLAS's GEMMs change kernels, and their last bits, with the number of rows.
 //
-// Why: a decode step of few rows streams every weight once, so it is bound by the memory. The
-// BLAS sgemm that F.linear calls (MKL) streams it at that pace on Intel CPUs, but takes a slow
-// path on AMD ones: SmolLM2-135M's float32 matrices (538 MB) took 45 ms a token on one core of
-// an AMD EPYC (Zen 4), about 12 GB/s. These loops read W front to back, one row at a time for
-// up to 4 rows of x (two rows at a time from 5, so that each load of x feeds two FMAs), and
-// from 3 rows ask for the weights 12 KB ahead into L2: with more work per cache line, fewer
-// lines are in flight than the hardware's prefetcher needs. Measured on that EPYC, one core,
-// the model's matrices in huge pages: about 18 ms at 1 and 2 rows (30 GB/s), 19-23 ms at 3
-// and 4, 30 ms at 8 (a machine shared with other work: medians vary by 10-20%).
+// Why this speed: a decode step of few rows streams every weight once, so it is bound by the
+// memory. The BLAS sgemm that F.linear calls (MKL) streams it at that pace on Intel CPUs, but
+// takes a slow path on AMD ones: SmolLM2-135M's float32 matrices (538 MB) took 45 ms a token
+// on one core of an AMD EPYC (Zen 4), about 12 GB/s. Up to MAX_ROWS rows, these loops read W
+// front to back, one row at a time for up to 4 rows of x (two rows at a time from 5, so that
+// each load of x feeds two FMAs), and from 3 rows ask for the weights 12 KB ahead into L2:
+// with more work per cache line, fewer lines are in flight than the hardware's prefetcher
+// needs. Measured on that EPYC, one core, the model's matrices in huge pages: about 18 ms at 1
+// and 2 rows (30 GB/s), 19-23 ms at 3 and 4, 30 ms at 8. More rows (prompts, large batches)
+// are a GEMM bound by the FMAs: blocks of rows whose x stays in L2, and for each a band of W's
+// rows kept in L1 while the block's rows pass 4 at a time against 4 of W's (16 sums in
+// registers, each load feeding 4 FMAs), the 16 sums added up together (`block_4x4`).
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -25,8 +31,10 @@
 #include <omp.h>
 #endif
 
-#define MAX_ROWS 8  // the most rows of x a call takes (F32_LINEAR_ROWS in ops.py)
+#define MAX_ROWS 8  // the most rows of x the streaming loops take (F32_LINEAR_ROWS in ops.py)
 #define PREFETCH_BYTES 12288  // how far ahead in W the weights are asked for, from 3 rows
+#define BLOCK_X_BYTES (256 * 1024)  // more rows: a block of rows of x, kept in L2
+#define BAND_W_BYTES (24 * 1024)    // and a band of W's rows, kept in L1 while the block passes
 
 int f32_linear_supported(void) { return __builtin_cpu_supports("avx512f") != 0; }
 
@@ -39,13 +47,13 @@ rows_of_w(const float *x, int64_t x_stride, const int M, const int J, const int 
     const __mmask16 tail = (__mmask16)((1u << (k - whole)) - 1);
     for (int64_t n = n0; n < n1; n += J) {
         const int rows = n1 - n < J ? (int)(n1 - n) : J;
-        const float *wr[4];
+        const float *wr[2];
         for (int j = 0; j < J; j++) wr[j] = w + (n + (j < rows ? j : 0)) * k;
-        __m512 acc[MAX_ROWS][4];
+        __m512 acc[MAX_ROWS][2];
         for (int m = 0; m < M; m++)
             for (int j = 0; j < J; j++) acc[m][j] = _mm512_setzero_ps();
         for (int64_t c = 0; c < whole; c += 16) {
-            __m512 wv[4];
+            __m512 wv[2];
             for (int j = 0; j < J; j++) wv[j] = _mm512_loadu_ps(wr[j] + c);
             if (ahead)
                 for (int j = 0; j < J; j++) _mm_prefetch((const char *)(wr[j] + c) + PREFETCH_BYTES, _MM_HINT_T1);
@@ -55,7 +63,7 @@ rows_of_w(const float *x, int64_t x_stride, const int M, const int J, const int 
             }
         }
         if (tail) {
-            __m512 wv[4];
+            __m512 wv[2];
             for (int j = 0; j < J; j++) wv[j] = _mm512_maskz_loadu_ps(tail, wr[j] + whole);
             for (int m = 0; m < M; m++) {
                 const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * x_stride + whole);
@@ -80,23 +88,101 @@ __attribute__((target("avx512f"))) static void part(const float *x, int64_t x_st
     }
 }
 
+// The GEMM's register block: 4 rows of x against W's rows n .. n + 3, 16 sums in registers,
+// then added up by the tree `_mm512_reduce_add_ps` follows (lane i with i + 8, then i with
+// i + 4, with i + 2, with i + 1: the bits of the loops above), all 16 at once by shuffles
+// instead of 16 times over. `ahead`: the band's first block of rows, which brings W's rows in
+// from memory, asks for the rows after them too.
+__attribute__((target("avx512f"), always_inline)) static inline void
+block_4x4(const float *x, int64_t x_stride, int64_t k, const float *w, int64_t n, const float *bias, float *out,
+          int64_t out_stride, const int ahead) {
+    const int64_t whole = k / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (k - whole)) - 1);
+    __m512 a[16];  // a[4 j + m]: row m of x times row n + j of W
+    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < whole; c += 16) {
+        __m512 wv[4], xv[4];  // 8 loads for 16 FMAs, each in a register (GCC would fold them into
+        for (int j = 0; j < 4; j++) {  // the FMAs and load each 4 times)
+            wv[j] = _mm512_loadu_ps(w + (n + j) * k + c);
+            xv[j] = _mm512_loadu_ps(x + j * x_stride + c);
+            __asm__("" : "+v"(wv[j]), "+v"(xv[j]));
+            if (ahead) _mm_prefetch((const char *)(w + (n + j) * k + c) + PREFETCH_BYTES, _MM_HINT_T1);
+        }
+        for (int m = 0; m < 4; m++)
+            for (int j = 0; j < 4; j++) a[4 * j + m] = _mm512_fmadd_ps(xv[m], wv[j], a[4 * j + m]);
+    }
+    if (tail) {
+        __m512 wv[4];
+        for (int j = 0; j < 4; j++) wv[j] = _mm512_maskz_loadu_ps(tail, w + (n + j) * k + whole);
+        for (int m = 0; m < 4; m++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * x_stride + whole);
+            for (int j = 0; j < 4; j++) a[4 * j + m] = _mm512_fmadd_ps(xv, wv[j], a[4 * j + m]);
+        }
+    }
+    __m512 halves[8], quarters[4], pairs[2];
+    for (int q = 0; q < 8; q++)  // lanes i and i + 8 of two sums
+        halves[q] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0x44),
+                                  _mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0xEE));
+    for (int r = 0; r < 4; r++)  // then i and i + 4: one sum a 128-bit lane
+        quarters[r] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * r], halves[2 * r + 1], 0x88),
+                                    _mm512_shuffle_f32x4(halves[2 * r], halves[2 * r + 1], 0xDD));
+    for (int t = 0; t < 2; t++)  // then i and i + 2
+        pairs[t] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * t], quarters[2 * t + 1], 0x44),
+                                 _mm512_shuffle_ps(quarters[2 * t], quarters[2 * t + 1], 0xEE));
+    // then i and i + 1: lane 4 m + j holds row m's output n + j
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], 0x88),
+                                      _mm512_shuffle_ps(pairs[0], pairs[1], 0xDD));
+    float lanes[16] __attribute__((aligned(64)));
+    _mm512_store_ps(lanes, sums);
+    for (int m = 0; m < 4; m++) {
+        __m128 row = _mm_load_ps(lanes + 4 * m);
+        if (bias) row = _mm_add_ps(row, _mm_loadu_ps(bias + n));
+        _mm_storeu_ps(out + m * out_stride + n, row);
+    }
+}
+
 // x: float32 [rows, k], rows `x_stride` elements apart; w: float32 [n, k], contiguous; bias:
-// float32 [n] or NULL; out: float32 [rows, n], contiguous. Returns 0, or -4 (rows outside
-// 1 .. MAX_ROWS, or a CPU without AVX-512).
+// float32 [n] or NULL; out: float32 [rows, n], contiguous. Returns 0, or -4 (no rows, or a CPU
+// without AVX-512).
 int f32_linear(const float *x, int64_t x_stride, int rows, int64_t k, const float *w, int64_t n, const float *bias,
                float *out, int num_threads) {
-    if (rows < 1 || rows > MAX_ROWS || k < 1 || !f32_linear_supported()) return -4;
-    // Threads take contiguous ranges of W's rows, in steps of 2.
-    const int64_t steps = (n + 1) / 2;
+    if (rows < 1 || k < 1 || !f32_linear_supported()) return -4;
+    if (rows <= MAX_ROWS) {
+        // Threads take contiguous ranges of W's rows, in steps of 2.
+        const int64_t steps = (n + 1) / 2;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && steps > 64)
-    {
-        int t = 0, count = 1;
+        {
+            int t = 0, count = 1;
 #ifdef _OPENMP
-        t = omp_get_thread_num();
-        count = omp_get_num_threads();
+            t = omp_get_thread_num();
+            count = omp_get_num_threads();
 #endif
-        const int64_t n0 = steps * t / count * 2, n1 = steps * (t + 1) / count * 2;
-        part(x, x_stride, rows, k, w, n0, n1 < n ? n1 : n, bias, out, n);
+            const int64_t n0 = steps * t / count * 2, n1 = steps * (t + 1) / count * 2;
+            part(x, x_stride, rows, k, w, n0, n1 < n ? n1 : n, bias, out, n);
+        }
+        return 0;
+    }
+    // The GEMM: blocks of rows of x; in each, bands of W's rows shared out among the threads,
+    // 4 x 4 register blocks, and the loops above for what is left over.
+    int64_t block = BLOCK_X_BYTES / (k * 4) / 4 * 4, band = BAND_W_BYTES / (k * 4) / 4 * 4;
+    if (block < 4) block = 4;
+    if (band < 4) band = 4;
+    const int64_t bands = (n + band - 1) / band;
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+        const int64_t r1 = r0 + block < rows ? r0 + block : rows;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && bands > 1)
+        for (int64_t b = 0; b < bands; b++) {
+            const int64_t n0 = b * band, n1 = n0 + band < n ? n0 + band : n, whole = n0 + (n1 - n0) / 4 * 4;
+            int64_t r = r0;
+            for (; r + 4 <= r1; r += 4) {
+                for (int64_t j = n0; j < whole; j += 4) {
+                    if (r == r0) block_4x4(x + r * x_stride, x_stride, k, w, j, bias, out + r * n, n, 1);
+                    else block_4x4(x + r * x_stride, x_stride, k, w, j, bias, out + r * n, n, 0);
+                }
+                if (whole < n1) part(x + r * x_stride, x_stride, 4, k, w, whole, n1, bias, out + r * n, n);
+            }
+            if (r < r1) part(x + r * x_stride, x_stride, (int)(r1 - r), k, w, n0, n1, bias, out + r * n, n);
+        }
     }
     return 0;
 }

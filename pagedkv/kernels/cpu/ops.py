@@ -13,7 +13,7 @@ seconds) into a per-user cache folder and called through ctypes with the tensors
   and AMX's availability (`amx_supported`), which the attention kernel uses too;
 - pagedkv/kernels/cpu/cpu_bf16.c: bfloat16 matrix products of few rows (`bf16_linear`, AVX512-BF16), and
   bfloat16 rows through 4-bit weights where AMX is missing (`int4_linear` of bfloat16 rows);
-- pagedkv/kernels/cpu/cpu_f32.c: float32 matrix products of few rows (`f32_linear`, AVX-512);
+- pagedkv/kernels/cpu/cpu_f32.c: float32 matrix products, each row the same whatever its batch (`f32_linear`, AVX-512);
 - pagedkv/kernels/cpu/cpu_decode.c: a decode batch's decoder layers in one call (pagedkv/kernels/cpu/decode.py);
 - pagedkv/kernels/cpu/cpu_q6k.c: float32 rows through GGUF's Q6_K blocks read in place (`q6k_linear`);
 - pagedkv/kernels/cpu/cpu_q8.c: float32 rows through 8-bit codes (Q8_0) in exact integer products (`q8_linear`).
@@ -561,32 +561,23 @@ def q6k_dequantize(blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return out
 
 
-F32_LINEAR_ROWS = 8  # the most rows f32_linear takes (MAX_ROWS of cpu_f32.c)
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+F32_LINEAR_ROWS = 8  # the most rows f32_linear streams the weights for (MAX_ROWS of cpu_f32.c); a GEMM from there
 
 
 def f32_linear_preferred() -> bool:
-    """Whether a float32 model's few-row products take `f32_linear` rather than the BLAS sgemm
-    that F.linear calls: where the library builds, the CPU has AVX-512, and the BLAS is not at
-    home (MKL streams the weights at the memory's pace on Intel's CPUs and at about half of it
-    on AMD's: 45 ms a token for SmolLM2-135M's matrices against about 20 with `f32_linear`, one
-    core of an AMD EPYC)."""
-    return (library() is not None and library().f32_linear_supported() == 1
-            and _cpu_vendor() != "GenuineIntel")
+    """Whether a float32 model's matrix products take `f32_linear` at every size: where the
+    library builds and the CPU has AVX-512. Each row's result is then the same whatever its
+    batch (oneDNN's and the BLAS's GEMMs change kernels, and the last bits, with the number of
+    rows), which keeps preemption, chunked prefill and prefix hits exact in a float32 model's
+    outputs. Few rows stream the weights at the memory's pace (MKL's sgemm, which F.linear calls,
+    takes about half of it on AMD CPUs); prompts run at about 0.8 of oneDNN's speed
+    (tools/bench_cpu_kernels, docs/BENCHMARKS.md)."""
+    return library() is not None and library().f32_linear_supported() == 1
 
 
 def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias) for 1 to F32_LINEAR_ROWS float32 rows (cpu_f32.c): weight [N, K]
-    contiguous, each output one float32 sum in one order, so each row's result is the same
-    whatever the other rows. No rows (a step none of whose tokens wants logits): an empty
+    """x @ weight^T (+ bias) for float32 rows (cpu_f32.c): weight [N, K] contiguous, each output
+    one float32 sum in one order, so each row's result is the same whatever the other rows. No rows (a step none of whose tokens wants logits): an empty
     result, as F.linear gives."""
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -603,6 +594,5 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     rc = library().f32_linear(x.data_ptr(), x.stride(0), x.shape[0], k, weight.data_ptr(), n,
                               None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if rc:
-        raise ValueError(f"f32_linear: {x.shape[0]} rows: it takes 1 to {F32_LINEAR_ROWS} rows and a CPU with "
-                         "AVX-512")
+        raise ValueError("f32_linear needs a CPU with AVX-512")
     return out

@@ -92,17 +92,19 @@ _PACK_BATCH = 32
 # In float32, F.linear (MKL) takes 1 to 3 rows at the memory's pace on Intel's CPUs and then
 # changes kernels: SmolLM2-135M's matrices took 39.1, 39.9, 42.8 ms at 1, 2, 3 rows, 69.2 at 4,
 # where oneDNN took 52.4 (1 thread; 2 threads: 20.5, 20.7, 22.2, then 35.1 against 29.0). On
-# other CPUs MKL takes slow paths (45 ms at 1 row on an AMD EPYC), and pagedkv's loops
-# (pagedkv/kernels/cpu/cpu_f32.c, `cpu_ops.f32_linear_preferred`) take 1 to 8 rows instead: about 20 ms
-# at 1 to 4 rows, 30 at 8, on that EPYC.
+# other CPUs MKL takes slow paths (45 ms at 1 row on an AMD EPYC). pagedkv's loops
+# (pagedkv/kernels/cpu/cpu_f32.c, `cpu_ops.f32_linear_preferred`) take every size where they
+# build: about 20 ms at 1 to 4 rows, 30 at 8, on that EPYC, and prompts at about 0.8 of
+# oneDNN's speed; each row's result is the same whatever its batch, which oneDNN's is not.
 _SMALL_ROWS = {torch.float32: 3, torch.bfloat16: cpu_ops.BF16_LINEAR_ROWS}
 _DUAL_BYTES = 2 << 30
 
 
 @dataclass
 class DualWeight:
-    """A dense weight in two layouts: oneDNN-packed for batches, plain [out, in] for few rows."""
-    packed: torch.Tensor
+    """A dense weight in two layouts: oneDNN-packed for batches, plain [out, in] for few rows
+    (packed None: a float32 model's, which pagedkv's loops take at every size)."""
+    packed: torch.Tensor | None
     plain: torch.Tensor
 
 
@@ -157,8 +159,9 @@ class LlamaModel:
         dense_bytes = sum(v.numel() * v.element_size() for v in w.values() if isinstance(v, torch.Tensor))
         small_rows_kernel = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_ops.bf16_linear_supported())
         self.dual = self.linear_kind == "onednn" and small_rows_kernel and dense_bytes <= _DUAL_BYTES
-        # Float32's few rows: pagedkv's loops where the BLAS is slow, else F.linear.
-        self.own_f32 = dtype == torch.float32 and self.dual and cpu_ops.f32_linear_preferred()
+        # Float32: pagedkv's loops at every size where they build (each row's result the same
+        # whatever its batch), else F.linear for few rows and oneDNN for more.
+        self.own_f32 = dtype == torch.float32 and self.linear_kind == "onednn" and cpu_ops.f32_linear_preferred()
         self.small_rows = cpu_ops.F32_LINEAR_ROWS if self.own_f32 else _SMALL_ROWS.get(dtype, 0)  # take plain weights
         embed = w["model.embed_tokens.weight"]
         self.embed = self._tensor(embed.dequantize()) if isinstance(embed, QUANTIZED) else embed
@@ -324,6 +327,8 @@ class LlamaModel:
             return BlockLinear(weight)
         if isinstance(weight, GroupQuantized):
             return Int4Linear(weight, eight_bit=self.dtype == torch.float32)
+        if self.own_f32:
+            return DualWeight(None, weight.contiguous())
         if self.linear_kind == "onednn":
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH)
             # bfloat16's few-row loops take 32 columns at a time.
@@ -339,11 +344,11 @@ class LlamaModel:
         if isinstance(weight, Int4Linear):
             return weight(x, bias)
         if isinstance(weight, DualWeight):
+            if weight.packed is None:
+                return cpu_ops.f32_linear(x, weight.plain, bias)
             if x.shape[0] <= self.small_rows:
                 if self.dtype == torch.bfloat16:
                     return cpu_ops.bf16_linear(x, weight.plain, bias)
-                if self.own_f32:
-                    return cpu_ops.f32_linear(x, weight.plain, bias)
                 return F.linear(x, weight.plain, bias)
             weight = weight.packed
         if self.linear_kind == "onednn":
@@ -354,11 +359,10 @@ class LlamaModel:
 
     def describe(self) -> str:
         """How the linear layers run, in words."""
-        small = ("pagedkv's AVX512-BF16 loops" if self.dtype == torch.bfloat16
-                 else "pagedkv's AVX-512 loops" if self.own_f32 else "F.linear")
+        small = "pagedkv's AVX512-BF16 loops" if self.dtype == torch.bfloat16 else "F.linear"
         few = f" ({small} up to {self.small_rows} rows)" if self.dual else ""
-        kinds = {"onednn": "oneDNN, weights prepacked" + few, "mm": "torch.mm on transposed weights",
-                 "linear": "F.linear"}
+        kinds = {"onednn": "pagedkv's AVX-512 loops at every size" if self.own_f32
+                 else "oneDNN, weights prepacked" + few, "mm": "torch.mm on transposed weights", "linear": "F.linear"}
         dense = f"{str(self.dtype).removeprefix('torch.')} {kinds[self.linear_kind]}"
         quantized = [lin for lin in self.linear_weights() if isinstance(lin, Int4Linear)]
         if not quantized:
