@@ -570,7 +570,7 @@ def f32_linear_preferred() -> bool:
     batch (oneDNN's and the BLAS's GEMMs change kernels, and the last bits, with the number of
     rows), which keeps preemption, chunked prefill and prefix hits exact in a float32 model's
     outputs. Few rows stream the weights at the memory's pace (MKL's sgemm, which F.linear calls,
-    takes about half of it on AMD CPUs); prompts run at about 0.8 of oneDNN's speed
+    takes about half of it on AMD CPUs); batches and prompts at 0.95-1.07x oneDNN's speed
     (tools/bench_cpu_kernels, docs/BENCHMARKS.md)."""
     return library() is not None and library().f32_linear_supported() == 1
 

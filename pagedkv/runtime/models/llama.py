@@ -94,7 +94,7 @@ _PACK_BATCH = 32
 # where oneDNN took 52.4 (1 thread; 2 threads: 20.5, 20.7, 22.2, then 35.1 against 29.0). On
 # other CPUs MKL takes slow paths (45 ms at 1 row on an AMD EPYC). pagedkv's loops
 # (pagedkv/kernels/cpu/cpu_f32.c, `cpu_ops.f32_linear_preferred`) take every size where they
-# build: about 20 ms at 1 to 4 rows, 30 at 8, on that EPYC, and prompts at about 0.8 of
+# build: about 20 ms at 1 to 4 rows, 30 at 8, on that EPYC, and batches and prompts at 0.95-1.07x
 # oneDNN's speed; each row's result is the same whatever its batch, which oneDNN's is not.
 _SMALL_ROWS = {torch.float32: 3, torch.bfloat16: cpu_ops.BF16_LINEAR_ROWS}
 _DUAL_BYTES = 2 << 30
