@@ -176,7 +176,7 @@ class DiskTier:
         self._orphans: dict[bytes, int] = {}  # a hash not in the index -> blocks in it that continue it
         self._used = 0
         self._storing: dict[bytes, bytes] = {}  # blocks being written -> their parents
-        self._done = FinishedWork()
+        self.finished = FinishedWork()  # the I/O thread's results, for `poll`
         self._io = ThreadPoolExecutor(1, thread_name_prefix="pagedkv-disk")
         self._writes_stopped = False
         self._counter = 0
@@ -298,9 +298,9 @@ class DiskTier:
                 if self.block_bytes is not None and len(payload) != self.block_bytes:
                     raise BlockFileError(f"a block of {len(payload)} bytes, not {self.block_bytes}")
             except (OSError, BlockFileError) as e:
-                self._done.put(("load", block_hash, None, {"error": str(e)}, time.perf_counter() - started))
+                self.finished.put(("load", block_hash, None, {"error": str(e)}, time.perf_counter() - started))
                 continue
-            self._done.put(("load", block_hash, payload, header, time.perf_counter() - started))
+            self.finished.put(("load", block_hash, payload, header, time.perf_counter() - started))
 
     def complete_load(self, block_hash: bytes) -> None:
         entry = self._index.get(block_hash)
@@ -364,7 +364,7 @@ class DiskTier:
                 tmp.unlink()
             except OSError:
                 pass
-        self._done.put(("store", block_hash, ok, error, time.perf_counter() - started, len(data)))
+        self.finished.put(("store", block_hash, ok, error, time.perf_counter() - started, len(data)))
 
     def complete_store(self, block_hash: bytes, ok: bool, size: int, error: OSError | None = None) -> None:
         parent = self._storing.pop(block_hash, b"")
@@ -388,7 +388,7 @@ class DiskTier:
         reads are returned (a damaged or missing file's block with payload None, its file
         removed from the index)."""
         loaded = []
-        for item in self._done.take():
+        for item in self.finished.take():
             if item[0] == "store":
                 _, block_hash, ok, error, seconds, size = item
                 self.stats.store_seconds += seconds
@@ -405,9 +405,6 @@ class DiskTier:
                 self.stats.loaded_bytes += len(payload)
             loaded.append(Loaded(block_hash, payload, header, seconds))
         return loaded
-
-    def wait_finished(self, timeout: float) -> bool:
-        return self._done.wait(timeout)
 
     def _remove_if_damaged(self, block_hash: bytes) -> None:
         path = self.path(block_hash)

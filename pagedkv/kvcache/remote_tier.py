@@ -77,7 +77,7 @@ class RemoteTier:
         self._lock = threading.Lock()  # the breaker's state, shared with the I/O threads
         self._down_until = 0.0
         self._down = False
-        self._done = FinishedWork()
+        self.finished = FinishedWork()  # the I/O threads' results, for `poll`
         self._loads: queue.SimpleQueue = queue.SimpleQueue()
         self._stores: queue.SimpleQueue = queue.SimpleQueue()
         self._pending_stores = 0  # queued writes poll() has not taken in
@@ -203,7 +203,7 @@ class RemoteTier:
                     client, values, error = None, [None] * len(blocks), f"{type(e).__name__}: {e}"
             each = (time.perf_counter() - started) / max(len(blocks), 1)
             for (block_hash, token_ids), value in zip(blocks, values):
-                self._done.put(("load", *self._decode(block_hash, token_ids, value, error), each))
+                self.finished.put(("load", *self._decode(block_hash, token_ids, value, error), each))
             with self._lock:
                 self._in_io -= 1
 
@@ -275,7 +275,7 @@ class RemoteTier:
                     client = None
             each = (time.perf_counter() - started) / len(batch)
             for block_hash, data in batch:
-                self._done.put(("store", block_hash, ok, len(data), each))
+                self.finished.put(("store", block_hash, ok, len(data), each))
             with self._lock:
                 self._in_io -= len(batch)
 
@@ -285,7 +285,7 @@ class RemoteTier:
         (a missing or bad value's block with payload None)."""
         loaded = []
         now = time.monotonic()
-        for item in self._done.take():
+        for item in self.finished.take():
             if item[0] == "store":
                 _, block_hash, ok, size, seconds = item
                 self._storing.discard(block_hash)
@@ -308,9 +308,6 @@ class RemoteTier:
                 self.stats.loaded_bytes += len(payload)
             loaded.append(Loaded(block_hash, payload, header, seconds))
         return loaded
-
-    def wait_finished(self, timeout: float) -> bool:
-        return self._done.wait(timeout)
 
     def describe(self) -> dict:
         return {**self.stats.as_dict(), "cached_blocks": len(self._present), "available": self.available,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from pagedkv.kvcache.allocator import BlockAllocator, CachedBlock, Device
-from pagedkv.kvcache.disk_tier import Loaded, TierStats
+from pagedkv.kvcache.disk_tier import FinishedWork, Loaded, TierStats
 
 HOST = "host"
 
@@ -42,6 +42,7 @@ class StoreTier(Protocol):
     # Write-through: every block the device caches is stored here too (in the next step, once
     # its K/V are written), so that other engines find it at once; otherwise only evicted blocks.
     write_through: bool
+    finished: FinishedWork  # what its I/O has finished, taken in by `poll`; a waiter wakes on it
 
     def __contains__(self, block_hash: bytes) -> bool: ...  # held (as far as this engine knows)
     def lookup(self, hashes: list[bytes], parent: bytes = b"") -> int: ...  # leading blocks held
@@ -50,7 +51,6 @@ class StoreTier(Protocol):
     def prepare_store(self, block_hash: bytes, token_ids: tuple[int, ...], payload: bytes, parent: bytes = b"",
                       extra: dict | None = None) -> list[bytes]: ...  # starts a write; returns what it evicts
     def poll(self) -> list[Loaded]: ...  # finished reads; finished writes become visible
-    def wait_finished(self, timeout: float) -> bool: ...  # until `poll` has something (or timeout)
     def describe(self) -> dict: ...  # statistics and what the tier holds
     def wait_idle(self, timeout: float | None = None) -> None: ...
     def close(self) -> None: ...
@@ -224,7 +224,7 @@ class Tiers:
         seconds have passed)."""
         busy = {p.hit.tier for reads in self._loading.values() for p in reads if not p.done}
         for name in busy:
-            if self.stores[name].wait_finished(timeout / len(busy)):
+            if self.stores[name].finished.wait(timeout / len(busy)):
                 return
 
     def is_loading(self, seq_id: int) -> bool:

@@ -38,38 +38,52 @@
 
 int f32_linear_supported(void) { return __builtin_cpu_supports("avx512f") != 0; }
 
-// Rows n0 .. n1-1 of W against the M rows of x, J rows of W at a time (M and J constants after
-// inlining: M * J accumulators), prefetching where `ahead`.
+// The M x J sums of M rows of x against the J rows wr[] of W (M and J constants after
+// inlining): lane l of acc[m][j] sums x[k] * w[k] over k = l, l + 16, ... in increasing k, the
+// last partial vector's missing lanes as zeros. `ahead`: W's rows 12 KB on are asked for too.
+// W's loads, and x's in the GEMM's blocks, go into registers (GCC would fold each into every FMA).
+__attribute__((target("avx512f"), always_inline)) static inline void
+dot_sums(const float *x, int64_t x_stride, const int M, const int J, const int ahead, int64_t k,
+         const float *const *wr, __m512 acc[MAX_ROWS][4]) {
+    const int64_t whole = k / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (k - whole)) - 1);
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < J; j++) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < whole; c += 16) {
+        __m512 wv[4], xv[MAX_ROWS];
+        for (int j = 0; j < J; j++) {
+            wv[j] = _mm512_loadu_ps(wr[j] + c);
+            __asm__("" : "+v"(wv[j]));
+            if (ahead) _mm_prefetch((const char *)(wr[j] + c) + PREFETCH_BYTES, _MM_HINT_T1);
+        }
+        for (int m = 0; m < M; m++) {
+            xv[m] = _mm512_loadu_ps(x + m * x_stride + c);
+            if (J > 2) __asm__("" : "+v"(xv[m]));  // the GEMM's 4 uses; 2 folded cost nothing (measured)
+        }
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < J; j++) acc[m][j] = _mm512_fmadd_ps(xv[m], wv[j], acc[m][j]);
+    }
+    if (tail) {
+        __m512 wv[4];
+        for (int j = 0; j < J; j++) wv[j] = _mm512_maskz_loadu_ps(tail, wr[j] + whole);
+        for (int m = 0; m < M; m++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * x_stride + whole);
+            for (int j = 0; j < J; j++) acc[m][j] = _mm512_fmadd_ps(xv, wv[j], acc[m][j]);
+        }
+    }
+}
+
+// Rows n0 .. n1-1 of W against the M rows of x, J rows of W at a time, each output's 16 lanes
+// added by `_mm512_reduce_add_ps`'s tree, then the bias.
 __attribute__((target("avx512f"), always_inline)) static inline void
 rows_of_w(const float *x, int64_t x_stride, const int M, const int J, const int ahead, int64_t k, const float *w,
           int64_t n0, int64_t n1, const float *bias, float *out, int64_t out_stride) {
-    const int64_t whole = k / 16 * 16;
-    const __mmask16 tail = (__mmask16)((1u << (k - whole)) - 1);
     for (int64_t n = n0; n < n1; n += J) {
         const int rows = n1 - n < J ? (int)(n1 - n) : J;
-        const float *wr[2];
+        const float *wr[4];
         for (int j = 0; j < J; j++) wr[j] = w + (n + (j < rows ? j : 0)) * k;
-        __m512 acc[MAX_ROWS][2];
-        for (int m = 0; m < M; m++)
-            for (int j = 0; j < J; j++) acc[m][j] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < whole; c += 16) {
-            __m512 wv[2];
-            for (int j = 0; j < J; j++) wv[j] = _mm512_loadu_ps(wr[j] + c);
-            if (ahead)
-                for (int j = 0; j < J; j++) _mm_prefetch((const char *)(wr[j] + c) + PREFETCH_BYTES, _MM_HINT_T1);
-            for (int m = 0; m < M; m++) {
-                const __m512 xv = _mm512_loadu_ps(x + m * x_stride + c);
-                for (int j = 0; j < J; j++) acc[m][j] = _mm512_fmadd_ps(xv, wv[j], acc[m][j]);
-            }
-        }
-        if (tail) {
-            __m512 wv[2];
-            for (int j = 0; j < J; j++) wv[j] = _mm512_maskz_loadu_ps(tail, wr[j] + whole);
-            for (int m = 0; m < M; m++) {
-                const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * x_stride + whole);
-                for (int j = 0; j < J; j++) acc[m][j] = _mm512_fmadd_ps(xv, wv[j], acc[m][j]);
-            }
-        }
+        __m512 acc[MAX_ROWS][4];
+        dot_sums(x, x_stride, M, J, ahead, k, wr, acc);
         for (int m = 0; m < M; m++)
             for (int j = 0; j < rows; j++)
                 out[m * out_stride + n + j] = _mm512_reduce_add_ps(acc[m][j]) + (bias ? bias[n + j] : 0.0f);
@@ -96,29 +110,11 @@ __attribute__((target("avx512f"))) static void part(const float *x, int64_t x_st
 __attribute__((target("avx512f"), always_inline)) static inline void
 block_4x4(const float *x, int64_t x_stride, int64_t k, const float *w, int64_t n, const float *bias, float *out,
           int64_t out_stride, const int ahead) {
-    const int64_t whole = k / 16 * 16;
-    const __mmask16 tail = (__mmask16)((1u << (k - whole)) - 1);
-    __m512 a[16];  // a[4 j + m]: row m of x times row n + j of W
-    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < whole; c += 16) {
-        __m512 wv[4], xv[4];  // 8 loads for 16 FMAs, each in a register (GCC would fold them into
-        for (int j = 0; j < 4; j++) {  // the FMAs and load each 4 times)
-            wv[j] = _mm512_loadu_ps(w + (n + j) * k + c);
-            xv[j] = _mm512_loadu_ps(x + j * x_stride + c);
-            __asm__("" : "+v"(wv[j]), "+v"(xv[j]));
-            if (ahead) _mm_prefetch((const char *)(w + (n + j) * k + c) + PREFETCH_BYTES, _MM_HINT_T1);
-        }
-        for (int m = 0; m < 4; m++)
-            for (int j = 0; j < 4; j++) a[4 * j + m] = _mm512_fmadd_ps(xv[m], wv[j], a[4 * j + m]);
-    }
-    if (tail) {
-        __m512 wv[4];
-        for (int j = 0; j < 4; j++) wv[j] = _mm512_maskz_loadu_ps(tail, w + (n + j) * k + whole);
-        for (int m = 0; m < 4; m++) {
-            const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * x_stride + whole);
-            for (int j = 0; j < 4; j++) a[4 * j + m] = _mm512_fmadd_ps(xv, wv[j], a[4 * j + m]);
-        }
-    }
+    const float *wr[4] = {w + n * k, w + (n + 1) * k, w + (n + 2) * k, w + (n + 3) * k};
+    __m512 acc[MAX_ROWS][4], a[16];
+    dot_sums(x, x_stride, 4, 4, ahead, k, wr, acc);
+    for (int m = 0; m < 4; m++)
+        for (int j = 0; j < 4; j++) a[4 * j + m] = acc[m][j];  // a[4 j + m]: the order the tree leaves rows in
     __m512 halves[8], quarters[4], pairs[2];
     for (int q = 0; q < 8; q++)  // lanes i and i + 8 of two sums
         halves[q] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * q], a[2 * q + 1], 0x44),
